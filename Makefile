@@ -1,0 +1,36 @@
+# `make test` sets up everything on a fresh machine: .venv, pinned installs, then the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
+
+.PHONY: install test test-slow bench demo lint clean
+
+$(STAMP): pyproject.toml requirements/main.txt requirements/dev.txt requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -c requirements/constraints.txt -r requirements/main.txt -r requirements/dev.txt
+	# kronfluence declares torchvision, which cannot load beside this torch: install without deps.
+	$(PIP_INSTALL) --no-deps kronfluence==1.0.1
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/fit_bench.py
+
+demo: $(STAMP)
+	$(BIN)/hub-msif demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check hub_msif tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,160 @@
+"""Corpora: loading text from a ``datasets`` Hub id or local files, tokenizing, batching.
+
+A corpus is either plain text (one column, every token carries loss) or instruction data
+(prompt and response columns, formatted by a template; only response tokens carry loss).
+Tokenized sequences are plain dicts ``{"input_ids", "labels"}`` of Python ints with the
+transformers label convention (``-100`` = no loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DEFAULT_TEMPLATE = "{prompt}\n"
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be read or yields nothing to fit on."""
+
+
+@dataclass
+class CorpusSpec:
+    """Where a corpus comes from and how its rows become token sequences."""
+
+    data: str | Sequence[str]
+    split: str = "train"
+    revision: str | None = None
+    text_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    max_length: int = 512
+    max_sequences: int | None = None
+
+    def validate(self) -> None:
+        if self.max_length is None or self.max_length < 2:
+            raise CorpusError(f"max length must be at least 2 tokens, got {self.max_length}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise CorpusError(f"max sequences must be positive, got {self.max_sequences}")
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise CorpusError("give both --prompt-column and --response-column, or neither")
+        if self.prompt_column and self.text_column:
+            raise CorpusError("give either a text column or prompt/response columns, not both")
+        if self.prompt_column and "{prompt}" not in self.template:
+            raise CorpusError(f"the template {self.template!r} has no {{prompt}} placeholder")
+
+    def describe(self) -> dict:
+        """JSON-ready description for the manifest."""
+        data = self.data if isinstance(self.data, str) else list(self.data)
+        return {
+            "data": data, "split": self.split, "revision": self.revision,
+            "text_column": self.text_column, "prompt_column": self.prompt_column,
+            "response_column": self.response_column,
+            "template": self.template if self.prompt_column else None,
+            "max_length": self.max_length, "max_sequences": self.max_sequences,
+        }
+
+
+def _local_files(data: str | Sequence[str]) -> list[Path] | None:
+    """The local files named by ``data`` (files or folders), or None when it is a Hub id."""
+    items = [data] if isinstance(data, str) else list(data)
+    paths = [Path(item) for item in items]
+    if not all(p.exists() for p in paths):
+        if len(paths) > 1 or any(p.suffix in LOCAL_BUILDERS for p in paths):
+            missing = ", ".join(str(p) for p in paths if not p.exists())
+            raise CorpusError(f"data file(s) not found: {missing}")
+        return None
+    files: list[Path] = []
+    for path in paths:
+        files.extend(sorted(f for f in path.rglob("*") if f.suffix in LOCAL_BUILDERS) if path.is_dir() else [path])
+    if not files:
+        raise CorpusError(f"no .txt, .jsonl, .json or .parquet files in {', '.join(items)}")
+    return files
+
+
+def load_rows(spec: CorpusSpec):
+    """The corpus as a ``datasets.Dataset``."""
+    import datasets
+
+    files = _local_files(spec.data)
+    if files is None:
+        return datasets.load_dataset(spec.data, split=spec.split, revision=spec.revision)
+    kinds = {LOCAL_BUILDERS.get(f.suffix) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise CorpusError(f"local data must be all .txt, all .json/.jsonl or all .parquet, got {[f.name for f in files]}")
+    builder = kinds.pop()
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+
+
+def _check_columns(rows, spec: CorpusSpec) -> str | None:
+    """Validates column names; returns the text column to use (None for prompt/response data)."""
+    columns = list(rows.column_names)
+    wanted = [spec.prompt_column, spec.response_column] if spec.prompt_column else [spec.text_column or "text"]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise CorpusError(
+            f"column(s) {', '.join(repr(c) for c in missing)} not in the data; it has {', '.join(columns)}"
+        )
+    return None if spec.prompt_column else wanted[0]
+
+
+def tokenize_corpus(rows, tokenizer, spec: CorpusSpec, show_progress: bool = False) -> tuple[list[dict], str]:
+    """Tokenized sequences and a sha256 fingerprint over their token ids and labels.
+
+    Empty texts are skipped; sequences are truncated to ``spec.max_length`` tokens.
+    """
+    from tqdm.auto import tqdm
+
+    spec.validate()
+    text_column = _check_columns(rows, spec)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sequences: list[dict] = []
+    digest = hashlib.sha256()
+    for row in tqdm(rows, desc="tokenizing", disable=not show_progress, leave=False):
+        if spec.max_sequences is not None and len(sequences) >= spec.max_sequences:
+            break
+        if text_column is not None:
+            text = row[text_column]
+            if not text or not str(text).strip():
+                continue
+            ids = tokenizer(str(text), add_special_tokens=True)["input_ids"][: spec.max_length]
+            labels = list(ids)
+        else:
+            prompt, response = row[spec.prompt_column], row[spec.response_column]
+            if not response or not str(response).strip():
+                continue
+            prompt_ids = tokenizer(spec.template.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+            response_ids = tokenizer(str(response), add_special_tokens=False)["input_ids"] + eos
+            ids = (prompt_ids + response_ids)[: spec.max_length]
+            labels = ([-100] * len(prompt_ids) + response_ids)[: spec.max_length]
+        if len(ids) < 2:
+            continue
+        sequences.append({"input_ids": ids, "labels": labels})
+        digest.update(torch.tensor([len(ids)] + ids + labels, dtype=torch.int64).numpy().tobytes())
+    if not sequences:
+        raise CorpusError(f"the corpus {spec.data!r} yields no sequence with at least 2 tokens")
+    return sequences, digest.hexdigest()
+
+
+def collate(sequences: Sequence[dict], indices: Sequence[int], pad_id: int, device=None) -> dict:
+    """Right-padded batch tensors plus each sequence's global index (for label sampling)."""
+    length = max(len(s["input_ids"]) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq["input_ids"])
+        input_ids[row, :n] = torch.tensor(seq["input_ids"])
+        labels[row, :n] = torch.tensor(seq["labels"])
+        attention_mask[row, :n] = 1
+    batch = {
+        "input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+        "sequence_index": torch.tensor(list(indices), dtype=torch.long),
+    }
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

@@ -1,0 +1,141 @@
+"""EK-FAC factors of one module: accumulation, eigendecomposition and preconditioning.
+
+Math (DESIGN.md 2.2-2.3), per module with blocks b of its output rows:
+
+- covariance pass: ``A = sum_t a_t a_t^T``, ``S_b = sum_t g_t[b] g_t[b]^T`` over real tokens;
+- float64 eigendecomposition ``A = Q_A diag(eig_a) Q_A^T``, ``S_b = Q_S,b diag(eig_s,b) Q_S,b^T``;
+- correction pass: ``Lambda_b = mean_n (Q_S,b^T G_n[b] Q_A) ** 2`` over sequences n;
+- preconditioning: ``P(V)_b = Q_S,b [(Q_S,b^T V_b Q_A) / (Lambda_b + damping)] Q_A^T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tracking import TrackedModule
+
+# Largest number of elements of per-sequence rotated gradients formed at once (~256 MB float32).
+_MAX_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+@dataclass
+class ModuleFactors:
+    """Stored factors of one module.
+
+    ``q_a``: ``[d_in, d_in]``, ``q_s``: ``[num_blocks, block_size, block_size]``,
+    ``lam``: ``[num_blocks, block_size, d_in]`` (corrected eigenvalues), ``eig_a``: ``[d_in]`` and
+    ``eig_s``: ``[num_blocks, block_size]`` (K-FAC eigenvalues, kept for comparisons).
+    """
+
+    spec: TrackedModule
+    q_a: torch.Tensor
+    q_s: torch.Tensor
+    lam: torch.Tensor
+    eig_a: torch.Tensor
+    eig_s: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"q_a": self.q_a, "q_s": self.q_s, "lam": self.lam, "eig_a": self.eig_a, "eig_s": self.eig_s}
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "ModuleFactors":
+        moved = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()}
+        return ModuleFactors(self.spec, **moved)
+
+    def damping_value(self, damping: float, relative: bool = False) -> float:
+        """Absolute damping, or ``damping * mean(Lambda)`` when ``relative``."""
+        if damping < 0:
+            raise ValueError(f"damping must be non-negative, got {damping}")
+        return float(damping * self.lam.double().mean()) if relative else float(damping)
+
+    def precondition(
+        self, grads: torch.Tensor, damping: float, relative: bool = False, eigenvalues: str = "ekfac"
+    ) -> torch.Tensor:
+        """``P(V)`` for gradients ``grads`` of shape ``[..., d_out, d_in]``; stored tensors never change.
+
+        ``eigenvalues="kfac"`` uses the uncorrected Kronecker eigenvalues ``eig_s (x) eig_a``.
+        """
+        spec = self.spec
+        if grads.shape[-2:] != (spec.d_out, spec.d_in):
+            raise ValueError(
+                f"module {spec.name!r}: gradient shape {tuple(grads.shape[-2:])} does not match "
+                f"the factors' ({spec.d_out}, {spec.d_in})"
+            )
+        if eigenvalues == "ekfac":
+            lam = self.lam
+        elif eigenvalues == "kfac":
+            lam = self.eig_s.unsqueeze(-1) * self.eig_a
+        else:
+            raise ValueError(f"eigenvalues must be 'ekfac' or 'kfac', not {eigenvalues!r}")
+        dtype = grads.dtype
+        q_a, q_s, lam = (t.to(device=grads.device, dtype=dtype) for t in (self.q_a, self.q_s, lam))
+        denominator = lam + self.damping_value(damping, relative)
+        blocks = grads.reshape(*grads.shape[:-2], spec.num_blocks, spec.block_size, spec.d_in)
+        rotated = q_s.transpose(-1, -2) @ blocks @ q_a
+        back = q_s @ (rotated / denominator) @ q_a.transpose(-1, -2)
+        return back.reshape(grads.shape)
+
+
+class CovarianceAccumulator:
+    """Sums ``A`` and the ``S_b`` blocks of one module in float64."""
+
+    def __init__(self, spec: TrackedModule, device: torch.device | str = "cpu"):
+        self.spec = spec
+        self.a = torch.zeros(spec.d_in, spec.d_in, dtype=torch.float64, device=device)
+        self.s = torch.zeros(
+            spec.num_blocks, spec.block_size, spec.block_size, dtype=torch.float64, device=device
+        )
+
+    def update(self, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Adds one batch: ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]`` (zero on padding)."""
+        a = a.reshape(-1, self.spec.d_in)
+        g = g.reshape(-1, self.spec.num_blocks, self.spec.block_size)
+        self.a += (a.t() @ a).double()
+        self.s += torch.einsum("nbi,nbj->bij", g, g).double()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"a": self.a, "s": self.s}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.a.copy_(state["a"])
+        self.s.copy_(state["s"])
+
+    def eigendecompose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(eig_a, q_a, eig_s, q_s) from float64 ``eigh`` of the symmetrised sums."""
+        eig_a, q_a = torch.linalg.eigh(0.5 * (self.a + self.a.t()))
+        eig_s, q_s = torch.linalg.eigh(0.5 * (self.s + self.s.transpose(-1, -2)))
+        return eig_a, q_a, eig_s, q_s
+
+
+class LambdaAccumulator:
+    """Sums per-sequence ``(Q_S^T G_n Q_A) ** 2`` of one module in float64."""
+
+    def __init__(self, spec: TrackedModule, q_a: torch.Tensor, q_s: torch.Tensor, dtype: torch.dtype):
+        self.spec = spec
+        self.q_a = q_a.to(dtype)
+        self.q_s = q_s.to(dtype)
+        self.lam = torch.zeros(
+            spec.num_blocks, spec.block_size, spec.d_in, dtype=torch.float64, device=q_a.device
+        )
+
+    def update(self, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Adds each sequence of one batch: ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]``."""
+        spec = self.spec
+        a_rot = a @ self.q_a  # [B, T, d_in]
+        g_rot = torch.einsum(
+            "btni,nij->btnj", g.reshape(*g.shape[:2], spec.num_blocks, spec.block_size), self.q_s
+        )  # [B, T, nb, bs]
+        per_sequence = spec.d_out * spec.d_in
+        chunk = max(1, _MAX_CHUNK_ELEMENTS // per_sequence)
+        for start in range(0, a.shape[0], chunk):
+            rotated = torch.einsum(
+                "btnj,bti->bnji", g_rot[start : start + chunk], a_rot[start : start + chunk]
+            )  # [b, nb, bs, d_in]: each sequence's rotated gradient
+            self.lam += rotated.square().sum(0).double()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"lam": self.lam}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.lam.copy_(state["lam"])

@@ -1,0 +1,77 @@
+"""Loading a causal LM and its tokenizer from a Hub id or a local folder, with its revision.
+
+A Hub model is recorded by repo id and resolved commit sha (the snapshot folder's name); a local
+folder by ``sha256:`` over its weight files, so factors can always be matched to the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model came from: ``id`` (repo id or folder path) and its exact ``revision``."""
+
+    id: str
+    revision: str
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "revision": self.revision}
+
+
+def folder_revision(folder: str | Path) -> str:
+    """``sha256:<hex>`` over the names and contents of the weight files in ``folder``."""
+    folder = Path(folder)
+    files = sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in model folder {folder}")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        with f.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def resolve_model(model: str, revision: str | None = None) -> tuple[Path, ModelRef]:
+    """A local folder holding the model's files, and its ``ModelRef``.
+
+    A Hub id is downloaded (or taken from the cache) with ``huggingface_hub``; the revision is
+    the resolved commit sha.
+    """
+    path = Path(model)
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"--revision {revision} given for the local folder {model}; revisions apply to Hub ids")
+        return path, ModelRef(str(path.resolve()), folder_revision(path))
+    if path.suffix or model.startswith((".", "/")):
+        raise FileNotFoundError(f"model folder {model} does not exist")
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(model, revision=revision))
+    return snapshot, ModelRef(model, snapshot.name)
+
+
+def load_model(model: str, revision: str | None = None, dtype=None):
+    """``(model, tokenizer, ModelRef)`` for a Hub id or folder, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, ref = resolve_model(model, revision)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
+    lm.eval()
+    return lm, tokenizer, ref
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its eos token, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0

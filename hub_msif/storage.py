@@ -1,0 +1,257 @@
+"""The factor folder on disk: one safetensors file per module plus the manifest ``msif.json``.
+
+Layout (DESIGN.md section 3)::
+
+    msif.json
+    <stage>/mlp/<module>.safetensors     q_a, q_s, lam, eig_a, eig_s (no covariances)
+    <stage>/attn/<module>.safetensors
+
+Every file is written atomically (temporary file in the same folder, fsync, rename), module
+files before the manifest, and the manifest records each file's sha256. A load verifies the hash
+of the exact bytes it parses, so a truncated, altered or half-written file never loads.
+Safetensors holds only tensors and strings; nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .ekfac import ModuleFactors
+from .tracking import TrackedModule, _linear_shape
+
+MANIFEST_NAME = "msif.json"
+FORMAT_NAME = "hub_msif.factors"
+FORMAT_VERSION = 1
+STAGES = ("pretrained", "finetuned")
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class FactorError(ValueError):
+    """A factor folder is missing, damaged, or does not belong to the model at hand."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def module_path(stage: str, spec: TrackedModule) -> str:
+    """Relative path of a module's file; ``mlp/`` and ``attn/`` folders allow MLP-only pulls."""
+    group = "mlp" if spec.role == "mlp" else "attn"
+    return f"{stage}/{group}/{spec.name}.safetensors"
+
+
+def spec_to_json(spec: TrackedModule) -> dict:
+    return {
+        "name": spec.name,
+        "role": spec.role,
+        "d_in": spec.d_in,
+        "d_out": spec.d_out,
+        "has_bias": spec.has_bias,
+        "transposed": spec.transposed,
+        "blocks": list(spec.block_labels),
+        "block_size": spec.block_size,
+    }
+
+
+def spec_from_json(entry: dict) -> TrackedModule:
+    return TrackedModule(
+        entry["name"], entry["role"], entry["d_in"], entry["d_out"], entry["has_bias"],
+        entry["transposed"], tuple(entry["blocks"]),
+    )
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The parsed ``msif.json`` of a factor folder, or a ``FactorError`` saying what is wrong."""
+    path = Path(folder) / MANIFEST_NAME
+    if not Path(folder).is_dir():
+        raise FactorError(f"factor folder {folder} does not exist")
+    if not path.is_file():
+        raise FactorError(f"{folder} has no manifest {MANIFEST_NAME}: not a hub_msif factor folder, or its fit did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FactorError(f"manifest {path} is not valid JSON: {err}") from err
+    if manifest.get("format") != FORMAT_NAME:
+        raise FactorError(f"{path} is not a hub_msif factor manifest (format={manifest.get('format')!r})")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise FactorError(
+            f"{path} has format version {manifest['format_version']}; this hub_msif reads up to "
+            f"{FORMAT_VERSION}: upgrade hub_msif"
+        )
+    return manifest
+
+
+def save_stage(
+    folder: str | Path,
+    stage: str,
+    factors: Mapping[str, ModuleFactors],
+    info: dict,
+    dtype: str = "float32",
+) -> dict:
+    """Writes one stage's module files, then records them in the manifest; returns the manifest.
+
+    ``info`` describes the stage (model, tokenizer, data, fitting settings) and is stored as is.
+    Other stages already in the manifest are kept.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    manifest = read_manifest(folder) if manifest_path.is_file() else {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "stages": {},
+    }
+    entries = []
+    for name, module_factors in factors.items():
+        tensors = {k: v.to(STORAGE_DTYPES[dtype]).contiguous().cpu() for k, v in module_factors.tensors().items()}
+        data = st_save(tensors, metadata={"module": name, "stage": stage})
+        relative = module_path(stage, module_factors.spec)
+        atomic_write_bytes(folder / relative, data)
+        entries.append({**spec_to_json(module_factors.spec), "file": relative, "sha256": sha256_bytes(data), "dtype": dtype})
+    manifest["library_version"] = __version__
+    manifest["stages"][stage] = {**info, "modules": entries}
+    atomic_write_json(manifest_path, manifest)
+    return manifest
+
+
+def _select(entries: list[dict], modules) -> list[dict]:
+    if modules is None or modules == "all":
+        return entries
+    if modules == "mlp":
+        return [e for e in entries if e["role"] == "mlp"]
+    wanted = list(modules)
+    by_name = {e["name"]: e for e in entries}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise FactorError(f"the factors do not cover module(s) {', '.join(missing)}")
+    return [by_name[name] for name in wanted]
+
+
+@dataclass
+class StageFactors:
+    """All loaded factors of one stage, keyed by module name, plus the stage's manifest entry."""
+
+    stage: str
+    info: dict
+    modules: dict[str, ModuleFactors]
+
+    @property
+    def specs(self) -> list[TrackedModule]:
+        return [m.spec for m in self.modules.values()]
+
+    def precondition(
+        self, grads: Mapping[str, torch.Tensor], damping: float, relative: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``P(V)`` for each module's gradient ``[..., d_out, d_in]`` in ``grads``."""
+        missing = [name for name in grads if name not in self.modules]
+        if missing:
+            raise FactorError(f"no {self.stage} factors for module(s) {', '.join(missing)}")
+        return {name: self.modules[name].precondition(v, damping, relative) for name, v in grads.items()}
+
+    def check_model(self, model: torch.nn.Module, revision: str | None = None, allow_revision_mismatch: bool = False) -> None:
+        """Raises ``FactorError`` unless ``model`` has every module with the recorded shape (and revision)."""
+        recorded = self.info.get("model", {}).get("revision")
+        if revision is not None and recorded is not None and revision != recorded:
+            message = (
+                f"{self.stage} factors were fitted on model revision {recorded} "
+                f"({self.info['model'].get('id')}) but the loaded model has revision {revision}"
+            )
+            if not allow_revision_mismatch:
+                raise FactorError(message + "; pass allow_revision_mismatch to use them anyway")
+            import logging
+
+            logging.getLogger(__name__).warning(message)
+        problems = []
+        for name, factors in self.modules.items():
+            try:
+                d_out, d_in, has_bias, _ = _linear_shape(model.get_submodule(name))
+            except (AttributeError, TypeError):
+                problems.append(f"{name} (missing in {type(model).__name__})")
+                continue
+            spec = factors.spec
+            if (d_out, d_in + int(has_bias)) != (spec.d_out, spec.d_in):
+                problems.append(
+                    f"{name} (factors {spec.d_out}x{spec.d_in}, model {d_out}x{d_in + int(has_bias)})"
+                )
+        if problems:
+            raise FactorError(
+                f"{self.stage} factors do not match the model's modules: {'; '.join(problems)}"
+            )
+
+
+def load_module_file(folder: Path, entry: dict) -> ModuleFactors:
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise FactorError(f"factor file {path} listed in the manifest is missing")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != entry["sha256"]:
+        raise FactorError(
+            f"factor file {path} is corrupted or was altered: sha256 {digest} does not match "
+            f"the manifest's {entry['sha256']}"
+        )
+    try:
+        tensors = st_load(data)
+    except SafetensorError as err:
+        raise FactorError(f"factor file {path} is not a valid safetensors file: {err}") from err
+    spec = spec_from_json(entry)
+    expected = {
+        "q_a": (spec.d_in, spec.d_in),
+        "q_s": (spec.num_blocks, spec.block_size, spec.block_size),
+        "lam": (spec.num_blocks, spec.block_size, spec.d_in),
+        "eig_a": (spec.d_in,),
+        "eig_s": (spec.num_blocks, spec.block_size),
+    }
+    for key, shape in expected.items():
+        if key not in tensors or tuple(tensors[key].shape) != shape:
+            found = tuple(tensors[key].shape) if key in tensors else "missing"
+            raise FactorError(f"factor file {path}: tensor {key!r} should be {shape}, found {found}")
+    return ModuleFactors(spec, **{k: tensors[k] for k in expected})
+
+
+def load_stage(
+    folder: str | Path, stage: str, modules: str | Iterable[str] | None = "all"
+) -> StageFactors:
+    """Loads (and verifies) one stage's factors; ``modules`` is ``all``, ``mlp`` or a list of names."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    stages = manifest.get("stages", {})
+    if stage not in stages:
+        have = ", ".join(stages) or "none"
+        raise FactorError(f"{folder} has no {stage!r} factors (stages present: {have})")
+    info = stages[stage]
+    entries = _select(info["modules"], modules)
+    return StageFactors(stage, info, {e["name"]: load_module_file(folder, e) for e in entries})
