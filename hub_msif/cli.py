@@ -1,0 +1,140 @@
+"""The ``hub-msif`` command line (DESIGN.md section 5).
+
+Every command has ``--help``; bad input ends in one line on stderr and exit status 2, never a
+traceback (set ``HUB_MSIF_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+DEFAULT_CACHE = Path(os.environ.get("HUB_MSIF_CACHE", Path.home() / ".cache" / "hub_msif"))
+
+
+def _add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="fit one stage's EK-FAC factors", description=(
+        "Fit EK-FAC factors of one training stage (a model and the text it was trained on) and save "
+        "them into a factor folder. Run under `accelerate launch` for several processes or GPUs."))
+    p.add_argument("--model", required=True, help="Hub model id or local model folder")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit sha) of the model")
+    p.add_argument("--stage", required=True, choices=["pretrained", "finetuned"], help="which stage these factors are")
+    p.add_argument("--data", required=True, nargs="+", help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
+    p.add_argument("--data-revision", help="Hub revision of the dataset")
+    p.add_argument("--split", default="train", help="dataset split (Hub datasets; default: train)")
+    p.add_argument("--text-column", help="column holding the text (default: text)")
+    p.add_argument("--prompt-column", help="instruction data: column holding the prompt (no loss)")
+    p.add_argument("--response-column", help="instruction data: column holding the response (carries the loss)")
+    p.add_argument("--template", default=None, help="prompt template with {prompt}; default: '{prompt}\\n'")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence, longer ones are truncated (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch and process (default 8)")
+    p.add_argument("--max-sequences", type=int, help="use at most this many sequences")
+    p.add_argument("--modules", default="all", choices=["all", "mlp"], help="track all linear modules or MLP only")
+    p.add_argument("--module", action="append", default=[], metavar="NAME=ROLE",
+                   help="explicit module and role (mlp, attn_qkv, attn_out), repeatable; for unmapped architectures")
+    p.add_argument("--no-split-heads", action="store_true", help="one block per q/k/v projection instead of per head")
+    p.add_argument("--labels", default="sampled", choices=["sampled", "empirical"],
+                   help="sampled labels (true Fisher = GGN, default) or the data's labels (empirical Fisher)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label samples (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the factors")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between resumable checkpoints (0: none)")
+    p.add_argument("--out", required=True, help="factor folder to write (a stage already there is replaced)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_fit(args) -> int:
+    from .data import DEFAULT_TEMPLATE, CorpusSpec
+    from .fit import FitConfig, fit_stage
+    from .tracking import parse_module_specs
+
+    modules = parse_module_specs(args.module) if args.module else args.modules
+    corpus = CorpusSpec(
+        data=args.data[0] if len(args.data) == 1 else args.data, split=args.split, revision=args.data_revision,
+        text_column=args.text_column, prompt_column=args.prompt_column, response_column=args.response_column,
+        template=args.template or DEFAULT_TEMPLATE, max_length=args.max_length, max_sequences=args.max_sequences,
+    )
+    config = FitConfig(stage=args.stage, batch_size=args.batch_size, modules=modules,
+                       split_heads=not args.no_split_heads, label_mode=args.labels, seed=args.seed,
+                       storage_dtype=args.dtype, checkpoint_every=args.checkpoint_every)
+    factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _print_summary(factors, args.out, args.json)
+    return 0
+
+
+def _print_summary(factors, out, as_json: bool) -> None:
+    fit = factors.info["fit"]
+    summary = {
+        "out": str(out), "stage": factors.stage, "model": factors.info["model"],
+        "num_sequences": fit["num_sequences"], "num_tokens": fit["num_tokens"], "seconds": fit["seconds"],
+        "modules": [{"name": m.spec.name, "role": m.spec.role, "blocks": m.spec.num_blocks,
+                     "shape": [m.spec.d_out, m.spec.d_in], "mean_lambda": float(m.lam.double().mean())}
+                    for m in factors.modules.values()],
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{factors.stage} factors for {summary['model']['id']} ({summary['model']['revision'][:19]}) in {out}")
+    print(f"fitted on {summary['num_sequences']} sequences, {summary['num_tokens']} tokens in {summary['seconds']:.1f}s")
+    print(f"{'module':<48} {'role':<9} {'blocks':>6} {'d_out x d_in':>13} {'mean Lambda':>12}")
+    for m in summary["modules"]:
+        shape = f"{m['shape'][0]}x{m['shape'][1]}"
+        print(f"{m['name']:<48} {m['role']:<9} {m['blocks']:>6} {shape:>13} {m['mean_lambda']:>12.4g}")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the bundled example end to end (no account, no network)",
+                       description="Builds a tiny example model and corpus (cached), fits its factors and prints a summary.")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"), help="where the example model and factors are kept")
+
+
+def _run_demo(args) -> int:
+    from .examples import build_example
+    from .fit import FitConfig, fit_stage
+
+    cache = Path(args.cache)
+    model_dir, corpus = build_example(cache / "example")
+    factors = fit_stage(str(model_dir), str(corpus), cache / "factors",
+                        FitConfig(stage="pretrained", batch_size=16))
+    _print_summary(factors, cache / "factors", as_json=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hub-msif", description=(
+        "Multi-stage influence functions: attribute a fine-tuned LLM's answers to pre-training documents, "
+        "with EK-FAC factors shared on the Hugging Face Hub."))
+    parser.add_argument("--version", action="version", version=f"hub_msif {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_fit(sub)
+    _add_demo(sub)
+    return parser
+
+
+RUNNERS = {"fit": _run_fit, "demo": _run_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return RUNNERS[args.command](args)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+        if os.environ.get("HUB_MSIF_DEBUG"):
+            raise
+        message = str(err) or type(err).__name__
+        print(f"hub-msif {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
