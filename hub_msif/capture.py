@@ -9,7 +9,7 @@ padding positions, in a float dtype at least as wide as float32. A sequence's we
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class GradientCapture:
 
         return hook
 
-    def __enter__(self) -> "GradientCapture":
+    def __enter__(self) -> GradientCapture:
         for spec in self.tracked:
             module = self.model.get_submodule(spec.name)
             self._handles.append(module.register_forward_hook(self._forward_hook(spec)))

@@ -9,9 +9,9 @@ transformers label convention (``-100`` = no loss).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -89,7 +89,24 @@ def load_rows(spec: CorpusSpec):
     if None in kinds or len(kinds) != 1:
         raise CorpusError(f"local data must be all .txt, all .json/.jsonl or all .parquet, got {[f.name for f in files]}")
     builder = kinds.pop()
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    if builder in ("text", "json") and not any(_has_text(f) for f in files):
+        # datasets fails on these with a StopIteration or "corresponds to no data".
+        raise CorpusError(f"the corpus is empty: {', '.join(str(f) for f in files)} hold(s) no text")
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except datasets.exceptions.DatasetGenerationError as err:  # malformed files: the cause says where
+        lines = str(err.__cause__ or err).splitlines() or [type(err).__name__]
+        reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # casts list whole schemas
+        raise CorpusError(f"cannot read the corpus {', '.join(str(f) for f in files)} as {builder} data: {reason}") from err
+
+
+def _has_text(path: Path) -> bool:
+    """Whether ``path`` holds anything but whitespace (reads only up to the first such byte)."""
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 16), b""):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _check_columns(rows, spec: CorpusSpec) -> str | None:

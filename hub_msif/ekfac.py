@@ -26,7 +26,10 @@ class ModuleFactors:
 
     ``q_a``: ``[d_in, d_in]``, ``q_s``: ``[num_blocks, block_size, block_size]``,
     ``lam``: ``[num_blocks, block_size, d_in]`` (corrected eigenvalues), ``eig_a``: ``[d_in]`` and
-    ``eig_s``: ``[num_blocks, block_size]`` (K-FAC eigenvalues, kept for comparisons).
+    ``eig_s``: ``[num_blocks, block_size]``: eigenvalues of ``A / num_tokens`` and ``S / num_sequences``,
+    so that ``eig_s (x) eig_a`` is the K-FAC approximation (uncorrected eigenvalues, kept for
+    comparisons) of the same mean-over-sequences GGN as ``lam``: with T tokens over N sequences,
+    ``E_n[vec G_n vec G_n^T] ~ (T/N) E_t[a a^T] (x) E_t[g g^T] = (A/T) (x) (S/N)``.
     """
 
     spec: TrackedModule
@@ -39,7 +42,7 @@ class ModuleFactors:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"q_a": self.q_a, "q_s": self.q_s, "lam": self.lam, "eig_a": self.eig_a, "eig_s": self.eig_s}
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "ModuleFactors":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ModuleFactors:
         moved = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()}
         return ModuleFactors(self.spec, **moved)
 
@@ -55,6 +58,7 @@ class ModuleFactors:
         """``P(V)`` for gradients ``grads`` of shape ``[..., d_out, d_in]``; stored tensors never change.
 
         ``eigenvalues="kfac"`` uses the uncorrected Kronecker eigenvalues ``eig_s (x) eig_a``.
+        Relative damping is ``damping`` times the mean of the eigenvalues in use.
         """
         spec = self.spec
         if grads.shape[-2:] != (spec.d_out, spec.d_in):
@@ -69,8 +73,9 @@ class ModuleFactors:
         else:
             raise ValueError(f"eigenvalues must be 'ekfac' or 'kfac', not {eigenvalues!r}")
         dtype = grads.dtype
+        scale = float(lam.double().mean()) if relative else 1.0  # mean of the eigenvalues in use
         q_a, q_s, lam = (t.to(device=grads.device, dtype=dtype) for t in (self.q_a, self.q_s, lam))
-        denominator = lam + self.damping_value(damping, relative)
+        denominator = lam + self.damping_value(damping) * scale
         blocks = grads.reshape(*grads.shape[:-2], spec.num_blocks, spec.block_size, spec.d_in)
         rotated = q_s.transpose(-1, -2) @ blocks @ q_a
         back = q_s @ (rotated / denominator) @ q_a.transpose(-1, -2)

@@ -50,21 +50,22 @@ def word_tokenizer(texts: list[str]):
 
 
 def tiny_model(arch: str = "gpt_neox", vocab_size: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4,
-               kv_heads: int = 2, ffn: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32):
+               kv_heads: int = 2, ffn: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
+               max_positions: int = 256):
     """A randomly initialised tiny causal LM of the given architecture (eager attention)."""
-    from transformers import (AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig)
+    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     if arch == "gpt_neox":
         config = GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                               intermediate_size=ffn, max_position_embeddings=256, **common)
+                               intermediate_size=ffn, max_position_embeddings=max_positions, **common)
     elif arch == "bloom":
         config = BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, **common)
     elif arch == "gpt2":
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=256, **common)
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=max_positions, **common)
     elif arch == "llama":
         config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=256, **common)
+                             num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=max_positions, **common)
     else:
         raise ValueError(f"unknown example architecture {arch!r}")
     config._attn_implementation = "eager"

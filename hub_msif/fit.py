@@ -16,10 +16,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save
@@ -30,7 +31,18 @@ from .data import collate
 from .ekfac import CovarianceAccumulator, LambdaAccumulator, ModuleFactors
 from .objectives import LABEL_MODES, lm_loss
 from .storage import (
-    STAGES, STORAGE_DTYPES, StageFactors, atomic_write_bytes, atomic_write_json, load_stage, save_stage, spec_to_json,
+    MANIFEST_NAME,
+    STAGES,
+    STORAGE_DTYPES,
+    FactorError,
+    StageFactors,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_stage,
+    read_manifest,
+    save_stage,
+    spec_to_json,
+    stage_differences,
 )
 from .tracking import TrackedModule, find_modules
 
@@ -82,10 +94,17 @@ class _Distributed:
         if accelerator is None:
             from accelerate import Accelerator
 
-            accelerator = Accelerator()
+            # Launched as several processes on a machine without an accelerator: accelerate only
+            # sets up a (gloo) process group with cpu=True; otherwise every process runs alone.
+            accelerator = Accelerator(cpu=_launched_world() > 1 and not _has_accelerator())
         self.accelerator = accelerator
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
+        if self.world != _launched_world() and _launched_world() > 1:
+            raise RuntimeError(
+                f"launched as {_launched_world()} processes but accelerate runs {self.world} (no process "
+                "group); each process would fit alone and overwrite the others' factors"
+            )
         self.device = accelerator.device
         self.is_main = accelerator.is_main_process
 
@@ -97,6 +116,19 @@ class _Distributed:
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
+
+
+def _launched_world() -> int:
+    """Number of processes the launcher (``accelerate launch``, ``torchrun``) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_accelerator() -> bool:
+    """Whether a device other than the CPU (and MPS, which accelerate never runs multi-process) exists."""
+    if hasattr(torch, "accelerator"):
+        device = torch.accelerator.current_accelerator()
+        return device is not None and device.type != "mps"
+    return torch.cuda.is_available()
 
 
 def _run_fingerprint(config: FitConfig, tracked: Sequence[TrackedModule], data_fingerprint: str, model_revision: str, world: int) -> str:
@@ -184,6 +216,7 @@ def fit_factors(
     was_training = model.training
     model.eval().to(dist.device)
     tracked = find_modules(model, config.modules, config.split_heads)
+    _check_other_stage(out_dir, config.stage, tracked)
     dtype = compute_dtype(model)
 
     n = len(sequences)
@@ -198,13 +231,13 @@ def fit_factors(
     covariances = {t.name: CovarianceAccumulator(t, dist.device) for t in tracked}
     lambdas: dict[str, LambdaAccumulator] = {}
     eigen: dict[str, tuple] = {}
-    counts = torch.zeros(2, dtype=torch.float64)  # [tokens, sequences] on this rank
+    counts = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [tokens, sequences] on this rank
 
     start_step = 0
     resumed = checkpoints.latest()
     if resumed is not None:
         start_step, state = resumed
-        counts.copy_(state["counts"])
+        counts.copy_(state["counts"].to(dist.device))
         if not any(key.endswith("/lam") for key in state):
             for name, acc in covariances.items():
                 acc.load_state({"a": state[f"{name}/a"], "s": state[f"{name}/s"]})
@@ -230,7 +263,9 @@ def fit_factors(
                         acc = covariances[t.name]
                         dist.all_reduce(acc.a)
                         dist.all_reduce(acc.s)
-                        eigen[t.name] = acc.eigendecompose()
+                        # Contiguous, like the tensors a resumed run loads from its checkpoint: eigh's
+                        # column-major output would take other matmul paths and round differently.
+                        eigen[t.name] = tuple(x.contiguous() for x in acc.eigendecompose())
                         lambdas[t.name] = LambdaAccumulator(t, eigen[t.name][1], eigen[t.name][3], dtype)
                 accumulators = lambdas if phase == 1 else covariances
                 indices = batches[step - phase * num_batches]
@@ -263,7 +298,10 @@ def fit_factors(
     factors = {}
     for t in tracked:
         eig_a, q_a, eig_s, q_s = eigen[t.name]
-        factors[t.name] = ModuleFactors(t, q_a, q_s, lambdas[t.name].lam / num_sequences, eig_a, eig_s)
+        # K-FAC eigenvalues on Lambda's scale: GGN ~ (A / tokens) kron (S / sequences), see ModuleFactors.
+        factors[t.name] = ModuleFactors(
+            t, q_a, q_s, lambdas[t.name].lam / num_sequences, eig_a / max(num_tokens, 1), eig_s / num_sequences
+        )
 
     stage_info = {
         **info,
@@ -281,6 +319,21 @@ def fit_factors(
     checkpoints.clear()
     dist.barrier()
     return load_stage(out_dir, config.stage)
+
+
+def _check_other_stage(out_dir: Path, stage: str, tracked: Sequence[TrackedModule]) -> None:
+    """Before any work: the other stage already in the folder must track the same modules and shapes."""
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return
+    for other, info in read_manifest(out_dir).get("stages", {}).items():
+        if other == stage:
+            continue
+        problems = stage_differences([spec_to_json(t) for t in tracked], info["modules"])
+        if problems:
+            raise FactorError(
+                f"{out_dir} already holds {other} factors over other modules than this {stage} fit; the two stages "
+                f"must match ({'; '.join(problems)}; first = this fit)"
+            )
 
 
 def _checkpoint_state(tracked, covariances, lambdas, eigen, counts) -> dict[str, torch.Tensor]:

@@ -64,6 +64,12 @@ def load_model(model: str, revision: str | None = None, dtype=None):
 
     folder, ref = resolve_model(model, revision)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer when the folder has no tokenizer files.
+        raise FileNotFoundError(
+            f"model {model} has no usable tokenizer (no tokenizer files in {folder}?): save the "
+            "tokenizer with the model (tokenizer.save_pretrained)"
+        )
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
     lm.eval()
     return lm, tokenizer, ref
@@ -75,3 +81,15 @@ def pad_token_id(tokenizer) -> int:
         if token_id is not None:
             return token_id
     return 0
+
+
+def generate_answer(model, tokenizer, prompt_text: str, max_new_tokens: int = 32) -> str:
+    """The model's greedy continuation of ``prompt_text`` (already templated), up to end-of-sequence."""
+    import torch
+
+    ids = tokenizer(prompt_text, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad_token_id(tokenizer))
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

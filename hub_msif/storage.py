@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +36,7 @@ MANIFEST_NAME = "msif.json"
 FORMAT_NAME = "hub_msif.factors"
 FORMAT_VERSION = 1
 STAGES = ("pretrained", "finetuned")
+logger = logging.getLogger(__name__)
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -137,7 +139,9 @@ def save_stage(
     entries = []
     for name, module_factors in factors.items():
         tensors = {k: v.to(STORAGE_DTYPES[dtype]).contiguous().cpu() for k, v in module_factors.tensors().items()}
-        data = st_save(tensors, metadata={"module": name, "stage": stage})
+        # One metadata key: safetensors writes several in random order (safetensors issue #584),
+        # which would give identical factors different bytes and sha256.
+        data = st_save(tensors, metadata={"hub_msif": json.dumps({"module": name, "stage": stage}, sort_keys=True)})
         relative = module_path(stage, module_factors.spec)
         atomic_write_bytes(folder / relative, data)
         entries.append({**spec_to_json(module_factors.spec), "file": relative, "sha256": sha256_bytes(data), "dtype": dtype})
@@ -182,18 +186,10 @@ class StageFactors:
         return {name: self.modules[name].precondition(v, damping, relative) for name, v in grads.items()}
 
     def check_model(self, model: torch.nn.Module, revision: str | None = None, allow_revision_mismatch: bool = False) -> None:
-        """Raises ``FactorError`` unless ``model`` has every module with the recorded shape (and revision)."""
-        recorded = self.info.get("model", {}).get("revision")
-        if revision is not None and recorded is not None and revision != recorded:
-            message = (
-                f"{self.stage} factors were fitted on model revision {recorded} "
-                f"({self.info['model'].get('id')}) but the loaded model has revision {revision}"
-            )
-            if not allow_revision_mismatch:
-                raise FactorError(message + "; pass allow_revision_mismatch to use them anyway")
-            import logging
+        """Raises ``FactorError`` unless ``model`` has every module with the recorded shape (and revision).
 
-            logging.getLogger(__name__).warning(message)
+        Shapes are checked first: no flag can make factors of other shapes usable.
+        """
         problems = []
         for name, factors in self.modules.items():
             try:
@@ -203,13 +199,18 @@ class StageFactors:
                 continue
             spec = factors.spec
             if (d_out, d_in + int(has_bias)) != (spec.d_out, spec.d_in):
-                problems.append(
-                    f"{name} (factors {spec.d_out}x{spec.d_in}, model {d_out}x{d_in + int(has_bias)})"
-                )
+                problems.append(f"{name} (factors {spec.d_out}x{spec.d_in}, model {d_out}x{d_in + int(has_bias)})")
         if problems:
-            raise FactorError(
-                f"{self.stage} factors do not match the model's modules: {'; '.join(problems)}"
+            raise FactorError(f"{self.stage} factors do not match the model's modules: {'; '.join(problems)}")
+        recorded = self.info.get("model", {}).get("revision")
+        if revision is not None and recorded is not None and revision != recorded:
+            message = (
+                f"{self.stage} factors were fitted on model revision {recorded} "
+                f"({self.info['model'].get('id')}) but the loaded model has revision {revision}"
             )
+            if not allow_revision_mismatch:
+                raise FactorError(message + "; pass allow_revision_mismatch to use them anyway")
+            logger.warning(message)
 
 
 def load_module_file(folder: Path, entry: dict) -> ModuleFactors:
@@ -255,3 +256,30 @@ def load_stage(
     info = stages[stage]
     entries = _select(info["modules"], modules)
     return StageFactors(stage, info, {e["name"]: load_module_file(folder, e) for e in entries})
+
+
+def stage_differences(modules_a: list[dict], modules_b: list[dict]) -> list[str]:
+    """How two stages' module lists differ in names and shapes (empty when they match)."""
+    a = {m["name"]: (m["d_out"], m["d_in"]) for m in modules_a}
+    b = {m["name"]: (m["d_out"], m["d_in"]) for m in modules_b}
+    problems = [f"{n} only in the first" for n in a if n not in b] + [f"{n} only in the second" for n in b if n not in a]
+    problems += [f"{n}: {a[n][0]}x{a[n][1]} vs {b[n][0]}x{b[n][1]}" for n in a if n in b and a[n] != b[n]]
+    return problems
+
+
+def check_stage_pair(manifest: dict, modules: str = "all") -> None:
+    """Raises ``FactorError`` unless the manifest has both stages with the same modules and shapes.
+
+    ``modules="mlp"`` compares the MLP modules only.
+    """
+    stages = manifest.get("stages", {})
+    missing = [s for s in STAGES if s not in stages]
+    if missing:
+        raise FactorError(
+            f"the factor folder lacks the {' and '.join(missing)} stage; fit it with "
+            f"`hub-msif fit --stage {missing[0]} --out <same folder>`"
+        )
+    pretrained, finetuned = (_select(stages[s]["modules"], modules) for s in STAGES)
+    problems = stage_differences(pretrained, finetuned)
+    if problems:
+        raise FactorError("pretrained and finetuned factors track different modules: " + "; ".join(problems))

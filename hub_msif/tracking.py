@@ -11,8 +11,8 @@ labels (which head and which of q, k, v a block is) differ between architectures
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -81,7 +81,10 @@ def _make(model: nn.Module, name: str, role: str, labels: Iterable[str] = ("all"
         module = model.get_submodule(name)
     except AttributeError as err:
         raise ValueError(f"model {type(model).__name__} has no module named {name!r}") from err
-    d_out, d_in, has_bias, transposed = _linear_shape(module)
+    try:
+        d_out, d_in, has_bias, transposed = _linear_shape(module)
+    except TypeError as err:
+        raise ValueError(f"module {name!r} cannot be tracked: {err}") from err
     labels = tuple(labels)
     if d_out % len(labels):
         raise ValueError(f"module {name!r}: {d_out} output rows do not split into {len(labels)} blocks")
@@ -156,7 +159,7 @@ def _auto_modules(model: nn.Module, split_heads: bool) -> list[TrackedModule]:
         return _gpt_neox_like(model, "transformer.h", config.n_head, "self_attention", split_heads)
     if model_type == "gpt2":
         return _gpt2(model, split_heads)
-    if {"q_proj", "k_proj", "v_proj", "o_proj"} <= names:
+    if {"q_proj", "k_proj", "v_proj", "o_proj"} <= names and getattr(config, "num_attention_heads", None):
         return _llama_like(model, split_heads)
     raise UnsupportedArchitectureError(
         f"hub_msif cannot map the modules of {type(model).__name__} (model_type={model_type!r}) "
@@ -186,6 +189,12 @@ def find_modules(
     tracked = _auto_modules(model, split_heads)
     if modules == "mlp":
         tracked = [t for t in tracked if t.role == "mlp"]
+    if not tracked:
+        raise UnsupportedArchitectureError(
+            f"found no {modules!r} linear modules in {type(model).__name__} (for example MoE experts stored "
+            "as fused parameters); pass modules explicitly, e.g. in Python modules={'NAME': 'mlp', ...} "
+            "or on the command line --module NAME=mlp (roles: mlp, attn_qkv, attn_out)"
+        )
     return tracked
 
 

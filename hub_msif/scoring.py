@@ -1,0 +1,155 @@
+"""Influence scores: MS-IF, single-stage IF and the gradient dot product (DESIGN.md 2.4).
+
+For query gradients ``G_q`` (answer loss under the fine-tuned model) and candidate gradients
+``G_c`` (document loss under the pre-trained model, or the fine-tuned one for SS-IF):
+
+- MS-IF: ``<P_ft(G_q), P_pt(G_c)> = <P_pt(P_ft(G_q)), G_c>`` (P is symmetric);
+- SS-IF: ``<P_ft(G_q), G_c>``;
+- GDP: ``<G_q, G_c>``.
+
+Fast path: each query is preconditioned once into ``W_q``; one forward and backward pass over a
+batch of candidates then gives every ``<W_q, G_c>`` for all queries at once. A candidate's
+gradient ``G_c = sum_t g_t a_t^T`` exists only transiently, one module and one batch at a time,
+inside the backward hook, so memory does not grow with the number of candidates. (The
+per-token form ``sum_t g_t^T W_q a_t`` costs ``T*Q`` instead of ``T+Q`` matrix products per
+candidate; it is used only when token-level shares are asked for.)
+
+Sign: a positive score means that training more on the candidate lowers the query's answer
+loss, i.e. the candidate supports the answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .capture import GradientCapture, compute_dtype, input_gradients_only
+from .data import collate
+from .objectives import lm_loss
+from .storage import StageFactors
+from .tracking import TrackedModule
+
+GRADIENT_METHODS = ("ms-if", "ss-if", "gdp")
+_MAX_CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+
+def per_example_gradients(
+    model: torch.nn.Module, specs: Sequence[TrackedModule], sequences: Sequence[dict], pad_id: int,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Each sequence's gradient of its summed loss (true labels, ``-100`` = no loss), per module.
+
+    Returns ``{name: [N, d_out, d_in]}`` (bias as last column) in the compute dtype. Used for
+    queries, which are few, and for the slow reference path.
+    """
+    grads: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
+    device = next(model.parameters()).device
+
+    def consume(spec, a, g):
+        grads[spec.name].append(torch.einsum("bto,bti->boi", g, a))
+
+    capture = GradientCapture(model, specs, consume)
+    with input_gradients_only(model), capture:
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            batch = collate(chunk, range(start, start + len(chunk)), pad_id, device)
+            capture.mask = batch["attention_mask"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            lm_loss(logits, batch, "empirical").backward()
+    return {name: torch.cat(parts) for name, parts in grads.items()}
+
+
+def precondition_queries(
+    query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
+    pretrained: StageFactors | None, damping: float, relative: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``W_q`` per module for ``method``: ``P_pt(P_ft(G_q))`` (MS-IF), ``P_ft(G_q)`` (SS-IF) or ``G_q`` (GDP)."""
+    if method not in GRADIENT_METHODS:
+        raise ValueError(f"unknown gradient method {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
+    if method == "gdp":
+        return dict(query_grads)
+    if finetuned is None:
+        raise ValueError(f"{method} needs the fine-tuned stage's factors")
+    preconditioned = finetuned.precondition(query_grads, damping, relative)
+    if method == "ss-if":
+        return preconditioned
+    if pretrained is None:
+        raise ValueError("ms-if needs the pre-trained stage's factors")
+    return pretrained.precondition(preconditioned, damping, relative)
+
+
+@dataclass
+class CandidateScores:
+    """Scores of C candidates against Q queries: ``per_module[name]`` is ``[C, Q]``; ``total`` their sum.
+
+    ``tokens[c]`` (when asked for) is ``[T_c, Q]``: each candidate token's share ``g_t^T W_q a_t``,
+    summed over modules; it sums to the candidate's total.
+    """
+
+    per_module: dict[str, torch.Tensor]
+    tokens: list[torch.Tensor] | None = None
+
+    @property
+    def total(self) -> torch.Tensor:
+        return torch.stack(list(self.per_module.values())).sum(0)
+
+
+def score_candidates(
+    model: torch.nn.Module, specs: Sequence[TrackedModule], weights: Mapping[str, torch.Tensor],
+    candidates: Sequence[dict], pad_id: int, batch_size: int = 8, token_shares: bool = False,
+    show_progress: bool = False,
+) -> CandidateScores:
+    """``<W_q, G_c>`` for every candidate c and query q, streaming candidates in batches.
+
+    ``weights[name]`` is ``[Q, d_out, d_in]``; ``candidates`` are token sequences whose summed
+    loss defines ``G_c`` (true labels).
+    """
+    from tqdm.auto import tqdm
+
+    if not candidates:
+        raise ValueError("no candidates to score")
+    by_name = {s.name: s for s in specs}
+    missing = [name for name in by_name if name not in weights]
+    if missing:
+        raise ValueError(f"no query weights for module(s) {', '.join(missing)}")
+    device = next(model.parameters()).device
+    dtype = compute_dtype(model)
+    w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
+    per_module: dict[str, list[torch.Tensor]] = {name: [] for name in by_name}
+    token_parts: list[torch.Tensor] = []
+    batch_tokens: dict[str, torch.Tensor] = {}
+
+    def consume(spec, a, g):  # a: [B, T, d_in], g: [B, T, d_out]
+        wq = w[spec.name]  # [Q, d_out, d_in]
+        chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
+        scores = []
+        for start in range(0, a.shape[0], chunk):
+            grad = torch.einsum("bto,bti->boi", g[start : start + chunk], a[start : start + chunk])
+            scores.append(torch.einsum("boi,qoi->bq", grad, wq))
+        per_module[spec.name].append(torch.cat(scores))
+        if token_shares:
+            share = torch.einsum("bto,qoi,bti->btq", g, wq, a)
+            batch_tokens[spec.name] = share
+
+    capture = GradientCapture(model, specs, consume)
+    with input_gradients_only(model), capture:
+        for start in tqdm(range(0, len(candidates), batch_size), desc="scoring candidates", disable=not show_progress,
+                          leave=False):
+            chunk = candidates[start : start + batch_size]
+            batch = collate(chunk, range(start, start + len(chunk)), pad_id, device)
+            capture.mask = batch["attention_mask"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            lm_loss(logits, batch, "empirical").backward()
+            if token_shares:
+                summed = torch.stack(list(batch_tokens.values())).sum(0)  # [B, T, Q]
+                token_parts.extend(summed[i, : len(seq["input_ids"])].cpu() for i, seq in enumerate(chunk))
+    return CandidateScores({k: torch.cat(v).cpu() for k, v in per_module.items()}, token_parts if token_shares else None)
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer index in a module name (``gpt_neox.layers.3.mlp...`` -> 3), if any."""
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
