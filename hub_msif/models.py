@@ -54,7 +54,13 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, ModelR
         raise FileNotFoundError(f"model folder {model} does not exist")
     from huggingface_hub import snapshot_download
 
-    snapshot = Path(snapshot_download(model, revision=revision))
+    try:
+        snapshot = Path(snapshot_download(model, revision=revision))
+    except Exception as err:  # offline, unknown repo or revision: say which model, not only why
+        raise FileNotFoundError(
+            f"model {model!r} is not a local folder and could not be fetched from the Hub"
+            f"{f' at revision {revision}' if revision else ''}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
     return snapshot, ModelRef(model, snapshot.name)
 
 
