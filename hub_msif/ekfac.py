@@ -79,14 +79,11 @@ class ModuleFactors:
             raise ValueError(f"damping must be non-negative, got {damping}")
         return float(damping * self.lam.double().mean()) if relative else float(damping)
 
-    def precondition(
+    def operands(
         self, grads: torch.Tensor, damping: float, relative: bool = False, eigenvalues: str = "ekfac"
-    ) -> torch.Tensor:
-        """``P(V)`` for gradients ``grads`` of shape ``[..., d_out, d_in]``; stored tensors never change.
-
-        ``eigenvalues="kfac"`` uses the uncorrected Kronecker eigenvalues ``eig_s (x) eig_a``.
-        Relative damping is ``damping`` times the mean of the eigenvalues in use.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q_a, q_s, Lambda + damping)`` in the dtype and on the device of ``grads``, after
+        checking that ``grads`` (``[..., d_out, d_in]``) fits this module."""
         spec = self.spec
         if grads.shape[-2:] != (spec.d_out, spec.d_in):
             raise ValueError(
@@ -99,14 +96,44 @@ class ModuleFactors:
             lam = self.eig_s.unsqueeze(-1) * self.eig_a
         else:
             raise ValueError(f"eigenvalues must be 'ekfac' or 'kfac', not {eigenvalues!r}")
-        dtype = grads.dtype
         scale = float(lam.double().mean()) if relative else 1.0  # mean of the eigenvalues in use
-        q_a, q_s, lam = (t.to(device=grads.device, dtype=dtype) for t in (self.q_a, self.q_s, lam))
-        denominator = lam + self.damping_value(damping) * scale
-        blocks = grads.reshape(*grads.shape[:-2], spec.num_blocks, spec.block_size, spec.d_in)
-        rotated = q_s.transpose(-1, -2) @ blocks @ q_a
+        q_a, q_s, lam = (t.to(device=grads.device, dtype=grads.dtype) for t in (self.q_a, self.q_s, lam))
+        return q_a, q_s, lam + self.damping_value(damping) * scale
+
+    def blocks(self, grads: torch.Tensor) -> torch.Tensor:
+        """``[..., d_out, d_in]`` viewed as ``[..., num_blocks, block_size, d_in]``."""
+        return grads.reshape(*grads.shape[:-2], self.spec.num_blocks, self.spec.block_size, self.spec.d_in)
+
+    def precondition(
+        self, grads: torch.Tensor, damping: float, relative: bool = False, eigenvalues: str = "ekfac"
+    ) -> torch.Tensor:
+        """``P(V)`` for gradients ``grads`` of shape ``[..., d_out, d_in]``; stored tensors never change.
+
+        ``eigenvalues="kfac"`` uses the uncorrected Kronecker eigenvalues ``eig_s (x) eig_a``.
+        Relative damping is ``damping`` times the mean of the eigenvalues in use.
+        """
+        q_a, q_s, denominator = self.operands(grads, damping, relative, eigenvalues)
+        rotated = q_s.transpose(-1, -2) @ self.blocks(grads) @ q_a
         back = q_s @ (rotated / denominator) @ q_a.transpose(-1, -2)
         return back.reshape(grads.shape)
+
+
+def precondition_twice(
+    first: ModuleFactors, second: ModuleFactors, grads: torch.Tensor, damping: float, relative: bool = False
+) -> torch.Tensor:
+    """``P_second(P_first(V))`` with six matrix products per gradient instead of eight.
+
+    The rotation back out of the first eigenbasis and into the second is merged into one change
+    of basis, ``Q_S2^T Q_S1`` and ``Q_A1^T Q_A2``, formed once for all gradients.
+    """
+    if first.spec.block_labels != second.spec.block_labels:
+        raise ValueError(f"module {first.spec.name!r}: the two stages split the output into different blocks")
+    qa1, qs1, den1 = first.operands(grads, damping, relative)
+    qa2, qs2, den2 = second.operands(grads, damping, relative)
+    basis_s, basis_a = qs2.transpose(-1, -2) @ qs1, qa1.transpose(-1, -2) @ qa2
+    inner = qs1.transpose(-1, -2) @ first.blocks(grads) @ qa1 / den1
+    inner = basis_s @ inner @ basis_a / den2
+    return (qs2 @ inner @ qa2.transpose(-1, -2)).reshape(grads.shape)
 
 
 class CovarianceAccumulator:

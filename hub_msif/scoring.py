@@ -28,6 +28,7 @@ import torch
 
 from .capture import GradientCapture, compute_dtype, input_gradients_only
 from .data import collate
+from .ekfac import precondition_twice
 from .objectives import lm_loss
 from .storage import StageFactors
 from .tracking import TrackedModule
@@ -73,12 +74,17 @@ def precondition_queries(
         return dict(query_grads)
     if finetuned is None:
         raise ValueError(f"{method} needs the fine-tuned stage's factors")
-    preconditioned = finetuned.precondition(query_grads, damping, relative)
     if method == "ss-if":
-        return preconditioned
+        return finetuned.precondition(query_grads, damping, relative)
     if pretrained is None:
         raise ValueError("ms-if needs the pre-trained stage's factors")
-    return pretrained.precondition(preconditioned, damping, relative)
+    missing = [name for name in query_grads if name not in finetuned.modules or name not in pretrained.modules]
+    if missing:
+        raise ValueError(f"no factors of both stages for module(s) {', '.join(missing)}")
+    return {
+        name: precondition_twice(finetuned.modules[name], pretrained.modules[name], grad, damping, relative)
+        for name, grad in query_grads.items()
+    }
 
 
 @dataclass
@@ -118,18 +124,24 @@ def score_candidates(
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
     w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
-    per_module: dict[str, list[torch.Tensor]] = {name: [] for name in by_name}
+    num_queries = next(iter(w.values())).shape[0]
+    w_flat = {name: wq.reshape(num_queries, -1) for name, wq in w.items()}  # [Q, d_out * d_in]
+    # Preallocated outputs, filled batch by batch: many small score tensors kept alive between the
+    # large transient per-batch gradients fragment the CPU heap, and RSS then grew with C.
+    per_module = {name: torch.zeros(len(candidates), num_queries, dtype=dtype, device=device) for name in by_name}
+    batch_start = 0
     token_parts: list[torch.Tensor] = []
     batch_tokens: dict[str, torch.Tensor] = {}
 
     def consume(spec, a, g):  # a: [B, T, d_in], g: [B, T, d_out]
-        wq = w[spec.name]  # [Q, d_out, d_in]
+        wq, wq_flat = w[spec.name], w_flat[spec.name]  # [Q, d_out, d_in], [Q, d_out * d_in]
+        out = per_module[spec.name]  # [C, Q]
         chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
-        scores = []
         for start in range(0, a.shape[0], chunk):
-            grad = torch.einsum("bto,bti->boi", g[start : start + chunk], a[start : start + chunk])
-            scores.append(torch.einsum("boi,qoi->bq", grad, wq))
-        per_module[spec.name].append(torch.cat(scores))
+            grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
+            rows = slice(batch_start + start, batch_start + start + grad.shape[0])
+            # One matrix product: einsum("boi,qoi->bq") took 9x (Q=32) to 40x (Q=1) longer on CPU.
+            out[rows] += grad.reshape(grad.shape[0], -1) @ wq_flat.T  # += : a module used twice adds up
         if token_shares:
             share = torch.einsum("bto,qoi,bti->btq", g, wq, a)
             batch_tokens[spec.name] = share
@@ -141,12 +153,13 @@ def score_candidates(
             chunk = candidates[start : start + batch_size]
             batch = collate(chunk, range(start, start + len(chunk)), pad_id, device)
             capture.mask = batch["attention_mask"]
+            batch_start = start
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             lm_loss(logits, batch, "empirical").backward()
             if token_shares:
                 summed = torch.stack(list(batch_tokens.values())).sum(0)  # [B, T, Q]
                 token_parts.extend(summed[i, : len(seq["input_ids"])].cpu() for i, seq in enumerate(chunk))
-    return CandidateScores({k: torch.cat(v).cpu() for k, v in per_module.items()}, token_parts if token_shares else None)
+    return CandidateScores({k: v.cpu() for k, v in per_module.items()}, token_parts if token_shares else None)
 
 
 def layer_of(name: str) -> int | None:

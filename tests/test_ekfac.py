@@ -10,7 +10,7 @@ none of its reshapes or batched matmuls.
 import pytest
 import torch
 
-from hub_msif.ekfac import ModuleFactors
+from hub_msif.ekfac import ModuleFactors, precondition_twice
 from hub_msif.tracking import TrackedModule
 
 DTYPE = torch.float64
@@ -216,3 +216,20 @@ def test_float32_gradients_with_float64_factors():
     out32 = f.precondition(v.float(), 0.1)
     assert out32.dtype == torch.float32
     assert _rel_err(out32.double(), f.precondition(v, 0.1)) < 1e-5
+
+
+@pytest.mark.parametrize("d_out, d_in, num_blocks", [(6, 5, 1), (8, 5, 4)])
+@pytest.mark.parametrize("relative", [False, True])
+def test_precondition_twice_matches_dense_product(d_out, d_in, num_blocks, relative):
+    """MS-IF's merged change of basis equals P_second(P_first(V)) built densely."""
+    first, second = _factors(d_out, d_in, num_blocks, seed=1), _factors(d_out, d_in, num_blocks, seed=2)
+    damping = 0.3
+    dense = [
+        _dense_preconditioner(f, f.lam.reshape(-1), f.damping_value(damping, relative)) for f in (first, second)
+    ]
+    v = torch.randn(3, d_out, d_in, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    expected = torch.stack([_apply_dense(dense[1] @ dense[0], x) for x in v])
+    assert _rel_err(precondition_twice(first, second, v, damping, relative), expected) < 1e-10
+    # The order matters (the two preconditioners do not commute), so the test can tell them apart.
+    swapped = torch.stack([_apply_dense(dense[0] @ dense[1], x) for x in v])
+    assert _rel_err(swapped, expected) > 1e-3

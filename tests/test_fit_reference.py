@@ -12,9 +12,9 @@ import copy
 
 import pytest
 import torch
+from conftest import random_sequences
 from torch import nn
 
-from conftest import random_sequences
 from hub_msif.examples import tiny_model
 from hub_msif.fit import FitConfig, fit_factors
 from hub_msif.objectives import sample_targets

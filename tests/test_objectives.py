@@ -1,12 +1,11 @@
 """Losses and label sampling: the one-token shift, masking, and per-sequence sampling."""
 
 import torch
+from conftest import random_sequences
 
 from hub_msif.data import collate
 from hub_msif.examples import tiny_model
 from hub_msif.objectives import lm_loss, sample_targets
-
-from conftest import random_sequences
 
 
 def test_empirical_loss_equals_transformers_loss_summed():
