@@ -43,9 +43,12 @@ def sample_targets(
         generator = torch.Generator(device=logits.device)
         generator.manual_seed(sequence_seed(seed, pass_index, int(sequence_index[row])))
         # Inverse-CDF sampling: one uniform draw per position (multinomial draws one per
-        # vocabulary entry and was the largest single-threaded cost of a fit).
-        cdf = torch.softmax(logits[row, positions].float(), dim=-1).cumsum(-1)  # [P, V]
-        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
+        # vocabulary entry and was the largest single-threaded cost of a fit). float64, because a
+        # float32 running sum near 1 drops tail probabilities below ~6e-8, and rare labels are
+        # exactly the ones with large gradients.
+        cdf = torch.softmax(logits[row, positions].double(), dim=-1).cumsum(-1)  # [P, V]
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64)
+        uniform = uniform * cdf[:, -1:]
         targets[row, positions] = torch.searchsorted(cdf, uniform).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return targets
 
