@@ -25,6 +25,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/fit_bench.py
+	$(BIN)/python bench/score_bench.py
+	$(BIN)/python bench/fact_tracing_demo.py
 
 demo: $(STAMP)
 	$(BIN)/hub-msif demo
