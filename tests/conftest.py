@@ -1,12 +1,36 @@
 """Shared test set-up: offline Hugging Face libraries and small deterministic inputs."""
 
 import os
+import socket
+import tempfile
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 # Read once at import by huggingface_hub / datasets / transformers: set before any of them loads.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Every Hub call of the test session goes to a Hub-compatible server on loopback (the hub_server
+# fixture), with a cache of its own; nothing can reach a real hub.
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hub-msif-tests-hf-home-")
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # plain LFS uploads; the local server does not speak Xet
+os.environ["HF_TOKEN"] = "test-token-alice"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+# Test users of the loopback hub: alice (token in HF_TOKEN) may write to alice/ and msif-team/,
+# bob only to bob/, carol's token is read-only.
+HUB_TOKENS = {
+    "test-token-alice": {"user": "alice", "orgs": ["msif-team"]},
+    "test-token-bob": {"user": "bob", "orgs": []},
+    "test-token-carol-read": {"user": "carol", "orgs": [], "role": "read"},
+}
 
 import random  # noqa: E402
 
@@ -34,3 +58,47 @@ def random_sequences(n: int, vocab_size: int, min_len: int = 3, max_len: int = 1
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+NON_LOOPBACK_REQUESTS: list[str] = []
+
+
+def _refuse_non_loopback(request) -> None:
+    host = request.url.host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        NON_LOOPBACK_REQUESTS.append(str(request.url))
+        raise ConnectionRefusedError(f"test guard: request to non-loopback host {host} refused ({request.url})")
+
+
+def pytest_configure(config):
+    """Every huggingface_hub HTTP request of the session passes a guard that refuses other hosts."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def factory():
+        return httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook, _refuse_non_loopback]},
+                             follow_redirects=True, timeout=None)
+
+    _http.set_client_factory(factory)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if NON_LOOPBACK_REQUESTS:
+        print("\nrequests to non-loopback hosts were refused:", *NON_LOOPBACK_REQUESTS, sep="\n  ")
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def hub_root(tmp_path_factory):
+    """On-disk storage of the loopback hub; it outlives server restarts within the session."""
+    return tmp_path_factory.mktemp("hub-root")
+
+
+@pytest.fixture
+def hub_server(hub_root):
+    """A Hub-compatible server on the loopback port HF_ENDPOINT names, running for one test."""
+    from hub_msif.hubserver import HubServer
+
+    server = HubServer(hub_root, host="127.0.0.1", port=HUB_PORT, tokens=HUB_TOKENS).start()
+    yield server
+    server.stop()
