@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install test test-slow bench demo lint clean
 
@@ -17,7 +19,12 @@ $(STAMP): pyproject.toml requirements/main.txt requirements/dev.txt requirements
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian's Chromium for the browser test of the Space (Playwright drives it; no browser download).
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)

@@ -17,6 +17,7 @@ import torch
 
 from . import baselines
 from .data import DEFAULT_TEMPLATE
+from .hub import resolve_factors
 from .models import generate_answer, load_model, pad_token_id
 from .scoring import GRADIENT_METHODS, layer_of, per_example_gradients, precondition_queries, score_candidates
 from .storage import FactorError, check_stage_pair, load_stage, read_manifest
@@ -53,15 +54,19 @@ class Attributor:
     """A model pair with its factors, ready to attribute answers to pre-training documents.
 
     ``factors``: a pair factor folder (``msif.json`` with ``pretrained`` and ``finetuned``
-    stages). ``pretrained`` / ``finetuned``: model ids or folders; by default the ones the
-    manifest records. ``modules``: ``all`` or ``mlp``.
+    stages), or ``REPO[@REV]`` of published factors, pulled into the Hugging Face cache (only
+    the ``modules`` needed; a folder that exists wins). ``pretrained`` / ``finetuned``: model ids
+    or folders; by default the ones the manifest records, at the recorded revision.
+    ``modules``: ``all`` or ``mlp``. ``token``: for pulling private factors.
     """
 
     def __init__(self, factors: str | Path, pretrained: str | None = None, finetuned: str | None = None,
-                 modules: str = "all", allow_revision_mismatch: bool = False, dtype=None):
+                 modules: str = "all", allow_revision_mismatch: bool = False, dtype=None, token: str | None = None):
         if modules not in ("all", "mlp"):
             raise ValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
         self.modules = modules
+        self.location = str(factors)
+        factors = resolve_factors(factors, modules=modules, token=token)
         manifest = read_manifest(factors)
         check_stage_pair(manifest, modules)
         self.factors = {stage: load_stage(factors, stage, modules) for stage in ("pretrained", "finetuned")}
@@ -71,8 +76,10 @@ class Attributor:
         tokenizer = None
         for stage, given in (("pretrained", pretrained), ("finetuned", finetuned)):
             recorded = self.factors[stage].info["model"]
-            model, tok, ref = load_model(given or recorded["id"], None, dtype)
-            self.factors[stage].check_model(model, ref.revision, allow_revision_mismatch)
+            # The recorded Hub model is loaded at the recorded commit, not whatever main is now.
+            pinned = recorded.get("revision") if given is None and _is_commit(recorded.get("revision")) else None
+            model, tok, ref = load_model(given or recorded["id"], pinned, dtype)
+            self.factors[stage].check_model(model, ref.revision, allow_revision_mismatch, model_id=ref.id)
             self.models[stage], self.refs[stage] = model, ref
             tokenizer = tokenizer or tok
         self.tokenizer = tokenizer
@@ -200,6 +207,10 @@ class Attributor:
             rows.append(row)
         return Attribution(prompt, answer, generated, method, self.modules,
                            damping if method in GRADIENT_METHODS else None, relative, len(documents), rows)
+
+
+def _is_commit(revision) -> bool:
+    return isinstance(revision, str) and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 
 
 def _breakdown(by_module: dict[str, float], specs) -> tuple[dict[str, float], dict[str, float]]:

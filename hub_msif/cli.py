@@ -93,16 +93,22 @@ def _print_summary(factors, out, as_json: bool) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the toy fact world end to end (no account, no network)", description=(
         "Builds (or reuses from the cache) a toy fact world, a trained pre-trained/fine-tuned GPT-NeoX pair, both "
-        "stages' factors and a document index; answers three held-out questions with the fine-tuned model and "
-        "prints the pre-training documents MS-IF ranks highest, marking the true proponents."))
+        "stages' factors and a document index; publishes the factors and index to a Hub server of its own on "
+        "loopback and pulls them back by tag; answers three held-out questions with the fine-tuned model and "
+        "prints the pre-training documents MS-IF ranks highest (from the pulled copies), marking the true proponents."))
     p.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"), help="where the demo's artifacts are kept")
     p.add_argument("--top", type=int, default=5, help="documents shown per question (default 5)")
+    p.add_argument("--no-publish", action="store_true",
+                   help="skip publishing the factors and index to a local Hub and pulling them back")
 
 
 def _run_demo(args) -> int:
+    from .demo import local_hub_environment  # light: must run before huggingface_hub is imported
+
+    local_hub_environment(args.cache)
     from .demo import run
 
-    run(args.cache, top=args.top)
+    run(args.cache, top=args.top, publish=not args.no_publish)
     return 0
 
 
@@ -110,8 +116,8 @@ def _add_attribute(sub) -> None:
     p = sub.add_parser("attribute", help="rank pre-training documents by their influence on an answer", description=(
         "Retrieve candidate documents for a prompt and answer from an index and rank them by multi-stage influence "
         "(or a baseline). Positive scores support the answer; relative scores divide by the largest |score|."))
-    p.add_argument("--factors", required=True, help="pair factor folder (both stages)")
-    p.add_argument("--index", required=True, help="document index folder (hub-msif index build)")
+    p.add_argument("--factors", required=True, help="pair factor folder (both stages) or Hub REPO[@REV]")
+    p.add_argument("--index", required=True, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
     p.add_argument("--prompt", required=True, help="the question or prompt")
     p.add_argument("--answer", help="the answer to attribute (default: the fine-tuned model's greedy answer)")
     p.add_argument("--pretrained", help="pre-trained model id or folder (default: the one the factors record)")
@@ -124,6 +130,7 @@ def _add_attribute(sub) -> None:
     p.add_argument("--modules", default="all", choices=["all", "mlp"], help="use all tracked modules or MLP only")
     p.add_argument("--allow-revision-mismatch", action="store_true",
                    help="warn instead of failing when a model's revision differs from the factors'")
+    p.add_argument("--token", help="Hugging Face token for private factor or index repos (default: HF_TOKEN)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -131,8 +138,9 @@ def _run_attribute(args) -> int:
     from .attribution import Attributor
     from .retrieval import DocumentIndex
 
-    index = DocumentIndex.load(args.index)
-    attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch)
+    index = DocumentIndex.load(args.index, token=args.token)
+    attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch,
+                            token=args.token)
     result = attributor.attribute(args.prompt, args.answer, index=index, candidates=args.candidates, top=args.top,
                                   method=args.method, damping=args.damping, relative=not args.absolute_damping,
                                   show_progress=not args.json)
@@ -193,6 +201,111 @@ def _run_index(args) -> int:
     return 0
 
 
+def _add_push(sub) -> None:
+    p = sub.add_parser("push", help="publish factors or an index as a versioned Hub dataset repo", description=(
+        "Publish a factor folder or an index folder to a Hub dataset repo: the folder is checked (manifest, "
+        "sha256 of every file), then all its files and a dataset card go up in one commit, tagged with the next "
+        "version vN (or --tag). The repo is created when missing. Needs a token with write access (HF_TOKEN)."))
+    psub = p.add_subparsers(dest="artifact", required=True, metavar="ARTIFACT")
+    for kind, what in (("factors", "pair factor folder (both stages)"), ("index", "document index folder")):
+        q = psub.add_parser(kind, help=f"push a {what}", description=f"Push a {what} as one commit plus a version tag.")
+        q.add_argument("folder", help=what)
+        q.add_argument("--repo", required=True, help="dataset repo id, namespace/name (created when missing)")
+        q.add_argument("--tag", help="version tag (default: the next vN); an existing tag is refused")
+        q.add_argument("--private", action="store_true", help="create the repo private (when it does not exist)")
+        q.add_argument("--message", help="commit message (default: 'hub_msif <artifact> <tag>')")
+        q.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
+        q.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+        q.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_push(args) -> int:
+    from .hub import push_factors, push_index
+
+    push = push_factors if args.artifact == "factors" else push_index
+    commit, tag = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
+                       commit_message=args.message, license=args.license)
+    summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}"}
+    print(json.dumps(summary, indent=2) if args.json else f"pushed {args.artifact} {args.folder} to "
+          f"{args.repo}@{tag} (commit {commit})")
+    return 0
+
+
+def _add_pull(sub) -> None:
+    p = sub.add_parser("pull", help="download published factors or an index into the Hugging Face cache",
+                       description=(
+        "Download factors or an index from REPO[@REV] (branch, tag or commit sha; default main) into the Hugging "
+        "Face cache, only the files needed, each checked against the manifest's sha256; prints the local folder. "
+        "Works offline (HF_HUB_OFFLINE=1) for what is cached."))
+    p.add_argument("artifact", choices=["factors", "index"], help="what to pull")
+    p.add_argument("location", help="REPO[@REV], e.g. msif-team/pythia-410m-factors@v2")
+    p.add_argument("--modules", default="all", choices=["all", "mlp"], help="factors: all modules or MLP only")
+    p.add_argument("--token", help="Hugging Face token for private repos (default: HF_TOKEN or the saved login)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_pull(args) -> int:
+    from .hub import pull_factors, pull_index
+
+    if args.artifact == "factors":
+        folder = pull_factors(args.location, modules=args.modules, token=args.token)
+    else:
+        folder = pull_index(args.location, token=args.token)
+    print(json.dumps({"location": args.location, "folder": str(folder)}, indent=2) if args.json else folder)
+    return 0
+
+
+def _add_find_factors(sub) -> None:
+    p = sub.add_parser("find-factors", help="find published factors for a model pair", description=(
+        "Search the Hub for factor repos (tags hub-msif, ekfac) and print REPO@TAG of the newest version fitted on "
+        "exactly these two models (same revisions)."))
+    p.add_argument("--pretrained", required=True, help="pre-trained model: Hub ID[@REV] or local folder")
+    p.add_argument("--finetuned", required=True, help="fine-tuned model: Hub ID[@REV] or local folder")
+    p.add_argument("--author", help="only repos of this user or organization")
+    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+
+
+def _run_find_factors(args) -> int:
+    from .hub import find_factors
+
+    print(find_factors(args.pretrained, args.finetuned, token=args.token, author=args.author))
+    return 0
+
+
+def _add_hub(sub) -> None:
+    p = sub.add_parser("hub", help="a local Hugging Face Hub compatible server", description=(
+        "Tools for a Hub-compatible server on this machine (for offline work and tests)."))
+    hsub = p.add_subparsers(dest="hub_command", required=True, metavar="ACTION")
+    s = hsub.add_parser("serve", help="serve repos from a folder over HTTP until Ctrl-C", description=(
+        "Serve a Hub-compatible HTTP API (repos, commits, LFS, refs, downloads, search) with repos stored under "
+        "--root. Point clients at it with HF_ENDPOINT=<printed URL> and HF_HUB_DISABLE_XET=1. Tokens given with "
+        "--token are added to ROOT/tokens.json and kept for later runs; reads of public repos need no token."))
+    s.add_argument("--root", required=True, help="folder holding the repos (created when missing)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    s.add_argument("--token", action="append", default=[], metavar="TOKEN=USER[:ORG1,ORG2][:read]",
+                   help="add a token (repeatable): it may write to USER/ and the ORGs' namespaces, or only read")
+
+
+def _run_hub(args) -> int:
+    from .hubserver import HubServer, load_tokens, parse_token_spec, save_tokens
+
+    root = Path(args.root)
+    tokens = load_tokens(root)
+    for spec in args.token:
+        token, info = parse_token_spec(spec)
+        tokens[token] = info
+    if args.token:
+        root.mkdir(parents=True, exist_ok=True)
+        save_tokens(root, tokens)
+    server = HubServer(root, host=args.host, port=args.port).start()
+    users = ", ".join(sorted({f"{i['user']} ({i['role']})" for i in tokens.values()})) or "none: read-only"
+    print(f"Hub server at {server.url} serving {root} (tokens: {users}); Ctrl-C stops it", flush=True)
+    print(f"  export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
+    server.serve_forever()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hub-msif", description=(
         "Multi-stage influence functions: attribute a fine-tuned LLM's answers to pre-training documents, "
@@ -204,10 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_index(sub)
     _add_attribute(sub)
+    _add_push(sub)
+    _add_pull(sub)
+    _add_find_factors(sub)
+    _add_hub(sub)
     return parser
 
 
 RUNNERS = {"fit": _run_fit, "demo": _run_demo, "index": _run_index, "attribute": _run_attribute}
+RUNNERS.update({"push": _run_push, "pull": _run_pull, "find-factors": _run_find_factors})
+RUNNERS["hub"] = _run_hub
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,29 @@
 """The demo: the toy fact world end to end, with no account and no network.
 
 Builds (or reuses from the cache) the fact world, its trained pre-trained / fine-tuned GPT-NeoX
-pair, both stages' factors and the document index; then answers example questions with the
-fine-tuned model and attributes each answer to pre-training documents with MS-IF.
+pair, both stages' factors and the document index; publishes the factors and the index to a
+Hub-compatible server of its own on loopback (``hub_msif.hubserver``), pulls them back by tag
+into the Hugging Face cache, and attributes example answers of the fine-tuned model to
+pre-training documents with MS-IF from the pulled copies.
+
+``huggingface_hub`` reads where the Hub is (``HF_ENDPOINT``) when it is imported, so
+``local_hub_environment`` must run first (``hub-msif demo`` does); without it, or with
+``HF_ENDPOINT`` pointing elsewhere than loopback, the demo uses its local folders.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .data import CorpusSpec
 from .factworld import FactWorld, generate, save_world, train_pair
@@ -22,6 +33,64 @@ from .storage import FactorError, check_stage_pair, read_manifest
 
 logger = logging.getLogger(__name__)
 DEMO_SEED = 0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+FACTORS_REPO, INDEX_REPO = "demo/factworld-factors", "demo/factworld-index"
+
+
+def local_hub_environment(cache: str | Path) -> bool:
+    """Points ``huggingface_hub`` at a loopback Hub for the demo; call before anything imports it.
+
+    With ``HF_ENDPOINT`` unset, picks a free loopback port and a Hugging Face cache under
+    ``cache`` (the demo's repos never mix with a real Hub's cache); a loopback ``HF_ENDPOINT`` is
+    kept. Returns False (and changes nothing) when another endpoint is set or
+    ``huggingface_hub`` is already imported.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if "huggingface_hub" in sys.modules or (endpoint and urlsplit(endpoint).hostname not in LOOPBACK):
+        return False
+    if not endpoint:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"
+        os.environ["HF_HUB_CACHE"] = str(Path(cache) / "hf-cache")
+    os.environ["HF_HUB_DISABLE_XET"] = "1"  # plain LFS: the local server does not speak Xet
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+    return True
+
+
+def publish_and_pull(artifacts: dict, cache: Path, echo=print) -> tuple[str, str] | None:
+    """Pushes the factors and the index to a Hub server of the demo's own on loopback, pulls them
+    back by tag, and returns the two pulled folders; None (with the reason echoed) when the Hub
+    client is not pointed at a free loopback port."""
+    from huggingface_hub import constants
+
+    from .hub import pull_factors, pull_index, push_factors, push_index
+    from .hubserver import HubServer
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    if endpoint.hostname not in LOOPBACK or not constants.HF_HUB_DISABLE_XET:
+        echo(f"(not publishing: the Hub client points at {constants.ENDPOINT}; run `hub-msif demo` for the local Hub)")
+        return None
+    token = secrets.token_hex(16)
+    try:
+        server = HubServer(cache / "hub", host=endpoint.hostname, port=endpoint.port or 80,
+                           tokens={token: {"user": "demo", "orgs": []}}).start()
+    except OSError as err:
+        echo(f"(not publishing: cannot serve a local Hub at {constants.ENDPOINT}: {err})")
+        return None
+    try:
+        factors_commit, factors_tag = push_factors(artifacts["factors"], FACTORS_REPO, token=token)
+        index_commit, index_tag = push_index(artifacts["index_folder"], INDEX_REPO, token=token)
+        echo(f"published to the local Hub at {server.url}:\n  factors  {FACTORS_REPO}@{factors_tag} "
+             f"(commit {factors_commit[:12]})\n  index    {INDEX_REPO}@{index_tag} (commit {index_commit[:12]})")
+        factors = pull_factors(f"{FACTORS_REPO}@{factors_tag}", token=token)
+        index = pull_index(f"{INDEX_REPO}@{index_tag}", token=token)
+        echo(f"pulled both back by tag into the Hugging Face cache ({constants.HF_HUB_CACHE})")
+    finally:
+        server.stop()
+    return str(factors), str(index)
 
 
 def _models(world: FactWorld, cache: Path) -> Path:
@@ -80,7 +149,8 @@ def prepare(cache: str | Path) -> dict:
     models = _models(world, cache)
     factors = _factors(models, paths, world, cache)
     index = _index(paths, cache)
-    return {"world": world, "paths": paths, "models": models, "factors": factors, "index": index}
+    return {"world": world, "paths": paths, "models": models, "factors": factors, "index": index,
+            "index_folder": cache / "index"}
 
 
 def example_queries(world: FactWorld, n: int = 3):
@@ -96,13 +166,21 @@ def example_queries(world: FactWorld, n: int = 3):
     return picked
 
 
-def run(cache: str | Path, top: int = 5, candidates: int = 100, echo=print) -> list[dict]:
-    """The whole demo; prints each example's answer and top documents; returns the results."""
+def run(cache: str | Path, top: int = 5, candidates: int = 100, echo=print, publish: bool = True) -> list[dict]:
+    """The whole demo; prints each example's answer and top documents; returns the results.
+
+    With ``publish`` the factors and index are pushed to a local Hub and attributed from the
+    copies pulled back by tag (see ``publish_and_pull``).
+    """
     from .attribution import Attributor
+    from .retrieval import DocumentIndex
 
     started = time.perf_counter()
     artifacts = prepare(cache)
     world = artifacts["world"]
+    pulled = publish_and_pull(artifacts, Path(cache), echo) if publish else None
+    if pulled is not None:
+        artifacts["factors"], artifacts["index"] = pulled[0], DocumentIndex.load(pulled[1])
     attributor = Attributor(artifacts["factors"])
     training = json.loads((artifacts["models"] / "training.json").read_text())
     echo(f"fact world: {len(world.documents)} pre-training documents, {len(world.finetune)} fine-tuning Q&A pairs, "

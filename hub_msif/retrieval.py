@@ -386,12 +386,18 @@ class DocumentIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> DocumentIndex:
-        """Reads an index folder, verifying every file's sha256 against the manifest."""
+    def load(cls, folder: str | Path, token: str | None = None) -> DocumentIndex:
+        """Reads an index folder, verifying every file's sha256 against the manifest.
+
+        ``folder`` may also be ``REPO[@REV]`` of a published index (a folder that exists wins):
+        it is pulled into the Hugging Face cache first (``hub_msif.hub.pull_index``).
+        """
         from safetensors import SafetensorError
         from safetensors.numpy import load as st_load
 
-        folder = Path(folder)
+        from .hub import resolve_index
+
+        folder = Path(resolve_index(folder, token=token))
         manifest = read_index_manifest(folder)
         files = manifest.get("files") or {}
         payloads = {}
@@ -478,8 +484,13 @@ def _documents_from_parquet(data: bytes, path: Path) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # Read from a copy that arrow owns: a reader over Python bytes may be released by an arrow worker
+    # thread during interpreter shutdown, which then takes the GIL and aborts the process
+    # ("terminate called without an active exception") when torch is loaded.
+    owned = pa.allocate_buffer(len(data))
+    np.frombuffer(owned, dtype=np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(owned))
     except (pa.ArrowException, OSError) as err:
         raise RetrievalError(f"{path} cannot be read as parquet: {_one_line(err)}") from err
     missing = [c for c in ("id", "text") if c not in table.column_names]

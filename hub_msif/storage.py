@@ -185,10 +185,13 @@ class StageFactors:
             raise FactorError(f"no {self.stage} factors for module(s) {', '.join(missing)}")
         return {name: self.modules[name].precondition(v, damping, relative) for name, v in grads.items()}
 
-    def check_model(self, model: torch.nn.Module, revision: str | None = None, allow_revision_mismatch: bool = False) -> None:
+    def check_model(self, model: torch.nn.Module, revision: str | None = None, allow_revision_mismatch: bool = False,
+                    model_id: str | None = None) -> None:
         """Raises ``FactorError`` unless ``model`` has every module with the recorded shape (and revision).
 
-        Shapes are checked first: no flag can make factors of other shapes usable.
+        Shapes are checked first: no flag can make factors of other shapes usable. ``model_id``
+        (where the model was loaded from) only makes the message name both sides; the revision
+        decides, since the same weights may live in another folder.
         """
         problems = []
         for name, factors in self.modules.items():
@@ -206,7 +209,8 @@ class StageFactors:
         if revision is not None and recorded is not None and revision != recorded:
             message = (
                 f"{self.stage} factors were fitted on model revision {recorded} "
-                f"({self.info['model'].get('id')}) but the loaded model has revision {revision}"
+                f"({self.info['model'].get('id')}) but the loaded model"
+                f"{f' ({model_id})' if model_id else ''} has revision {revision}"
             )
             if not allow_revision_mismatch:
                 raise FactorError(message + "; pass allow_revision_mismatch to use them anyway")

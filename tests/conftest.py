@@ -20,6 +20,8 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hub-msif-tests-hf-home-")
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # plain LFS uploads; the local server does not speak Xet
 os.environ["HF_TOKEN"] = "test-token-alice"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# datasets pings an S3 bucket to count downloads on every load_dataset, even of local files.
+os.environ["HF_UPDATE_DOWNLOAD_COUNTS"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.pop("HF_HUB_OFFLINE", None)
