@@ -100,6 +100,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--top", type=int, default=5, help="documents shown per question (default 5)")
     p.add_argument("--no-publish", action="store_true",
                    help="skip publishing the factors and index to a local Hub and pulling them back")
+    p.add_argument("--space", action="store_true",
+                   help="afterwards, serve the Gradio Space on the demo's fact world on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--port", type=int, help="port of the Space (default: the first free one from 7860)")
 
 
 def _run_demo(args) -> int:
@@ -109,6 +112,15 @@ def _run_demo(args) -> int:
     from .demo import run
 
     run(args.cache, top=args.top, publish=not args.no_publish)
+    if args.space:
+        from .space import serve_demo
+
+        app, url = serve_demo(args.cache, port=args.port)
+        print(f"\nthe Space is serving the fact world at {url} (Ctrl-C to stop)", flush=True)
+        try:
+            app.block_thread()
+        except KeyboardInterrupt:
+            app.close()
     return 0
 
 
