@@ -47,6 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+from .atomic import atomic_write_bytes, atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -104,27 +106,6 @@ saved_model/**/* filter=lfs diff=lfs merge=lfs -text
 
 
 # -- small helpers -------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one (same recipe as ``hub_msif.storage``, which
-    this module does not import: it pulls in torch, and the server is standard library only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -328,7 +309,7 @@ def load_tokens(root: str | Path) -> dict:
 
 
 def save_tokens(root: str | Path, tokens: dict) -> None:
-    atomic_write_json(Path(root) / "tokens.json", normalize_tokens(tokens))
+    atomic_write_json(Path(root) / "tokens.json", normalize_tokens(tokens), default=str)
 
 
 def normalize_tokens(tokens: dict) -> dict:
@@ -385,7 +366,7 @@ class Repo:
         return json.loads((self.dir / "repo.json").read_text())
 
     def write_meta(self, meta: dict) -> None:
-        atomic_write_json(self.dir / "repo.json", meta)
+        atomic_write_json(self.dir / "repo.json", meta, default=str)
 
     def refs(self) -> dict:
         refs = json.loads((self.dir / "refs.json").read_text())
@@ -394,7 +375,7 @@ class Repo:
         return refs
 
     def write_refs(self, refs: dict) -> None:
-        atomic_write_json(self.dir / "refs.json", refs)
+        atomic_write_json(self.dir / "refs.json", refs, default=str)
 
     def commit(self, sha: str) -> dict:
         key = (str(self.dir), sha)
@@ -458,7 +439,7 @@ class Repo:
         digest_input = json.dumps({"repo": f"{self.type}/{self.id}", **record}, sort_keys=True).encode()
         sha = hashlib.sha1(digest_input).hexdigest()
         record["id"] = sha
-        atomic_write_json(self.dir / "commits" / f"{sha}.json", record)
+        atomic_write_json(self.dir / "commits" / f"{sha}.json", record, default=str)
         return sha
 
     def card(self, files: dict) -> tuple[dict | None, str | None]:
