@@ -242,6 +242,7 @@ def fit_factors(
             for name, acc in covariances.items():
                 acc.load_state({"a": state[f"{name}/a"], "s": state[f"{name}/s"]})
         else:
+            covariances.clear()  # resumed after the phase boundary: only Lambda is accumulated
             for t in tracked:
                 eigen[t.name] = tuple(state[f"{t.name}/{k}"].to(dist.device) for k in ("eig_a", "q_a", "eig_s", "q_s"))
                 lambdas[t.name] = LambdaAccumulator(t, eigen[t.name][1], eigen[t.name][3], dtype)
@@ -267,6 +268,7 @@ def fit_factors(
                         # column-major output would take other matmul paths and round differently.
                         eigen[t.name] = tuple(x.contiguous() for x in acc.eigendecompose())
                         lambdas[t.name] = LambdaAccumulator(t, eigen[t.name][1], eigen[t.name][3], dtype)
+                        del covariances[t.name], acc  # A and S are not needed any more: free them early
                 accumulators = lambdas if phase == 1 else covariances
                 indices = batches[step - phase * num_batches]
                 if indices:
@@ -300,7 +302,7 @@ def fit_factors(
         eig_a, q_a, eig_s, q_s = eigen[t.name]
         # K-FAC eigenvalues on Lambda's scale: GGN ~ (A / tokens) kron (S / sequences), see ModuleFactors.
         factors[t.name] = ModuleFactors(
-            t, q_a, q_s, lambdas[t.name].lam / num_sequences, eig_a / max(num_tokens, 1), eig_s / num_sequences
+            t, q_a, q_s, lambdas[t.name].lam.div_(num_sequences), eig_a / max(num_tokens, 1), eig_s / num_sequences
         )
 
     stage_info = {
