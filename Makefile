@@ -30,10 +30,19 @@ test: $(STAMP) $(CHROMIUM)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
 
+BENCH_SCRIPTS := fit_bench score_bench retrieval_bench scale accuracy fact_tracing fact_tracing_demo report
+
+# Every benchmark writes bench/out/<name>.json; report.py turns them into docs/benchmarks.md.
 bench: $(STAMP)
+	@for s in $(BENCH_SCRIPTS); do test -f bench/$$s.py || { echo "make bench: bench/$$s.py is missing" >&2; exit 1; }; done
 	$(BIN)/python bench/fit_bench.py
 	$(BIN)/python bench/score_bench.py
+	$(BIN)/python bench/retrieval_bench.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/fact_tracing.py
 	$(BIN)/python bench/fact_tracing_demo.py
+	$(BIN)/python bench/report.py
 
 demo: $(STAMP)
 	$(BIN)/hub-msif demo

@@ -1,0 +1,387 @@
+"""Writes docs/benchmarks.md from the benchmarks' JSON in bench/out (nothing in it is typed by hand).
+
+Reads ``fit_bench.json``, ``score_bench.json``, ``retrieval_bench.json``, ``scale.json`` and, when
+present, ``accuracy.json``, ``fact_tracing.json`` (+ ``fact_tracing_mrr.png``) and
+``fact_tracing_demo.json``. A missing JSON becomes a line naming the command that produces it.
+
+    .venv/bin/python bench/report.py [--out-dir bench/out] [--doc docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = ".venv/bin/python"
+COMMANDS = {
+    "fit_bench": f"{PY} bench/fit_bench.py",
+    "score_bench": f"{PY} bench/score_bench.py",
+    "retrieval_bench": f"{PY} bench/retrieval_bench.py",
+    "scale": f"{PY} bench/scale.py",
+    "accuracy": f"{PY} bench/accuracy.py",
+    "fact_tracing": f"{PY} bench/fact_tracing.py",
+    "fact_tracing_demo": f"{PY} bench/fact_tracing_demo.py",
+}
+
+
+def load(out_dir: Path, name: str) -> dict | None:
+    path = out_dir / f"{name}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def missing(name: str) -> str:
+    return f"_Not run: `bench/out/{name}.json` is missing; `{COMMANDS[name]}` produces it._\n"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def f2(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool = False, digits: int = 2) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    return f"{sign} {target:g}: met" if met else f"{sign} {target:g}: **missed** ({value:.{digits}f})"
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def command_of(name: str, data: dict) -> str:
+    cmd = data.get("command")
+    if cmd:
+        cmd = cmd.replace("python bench/", f"{PY} bench/", 1) if cmd.startswith("python ") else cmd
+        return cmd.replace(str(ROOT) + "/", "").strip()
+    return COMMANDS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def machine_section(data: dict[str, dict | None]) -> str:
+    out = ["## Machine\n"]
+    seen = {}
+    for name, d in data.items():
+        if d and isinstance(d.get("machine"), dict):
+            m = {k: v for k, v in d["machine"].items() if not k.startswith("load_average")}
+            seen.setdefault(json.dumps(m, sort_keys=True), (m, []))[1].append(name)
+        elif d and name == "accuracy":
+            m = {"torch": d.get("torch"), "threads": d.get("threads")}
+            seen.setdefault(json.dumps(m, sort_keys=True), (m, []))[1].append(name)
+    if not seen:
+        return "## Machine\n\nNo JSON records its machine.\n"
+    for m, names in seen.values():
+        out.append(f"Recorded by {', '.join(f'`{n}.json`' for n in names)}:\n")
+        out.append(table(["key", "value"], [[k, v] for k, v in m.items()]))
+    loads = [(n, d["machine"].get("load_average_start")) for n, d in data.items()
+             if d and isinstance(d.get("machine"), dict) and d["machine"].get("load_average_start")]
+    if loads:
+        out.append("Load average (1/5/15 min) at the start of each run: "
+                   + "; ".join(f"{n}: {' / '.join(f'{x:.2f}' for x in la)}" for n, la in loads) + ".\n")
+    return "\n".join(out)
+
+
+def commands_section(data: dict[str, dict | None]) -> str:
+    rows = [[f"`{n}.json`", f"`{command_of(n, d) if d else COMMANDS[n]}`", "yes" if d else "**missing**"]
+            for n, d in data.items()]
+    return ("## Commands\n\n`make bench` runs all of them in this order and then `" + f"{PY} bench/report.py"
+            + "`, which writes this page.\n\n" + table(["output", "command", "present"], rows))
+
+
+def summary_section(data: dict[str, dict | None]) -> str:
+    rows = []
+    fit, score, ret = data["fit_bench"], data["score_bench"], data["retrieval_bench"]
+    if fit:
+        r, t = fit["ratios"], fit["targets"]
+        rows.append(["fitting: hub_msif / kronfluence EK-FAC (wall)", f2(r["hub_msif_over_kronfluence"]),
+                     verdict(r["hub_msif_over_kronfluence"], t["hub_msif_over_kronfluence"])])
+        rows.append(["fitting: hub_msif / two-pass floor", f2(r["hub_msif_over_floor"]),
+                     verdict(r["hub_msif_over_floor"], t["hub_msif_over_floor"])])
+        rows.append(["factor size: hub_msif float32 / kronfluence", f2(r["size_over_kronfluence"]),
+                     verdict(r["size_over_kronfluence"], t["size_over_kronfluence"])])
+        rows.append(["factor size: hub_msif bfloat16 / kronfluence", f2(r["size_bf16_over_kronfluence"]), "no target"])
+    else:
+        rows.append(["fitting and factor size", "-", missing("fit_bench").strip()])
+    if score:
+        r, t = score["ratios"], score["targets"]
+        for q in score["setup"]["query_counts"]:
+            key = f"ms_if_q{q}_over_floor"
+            if key in r:
+                rows.append([f"scoring: MS-IF Q = {q} / one forward+backward", f2(r[key]),
+                             verdict(r[key], t["ms_if_over_floor"])])
+        if "kronfluence_over_hub_msif" in r:
+            rows.append(["scoring: kronfluence / hub_msif (SS-IF, Q = 32)", f2(r["kronfluence_over_hub_msif"]),
+                         verdict(r["kronfluence_over_hub_msif"], t["kronfluence_over_hub_msif"], higher_is_better=True)])
+        if "memory_4c_over_c" in r:
+            rows.append(["scoring peak memory increase: 4C / C", f2(r["memory_4c_over_c"]),
+                         verdict(r["memory_4c_over_c"], t["memory_4c_over_c"])])
+    else:
+        rows.append(["scoring", "-", missing("score_bench").strip()])
+    if ret:
+        for row in ret["results"]:
+            rows.append([f"retrieval: one query top-{ret['setup']['top']} over {row['documents']:,} documents (ms)",
+                         f2(row["query_median_ms"]), "no target"])
+    else:
+        rows.append(["retrieval latency", "-", missing("retrieval_bench").strip()])
+    return ("## Summary: speed and size\n\nEvery ratio is measured side by side in one run of its benchmark.\n\n"
+            + table(["measure", "value", "target"], rows))
+
+
+def fit_section(d: dict | None) -> str:
+    head = "## Fitting (`fit_bench.json`)\n\n"
+    if not d:
+        return head + missing("fit_bench")
+    s, res, r = d["setup"], d["results"], d["ratios"]
+    floor = res["floor"]["seconds"]
+    kron = res["kronfluence"]
+    text = head + (f"GPT-NeoX, {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, FFN {s['ffn']}, "
+                   f"vocab {s['vocab']} ({s['parameters']:,} parameters), random init; {s['sequences']} sequences x "
+                   f"{s['seq_len']} tokens, batch {s['batch_size']}, {len(s['modules'])} tracked modules; best of "
+                   f"{s['repeats']} run(s). Command: `{command_of('fit_bench', d)}`.\n\n")
+    rows = [["floor: 2 x (forward + backward with parameter gradients)", f2(floor), f2(res["floor"]["cpu_seconds"]), "1.00", ""]]
+    rows.append(["hub_msif fit (sampled labels, per-head blocks)", f2(res["hub_msif"]["seconds"]),
+                 f2(res["hub_msif"]["cpu_seconds"]), f2(r["hub_msif_over_floor"]), mb(res["hub_msif"]["bytes"])])
+    if "hub_msif_empirical" in res:
+        e = res["hub_msif_empirical"]
+        rows.append(["hub_msif fit (empirical labels, no head split)", f2(e["seconds"]), f2(e["cpu_seconds"]),
+                     f2(r["hub_msif_empirical_over_floor"]), mb(e["bytes"])])
+    if "hub_msif_bf16" in res:
+        rows.append(["hub_msif factors saved in bfloat16", "", "", "", mb(res["hub_msif_bf16"]["bytes"])])
+    rows.append(["kronfluence 1.0.1 EK-FAC fit (sampled labels)", f2(kron["seconds"]), f2(kron["cpu_seconds"]),
+                 f2(r["kronfluence_over_floor"]), mb(kron["bytes"])])
+    for phase, p in kron.get("phases", {}).items():
+        rows.append([f"  of which kronfluence {phase}", f2(p["seconds"]), f2(p["cpu_seconds"]), "", ""])
+    text += table(["", "wall s", "CPU s", "/ floor", "folder size"], rows)
+    checks = [[k, f2(r[k]), verdict(r[k], d["targets"][k])] for k in d["targets"]]
+    text += "\n" + table(["ratio", "value", "target"], checks)
+    return text
+
+
+def score_section(d: dict | None) -> str:
+    head = "## Scoring (`score_bench.json`)\n\n"
+    if not d:
+        return head + missing("score_bench")
+    s, t, r = d["setup"], d["times"], d["ratios"]
+    floor = t["floor"]["seconds"]
+    text = head + (f"GPT-NeoX, {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, FFN {s['ffn']}, vocab "
+                   f"{s['vocab']}, {s['dtype']}; C = {s['candidates']} candidates x {s['seq_len']} tokens; queries of "
+                   f"{s['query_len']} tokens ({s['answer_len']} answer tokens); each stage fitted on "
+                   f"{s['fit_sequences']} sequences; relative damping {s['damping_relative']}; batch {s['batch_size']}; "
+                   f"median of {s['repeats']} rounds. Command: `{command_of('score_bench', d)}`.\n\n")
+    rows = [["one forward+backward over the C candidates (floor)", f2(floor), "1.00"]]
+    for q in s["query_counts"]:
+        for part in ("query_gradients", "precondition", "score", "total"):
+            key = f"ms_if_q{q}_{part}"
+            if key in t:
+                label = {"query_gradients": "query gradients (not in the ratio)", "precondition": "preconditioning, both stages",
+                         "score": "scoring the candidates", "total": "**preconditioning + scoring**"}[part]
+                rows.append([f"MS-IF Q = {q}: {label}", f2(t[key]["seconds"]), f2(t[key]["seconds"] / floor)])
+    for key, label in (("ss_if_q32_total", "SS-IF Q = 32, hub_msif, with query gradients"),
+                       ("ss_if_q32_precondition_score", "SS-IF Q = 32, hub_msif, preconditioning + scoring"),
+                       ("kronfluence", "SS-IF Q = 32, kronfluence `compute_pairwise_scores`")):
+        if key in t:
+            rows.append([label, f2(t[key]["seconds"]), f2(t[key]["seconds"] / floor)])
+    text += table(["", "wall s", "/ floor"], rows)
+    checks = []
+    targets = d["targets"]
+    for q in s["query_counts"]:
+        k = f"ms_if_q{q}_over_floor"
+        if k in r:
+            checks.append([f"MS-IF Q = {q} / floor", f2(r[k]), verdict(r[k], targets["ms_if_over_floor"])])
+    if "kronfluence_over_hub_msif" in r:
+        checks.append(["kronfluence / hub_msif (SS-IF Q = 32)", f2(r["kronfluence_over_hub_msif"]),
+                       verdict(r["kronfluence_over_hub_msif"], targets["kronfluence_over_hub_msif"], True)])
+        checks.append(["same, hub_msif without query gradients", f2(r["kronfluence_over_hub_msif_precondition_score"]),
+                       "for reference"])
+    if "memory_4c_over_c" in r:
+        checks.append(["peak memory increase 4C / C", f2(r["memory_4c_over_c"]),
+                       verdict(r["memory_4c_over_c"], targets["memory_4c_over_c"])])
+    text += "\n" + table(["ratio", "value", "target"], checks)
+    if d.get("memory"):
+        m = d["memory"]
+        text += (f"\nPeak memory of MS-IF scoring (Q = {m['queries']}), each size in a fresh process "
+                 f"({m['runs'][0]['method']}):\n\n")
+        text += table(["candidates", "increase MiB", "resident before MiB", "peak MiB", "wall s"],
+                      [[x["candidates"], f2(x["increase_mib"], 1), f2(x["rss_before_mib"], 1), f2(x["peak_mib"], 1),
+                        f2(x["seconds"])] for x in m["runs"]])
+    if d.get("agreement"):
+        text += "\nAgreement of hub_msif's SS-IF scores with kronfluence's (Q = 32):\n\n"
+        rows = [[k.replace("_", " "), f"{v['pearson']:.6f}", f"{v['spearman_mean']:.6f}",
+                 f"{v['max_abs_difference_over_max_abs']:.2e}"] for k, v in d["agreement"].items()]
+        text += table(["hub_msif factors", "Pearson", "mean Spearman", "max abs diff / max abs"], rows)
+        if "matched_correlation" in targets:
+            p = d["agreement"].get("matched_factors", {}).get("pearson")
+            text += f"\nMatched factors, Pearson {verdict(p, targets['matched_correlation'], True, 6)}.\n"
+    return text
+
+
+def scale_section(d: dict | None) -> str:
+    head = "## Scale on paper (`scale.json`)\n\n"
+    if not d:
+        return head + missing("scale")
+    text = head + (f"Computed from published shapes, no model downloaded. Command: `{command_of('scale', d)}`.\n\n"
+                   f"Sizes: {d['assumptions']['sizes']}.\n\n")
+    if d.get("cross_check"):
+        text += "Cross-check of the size formula against factors fitted with `fit_factors` on tiny models:\n\n"
+        text += table(["architecture", "dtype", "modules", "files", "formula bytes", "tensor bytes in files", "equal"],
+                      [[c["arch"], c["dtype"], c["modules"], c["files"], c["formula_bytes"], c["file_tensor_bytes"],
+                        "yes" if c["equal"] else "**NO**"] for c in d["cross_check"]])
+    rows = []
+    for model_id, r in d["models"].items():
+        c, s = r["config"], r["sizes"]
+        rows.append([model_id, f"{r['parameters'] / 1e9:.2f} B",
+                     f"{c['layers']} x (h {c['hidden']}, {c['heads']}/{c['kv_heads']} heads, FFN {c['ffn']})",
+                     r["tracked_modules"], gb(s["all_float32"]["stage_bytes"]), gb(s["all_float32"]["pair_bytes"]),
+                     gb(s["all_bfloat16"]["pair_bytes"]), gb(s["mlp_float32"]["pair_bytes"]),
+                     gb(s["mlp_bfloat16"]["pair_bytes"])])
+    text += "\nFactor artifact (1 GB = 1e9 bytes):\n\n" + table(
+        ["model", "parameters", "shape", "modules", "stage f32", "pair f32", "pair bf16", "MLP pair f32", "MLP pair bf16"],
+        rows)
+    first = next(iter(d["models"].values()))["fit_memory"]["all_bfloat16"]
+    text += (f"\nMemory of one fitting process (batch {first['batch_size']} x {first['seq_len']} tokens). "
+             f"Assumptions: {d['assumptions']['memory']} {d['assumptions']['model_dtype_note']}.\n\n")
+    comps = list(first["components_bytes"])
+    gpus = list(first["fits_on"])
+    rows = []
+    for model_id, r in d["models"].items():
+        for key, m in r["fit_memory"].items():
+            which, _ = key.split("_", 1)
+            rows.append([model_id, "all" if which == "all" else "MLP", m["model_dtype"]]
+                        + [gb(m["components_bytes"][c]) for c in comps] + [f"**{gb(m['total_bytes'])}**"]
+                        + ["yes" if m["fits_on"][g] else "no" for g in gpus])
+    text += table(["model", "modules", "model dtype"] + [c.replace("_", " ") for c in comps] + ["total"]
+                  + [f"fits {g}" for g in gpus], rows)
+    text += "\nMulti-GPU fit (each process holds all accumulators, so per-GPU memory is as above):\n\n"
+    for model_id, r in d["models"].items():
+        text += f"- {model_id}: `{r['launch']['all']}`\n"
+    return text
+
+
+def retrieval_section(d: dict | None) -> str:
+    head = "## Retrieval latency (`retrieval_bench.json`)\n\n"
+    if not d:
+        return head + missing("retrieval_bench")
+    s = d["setup"]
+    text = head + (f"{s['index']} over {s['vectors']} {s['dim']}-d vectors; one query at a time, top {s['top']}, "
+                   f"{s['queries']} queries; faiss {d['machine']['faiss']}, {d['machine']['faiss_threads']} threads. "
+                   f"Command: `{command_of('retrieval_bench', d)}`.\n\n")
+    return text + table(["documents", "build ms", "query median ms", "query p90 ms"],
+                        [[f"{r['documents']:,}", f2(1000 * r["build_seconds"], 1), f2(r["query_median_ms"]),
+                          f2(r["query_p90_ms"])] for r in d["results"]])
+
+
+def accuracy_section(d: dict | None) -> str:
+    head = "## Accuracy against the exact Gauss-Newton influence (`accuracy.json`)\n\n"
+    if not d:
+        return head + missing("accuracy")
+    text = head + f"Command: `{command_of('accuracy', d)}`.\n\n"
+    if d.get("model"):
+        m = d["model"]
+        text += (f"GPT-NeoX, {m.get('layers')} layers, hidden {m.get('hidden')}, {m.get('heads')} heads, FFN {m.get('ffn')}, "
+                 f"vocab {m.get('vocab')}, {m.get('tracked_parameters')} tracked parameters")
+        if d.get("data"):
+            x = d["data"]
+            text += f"; {x.get('fit_sequences')} fitting sequences, {x.get('queries')} queries, {x.get('candidates')} candidates"
+        text += ".\n\n"
+    gt = d.get("ground_truth", {})
+    if gt:
+        res = gt.get("cg_relative_residuals") or [None]
+        text += (f"Ground truth: {gt.get('method')}; damping {gt.get('damping'):.4g} ({gt.get('damping_rule')}); "
+                 f"max CG relative residual {max(r for r in res if r is not None) if any(r is not None for r in res) else '-'}.\n\n")
+    rows = [[name, f2(r.get("spearman_mean"), 3), f2(r.get("spearman_std"), 3), f2(r.get("pearson_mean"), 3),
+             f2(r.get("pearson_std"), 3)] for name, r in d.get("results", {}).items()]
+    text += table(["method", "Spearman mean", "std", "Pearson mean", "std"], rows)
+    if d.get("checks"):
+        results = d.get("results", {})
+        ek = results.get("EK-FAC (hub_msif, per-head blocks)", {}).get("spearman_mean")
+        lines = []
+        for k, v in d["checks"].items():
+            extra = f" (EK-FAC Spearman {ek:.3f})" if (not v and "spearman" in k and ek is not None) else ""
+            lines.append([k, "met" if v else f"**missed**{extra}"])
+        text += "\n" + table(["check", "result"], lines)
+    return text
+
+
+def _method_rows(rows: list[dict]) -> list[list]:
+    out = []
+    for r in rows:
+        damp = "-" if r.get("damping") is None else f"{r['damping']:g}"
+        mrr, rec = f2(r["mrr"], 3), f2(r["recall_at_10"], 3)
+        if "mrr_std" in r:
+            mrr += f" ({r['mrr_std']:.3f})"
+            rec += f" ({r['recall_at_10_std']:.3f})"
+        out.append([r["method"], damp, mrr, rec])
+    return out
+
+
+def fact_tracing_section(d: dict | None, out_dir: Path, doc: Path) -> str:
+    head = "## Fact tracing (`fact_tracing.json`)\n\n"
+    if not d:
+        return head + missing("fact_tracing")
+    n = len(d.get("trials", [])) or "?"
+    text = head + (f"Command: `{COMMANDS['fact_tracing']}`. Mean (std) over {n} trial(s); each trial is a new "
+                   f"fact world and model pair; {f2(d.get('seconds'), 0)} s in all.\n\n")
+    text += table(["method", "damping (relative)", "MRR", "Recall@10"], _method_rows(d["rows"]))
+    png = out_dir / "fact_tracing_mrr.png"
+    if png.is_file():
+        text += f"\n![MRR over damping]({os.path.relpath(png, doc.parent)})\n"
+    return text
+
+
+def fact_tracing_demo_section(d: dict | None) -> str:
+    head = "## Fact tracing on the demo's world (`fact_tracing_demo.json`)\n\n"
+    if not d:
+        return head + missing("fact_tracing_demo")
+    text = head + (f"Command: `{COMMANDS['fact_tracing_demo']}` (uses, or builds, the demo's cache). Each held-out question reranks the "
+                   f"{d['candidates']} documents retrieved for it; share of questions with a true proponent among "
+                   f"them: {d['coverage']:.2f}.\n\n")
+    return text + table(["method", "damping (relative)", "MRR", "Recall@10"], _method_rows(d["rows"]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "out"))
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = parser.parse_args(argv)
+    out_dir, doc = Path(args.out_dir), Path(args.doc)
+    data = {name: load(out_dir, name) for name in COMMANDS}
+    parts = [
+        "# Benchmarks\n\nGenerated by `bench/report.py` from the JSON files in `bench/out/`; do not edit by hand. "
+        "Re-run with `make bench` (all benchmarks, then this page) or `.venv/bin/python bench/report.py` (this page only).\n",
+        machine_section(data),
+        commands_section(data),
+        summary_section(data),
+        fit_section(data["fit_bench"]),
+        score_section(data["score_bench"]),
+        retrieval_section(data["retrieval_bench"]),
+        scale_section(data["scale"]),
+        accuracy_section(data["accuracy"]),
+        fact_tracing_section(data["fact_tracing"], out_dir, doc),
+        fact_tracing_demo_section(data["fact_tracing_demo"]),
+    ]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts))
+    print(f"wrote {doc} ({sum(d is not None for d in data.values())}/{len(data)} JSON files present)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
