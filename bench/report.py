@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -341,8 +342,9 @@ def fact_tracing_section(d: dict | None, out_dir: Path, doc: Path) -> str:
                    f"fact world and model pair; {f2(d.get('seconds'), 0)} s in all.\n\n")
     text += table(["method", "damping (relative)", "MRR", "Recall@10"], _method_rows(d["rows"]))
     png = out_dir / "fact_tracing_mrr.png"
-    if png.is_file():
-        text += f"\n![MRR over damping]({os.path.relpath(png, doc.parent)})\n"
+    if png.is_file():  # copied next to the page: bench/out/ is not committed, docs/ is
+        shutil.copyfile(png, doc.parent / png.name)
+        text += f"\n![MRR over damping]({png.name})\n"
     return text
 
 
