@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/score_bench.py
 	$(BIN)/python bench/retrieval_bench.py
 	$(BIN)/python bench/scale.py
-	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/accuracy.py --hidden 32 --ffn 128 --fit-sequences 200 --candidates 500 --queries 10 --damping-ratio 1.0 --cg-time-limit 240
 	$(BIN)/python bench/fact_tracing.py
 	$(BIN)/python bench/fact_tracing_demo.py
 	$(BIN)/python bench/report.py
