@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from machine import machine_info  # noqa: E402  (bench/, on sys.path when run as a script)
 
 from hub_msif.data import collate  # noqa: E402
 from hub_msif.examples import tiny_model  # noqa: E402
@@ -175,27 +175,6 @@ def time_kronfluence(model, sequences, batch_size: int, folder: Path, module_nam
         phases["lambda"] = clock.read()
         result = total.read()
     return {**result, "phases": phases, "bytes": folder_bytes(analyzer.factors_output_dir("ekfac"))}
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "kronfluence"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            versions[name] = None
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            **versions}
 
 
 def _best(runs: list[dict]) -> dict:

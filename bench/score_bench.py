@@ -38,7 +38,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -57,6 +56,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from machine import machine_info  # noqa: E402  (bench/, on sys.path when run as a script)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from hub_msif.data import collate  # noqa: E402
@@ -339,26 +339,6 @@ def measure_memory(args, work: Path, weights: dict[str, torch.Tensor], sizes: li
 
 
 # --- report -------------------------------------------------------------------------------------
-
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "kronfluence"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            versions[name] = None
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), **versions}
-
 
 def verdict(ok: bool) -> str:
     return "pass" if ok else "MISS"

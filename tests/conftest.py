@@ -56,6 +56,23 @@ def random_sequences(n: int, vocab_size: int, min_len: int = 3, max_len: int = 1
     return out
 
 
+def save_tiny_example(folder, num_sequences: int):
+    """A float64 tiny GPT-NeoX saved with its tokenizer under ``folder/model``, and a jsonl corpus
+    of ``num_sequences`` texts; returns both paths."""
+    import json
+
+    from hub_msif.examples import example_texts, tiny_model, word_tokenizer
+
+    tokenizer = word_tokenizer(example_texts(200))
+    model = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=16, heads=2, ffn=32, layers=2,
+                       dtype=torch.float64)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in example_texts(num_sequences, seed=1)))
+    return folder / "model", corpus
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

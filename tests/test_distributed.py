@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_example
 
 from hub_msif.fit import FitConfig, fit_stage
 from hub_msif.storage import StageFactors, load_stage
@@ -41,17 +42,7 @@ WORKER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def example(tmp_path_factory) -> tuple[Path, Path]:
     """A float64 tiny GPT-NeoX saved with its tokenizer, and a jsonl corpus of 21 texts."""
-    from hub_msif.examples import example_texts, tiny_model, word_tokenizer
-
-    folder = tmp_path_factory.mktemp("dist-example")
-    tokenizer = word_tokenizer(example_texts(200))
-    model = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=16, heads=2, ffn=32, layers=2,
-                       dtype=torch.float64)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    corpus = folder / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in example_texts(NUM_SEQUENCES, seed=1)))
-    return folder / "model", corpus
+    return save_tiny_example(tmp_path_factory.mktemp("dist-example"), NUM_SEQUENCES)
 
 
 @pytest.fixture(scope="module")
