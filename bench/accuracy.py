@@ -49,12 +49,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from hub_msif.attribution.scoring import per_example_gradients  # noqa: E402
 from hub_msif.data import collate  # noqa: E402
-from hub_msif.examples import example_texts, tiny_model, train_briefly, word_tokenizer  # noqa: E402
-from hub_msif.fit import FitConfig, fit_factors  # noqa: E402
-from hub_msif.scoring import per_example_gradients  # noqa: E402
-from hub_msif.storage import load_stage  # noqa: E402
-from hub_msif.tracking import find_modules  # noqa: E402
+from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
+from hub_msif.factors.storage import load_stage  # noqa: E402
+from hub_msif.factors.tracking import find_modules  # noqa: E402
+from hub_msif.toy.examples import example_texts, tiny_model, train_briefly, word_tokenizer  # noqa: E402
 
 TARGETS = {"ekfac_spearman": 0.8, "paper_ekfac_spearman": 0.612}
 
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
                   "tracked_modules": names},
         "data": {"fit_sequences": len(fit_seqs), "fit_predicted_tokens": fit_tokens, "queries": len(query_seqs),
                  "candidates": len(cand_seqs),
-                 "corpus": "hub_msif.examples.example_texts (templated); queries are held-out draws"},
+                 "corpus": "hub_msif.toy.examples.example_texts (templated); queries are held-out draws"},
         "labels": "sampled (true Fisher = GGN) for hub_msif and kronfluence fits; true labels for query and "
                   "candidate gradients",
         "ground_truth": {"method": "exact GGN of the mean-over-sequences loss via autograd J v / J^T u, EK-FAC-"

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from hub_msif.attribution import Attributor
-from hub_msif.baselines import bm25_scores, mean_hidden_states, repsim_scores, words
-from hub_msif.cli import DEFAULT_CACHE
-from hub_msif.demo import _factors
-from hub_msif.factworld import generate, save_world, train_pair
-from hub_msif.scoring import per_example_gradients, precondition_queries, score_candidates
+from hub_msif.apps.cli import DEFAULT_CACHE
+from hub_msif.attribution.attributor import Attributor
+from hub_msif.attribution.baselines import bm25_scores, mean_hidden_states, repsim_scores, words
+from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates
+from hub_msif.toy.demo import _factors
+from hub_msif.toy.factworld import generate, save_world, train_pair
 
 DAMPED = ("ms-if", "ss-if")
 UNDAMPED = ("gdp", "repsim", "bm25")
@@ -175,63 +175,41 @@ def aggregate(trials: list[dict], dampings: list[float]) -> list[dict]:
 
 
 def plot(rows: list[dict], dampings: list[float], path: Path, title: str) -> None:
-    """MRR against relative damping (log x), one line per damped method, horizontal lines for the rest (PIL)."""
-    from PIL import Image, ImageDraw, ImageFont
+    """MRR against relative damping (log x): one line per damped method (error bars: std over trials),
+    a dashed horizontal line per method without damping; written as a PNG to ``path``."""
+    import matplotlib
 
-    W, H, L, R, T, B = 900, 560, 80, 170, 50, 70
-    img = Image.new("RGB", (W, H), "white")
-    g = ImageDraw.Draw(img)
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:
-        font = ImageFont.load_default()
-    lo, hi = math.log10(min(dampings)), math.log10(max(dampings))
-    hi = hi if hi > lo else lo + 1
-    ymax = min(1.05, max(r["mrr"] + r["mrr_std"] for r in rows) * 1.1 + 1e-9)
-    ymax = max(ymax, 0.05)
+    matplotlib.use("Agg")  # no display: render to files only
+    import matplotlib.pyplot as plt
 
-    def px(d):
-        return L + (math.log10(d) - lo) / (hi - lo) * (W - L - R)
-
-    def py(v):
-        return H - B - v / ymax * (H - T - B)
-
-    g.rectangle([L, T, W - R, H - B], outline="black")
-    for e in range(math.floor(lo), math.ceil(hi) + 1):
-        x = px(10.0**e)
-        g.line([x, H - B, x, H - B + 5], fill="black")
-        g.line([x, T, x, H - B], fill=(230, 230, 230))
-        g.text((x - 12, H - B + 8), f"1e{e}", fill="black", font=font)
-    step = 0.2 if ymax > 0.5 else 0.05
-    for k in range(int(ymax / step + 1e-9) + 1):
-        v = k * step
-        g.line([L - 5, py(v), L, py(v)], fill="black")
-        g.text((L - 50, py(v) - 7), f"{v:.2f}", fill="black", font=font)
-    g.text((L + (W - L - R) / 2 - 90, H - 30), "damping (relative to mean eigenvalue)", fill="black", font=font)
-    g.text((10, T - 30), "MRR", fill="black", font=font)
-    g.text((L, 12), title, fill="black", font=font)
-    colours = {"ms-if": (31, 119, 180), "ss-if": (255, 127, 14), "gdp": (44, 160, 44), "repsim": (214, 39, 40),
-               "bm25": (148, 103, 189)}
-    legend_y = T + 10
-    for m in DAMPED + UNDAMPED:
-        mine = [r for r in rows if r["method"] == m]
-        c = colours[m]
-        if m in DAMPED:
-            pts = [(px(r["damping"]), py(r["mrr"])) for r in mine]
-            g.line(pts, fill=c, width=3)
-            for r, (x, y) in zip(mine, pts):
-                g.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
-                if r["mrr_std"] > 0:
-                    g.line([x, py(r["mrr"] - r["mrr_std"]), x, py(r["mrr"] + r["mrr_std"])], fill=c, width=1)
-        else:
-            y = py(mine[0]["mrr"])
-            for x in range(L, W - R, 14):  # dashed
-                g.line([x, y, min(x + 8, W - R), y], fill=c, width=2)
-        g.line([W - R + 15, legend_y + 7, W - R + 45, legend_y + 7], fill=c, width=3)
-        g.text((W - R + 50, legend_y), m.upper() if m != "repsim" else "RepSim", fill="black", font=font)
-        legend_y += 22
+    labels = {"ms-if": "MS-IF", "ss-if": "SS-IF", "gdp": "GDP", "repsim": "RepSim", "bm25": "BM25"}
+    colours = dict(zip(DAMPED + UNDAMPED, plt.get_cmap("tab10").colors, strict=False))
+    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=100, layout="constrained")
+    for method in DAMPED:
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["damping"])
+        if mine:
+            ax.errorbar([r["damping"] for r in mine], [r["mrr"] for r in mine], yerr=[r["mrr_std"] for r in mine],
+                        color=colours[method], marker="o", linewidth=2, capsize=3, label=labels[method])
+    for method in UNDAMPED:
+        mine = [r for r in rows if r["method"] == method]
+        if mine:
+            ax.axhline(mine[0]["mrr"], color=colours[method], linestyle="--", linewidth=1.5, label=labels[method])
+    ax.set_xscale("log")
+    # A quarter decade of room on each side, so end points and error bars stay clear of the frame.
+    ax.set_xlim(10 ** (math.log10(min(dampings)) - 0.25), 10 ** (math.log10(max(dampings)) + 0.25))
+    top = max(r["mrr"] + r["mrr_std"] for r in rows)
+    ax.set_ylim(0, min(1.05, max(0.05, top * 1.1)))
+    ax.set_xlabel("damping (relative to mean eigenvalue)")
+    ax.set_ylabel("MRR")
+    ax.set_title(title, loc="left")
+    ax.grid(True, which="major", color="0.9")
+    handles, names = ax.get_legend_handles_labels()  # errorbar entries come last; list methods in table order
+    order = sorted(range(len(names)), key=lambda i: list(labels.values()).index(names[i]))
+    ax.legend([handles[i] for i in order], [names[i] for i in order], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main() -> None:

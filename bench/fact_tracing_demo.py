@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from hub_msif.attribution import Attributor
-from hub_msif.cli import DEFAULT_CACHE
-from hub_msif.demo import prepare
+from hub_msif.apps.cli import DEFAULT_CACHE
+from hub_msif.attribution.attributor import Attributor
+from hub_msif.toy.demo import prepare
 
 SWEEP = [("ms-if", [1e-4, 1e-3, 1e-2, 1e-1, 1.0]), ("ss-if", [1e-3, 1e-1]), ("gdp", [None]), ("repsim", [None]),
          ("bm25", [None])]

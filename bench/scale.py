@@ -191,7 +191,7 @@ def fit_memory(cfg: dict, modules: list[dict], model_dtype: str, batch_size: int
 
 def launch_command(model_id: str, processes: int, batch_size: int, seq_len: int, modules: str = "all") -> str:
     return (
-        f"accelerate launch --multi_gpu --num_processes {processes} -m hub_msif.cli fit --model {model_id} "
+        f"accelerate launch --multi_gpu --num_processes {processes} -m hub_msif fit --model {model_id} "
         f"--stage pretrained --data <dataset id or files> --max-length {seq_len} --batch-size {batch_size} "
         f"--modules {modules} --dtype bfloat16 --out factors/"
     )
@@ -210,10 +210,10 @@ def safetensors_data_bytes(path: Path) -> int:
 def cross_check() -> list[dict]:
     import torch
 
-    from hub_msif.examples import tiny_model
-    from hub_msif.fit import FitConfig, fit_factors
-    from hub_msif.storage import load_stage, save_stage
-    from hub_msif.tracking import find_modules
+    from hub_msif.factors.fit import FitConfig, fit_factors
+    from hub_msif.factors.storage import load_stage, save_stage
+    from hub_msif.factors.tracking import find_modules
+    from hub_msif.toy.examples import tiny_model
 
     torch.set_num_threads(1)
     rows = []

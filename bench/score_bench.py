@@ -59,13 +59,13 @@ import torch  # noqa: E402
 from machine import machine_info  # noqa: E402  (bench/, on sys.path when run as a script)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates  # noqa: E402
 from hub_msif.data import collate  # noqa: E402
-from hub_msif.examples import tiny_model  # noqa: E402
-from hub_msif.fit import FitConfig, fit_factors  # noqa: E402
-from hub_msif.objectives import lm_loss  # noqa: E402
-from hub_msif.scoring import per_example_gradients, precondition_queries, score_candidates  # noqa: E402
-from hub_msif.storage import load_stage  # noqa: E402
-from hub_msif.tracking import find_modules  # noqa: E402
+from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
+from hub_msif.factors.objectives import lm_loss  # noqa: E402
+from hub_msif.factors.storage import load_stage  # noqa: E402
+from hub_msif.factors.tracking import find_modules  # noqa: E402
+from hub_msif.toy.examples import tiny_model  # noqa: E402
 
 PAD_ID = 0
 MEMORY_QUERIES = 8

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
+from hub_msif.errors import CorpusError
+
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "{prompt}\n"
 
-
-class CorpusError(ValueError):
-    """The corpus cannot be read or yields nothing to fit on."""
 
 
 @dataclass

@@ -10,6 +10,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub_msif.errors import MsifValueError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -22,6 +24,13 @@ class ModelRef:
 
     def to_json(self) -> dict:
         return {"id": self.id, "revision": self.revision}
+
+
+def is_commit_sha(revision) -> bool:
+    """Whether ``revision`` is a full 40-hex git commit sha (the form the Hub resolves revisions to)."""
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH
+
+    return isinstance(revision, str) and REGEX_COMMIT_HASH.fullmatch(revision) is not None
 
 
 def folder_revision(folder: str | Path) -> str:
@@ -48,7 +57,7 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, ModelR
     path = Path(model)
     if path.is_dir():
         if revision is not None:
-            raise ValueError(f"--revision {revision} given for the local folder {model}; revisions apply to Hub ids")
+            raise MsifValueError(f"--revision {revision} given for the local folder {model}; revisions apply to Hub ids")
         return path, ModelRef(str(path.resolve()), folder_revision(path))
     if path.suffix or model.startswith((".", "/")):
         raise FileNotFoundError(f"model folder {model} does not exist")

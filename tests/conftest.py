@@ -61,7 +61,7 @@ def save_tiny_example(folder, num_sequences: int):
     of ``num_sequences`` texts; returns both paths."""
     import json
 
-    from hub_msif.examples import example_texts, tiny_model, word_tokenizer
+    from hub_msif.toy.examples import example_texts, tiny_model, word_tokenizer
 
     tokenizer = word_tokenizer(example_texts(200))
     model = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=16, heads=2, ffn=32, layers=2,
@@ -116,7 +116,7 @@ def hub_root(tmp_path_factory):
 @pytest.fixture
 def hub_server(hub_root):
     """A Hub-compatible server on the loopback port HF_ENDPOINT names, running for one test."""
-    from hub_msif.hubserver import HubServer
+    from hub_msif.hub.server import HubServer
 
     server = HubServer(hub_root, host="127.0.0.1", port=HUB_PORT, tokens=HUB_TOKENS).start()
     yield server

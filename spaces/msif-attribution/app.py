@@ -16,7 +16,7 @@ try:
 except ModuleNotFoundError:  # run from a checkout of the repository without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hub_msif.space import SpaceSettings, build_app, main, serve_demo  # noqa: E402
+from hub_msif.apps.space import SpaceSettings, build_app, main, serve_demo  # noqa: E402
 
 __all__ = ["SpaceSettings", "build_app", "main", "serve_demo"]
 

@@ -1,0 +1,1 @@
+"""What users run: the ``hub-msif`` command line and the Gradio Space."""

@@ -1,0 +1,359 @@
+"""The ``hub-msif`` command line (docs/design.md, "Command line").
+
+Every command has ``--help``; bad input ends in one line on stderr and exit status 2, never a
+traceback (set ``HUB_MSIF_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hub_msif import __version__
+from hub_msif.errors import MsifError
+
+DEFAULT_CACHE = Path(os.environ.get("HUB_MSIF_CACHE", Path.home() / ".cache" / "hub_msif"))
+
+
+def _add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="fit one stage's EK-FAC factors", description=(
+        "Fit EK-FAC factors of one training stage (a model and the text it was trained on) and save "
+        "them into a factor folder. Run under `accelerate launch` for several processes or GPUs."))
+    p.add_argument("--model", required=True, help="Hub model id or local model folder")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit sha) of the model")
+    p.add_argument("--stage", required=True, choices=["pretrained", "finetuned"], help="which stage these factors are")
+    p.add_argument("--data", required=True, nargs="+", help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
+    p.add_argument("--data-revision", help="Hub revision of the dataset")
+    p.add_argument("--split", default="train", help="dataset split (Hub datasets; default: train)")
+    p.add_argument("--text-column", help="column holding the text (default: text)")
+    p.add_argument("--prompt-column", help="instruction data: column holding the prompt (no loss)")
+    p.add_argument("--response-column", help="instruction data: column holding the response (carries the loss)")
+    p.add_argument("--template", default=None, help="prompt template with {prompt}; default: '{prompt}\\n'")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence, longer ones are truncated (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch and process (default 8)")
+    p.add_argument("--max-sequences", type=int, help="use at most this many sequences")
+    p.add_argument("--modules", default="all", choices=["all", "mlp"], help="track all linear modules or MLP only")
+    p.add_argument("--module", action="append", default=[], metavar="NAME=ROLE",
+                   help="explicit module and role (mlp, attn_qkv, attn_out), repeatable; for unmapped architectures")
+    p.add_argument("--no-split-heads", action="store_true", help="one block per q/k/v projection instead of per head")
+    p.add_argument("--labels", default="sampled", choices=["sampled", "empirical"],
+                   help="sampled labels (true Fisher = GGN, default) or the data's labels (empirical Fisher)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label samples (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the factors")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between resumable checkpoints (0: none)")
+    p.add_argument("--out", required=True, help="factor folder to write (a stage already there is replaced)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_fit(args) -> int:
+    from hub_msif.data import DEFAULT_TEMPLATE, CorpusSpec
+    from hub_msif.factors.fit import FitConfig, fit_stage
+    from hub_msif.factors.tracking import parse_module_specs
+
+    modules = parse_module_specs(args.module) if args.module else args.modules
+    corpus = CorpusSpec(
+        data=args.data[0] if len(args.data) == 1 else args.data, split=args.split, revision=args.data_revision,
+        text_column=args.text_column, prompt_column=args.prompt_column, response_column=args.response_column,
+        template=args.template or DEFAULT_TEMPLATE, max_length=args.max_length, max_sequences=args.max_sequences,
+    )
+    config = FitConfig(stage=args.stage, batch_size=args.batch_size, modules=modules,
+                       split_heads=not args.no_split_heads, label_mode=args.labels, seed=args.seed,
+                       storage_dtype=args.dtype, checkpoint_every=args.checkpoint_every)
+    factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _print_summary(factors, args.out, args.json)
+    return 0
+
+
+def _print_summary(factors, out, as_json: bool) -> None:
+    fit = factors.info["fit"]
+    summary = {
+        "out": str(out), "stage": factors.stage, "model": factors.info["model"],
+        "num_sequences": fit["num_sequences"], "num_tokens": fit["num_tokens"], "seconds": fit["seconds"],
+        "modules": [{"name": m.spec.name, "role": m.spec.role, "blocks": m.spec.num_blocks,
+                     "shape": [m.spec.d_out, m.spec.d_in], "mean_lambda": float(m.lam.double().mean())}
+                    for m in factors.modules.values()],
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{factors.stage} factors for {summary['model']['id']} ({summary['model']['revision'][:19]}) in {out}")
+    print(f"fitted on {summary['num_sequences']} sequences, {summary['num_tokens']} tokens in {summary['seconds']:.1f}s")
+    print(f"{'module':<48} {'role':<9} {'blocks':>6} {'d_out x d_in':>13} {'mean Lambda':>12}")
+    for m in summary["modules"]:
+        shape = f"{m['shape'][0]}x{m['shape'][1]}"
+        print(f"{m['name']:<48} {m['role']:<9} {m['blocks']:>6} {shape:>13} {m['mean_lambda']:>12.4g}")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the toy fact world end to end (no account, no network)", description=(
+        "Builds (or reuses from the cache) a toy fact world, a trained pre-trained/fine-tuned GPT-NeoX pair, both "
+        "stages' factors and a document index; publishes the factors and index to a Hub server of its own on "
+        "loopback and pulls them back by tag; answers three held-out questions with the fine-tuned model and "
+        "prints the pre-training documents MS-IF ranks highest (from the pulled copies), marking the true proponents."))
+    p.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"), help="where the demo's artifacts are kept")
+    p.add_argument("--top", type=int, default=5, help="documents shown per question (default 5)")
+    p.add_argument("--no-publish", action="store_true",
+                   help="skip publishing the factors and index to a local Hub and pulling them back")
+    p.add_argument("--space", action="store_true",
+                   help="afterwards, serve the Gradio Space on the demo's fact world on 127.0.0.1 until Ctrl-C")
+    p.add_argument("--port", type=int, help="port of the Space (default: the first free one from 7860)")
+
+
+def _run_demo(args) -> int:
+    from hub_msif.toy.demo import local_hub_environment  # light: must run before huggingface_hub is imported
+
+    local_hub_environment(args.cache)
+    from hub_msif.toy.demo import run
+
+    run(args.cache, top=args.top, publish=not args.no_publish)
+    if args.space:
+        from hub_msif.apps.space import serve_demo
+
+        app, url = serve_demo(args.cache, port=args.port)
+        print(f"\nthe Space is serving the fact world at {url} (Ctrl-C to stop)", flush=True)
+        try:
+            app.block_thread()
+        except KeyboardInterrupt:
+            app.close()
+    return 0
+
+
+def _add_attribute(sub) -> None:
+    p = sub.add_parser("attribute", help="rank pre-training documents by their influence on an answer", description=(
+        "Retrieve candidate documents for a prompt and answer from an index and rank them by multi-stage influence "
+        "(or a baseline). Positive scores support the answer; relative scores divide by the largest |score|."))
+    p.add_argument("--factors", required=True, help="pair factor folder (both stages) or Hub REPO[@REV]")
+    p.add_argument("--index", required=True, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
+    p.add_argument("--prompt", required=True, help="the question or prompt")
+    p.add_argument("--answer", help="the answer to attribute (default: the fine-tuned model's greedy answer)")
+    p.add_argument("--pretrained", help="pre-trained model id or folder (default: the one the factors record)")
+    p.add_argument("--finetuned", help="fine-tuned model id or folder (default: the one the factors record)")
+    p.add_argument("--method", default="ms-if", choices=["ms-if", "ss-if", "gdp", "repsim", "bm25"], help="score (default ms-if)")
+    p.add_argument("--candidates", type=int, default=100, help="documents retrieved and scored (default 100)")
+    p.add_argument("--top", type=int, default=10, help="documents shown (default 10)")
+    p.add_argument("--damping", type=float, default=0.1, help="damping, relative to mean(Lambda) per module (default 0.1)")
+    p.add_argument("--absolute-damping", action="store_true", help="treat --damping as an absolute value")
+    p.add_argument("--modules", default="all", choices=["all", "mlp"], help="use all tracked modules or MLP only")
+    p.add_argument("--allow-revision-mismatch", action="store_true",
+                   help="warn instead of failing when a model's revision differs from the factors'")
+    p.add_argument("--token", help="Hugging Face token for private factor or index repos (default: HF_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_attribute(args) -> int:
+    from hub_msif.attribution.attributor import Attributor
+    from hub_msif.attribution.retrieval import DocumentIndex
+
+    index = DocumentIndex.load(args.index, token=args.token)
+    attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch,
+                            token=args.token, index=index)
+    result = attributor.attribute(args.prompt, args.answer, candidates=args.candidates, top=args.top,
+                                  method=args.method, damping=args.damping, relative=not args.absolute_damping,
+                                  show_progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    print(f"prompt: {result.prompt}")
+    print(f"answer: {result.answer}" + ("   (generated by the fine-tuned model)" if result.answer_generated else ""))
+    print(f"{result.method} over {result.num_candidates} candidates, modules: {result.modules}")
+    print(f"{'rank':>4} {'score':>11} {'rel':>6} {'mlp/attn':>17}  document")
+    for row in result.rows:
+        roles = row.by_role
+        split = f"{roles['mlp']:>8.2g}/{roles['attention']:<8.2g}" if roles else " " * 17
+        snippet = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+        print(f"{row.rank:>4} {row.score:>11.4g} {row.relative_score:>+6.2f} {split}  [{row.id}] {snippet}")
+    return 0
+
+
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="build a document index for candidate selection",
+                       description="Document indexes: sentence embeddings of pre-training documents, searched with faiss.")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = isub.add_parser("build", help="embed a corpus and write an index folder", description=(
+        "Embed every document of a corpus with a sentence-transformers model (normalised) and write an index "
+        "folder: index.json (manifest), documents.parquet, embeddings.safetensors."))
+    b.add_argument("--data", required=True, nargs="+", help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
+    b.add_argument("--data-revision", help="Hub revision of the dataset")
+    b.add_argument("--split", default="train", help="dataset split (Hub datasets; default: train)")
+    b.add_argument("--text-column", help="column holding the document text (default: text)")
+    b.add_argument("--id-column", help="column holding document ids (default: id if present, else the row number)")
+    b.add_argument("--embedding-model", help="sentence-transformers Hub id or local folder (default: all-MiniLM-L6-v2)")
+    b.add_argument("--index-type", default="flat", choices=["flat", "hnsw"], help="exact inner-product search (flat, default) or approximate (hnsw)")
+    b.add_argument("--batch-size", type=int, default=64, help="documents per embedding batch (default 64)")
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_index(args) -> int:
+    import time
+
+    from hub_msif.attribution.retrieval import build_index
+    from hub_msif.data import CorpusSpec
+
+    start = time.perf_counter()
+    spec = CorpusSpec(data=args.data[0] if len(args.data) == 1 else args.data, split=args.split,
+                      revision=args.data_revision, text_column=args.text_column)
+    index = build_index(spec, embedding_model=args.embedding_model, index_type=args.index_type, out=args.out,
+                        id_column=args.id_column, batch_size=args.batch_size, show_progress=True)
+    meta = index.metadata
+    summary = {"out": str(args.out), "num_documents": meta["num_documents"], "dimension": meta["dimension"],
+               "embedding_model": meta["embedding_model"], "index_type": meta["index_type"],
+               "seconds": round(time.perf_counter() - start, 3)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"indexed {summary['num_documents']} documents ({summary['dimension']} dims, {summary['index_type']}) "
+              f"with {meta['embedding_model']['id']} into {args.out} in {summary['seconds']:.1f}s")
+    return 0
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser("push", help="publish factors or an index as a versioned Hub dataset repo", description=(
+        "Publish a factor folder or an index folder to a Hub dataset repo: the folder is checked (manifest, "
+        "sha256 of every file), then all its files and a dataset card go up in one commit, tagged with the next "
+        "version vN (or --tag). The repo is created when missing. Needs a token with write access (HF_TOKEN)."))
+    psub = p.add_subparsers(dest="artifact", required=True, metavar="ARTIFACT")
+    for kind, what in (("factors", "pair factor folder (both stages)"), ("index", "document index folder")):
+        q = psub.add_parser(kind, help=f"push a {what}", description=f"Push a {what} as one commit plus a version tag.")
+        q.add_argument("folder", help=what)
+        q.add_argument("--repo", required=True, help="dataset repo id, namespace/name (created when missing)")
+        q.add_argument("--tag", help="version tag (default: the next vN); an existing tag is refused")
+        q.add_argument("--private", action="store_true", help="create the repo private (when it does not exist)")
+        q.add_argument("--message", help="commit message (default: 'hub_msif <artifact> <tag>')")
+        q.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
+        q.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+        q.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_push(args) -> int:
+    from hub_msif.hub import push_factors, push_index
+
+    push = push_factors if args.artifact == "factors" else push_index
+    commit, tag = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
+                       commit_message=args.message, license=args.license)
+    summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}"}
+    print(json.dumps(summary, indent=2) if args.json else f"pushed {args.artifact} {args.folder} to "
+          f"{args.repo}@{tag} (commit {commit})")
+    return 0
+
+
+def _add_pull(sub) -> None:
+    p = sub.add_parser("pull", help="download published factors or an index into the Hugging Face cache",
+                       description=(
+        "Download factors or an index from REPO[@REV] (branch, tag or commit sha; default main) into the Hugging "
+        "Face cache, only the files needed, each checked against the manifest's sha256; prints the local folder. "
+        "Works offline (HF_HUB_OFFLINE=1) for what is cached."))
+    p.add_argument("artifact", choices=["factors", "index"], help="what to pull")
+    p.add_argument("location", help="REPO[@REV], e.g. msif-team/pythia-410m-factors@v2")
+    p.add_argument("--modules", default="all", choices=["all", "mlp"], help="factors: all modules or MLP only")
+    p.add_argument("--token", help="Hugging Face token for private repos (default: HF_TOKEN or the saved login)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_pull(args) -> int:
+    from hub_msif.hub import pull_factors, pull_index
+
+    if args.artifact == "factors":
+        folder = pull_factors(args.location, modules=args.modules, token=args.token)
+    else:
+        folder = pull_index(args.location, token=args.token)
+    print(json.dumps({"location": args.location, "folder": str(folder)}, indent=2) if args.json else folder)
+    return 0
+
+
+def _add_find_factors(sub) -> None:
+    p = sub.add_parser("find-factors", help="find published factors for a model pair", description=(
+        "Search the Hub for factor repos (tags hub-msif, ekfac) and print REPO@TAG of the newest version fitted on "
+        "exactly these two models (same revisions)."))
+    p.add_argument("--pretrained", required=True, help="pre-trained model: Hub ID[@REV] or local folder")
+    p.add_argument("--finetuned", required=True, help="fine-tuned model: Hub ID[@REV] or local folder")
+    p.add_argument("--author", help="only repos of this user or organization")
+    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+
+
+def _run_find_factors(args) -> int:
+    from hub_msif.hub import find_factors
+
+    print(find_factors(args.pretrained, args.finetuned, token=args.token, author=args.author))
+    return 0
+
+
+def _add_hub(sub) -> None:
+    p = sub.add_parser("hub", help="a local Hugging Face Hub compatible server", description=(
+        "Tools for a Hub-compatible server on this machine (for offline work and tests)."))
+    hsub = p.add_subparsers(dest="hub_command", required=True, metavar="ACTION")
+    s = hsub.add_parser("serve", help="serve repos from a folder over HTTP until Ctrl-C", description=(
+        "Serve a Hub-compatible HTTP API (repos, commits, LFS, refs, downloads, search) with repos stored under "
+        "--root. Point clients at it with HF_ENDPOINT=<printed URL> and HF_HUB_DISABLE_XET=1. Tokens given with "
+        "--token are added to ROOT/tokens.json and kept for later runs; reads of public repos need no token."))
+    s.add_argument("--root", required=True, help="folder holding the repos (created when missing)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    s.add_argument("--token", action="append", default=[], metavar="TOKEN=USER[:ORG1,ORG2][:read]",
+                   help="add a token (repeatable): it may write to USER/ and the ORGs' namespaces, or only read")
+
+
+def _run_hub(args) -> int:
+    from hub_msif.hub.server import HubServer, load_tokens, parse_token_spec, save_tokens
+
+    root = Path(args.root)
+    tokens = load_tokens(root)
+    for spec in args.token:
+        token, info = parse_token_spec(spec)
+        tokens[token] = info
+    if args.token:
+        root.mkdir(parents=True, exist_ok=True)
+        save_tokens(root, tokens)
+    server = HubServer(root, host=args.host, port=args.port).start()
+    users = ", ".join(sorted({f"{i['user']} ({i['role']})" for i in tokens.values()})) or "none: read-only"
+    print(f"Hub server at {server.url} serving {root} (tokens: {users}); Ctrl-C stops it", flush=True)
+    print(f"  export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hub-msif", description=(
+        "Multi-stage influence functions: attribute a fine-tuned LLM's answers to pre-training documents, "
+        "with EK-FAC factors shared on the Hugging Face Hub."))
+    parser.add_argument("--version", action="version", version=f"hub_msif {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_fit(sub)
+    _add_demo(sub)
+    _add_index(sub)
+    _add_attribute(sub)
+    _add_push(sub)
+    _add_pull(sub)
+    _add_find_factors(sub)
+    _add_hub(sub)
+    return parser
+
+
+RUNNERS = {"fit": _run_fit, "demo": _run_demo, "index": _run_index, "attribute": _run_attribute}
+RUNNERS.update({"push": _run_push, "pull": _run_pull, "find-factors": _run_find_factors})
+RUNNERS["hub"] = _run_hub
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return RUNNERS[args.command](args)
+    except (MsifError, OSError) as err:  # anything else is a bug and shows its traceback
+        if os.environ.get("HUB_MSIF_DEBUG"):
+            raise
+        message = str(err) or type(err).__name__
+        print(f"hub-msif {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

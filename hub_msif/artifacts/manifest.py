@@ -1,0 +1,151 @@
+"""The manifests of the two artifacts, read in one place (docs/design.md, "Artifact formats").
+
+A factor folder's manifest is ``msif.json`` (both stages: models, data, modules with file and
+sha256); an index folder's is ``index.json`` (embedding model, corpus, file sha256s). Both are
+written last, so a folder without one is unfinished. This module only parses JSON: no torch, so
+the Hub client and server can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from hub_msif.errors import (
+    FactorError,
+    FactorIntegrityError,
+    FactorsNotFoundError,
+    IndexIntegrityError,
+    IndexNotFoundError,
+    IntegrityError,
+    MsifValueError,
+    RetrievalError,
+)
+
+STAGES = ("pretrained", "finetuned")
+MODULE_CHOICES = ("all", "mlp")
+DOCUMENTS_NAME = "documents.parquet"
+EMBEDDINGS_NAME = "embeddings.safetensors"
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """What distinguishes the two artifacts: file names, format tag and the errors they raise."""
+
+    name: str  # "factors" or "index"
+    manifest_name: str
+    format_name: str
+    format_version: int
+    error: type[MsifValueError]
+    not_found: type[MsifValueError]
+    integrity_error: type[IntegrityError]
+
+
+FACTORS = ArtifactKind("factors", "msif.json", "hub_msif.factors", 1, FactorError, FactorsNotFoundError,
+                       FactorIntegrityError)
+INDEX = ArtifactKind("index", "index.json", "hub_msif.index", 1, RetrievalError, IndexNotFoundError,
+                     IndexIntegrityError)
+KINDS = {kind.name: kind for kind in (FACTORS, INDEX)}
+
+
+def read_manifest(folder: str | Path, kind: ArtifactKind = FACTORS) -> dict:
+    """The parsed manifest of a ``kind`` folder, or the kind's error saying what is wrong."""
+    folder = Path(folder)
+    path = folder / kind.manifest_name
+    label = "factor" if kind is FACTORS else "index"
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise kind.not_found(f"{label} folder {folder} {what}")
+    if not path.is_file():
+        raise kind.not_found(f"{folder} has no manifest {kind.manifest_name}: not a hub_msif {label} folder, or "
+                             f"its {'fit' if kind is FACTORS else 'build'} did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise kind.error(f"manifest {path} is not valid JSON: {err}") from err
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != kind.format_name:
+        raise kind.error(f"{path} is not a hub_msif {label} manifest (format={found!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > kind.format_version:
+        raise kind.error(f"{path} has format version {version!r}; this hub_msif reads up to "
+                         f"{kind.format_version}: upgrade hub_msif")
+    return manifest
+
+
+def safe_relative(path: str, manifest: str) -> str:
+    """A file path from a manifest, refused when it could leave the artifact's folder."""
+    pure = PurePosixPath(path) if isinstance(path, str) else None
+    if not path or pure is None or pure.is_absolute() or ".." in pure.parts or "\\" in path or path.startswith("."):
+        raise MsifValueError(f"{manifest} lists an unsafe file path {path!r}")
+    return path
+
+
+def select_modules(entries: list[dict], modules) -> list[dict]:
+    """The manifest entries of ``modules``: ``all``, ``mlp`` or a list of module names."""
+    if modules is None or modules == "all":
+        return entries
+    if modules == "mlp":
+        return [e for e in entries if e["role"] == "mlp"]
+    if isinstance(modules, str):
+        raise FactorError(f"modules must be one of {', '.join(MODULE_CHOICES)} or a list of names, not {modules!r}")
+    wanted = list(modules)
+    by_name = {e["name"]: e for e in entries}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise FactorError(f"the factors do not cover module(s) {', '.join(missing)}")
+    return [by_name[name] for name in wanted]
+
+
+def factor_files(manifest: dict, modules: str = "all", stages=None) -> dict[str, str]:
+    """``{relative path: sha256}`` of the module files of ``stages`` (default both) and ``modules``."""
+    if modules not in MODULE_CHOICES:
+        raise MsifValueError(f"modules must be one of {', '.join(MODULE_CHOICES)}, not {modules!r}")
+    stages = list(STAGES if stages is None else ([stages] if isinstance(stages, str) else stages))
+    present = manifest.get("stages", {})
+    files = {}
+    for stage in stages:
+        if stage not in present:
+            raise FactorError(f"the factors have no {stage!r} stage (stages present: {', '.join(present) or 'none'})")
+        for entry in select_modules(present[stage]["modules"], modules):
+            files[safe_relative(entry["file"], FACTORS.manifest_name)] = entry["sha256"]
+    return files
+
+
+def index_files(manifest: dict) -> dict[str, str]:
+    """``{relative path: sha256}`` of an index's data files."""
+    files = manifest.get("files") or {}
+    out = {}
+    for name in (DOCUMENTS_NAME, EMBEDDINGS_NAME):
+        if not isinstance(files.get(name), dict) or "sha256" not in files[name]:
+            raise RetrievalError(f"{INDEX.manifest_name} lists no sha256 for {name}")
+        out[safe_relative(name, INDEX.manifest_name)] = files[name]["sha256"]
+    return out
+
+
+def stage_differences(modules_a: list[dict], modules_b: list[dict]) -> list[str]:
+    """How two stages' module lists differ in names and shapes (empty when they match)."""
+    a = {m["name"]: (m["d_out"], m["d_in"]) for m in modules_a}
+    b = {m["name"]: (m["d_out"], m["d_in"]) for m in modules_b}
+    problems = [f"{n} only in the first" for n in a if n not in b] + [f"{n} only in the second" for n in b if n not in a]
+    problems += [f"{n}: {a[n][0]}x{a[n][1]} vs {b[n][0]}x{b[n][1]}" for n in a if n in b and a[n] != b[n]]
+    return problems
+
+
+def check_stage_pair(manifest: dict, modules: str = "all") -> None:
+    """Raises ``FactorError`` unless the manifest has both stages with the same modules and shapes.
+
+    ``modules="mlp"`` compares the MLP modules only.
+    """
+    stages = manifest.get("stages", {})
+    missing = [s for s in STAGES if s not in stages]
+    if missing:
+        raise FactorError(
+            f"the factor folder lacks the {' and '.join(missing)} stage; fit it with "
+            f"`hub-msif fit --stage {missing[0]} --out <same folder>`"
+        )
+    pretrained, finetuned = (select_modules(stages[s]["modules"], modules) for s in STAGES)
+    problems = stage_differences(pretrained, finetuned)
+    if problems:
+        raise FactorError("pretrained and finetuned factors track different modules: " + "; ".join(problems))

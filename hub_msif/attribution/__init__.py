@@ -1,0 +1,1 @@
+"""Attribution: candidate retrieval, influence scores and baselines, the ``Attributor`` flow."""

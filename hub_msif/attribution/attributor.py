@@ -1,0 +1,341 @@
+"""Multi-stage attribution end to end: a model pair, its factors, candidates, ranked results.
+
+``Attributor`` is the one attribution flow; the CLI, the Space and the benchmarks only present
+its results. It loads the pair artifact (both stages' factors) and the two models the manifest
+records (or the ones given), checks that they match, retrieves candidates from a
+``DocumentIndex`` (``candidates``), and scores them with any mix of methods and dampings
+(``compare``; ``attribute`` for one): one gradient pass over the query under the fine-tuned model
+and one pass over the candidates per model, however many methods and dampings are asked for.
+See docs/design.md, "Scores and their sign".
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hub_msif.artifacts.manifest import FACTORS, STAGES, check_stage_pair, read_manifest
+from hub_msif.attribution import baselines
+from hub_msif.attribution.results import Attribution, TokenShare, make_row
+from hub_msif.attribution.scoring import (
+    GRADIENT_METHODS,
+    per_example_gradients,
+    precondition_queries,
+    score_candidates,
+)
+from hub_msif.data import DEFAULT_TEMPLATE
+from hub_msif.errors import FactorError, MsifValueError
+from hub_msif.factors.storage import StageFactors, load_stage
+from hub_msif.hub.pull import pull_factors
+from hub_msif.models import generate_answer, is_commit_sha, load_model, pad_token_id
+
+logger = logging.getLogger(__name__)
+METHODS = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
+DAMPED_METHODS = ("ms-if", "ss-if")
+DEFAULT_DAMPING = 0.1  # relative: 0.1 x mean(Lambda) per module, as in Grosse et al.
+# Which model's gradients (or hidden states) each method takes of the candidates.
+CANDIDATE_STAGE = {"ms-if": "pretrained", "gdp": "pretrained", "repsim": "pretrained", "ss-if": "finetuned"}
+
+
+@dataclass
+class MethodScores:
+    """Scores ``[C, Q]`` of C candidates for Q queries under one method and damping, with the
+    per-module scores ``{name: [C, Q]}`` and per-token shares ``[T_c, Q]`` where they exist."""
+
+    method: str
+    damping: float | None
+    total: torch.Tensor
+    per_module: dict[str, torch.Tensor] | None = None
+    tokens: list[torch.Tensor] | None = None
+
+
+class Attributor:
+    """A model pair with its factors, ready to attribute answers to pre-training documents.
+
+    ``factors``: a pair factor folder (``msif.json`` with ``pretrained`` and ``finetuned``
+    stages), or ``REPO[@REV]`` of published factors, pulled into the Hugging Face cache (only
+    the ``modules`` needed; a folder that exists wins). ``pretrained`` / ``finetuned``: model ids
+    or folders; by default the ones the manifest records, at the recorded revision.
+    ``modules``: ``all`` or ``mlp``. ``token``: for pulling private factors. ``index``: the
+    ``DocumentIndex`` that ``candidates`` searches when none is passed to it.
+    """
+
+    def __init__(self, factors: str | Path, pretrained: str | None = None, finetuned: str | None = None,
+                 modules: str = "all", allow_revision_mismatch: bool = False, dtype=None, token: str | None = None,
+                 index=None):
+        if modules not in ("all", "mlp"):
+            raise MsifValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
+        self.modules = modules
+        self.location = str(factors)
+        self.index = index
+        folder = pull_factors(factors, modules=modules, token=token)
+        check_stage_pair(read_manifest(folder, FACTORS), modules)
+        self.factors = {stage: load_stage(folder, stage, modules) for stage in STAGES}
+        if not self.factors["pretrained"].modules:
+            raise FactorError(f"the factors in {folder} have no {modules} modules")
+        self.models, self.refs = {}, {}
+        tokenizer = None
+        for stage, given in (("pretrained", pretrained), ("finetuned", finetuned)):
+            recorded = self.factors[stage].info["model"]
+            # The recorded Hub model is loaded at the recorded commit, not whatever main is now.
+            pinned = recorded.get("revision") if given is None and is_commit_sha(recorded.get("revision")) else None
+            model, tok, ref = load_model(given or recorded["id"], pinned, dtype)
+            self.factors[stage].check_model(model, ref.revision, allow_revision_mismatch, model_id=ref.id)
+            self.models[stage], self.refs[stage] = model, ref
+            tokenizer = tokenizer or tok
+        self.tokenizer = tokenizer
+        self.pad_id = pad_token_id(tokenizer)
+        data = self.factors["finetuned"].info.get("data", {})
+        self.template = (data.get("template") if data.get("prompt_column") else None) or DEFAULT_TEMPLATE
+        self.max_length = getattr(self.models["finetuned"].config, "max_position_embeddings", None) or 2048
+        self._views: dict[tuple[str, ...], Attributor] = {}
+
+    @property
+    def specs(self):
+        """The tracked modules scored (both stages track the same ones)."""
+        return self.factors["pretrained"].specs
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Module name -> role (``mlp``, ``attn_qkv``, ``attn_out``)."""
+        return {spec.name: spec.role for spec in self.specs}
+
+    def restrict(self, modules: str | Iterable[str]) -> Attributor:
+        """The same models and factors, scoring only ``modules`` (``mlp`` or module names).
+
+        Nothing is copied or reloaded: the view shares the loaded weights, factors and index.
+        EK-FAC is block-diagonal across modules, so each module is preconditioned on its own and
+        a restricted score is exactly the sum of those modules' scores in the full one.
+        """
+        key = ("mlp",) if modules == "mlp" else tuple(modules)
+        if key not in self._views:
+            keep = ({s.name for s in self.specs if s.role == "mlp"} if modules == "mlp" else set(key))
+            unknown = sorted(keep - set(self.roles))
+            if unknown:
+                raise FactorError(f"these factors do not track module(s) {', '.join(unknown)}")
+            if not keep:
+                raise FactorError("these factors track no MLP modules" if modules == "mlp" else "no modules given")
+            view = copy.copy(self)
+            view.factors = {stage: StageFactors(f.stage, f.info, {n: m for n, m in f.modules.items() if n in keep})
+                            for stage, f in self.factors.items()}
+            view.modules = "mlp" if modules == "mlp" else ",".join(key)
+            view._views = {}
+            self._views[key] = view
+        return self._views[key]
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def prompt_text(self, prompt: str) -> str:
+        return self.template.format(prompt=prompt)
+
+    def query_sequence(self, prompt: str, answer: str) -> dict:
+        """Prompt and answer tokenized as in fine-tuning; only answer tokens carry loss."""
+        if not prompt or not prompt.strip():
+            raise MsifValueError("the prompt is empty")
+        if not answer or not answer.strip():
+            raise MsifValueError("the answer is empty")
+        prompt_ids = self.tokenizer(self.prompt_text(prompt), add_special_tokens=True)["input_ids"]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) + len(answer_ids) > self.max_length:
+            raise MsifValueError(
+                f"prompt and answer are {len(prompt_ids) + len(answer_ids)} tokens, more than the model's "
+                f"maximum of {self.max_length}; shorten the prompt"
+            )
+        return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+    def document_sequence(self, text: str) -> dict:
+        """A candidate document; longer documents are cut to the model's maximum length."""
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"][: self.max_length]
+        if len(ids) < 2:
+            ids = ids + [self.tokenizer.eos_token_id or self.pad_id]
+        return {"input_ids": ids, "labels": list(ids)}
+
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        """The fine-tuned model's greedy answer to ``prompt``."""
+        if not prompt or not prompt.strip():
+            raise MsifValueError("the prompt is empty")
+        text = self.prompt_text(prompt)
+        room = self.max_length - len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if room < 1:  # models with learned positions (GPT-2) fail with an IndexError past the maximum
+            raise MsifValueError(
+                f"the prompt is {self.max_length - room} tokens, leaving no room for an answer within the "
+                f"model's maximum of {self.max_length}; shorten the prompt"
+            )
+        return generate_answer(self.models["finetuned"], self.tokenizer, text, min(max_new_tokens, room))
+
+    def candidates(self, prompt: str, answer: str, k: int = 100, index=None) -> list[dict]:
+        """The ``k`` documents of ``index`` (default: this attributor's) nearest to the prompt and
+        answer text, best first, as dicts with ``id`` and ``text``."""
+        index = index if index is not None else self.index
+        if index is None:
+            raise MsifValueError("give candidate documents or an index to retrieve them from")
+        if k < 1:
+            raise MsifValueError(f"the number of candidates must be at least 1, got {k}")
+        hits = index.search([f"{prompt} {answer}"], k)[0]
+        return [index.documents[i] for i, _ in hits]
+
+    # -- scores ---------------------------------------------------------------------------------
+    def query_weights(self, queries: Sequence[tuple[str, str]], method: str, damping: float,
+                      relative: bool = True) -> dict[str, torch.Tensor]:
+        """``W_q`` per module for (prompt, answer) pairs: each query preconditioned once."""
+        sequences = [self.query_sequence(p, a) for p, a in queries]
+        grads = per_example_gradients(self.models["finetuned"], self.specs, sequences, self.pad_id)
+        return precondition_queries(grads, method, self.factors["finetuned"], self.factors["pretrained"],
+                                    damping, relative)
+
+    def score_methods(self, queries: Sequence[tuple[str, str]], documents: Sequence[str],
+                      methods: Sequence[str] = ("ms-if",), dampings: Sequence[float] = (DEFAULT_DAMPING,),
+                      relative: bool = True, batch_size: int = 8, token_shares: bool = False,
+                      show_progress: bool = False) -> list[MethodScores]:
+        """Scores of ``documents`` for (prompt, answer) ``queries`` under every method, and every
+        damping for the damped methods (MS-IF, SS-IF), in this order.
+
+        One gradient pass over the queries (fine-tuned model) and at most one pass over the
+        candidates per model: the preconditioned queries of all methods and dampings that score
+        against the same model are stacked and scored together; RepSim's hidden states come from
+        the same passes.
+        """
+        methods, dampings = _check_methods(methods), _check_dampings(dampings)
+        if not documents:
+            raise MsifValueError("no candidate documents to score (zero candidates)")
+        if not queries:
+            raise MsifValueError("no queries")
+        settings = [(m, d) for m in methods for d in (dampings if m in DAMPED_METHODS else [None])]
+        out: dict[tuple[str, float | None], MethodScores] = {}
+        if "bm25" in methods:
+            columns = [baselines.bm25_scores(f"{p} {a}", documents) for p, a in queries]
+            out[("bm25", None)] = MethodScores("bm25", None, torch.tensor(columns, dtype=torch.float64).t())
+        gradient = [(m, d) for m, d in settings if m in GRADIENT_METHODS]
+        repsim = "repsim" in methods
+        if gradient or repsim:
+            query_sequences = [self.query_sequence(p, a) for p, a in queries]
+            query_hidden: list[torch.Tensor] = []
+            if gradient:
+                grads = per_example_gradients(self.models["finetuned"], self.specs, query_sequences, self.pad_id,
+                                              representations=query_hidden if repsim else None)
+            elif repsim:
+                query_hidden.append(baselines.mean_hidden_states(self.models["finetuned"], query_sequences, self.pad_id))
+            candidates = [self.document_sequence(t) for t in documents]
+            for stage in STAGES:
+                mine = [(m, d) for m, d in gradient if CANDIDATE_STAGE[m] == stage]
+                hidden_here = repsim and CANDIDATE_STAGE["repsim"] == stage
+                if not mine and not hidden_here:
+                    continue
+                model = self.models[stage]
+                if not mine:
+                    candidate_hidden = baselines.mean_hidden_states(model, candidates, self.pad_id)
+                else:
+                    weights = [precondition_queries(grads, m, self.factors["finetuned"], self.factors["pretrained"],
+                                                    d if d is not None else DEFAULT_DAMPING, relative)
+                               for m, d in mine]
+                    stacked = {name: torch.cat([w[name] for w in weights]) for name in weights[0]}  # [S*Q, ...]
+                    result = score_candidates(model, self.specs, stacked, candidates, self.pad_id, batch_size,
+                                              token_shares=token_shares, show_progress=show_progress,
+                                              representations=hidden_here)
+                    candidate_hidden = result.representations
+                    q = len(queries)
+                    for i, (m, d) in enumerate(mine):
+                        cols = slice(i * q, (i + 1) * q)
+                        per_module = {name: v[:, cols] for name, v in result.per_module.items()}
+                        total = torch.stack(list(per_module.values())).sum(0)
+                        tokens = [t[:, cols] for t in result.tokens] if result.tokens is not None else None
+                        out[(m, d)] = MethodScores(m, d, total, per_module, tokens)
+                if hidden_here:
+                    scores = baselines.repsim_scores(torch.cat(query_hidden), candidate_hidden)
+                    out[("repsim", None)] = MethodScores("repsim", None, scores)
+        return [out[key] for key in settings]
+
+    def score(self, queries: Sequence[tuple[str, str]], documents: Sequence[str], method: str = "ms-if",
+              damping: float = DEFAULT_DAMPING, relative: bool = True, batch_size: int = 8,
+              show_progress: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Scores ``[C, Q]`` of ``documents`` for (prompt, answer) ``queries`` under one method, and for
+        gradient methods the per-module scores ``{name: [C, Q]}``."""
+        (scores,) = self.score_methods(queries, documents, [method], [damping], relative, batch_size,
+                                       show_progress=show_progress)
+        return scores.total, scores.per_module
+
+    def compare(self, prompt: str, answer: str | None = None, documents: Sequence[dict] | None = None,
+                index=None, candidates: int = 100, top: int = 10, methods: Sequence[str] = METHODS,
+                dampings: Sequence[float] = (DEFAULT_DAMPING,), relative: bool = True, token_shares: bool = False,
+                show_progress: bool = False) -> list[Attribution]:
+        """Ranks the same candidate documents for one prompt under several methods and dampings.
+
+        The answer is generated greedily when None or blank. Candidates are ``documents`` (dicts
+        with ``id`` and ``text``) or the ``candidates`` nearest documents of ``index`` (default:
+        this attributor's). Returns one ``Attribution`` per method and, for MS-IF and SS-IF, per
+        damping, in that order, each with its ``top`` rows. ``token_shares`` adds each top row's
+        per-token shares (gradient methods).
+        """
+        methods, dampings = _check_methods(methods), _check_dampings(dampings)
+        if not prompt or not prompt.strip():
+            raise MsifValueError("the prompt is empty")
+        if documents is None and candidates < 1:
+            raise MsifValueError(f"the number of candidates must be at least 1, got {candidates}")
+        if top < 1:
+            raise MsifValueError(f"top must be at least 1, got {top}")
+        generated = answer is None or not answer.strip()
+        if generated:
+            answer = self.generate(prompt)
+            if not answer:
+                raise MsifValueError("the fine-tuned model generated an empty answer; give one with --answer")
+        self.query_sequence(prompt, answer)  # validates length before any retrieval work
+        if documents is None:
+            documents = self.candidates(prompt, answer, candidates, index)
+        if not documents:
+            raise MsifValueError("no candidate documents to score (zero candidates)")
+        texts = [d["text"] for d in documents]
+        scored = self.score_methods([(prompt, answer)], texts, methods, dampings, relative,
+                                    token_shares=token_shares, show_progress=show_progress)
+        return [self._rank(s, prompt, answer, generated, relative, documents, top) for s in scored]
+
+    def attribute(self, prompt: str, answer: str | None = None, documents: Sequence[dict] | None = None,
+                  index=None, candidates: int = 100, top: int = 10, method: str = "ms-if",
+                  damping: float = DEFAULT_DAMPING, relative: bool = True, token_shares: bool = False,
+                  show_progress: bool = False) -> Attribution:
+        """Ranks candidate documents for one prompt (and answer; generated greedily when None)
+        under one method: ``compare`` with one method and damping."""
+        (result,) = self.compare(prompt, answer, documents, index, candidates, top, [method], [damping], relative,
+                                 token_shares, show_progress)
+        return result
+
+    def _rank(self, scores: MethodScores, prompt: str, answer: str, generated: bool, relative: bool,
+              documents: Sequence[dict], top: int) -> Attribution:
+        total = scores.total[:, 0]
+        if not bool(torch.isfinite(total).all()):
+            raise MsifValueError(f"{scores.method} gave non-finite scores (damping {scores.damping}); "
+                                 "use a larger damping")
+        order = torch.argsort(total, descending=True)[:top]
+        scale = float(total.abs().max()) or 1.0
+        roles = self.roles
+        rows = []
+        for rank, i in enumerate(order.tolist(), start=1):
+            by_module = ({name: float(v[i, 0]) for name, v in scores.per_module.items()}
+                         if scores.per_module is not None else None)
+            tokens = None
+            if scores.tokens is not None:
+                ids = self.document_sequence(documents[i]["text"])["input_ids"]
+                pieces = self.tokenizer.convert_ids_to_tokens(ids)
+                tokens = [TokenShare(str(p), float(s)) for p, s in zip(pieces, scores.tokens[i][:, 0].tolist())]
+            rows.append(make_row(rank, documents[i], float(total[i]), scale, by_module, roles, tokens))
+        return Attribution(prompt, answer, generated, scores.method, self.modules, scores.damping,
+                           relative, len(documents), scale, rows)
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    if isinstance(methods, str):
+        methods = [methods]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise MsifValueError(f"unknown method {(unknown or [''])[0]!r}; use one of {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def _check_dampings(dampings: Sequence[float]) -> list[float]:
+    dampings = [dampings] if isinstance(dampings, (int, float)) else list(dampings)
+    if not dampings:
+        raise MsifValueError("give at least one damping")
+    return list(dict.fromkeys(float(d) for d in dampings))

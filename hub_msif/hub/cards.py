@@ -1,0 +1,196 @@
+"""Dataset cards of published artifacts: YAML metadata plus a body rendered from ``model_cards/``.
+
+A factor card records both stages (model id and revision, fitting data, sizes, the command that
+reproduces each fit); an index card declares ``documents.parquet`` as the dataset's data so that
+``datasets.load_dataset(repo)`` reads the documents (docs/design.md, "Hub artifacts").
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+from hub_msif import __version__
+from hub_msif.artifacts.manifest import DOCUMENTS_NAME, MODULE_CHOICES, STAGES
+from hub_msif.errors import HubError
+from hub_msif.models import is_commit_sha
+
+CARD_NAME = "README.md"
+FACTOR_TAGS = ["hub-msif", "ekfac", "influence-functions"]
+INDEX_TAGS = ["hub-msif", "document-index", "influence-functions", "sentence-embeddings"]
+DEFAULT_LICENSE = "apache-2.0"
+_CARD_DIR_ENV = "HUB_MSIF_CARD_TEMPLATES"
+
+
+def card_template(kind: str) -> Path:
+    """``model_cards/<kind>.md`` (``factors`` or ``index``); ``$HUB_MSIF_CARD_TEMPLATES`` overrides the folder."""
+    folder = Path(os.environ.get(_CARD_DIR_ENV) or Path(__file__).resolve().parents[2] / "model_cards")
+    path = folder / f"{kind}.md"
+    if not path.is_file():
+        raise HubError(f"card template {path} is missing (set {_CARD_DIR_ENV} to the model_cards folder)")
+    return path
+
+
+def _size_text(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _data_text(data: dict) -> str:
+    source = data.get("data")
+    text = ", ".join(f"`{d}`" for d in source) if isinstance(source, list) else f"`{source}`"
+    extras = [f"split {data['split']}"] if data.get("split") and not _looks_local(source) else []
+    if data.get("revision"):
+        extras.append(f"revision `{data['revision']}`")
+    return text + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _looks_local(source) -> bool:
+    items = source if isinstance(source, list) else [source]
+    return any(isinstance(s, str) and (s.startswith(("/", ".")) or Path(s).suffix) for s in items)
+
+
+def fit_command(stage: str, info: dict, dtype: str = "float32") -> str:
+    """The ``hub-msif fit`` command line that reproduces one stage's fit (as recorded)."""
+    model, data, fit = info.get("model", {}), info.get("data", {}), info.get("fit", {})
+    q = shlex.quote
+    parts = ["hub-msif fit", f"--model {q(str(model.get('id')))}"]
+    if is_commit_sha(model.get("revision")):
+        parts.append(f"--revision {model['revision']}")
+    parts.append(f"--stage {stage}")
+    source = data.get("data")
+    parts.append("--data " + " ".join(q(str(s)) for s in (source if isinstance(source, list) else [source])))
+    if data.get("revision"):
+        parts.append(f"--data-revision {q(str(data['revision']))}")
+    if data.get("split") and data["split"] != "train":
+        parts.append(f"--split {q(data['split'])}")
+    for key in ("text_column", "prompt_column", "response_column"):
+        if data.get(key):
+            parts.append(f"--{key.replace('_', '-')} {q(data[key])}")
+    if data.get("prompt_column") and data.get("template"):
+        parts.append(f"--template {q(data['template'])}")
+    for key in ("max_length", "max_sequences"):
+        if data.get(key) is not None:
+            parts.append(f"--{key.replace('_', '-')} {data[key]}")
+    if fit.get("batch_size"):
+        parts.append(f"--batch-size {fit['batch_size']}")
+    if fit.get("modules") in MODULE_CHOICES and fit["modules"] != "all":
+        parts.append(f"--modules {fit['modules']}")
+    if fit.get("split_heads") is False:
+        parts.append("--no-split-heads")
+    if fit.get("label_mode") and fit["label_mode"] != "sampled":
+        parts.append(f"--labels {fit['label_mode']}")
+    if fit.get("seed") is not None:
+        parts.append(f"--seed {fit['seed']}")
+    if dtype != "float32":
+        parts.append(f"--dtype {dtype}")
+    parts.append("--out factors")
+    command = " ".join(parts)
+    if (fit.get("num_processes") or 1) > 1:
+        command = command.replace("hub-msif fit", f"accelerate launch --num_processes {fit['num_processes']} "
+                                  "-m hub_msif fit", 1)
+    return command
+
+
+def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], license: str = DEFAULT_LICENSE):
+    """The ``DatasetCard`` of a factor artifact: YAML metadata plus the body of ``model_cards/factors.md``."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    stages = []
+    for name in STAGES:
+        info = manifest["stages"][name]
+        fit, data = info.get("fit", {}), info.get("data", {})
+        dtype = info["modules"][0].get("dtype", "float32") if info["modules"] else "float32"
+        stages.append({
+            "name": name, "model": {"id": info["model"]["id"], "revision": info["model"]["revision"]},
+            "data": {k: data.get(k) for k in ("data", "split", "revision", "text_column", "prompt_column",
+                                              "response_column", "template", "max_length", "max_sequences",
+                                              "fingerprint")},
+            "num_sequences": fit.get("num_sequences"), "num_tokens": fit.get("num_tokens"),
+            "seed": fit.get("seed"), "label_mode": fit.get("label_mode"), "num_processes": fit.get("num_processes"),
+            "dtype": dtype, "data_text": _data_text(data), "command": fit_command(name, info, dtype),
+        })
+    modules = [{"name": m["name"], "role": m["role"], "blocks": len(m.get("blocks") or []) or 1,
+                "d_out": m["d_out"], "d_in": m["d_in"]} for m in manifest["stages"]["pretrained"]["modules"]]
+    num_mlp = sum(m["role"] == "mlp" for m in modules)
+    size = sum(sizes.values())
+    meta = {
+        "artifact": "factors",
+        "format_version": manifest.get("format_version"),
+        "library_version": manifest.get("library_version") or __version__,
+        "pushed_with": __version__,
+        **{s["name"]: {k: s[k] for k in ("model", "data", "num_sequences", "num_tokens", "seed", "label_mode",
+                                         "num_processes", "dtype")} for s in stages},
+        "modules": [{k: m[k] for k in ("name", "role", "blocks", "d_out", "d_in")} for m in modules],
+        "roles": {"mlp": num_mlp, "attention": len(modules) - num_mlp},
+        "size_bytes": size,
+        "num_files": len(sizes),
+    }
+    card_data = DatasetCardData(
+        license=license,
+        pretty_name=f"hub_msif EK-FAC factors for {manifest['stages']['finetuned']['model']['id']}",
+        tags=list(FACTOR_TAGS),
+        hub_msif=meta,
+    )
+    return DatasetCard.from_template(
+        card_data, template_path=str(card_template("factors")), repo_id=repo_id, tag=tag,
+        library_version=meta["library_version"], stages=stages, pretrained=stages[0], finetuned=stages[1],
+        modules=modules, num_modules=len(modules), num_mlp=num_mlp, num_attn=len(modules) - num_mlp,
+        num_files=len(sizes), size_text=_size_text(size),
+    )
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                        (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")):
+        if n < limit:
+            return name
+    return "n>1B"
+
+
+def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], license: str = DEFAULT_LICENSE):
+    """The ``DatasetCard`` of an index artifact; its ``configs`` make ``load_dataset(repo_id)`` read the documents."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    corpus = dict(manifest.get("corpus") or {})
+    source = corpus.get("data")
+    corpus_text = (", ".join(map(str, source)) if isinstance(source, list) else str(source)) if source else "documents"
+    size = sum(sizes.values())
+    meta = {
+        "artifact": "index",
+        "format_version": manifest.get("format_version"),
+        "library_version": manifest.get("library_version") or __version__,
+        "pushed_with": __version__,
+        "embedding_model": manifest.get("embedding_model"),
+        "dimension": manifest.get("dimension"),
+        "metric": manifest.get("metric"),
+        "normalised": manifest.get("normalised"),
+        "index_type": manifest.get("index_type"),
+        "num_documents": manifest.get("num_documents"),
+        "corpus": corpus,
+        "size_bytes": size,
+    }
+    card_data = DatasetCardData(
+        license=license,
+        pretty_name=f"hub_msif document index of {corpus_text}",
+        tags=list(INDEX_TAGS),
+        task_categories=["text-retrieval"],
+        size_categories=[_size_category(int(manifest.get("num_documents") or 0))],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": DOCUMENTS_NAME}]}],
+        hub_msif=meta,
+    )
+    return DatasetCard.from_template(
+        card_data, template_path=str(card_template("index")), repo_id=repo_id, tag=tag,
+        library_version=meta["library_version"], embedding_model=meta["embedding_model"] or {},
+        dimension=meta["dimension"], metric=meta["metric"], index_type=meta["index_type"],
+        num_documents=meta["num_documents"], corpus_text=corpus_text,
+        corpus_revision=corpus.get("revision") or "not recorded (local files or the default branch)",
+        documents_sha256=corpus.get("documents_sha256", ""), size_text=_size_text(size),
+    )
+
+
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,375 @@
+"""``Attributor`` end to end on a tiny model pair saved like Hub models (DESIGN.md 2.4).
+
+A module-scoped fixture trains a tiny GPT-NeoX briefly on a toy corpus (the pre-trained model),
+trains a copy of it briefly on templated question-answer pairs (the fine-tuned model), saves both
+with ``save_pretrained`` (plus a word-level tokenizer), and fits both stages' factors with
+``fit_stage`` into one folder: the pre-trained stage from a plain-text jsonl, the fine-tuned
+stage from a prompt/response jsonl and a template. ``Attributor(folder)`` then loads the models
+that the manifest records.
+"""
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from hub_msif.attribution import baselines
+from hub_msif.attribution.attributor import METHODS, Attributor
+from hub_msif.data import CorpusSpec
+from hub_msif.errors import FactorError
+from hub_msif.factors.fit import FitConfig, fit_stage
+from hub_msif.toy.examples import OBJECTS, SUBJECTS, VERBS, example_texts, tiny_model, train_briefly, word_tokenizer
+
+TEMPLATE = "question : {prompt} answer :"
+MAX_POSITIONS = 256  # tiny_model's max_position_embeddings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is many times faster than several on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class PairFolder:
+    factors: Path
+    pretrained: Path
+    finetuned: Path
+    other: Path  # a model of another shape (hidden size 48)
+    root: Path
+
+
+def _qa_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        s, v, o = SUBJECTS[i % len(SUBJECTS)], VERBS[(3 * i) % len(VERBS)], OBJECTS[(5 * i) % len(OBJECTS)]
+        rows.append({"prompt": f"what does {s} {v} ?", "response": o})
+    return rows
+
+
+def _fit(model_dir, data, folder, stage, modules="all", **corpus):
+    config = FitConfig(stage=stage, batch_size=8, checkpoint_every=0, modules=modules)
+    return fit_stage(str(model_dir), str(data), folder, config, corpus=CorpusSpec(data=str(data), max_length=64, **corpus),
+                     show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def pair_folder(tmp_path_factory) -> PairFolder:
+    root = tmp_path_factory.mktemp("pair")
+    texts = example_texts(32, seed=0)
+    rows = _qa_rows(16)
+    qa_texts = [TEMPLATE.format(prompt=r["prompt"]) + " " + r["response"] for r in rows]
+    tokenizer = word_tokenizer(texts + qa_texts + ["where what who is was ?"])
+    pretrained = tiny_model("gpt_neox", vocab_size=len(tokenizer), seed=0)
+    train_briefly(pretrained, tokenizer, texts, steps=8, batch_size=8)
+    finetuned = train_briefly(copy.deepcopy(pretrained), tokenizer, qa_texts, steps=8, batch_size=8, seed=1)
+    other = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=48, ffn=96, seed=2)
+    dirs = {name: root / name for name in ("pretrained", "finetuned", "other")}
+    for name, model in (("pretrained", pretrained), ("finetuned", finetuned), ("other", other)):
+        model.save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    pre_data, ft_data = root / "pretrain.jsonl", root / "finetune.jsonl"
+    pre_data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ft_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    factors = root / "factors"
+    _fit(dirs["pretrained"], pre_data, factors, "pretrained")
+    _fit(dirs["finetuned"], ft_data, factors, "finetuned", prompt_column="prompt", response_column="response",
+         template=TEMPLATE)
+    return PairFolder(factors, dirs["pretrained"], dirs["finetuned"], dirs["other"], root)
+
+
+@pytest.fixture(scope="module")
+def attributor(pair_folder) -> Attributor:
+    return Attributor(pair_folder.factors)
+
+
+DOCUMENTS = [{"id": i, "text": t} for i, t in enumerate(example_texts(12, seed=5))]
+PROMPT, ANSWER = "what does the cat see ?", "the river"
+
+
+def _check_rows(result, n_rows):
+    rows = result.rows
+    assert [r.rank for r in rows] == list(range(1, n_rows + 1))
+    scores = [r.score for r in rows]
+    assert all(math.isfinite(s) for s in scores)
+    assert scores == sorted(scores, reverse=True)
+    relative = [r.relative_score for r in rows]
+    assert all(-1.0 <= x <= 1.0 for x in relative)
+    return scores
+
+
+# -- results --------------------------------------------------------------------------------------
+def test_attribute_ranks_and_breaks_down(attributor):
+    assert attributor.template == TEMPLATE  # the fine-tuning template recorded in the manifest
+    result = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=len(DOCUMENTS))
+    assert (result.prompt, result.answer, result.answer_generated) == (PROMPT, ANSWER, False)
+    assert (result.method, result.modules, result.damping, result.relative_damping) == ("ms-if", "all", 0.1, True)
+    assert result.num_candidates == len(DOCUMENTS)
+    scores = _check_rows(result, len(DOCUMENTS))
+    assert max(abs(r.relative_score) for r in result.rows) == pytest.approx(1.0, abs=1e-12)
+    assert sorted(r.id for r in result.rows) == sorted(str(d["id"]) for d in DOCUMENTS)
+    assert all(r.text == DOCUMENTS[int(r.id)]["text"] for r in result.rows)
+    names = [s.name for s in attributor.specs]
+    scale = max(abs(s) for s in scores)
+    for row in result.rows:
+        assert list(row.by_module) == names
+        tol = dict(rel=1e-5, abs=1e-6 * scale)  # float32 model: per-module values summed in another order
+        assert sum(row.by_module.values()) == pytest.approx(row.score, **tol)
+        assert set(row.by_layer) == {"0", "1"}
+        assert sum(row.by_layer.values()) == pytest.approx(row.score, **tol)
+        assert set(row.by_role) == {"mlp", "attention"}
+        assert sum(row.by_role.values()) == pytest.approx(row.score, **tol)
+        mlp = sum(v for k, v in row.by_module.items() if ".mlp." in k)
+        assert row.by_role["mlp"] == pytest.approx(mlp, **tol)
+        layer0 = sum(v for k, v in row.by_module.items() if ".layers.0." in k)
+        assert row.by_layer["0"] == pytest.approx(layer0, **tol)
+    json.dumps(result.to_json())  # JSON-ready
+    # The same scores as Attributor.score, ranked.
+    total, _ = attributor.score([(PROMPT, ANSWER)], [d["text"] for d in DOCUMENTS])
+    expected = sorted(total[:, 0].tolist(), reverse=True)
+    assert scores == pytest.approx(expected, rel=1e-6, abs=1e-9 * scale)
+    # top cuts the list; relative scores stay relative to all candidates.
+    top3 = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=3)
+    assert [r.id for r in top3.rows] == [r.id for r in result.rows[:3]]
+    assert top3.num_candidates == len(DOCUMENTS)
+
+
+def test_query_tokenized_like_fine_tuning(attributor):
+    seq = attributor.query_sequence(PROMPT, ANSWER)
+    tok = attributor.tokenizer
+    prompt_ids = tok(TEMPLATE.format(prompt=PROMPT))["input_ids"]
+    answer_ids = tok(ANSWER, add_special_tokens=False)["input_ids"]
+    assert seq["input_ids"] == prompt_ids + answer_ids
+    assert seq["labels"] == [-100] * len(prompt_ids) + answer_ids  # loss on the answer only
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method(attributor, method):
+    result = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, method=method, top=len(DOCUMENTS))
+    assert result.method == method
+    _check_rows(result, len(DOCUMENTS))
+    assert max(abs(r.relative_score) for r in result.rows) == pytest.approx(1.0, abs=1e-12)
+    gradient = method in ("ms-if", "ss-if", "gdp")
+    assert all((r.by_module is not None) == gradient for r in result.rows)
+    assert (result.damping is not None) == (method in ("ms-if", "ss-if"))  # GDP has no damping
+    if method == "repsim":
+        assert all(-1.0 - 1e-9 <= r.score <= 1.0 + 1e-9 for r in result.rows)  # cosines
+
+
+def test_methods_differ(attributor):
+    """The gradient methods are not the same computation under three names."""
+    texts = [d["text"] for d in DOCUMENTS]
+    totals = {m: attributor.score([(PROMPT, ANSWER)], texts, method=m)[0][:, 0] for m in ("ms-if", "ss-if", "gdp")}
+    for a, b in (("ms-if", "ss-if"), ("ms-if", "gdp"), ("ss-if", "gdp")):
+        assert not torch.allclose(totals[a] / totals[a].abs().max(), totals[b] / totals[b].abs().max(), atol=1e-3)
+
+
+def test_generated_answer(attributor):
+    result = attributor.attribute(PROMPT, None, documents=DOCUMENTS[:4], top=4)
+    assert result.answer_generated
+    assert result.answer and result.answer == attributor.generate(PROMPT)
+    _check_rows(result, 4)
+    blank = attributor.attribute(PROMPT, "  ", documents=DOCUMENTS[:2], method="bm25")
+    assert blank.answer_generated and blank.answer == result.answer
+
+
+def test_candidates_from_an_index(attributor):
+    class Index:
+        documents = DOCUMENTS
+
+        def __init__(self):
+            self.asked = None
+
+        def search(self, texts, k):
+            self.asked = (texts, k)
+            return [[(i, 1.0) for i in range(k)]]
+
+    index = Index()
+    result = attributor.attribute(PROMPT, ANSWER, index=index, candidates=5, top=10, method="gdp")
+    assert index.asked == ([f"{PROMPT} {ANSWER}"], 5)
+    assert result.num_candidates == 5 and len(result.rows) == 5
+    assert {r.id for r in result.rows} == {str(i) for i in range(5)}
+
+
+def test_mlp_only(pair_folder):
+    mlp = Attributor(pair_folder.factors, modules="mlp")
+    assert mlp.specs and all(s.role == "mlp" for s in mlp.specs)
+    result = mlp.attribute(PROMPT, ANSWER, documents=DOCUMENTS[:5], top=5)
+    assert result.modules == "mlp"
+    for row in result.rows:
+        assert set(row.by_module) == {s.name for s in mlp.specs}
+        assert all(".mlp." in name for name in row.by_module)
+        assert row.by_role["attention"] == 0.0
+        assert row.by_role["mlp"] == pytest.approx(row.score, rel=1e-5, abs=1e-9)
+
+
+def test_bm25_uses_words_not_characters(attributor):
+    assert baselines.words("The CAT's river-side, 3 boats!") == ["the", "cat", "s", "river", "side", "3", "boats"]
+    docs = [
+        {"id": "words", "text": "A Cat slept by the RIVER ."},
+        {"id": "substrings", "text": "scattered riverbeds concatenate ."},  # contains 'cat' and 'river' as characters only
+        {"id": "nothing", "text": "an old book in a garden ."},
+    ]
+    result = attributor.attribute("where does the cat sleep ?", "river", documents=docs, method="bm25", top=3)
+    scores = {r.id: r.score for r in result.rows}
+    assert result.rows[0].id == "words"
+    assert scores["words"] > scores["substrings"]
+    # No word in common with the query: the substrings earn nothing over an unrelated document.
+    assert scores["substrings"] == pytest.approx(scores["nothing"], rel=1e-12)
+    assert baselines.bm25_scores("CAT River", [d["text"] for d in docs]) == pytest.approx(
+        baselines.bm25_scores("cat river", [d["text"] for d in docs]))  # lower-cased
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def test_empty_prompt(attributor):
+    for prompt in ("", "   "):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            attributor.attribute(prompt, ANSWER, documents=DOCUMENTS)
+        with pytest.raises(ValueError, match="prompt is empty"):
+            attributor.attribute(prompt, None, documents=DOCUMENTS)
+
+
+def test_prompt_longer_than_the_model(attributor):
+    assert attributor.max_length == MAX_POSITIONS
+    long_prompt = " ".join(["cat"] * (MAX_POSITIONS + 10))
+    with pytest.raises(ValueError, match=f"more than the model's maximum of {MAX_POSITIONS}"):
+        attributor.attribute(long_prompt, ANSWER, documents=DOCUMENTS)
+    with pytest.raises(ValueError, match=f"no room for an answer within the model's maximum of {MAX_POSITIONS}"):
+        attributor.attribute(long_prompt, None, documents=DOCUMENTS)  # refused before generating
+    # A prompt that fits but leaves no room for the answer is refused the same way.
+    nearly = " ".join(["cat"] * (MAX_POSITIONS - 6))
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        attributor.attribute(nearly, "the river " * 5, documents=DOCUMENTS)
+
+
+@pytest.fixture(scope="module")
+def gpt2_attributor(pair_folder) -> Attributor:
+    """A GPT-2 pair (learned position embeddings, Conv1D), MLP factors only, 1 layer: cheap."""
+    root = pair_folder.root / "gpt2"
+    tokenizer = Attributor(pair_folder.factors, modules="mlp").tokenizer
+    dirs = {}
+    for seed, stage in enumerate(("pretrained", "finetuned")):
+        dirs[stage] = root / stage
+        tiny_model("gpt2", vocab_size=len(tokenizer), layers=1, seed=seed).save_pretrained(dirs[stage])
+        tokenizer.save_pretrained(dirs[stage])
+    _fit(dirs["pretrained"], pair_folder.root / "pretrain.jsonl", root / "factors", "pretrained", modules="mlp")
+    _fit(dirs["finetuned"], pair_folder.root / "finetune.jsonl", root / "factors", "finetuned", modules="mlp",
+         prompt_column="prompt", response_column="response", template=TEMPLATE)
+    return Attributor(root / "factors")
+
+
+def test_generation_stays_within_learned_positions(gpt2_attributor):
+    """GPT-2 cannot look past its last position embedding: generation must stop there, and a
+    prompt that leaves no room is refused with a clear message, not an IndexError."""
+    attributor = gpt2_attributor
+    assert attributor.max_length == MAX_POSITIONS
+    with pytest.raises(ValueError, match="no room for an answer"):
+        attributor.attribute(" ".join(["cat"] * (MAX_POSITIONS + 10)), None, documents=DOCUMENTS[:2])
+    template_tokens = len(attributor.tokenizer(TEMPLATE.format(prompt=""))["input_ids"])
+    nearly = " ".join(["cat"] * (MAX_POSITIONS - template_tokens - 3))  # room for 3 answer tokens
+    answer = attributor.generate(nearly)
+    assert 0 < len(attributor.tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 3
+    result = attributor.attribute(nearly, None, documents=DOCUMENTS[:2], method="gdp", top=2)
+    assert result.answer_generated and len(result.rows) == 2
+    assert all(".mlp." in name for name in result.rows[0].by_module)
+    # Documents longer than the model's maximum are cut to it rather than overrunning the positions.
+    long_doc = {"id": "long", "text": " ".join(["the cat sees the river ."] * 60)}  # 360 words
+    assert len(attributor.document_sequence(long_doc["text"])["input_ids"]) == MAX_POSITIONS
+    result = attributor.attribute(PROMPT, ANSWER, documents=[long_doc, DOCUMENTS[0]], method="gdp", top=2)
+    assert all(math.isfinite(r.score) for r in result.rows)
+
+
+def test_zero_candidates(attributor):
+    with pytest.raises(ValueError, match="zero candidates"):
+        attributor.attribute(PROMPT, ANSWER, documents=[])
+    with pytest.raises(ValueError, match="candidates must be at least 1, got 0"):
+        attributor.attribute(PROMPT, ANSWER, index=object(), candidates=0)
+    with pytest.raises(ValueError, match="give candidate documents or an index"):
+        attributor.attribute(PROMPT, ANSWER)
+    with pytest.raises(ValueError, match="zero candidates"):
+        attributor.score([(PROMPT, ANSWER)], [])
+    with pytest.raises(ValueError, match="top must be at least 1"):
+        attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=0)
+
+
+def test_negative_damping(attributor):
+    with pytest.raises(ValueError, match="damping must be non-negative, got -1"):
+        attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, damping=-1.0)
+
+
+def test_unknown_method(attributor):
+    with pytest.raises(ValueError, match="unknown method 'tracin'.*ms-if, ss-if, gdp, repsim, bm25"):
+        attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, method="tracin")
+    with pytest.raises(ValueError, match="unknown method 'MS-IF'"):
+        attributor.score([(PROMPT, ANSWER)], ["a cat ."], method="MS-IF")
+    with pytest.raises(ValueError, match="modules must be 'all' or 'mlp'"):
+        Attributor("unused", modules="attention")
+
+
+def _copy_without_stage(pair_folder, stage):
+    folder = pair_folder.root / f"without-{stage}"
+    if not folder.exists():
+        shutil.copytree(pair_folder.factors, folder)
+        manifest = json.loads((folder / "msif.json").read_text())
+        del manifest["stages"][stage]
+        (folder / "msif.json").write_text(json.dumps(manifest))
+        shutil.rmtree(folder / stage)
+    return folder
+
+
+@pytest.mark.parametrize("stage", ["pretrained", "finetuned"])
+def test_factors_missing_a_stage(pair_folder, stage):
+    folder = _copy_without_stage(pair_folder, stage)
+    with pytest.raises(FactorError, match=f"lacks the {stage} stage.*--stage {stage}"):
+        Attributor(folder)
+
+
+def test_factor_folder_missing(tmp_path):
+    with pytest.raises(FactorError, match="does not exist"):
+        Attributor(tmp_path / "nowhere")
+    with pytest.raises(FactorError, match="no manifest msif.json"):
+        Attributor(tmp_path)
+
+
+def test_factors_of_another_model(pair_folder):
+    # A model with other shapes: shapes are checked first and each mismatching module is named,
+    # with or without allow_revision_mismatch (no flag can make other shapes usable).
+    for allow in (False, True):
+        with pytest.raises(FactorError) as err:
+            Attributor(pair_folder.factors, pretrained=str(pair_folder.other), allow_revision_mismatch=allow)
+        message = str(err.value)
+        assert "pretrained factors do not match the model's modules" in message
+        assert "gpt_neox.layers.0.attention.query_key_value (factors 96x33, model 144x49)" in message
+        assert "gpt_neox.layers.1.mlp.dense_4h_to_h (factors 32x65, model 48x97)" in message
+    # The same shapes but other weights (the fine-tuned model as the pre-trained one): revision check.
+    with pytest.raises(FactorError, match="pretrained factors were fitted on model revision sha256:.*allow_revision_mismatch"):
+        Attributor(pair_folder.factors, pretrained=str(pair_folder.finetuned))
+
+
+def test_stages_tracking_different_modules(pair_folder):
+    folder = pair_folder.root / "mixed"
+    shutil.copytree(pair_folder.factors, folder)
+    # Fitting the fine-tuned stage over other modules than the pre-trained one is refused up front ...
+    with pytest.raises(FactorError, match=r"already holds pretrained factors over other modules.*"
+                                          r"gpt_neox\.layers\.0\.attention\.query_key_value only in the second"):
+        _fit(pair_folder.finetuned, pair_folder.root / "finetune.jsonl", folder, "finetuned", modules="mlp",
+             prompt_column="prompt", response_column="response", template=TEMPLATE)
+    # ... and a folder whose stages differ anyway (edited by hand) is refused when loaded, unless
+    # only the modules both stages share are asked for.
+    manifest = json.loads((folder / "msif.json").read_text())
+    stage = manifest["stages"]["finetuned"]
+    stage["modules"] = [m for m in stage["modules"] if m["role"] == "mlp"]
+    (folder / "msif.json").write_text(json.dumps(manifest))
+    with pytest.raises(FactorError, match="pretrained and finetuned factors track different modules: "
+                                          r"gpt_neox\.layers\.0\.attention\.query_key_value only in the first"):
+        Attributor(folder)
+    mlp_only = Attributor(folder, modules="mlp")
+    assert all(spec.role == "mlp" for spec in mlp_only.specs)

@@ -1,0 +1,143 @@
+"""Two processes on CPU (gloo, through ``accelerate launch``) fit the same factors as one.
+
+Runs the real multi-process path: ``accelerate launch --multi_gpu --num_processes 2`` on a machine
+without a GPU, of a small fitting script and of the ``hub-msif fit`` command. The corpus has an odd
+number of sequences, so the shards are uneven (and with batch size 5 one process has an empty last
+batch). The model is float64, so the factors agree up to summation order (~1e-12).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_example
+
+from hub_msif.factors.fit import FitConfig, fit_stage
+from hub_msif.factors.storage import StageFactors, load_stage
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+NUM_SEQUENCES = 21  # odd: 11 + 10 sequences on two processes
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+
+    from hub_msif.factors.fit import FitConfig, fit_stage
+
+    model, corpus, out, batch_size = sys.argv[1:5]
+    fit_stage(model, corpus, out, FitConfig(batch_size=int(batch_size), storage_dtype="float64",
+                                             checkpoint_every=0), show_progress=False)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> tuple[Path, Path]:
+    """A float64 tiny GPT-NeoX saved with its tokenizer, and a jsonl corpus of 21 texts."""
+    return save_tiny_example(tmp_path_factory.mktemp("dist-example"), NUM_SEQUENCES)
+
+
+@pytest.fixture(scope="module")
+def reference(example, tmp_path_factory) -> StageFactors:
+    """The single-process fit (in this process), stored in float64."""
+    model, corpus = example
+    out = tmp_path_factory.mktemp("dist-reference")
+    return fit_stage(str(model), str(corpus), out, FitConfig(batch_size=5, storage_dtype="float64",
+                                                              checkpoint_every=0), show_progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with two processes on CPU, as ENV_NOTES.md says works (gloo)."""
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"launch failed:\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    return result
+
+
+def assert_same_factors(got: StageFactors, want: StageFactors, rtol: float) -> None:
+    """Equal Lambda and eigenvalues, and the same EK-FAC operator (eigenvectors are unique only up to sign)."""
+    assert list(got.modules) == list(want.modules)
+    generator = torch.Generator().manual_seed(0)
+    for name, w in want.modules.items():
+        g = got.modules[name]
+        assert g.spec == w.spec, name
+        for key in ("lam", "eig_a", "eig_s"):
+            a, b = getattr(g, key).double(), getattr(w, key).double()
+            scale = b.abs().max()
+            assert (a - b).abs().max() <= rtol * scale, f"{name} {key}: max diff {(a - b).abs().max():.3g}, scale {scale:.3g}"
+        # Q_A diag(eig_a) Q_A^T is the (sign-free) covariance A; compare it directly.
+        cov_a = [m.q_a.double() @ torch.diag(m.eig_a.double()) @ m.q_a.double().T for m in (g, w)]
+        assert torch.allclose(cov_a[0], cov_a[1], rtol=0, atol=rtol * cov_a[1].abs().max()), name
+        # The damped inverse (sign-free) applied to random gradients.
+        grads = torch.randn(3, w.spec.d_out, w.spec.d_in, generator=generator, dtype=torch.float64)
+        pg = g.to(torch.float64).precondition(grads, 0.1, relative=True)
+        pw = w.to(torch.float64).precondition(grads, 0.1, relative=True)
+        assert torch.allclose(pg, pw, rtol=0, atol=rtol * pw.abs().max()), f"{name}: preconditioned gradients differ"
+
+
+def test_two_processes_fit_the_same_factors_as_one(example, reference, tmp_path):
+    model, corpus = example
+    script = tmp_path / "fit_worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "factors"
+    _launch_two([str(script), str(model), str(corpus), str(out), "5"], cwd=tmp_path)
+
+    factors = load_stage(out, "pretrained")
+    fit, ref_fit = factors.info["fit"], reference.info["fit"]
+    assert fit["num_processes"] == 2, "the launch did not really run two processes"
+    assert ref_fit["num_processes"] == 1
+    assert fit["num_sequences"] == ref_fit["num_sequences"] == NUM_SEQUENCES
+    assert fit["num_tokens"] == ref_fit["num_tokens"]
+    assert factors.modules[next(iter(factors.modules))].lam.dtype == torch.float64
+    assert_same_factors(factors, reference, rtol=1e-9)
+    assert not (out / ".msif-checkpoints").exists()
+
+
+def test_cli_under_accelerate_launch_uses_both_processes(example, reference, tmp_path):
+    """``accelerate launch ... -m hub_msif fit`` on CPU: one process group, one summary, same factors."""
+    model, corpus = example
+    out = tmp_path / "factors"
+    result = _launch_two(["-m", "hub_msif.apps.cli", "fit", "--model", str(model), "--stage", "pretrained",
+                          "--data", str(corpus), "--batch-size", "4", "--max-length", "64",
+                          "--checkpoint-every", "1", "--out", str(out), "--json"], cwd=tmp_path)
+
+    summary = json.loads(result.stdout)  # only the main process prints: exactly one JSON document
+    assert summary["num_sequences"] == NUM_SEQUENCES
+    factors = load_stage(out, "pretrained")
+    assert factors.info["fit"]["num_processes"] == 2
+    assert factors.info["fit"]["num_tokens"] == reference.info["fit"]["num_tokens"]
+    # Stored as float32 (the CLI default): equal up to float32 rounding.
+    assert_same_factors(factors, reference, rtol=1e-5)
+    assert not (out / ".msif-checkpoints").exists()
+
+
+def test_a_launch_without_a_process_group_is_refused(monkeypatch, example, tmp_path):
+    """Launched as two processes but handed a one-process accelerator: fail instead of fitting twice alone."""
+    from types import SimpleNamespace
+
+    from hub_msif.factors.fit import fit_factors
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lone = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"), is_main_process=True)
+    with pytest.raises(RuntimeError, match="launched as 2 processes but accelerate runs 1"):
+        fit_factors(torch.nn.Linear(2, 2), [{"input_ids": [1, 2], "labels": [1, 2]}], tmp_path / "out", FitConfig(),
+                    pad_id=0, info={}, accelerator=lone)
+    assert not (tmp_path / "out").exists()

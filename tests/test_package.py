@@ -1,0 +1,140 @@
+"""The package's shape: no import cycles, a lazy top level, every module importable."""
+
+import ast
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hub_msif"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The hub_msif modules that ``path`` imports, at any depth of the file (function-level too)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        for target in targets:
+            # the longest known module the import names (``from a.b import c``: a.b.c if a module, else a.b)
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(paths)
+    graph = {}
+    for name, path in paths.items():
+        # importing a.b.c also runs a/__init__ and a/b/__init__: those are edges too
+        edges = imports_of(path, name, modules)
+        graph[name] = {e for e in edges if not name.startswith(e + ".")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_subpackages_are_layered():
+    """Lower stages never import higher ones: artifacts < factors < hub < attribution < apps."""
+    order = ["errors", "artifacts", "models", "data", "factors", "hub", "attribution", "apps"]
+    rank = {stage: i for i, stage in enumerate(order)}
+
+    def stage(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else None
+
+    graph = import_graph()
+    upward = [f"{a} -> {b}" for a, edges in graph.items() for b in edges
+              if stage(a) in rank and stage(b) in rank and rank[stage(b)] > rank[stage(a)]]
+    assert not upward, "imports against the pipeline's direction: " + ", ".join(upward)
+
+
+@pytest.mark.parametrize("name", sorted(module_name(p) for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"))
+def test_every_module_imports(name):
+    importlib.import_module(name)
+
+
+def test_top_level_is_lazy_and_exposes_the_public_api():
+    code = (
+        "import sys, json, hub_msif as h\n"
+        "before = sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules)\n"
+        "names = [h.Attributor, h.DocumentIndex, h.fit_stage, h.FitConfig, h.push_factors, h.pull_factors,\n"
+        "         h.push_index, h.pull_index, h.find_factors]\n"
+        "print(json.dumps({'before': before, 'torch_after': 'torch' in sys.modules,\n"
+        "                  'names': [n.__name__ for n in names]}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["before"] == []
+    assert result["torch_after"]
+    assert result["names"] == ["Attributor", "DocumentIndex", "fit_stage", "FitConfig", "push_factors",
+                               "pull_factors", "push_index", "pull_index", "find_factors"]
+    import hub_msif
+
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        hub_msif.nonexistent  # noqa: B018
+
+
+def test_errors_inherit_their_builtin_kind():
+    from hub_msif import errors
+
+    assert issubclass(errors.MsifValueError, ValueError)
+    assert issubclass(errors.RepositoryNotFoundError, FileNotFoundError)
+    assert issubclass(errors.RevisionNotFoundError, FileNotFoundError)
+    assert issubclass(errors.TokenRefusedError, PermissionError)
+    assert issubclass(errors.HubUnreachableError, ConnectionError)
+    assert issubclass(errors.FactorsNotFoundError, errors.FactorError)
+    assert issubclass(errors.FactorsNotFoundError, FileNotFoundError)
+    assert issubclass(errors.HubIntegrityError, errors.IntegrityError)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.MsifError), name
