@@ -26,9 +26,7 @@ import argparse
 import json
 import math
 import random
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +34,9 @@ import torch
 
 from hub_msif.apps.cli import DEFAULT_CACHE
 from hub_msif.attribution.attributor import Attributor
-from hub_msif.attribution.baselines import bm25_scores, mean_hidden_states, repsim_scores, words
-from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates
-from hub_msif.toy.demo import _factors
-from hub_msif.toy.factworld import generate, save_world, train_pair
+from hub_msif.attribution.baselines import bm25_scores, words
+from hub_msif.toy.demo import fitted_factors, trained_pair
+from hub_msif.toy.factworld import generate, save_world
 
 DAMPED = ("ms-if", "ss-if")
 UNDAMPED = ("gdp", "repsim", "bm25")
@@ -52,21 +49,9 @@ def trial_artifacts(cache: Path, seed: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     world = generate(seed=seed)
     paths = save_world(world, folder / "world")
-    models = folder / "models"
-    if not (models / "training.json").is_file():
-        started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".models-"))
-        try:
-            result = train_pair(world, tmp, seed=seed, pretrain_steps=1500, finetune_steps=300)
-            (tmp / "training.json").write_text(json.dumps(
-                {"test_accuracy": result["test_accuracy"], "finetune_accuracy": result["finetune_accuracy"],
-                 "seconds": time.perf_counter() - started}))
-            shutil.rmtree(models, ignore_errors=True)
-            tmp.rename(models)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    models = trained_pair(world, folder, seed=seed)
     started = time.perf_counter()
-    factors = _factors(models, paths, world, folder)  # reuses fresh factors, refits stale ones
+    factors = fitted_factors(models, paths, world, folder)  # reuses fresh factors, refits stale ones
     training = json.loads((models / "training.json").read_text())
     return {"world": world, "factors": factors, "training": training, "factor_seconds": time.perf_counter() - started}
 
@@ -90,25 +75,14 @@ def candidate_sets(world, seed: int, queries, k_bm25: int, k_answer: int, k_rand
 
 
 def all_scores(att: Attributor, world, queries, dampings: list[float]) -> dict[tuple, torch.Tensor]:
-    """``{(method, damping): [D, Q]}`` scores of every pre-training document for every query."""
-    docs = [att.document_sequence(d["text"]) for d in world.documents]
+    """``{(method, damping): [D, Q]}`` scores of every pre-training document for every query
+    (``Attributor.score_methods``: one candidate pass per model for all methods and dampings)."""
+    texts = [d["text"] for d in world.documents]
     out: dict[tuple, list[torch.Tensor]] = {}
     for start in range(0, len(queries), QUERY_CHUNK):
-        chunk = queries[start : start + QUERY_CHUNK]
-        seqs = [att.query_sequence(q.prompt, q.answer) for q in chunk]
-        grads = per_example_gradients(att.models["finetuned"], att.specs, seqs, att.pad_id)
-        for model_stage, columns in (("pretrained", [("ms-if", d) for d in dampings] + [("gdp", None)]),
-                                     ("finetuned", [("ss-if", d) for d in dampings])):
-            weights = [precondition_queries(grads, m, att.factors["finetuned"], att.factors["pretrained"], d or 0.0, True)
-                       for m, d in columns]
-            stacked = {name: torch.cat([w[name] for w in weights]) for name in grads}
-            total = score_candidates(att.models[model_stage], att.specs, stacked, docs, att.pad_id, 16).total
-            for j, key in enumerate(columns):
-                out.setdefault(key, []).append(total[:, j * len(chunk) : (j + 1) * len(chunk)])
-        q_vec = mean_hidden_states(att.models["finetuned"], seqs, att.pad_id)
-        if start == 0:
-            c_vec = mean_hidden_states(att.models["pretrained"], docs, att.pad_id)
-        out.setdefault(("repsim", None), []).append(repsim_scores(q_vec, c_vec))
+        chunk = [(q.prompt, q.answer) for q in queries[start : start + QUERY_CHUNK]]
+        for scores in att.score_methods(chunk, texts, ["ms-if", "ss-if", "gdp", "repsim"], dampings, batch_size=16):
+            out.setdefault((scores.method, scores.damping), []).append(scores.total)
     return {k: torch.cat(v, dim=1) for k, v in out.items()}
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from hub_msif.apps.cli import DEFAULT_CACHE
 from hub_msif.attribution.attributor import Attributor
-from hub_msif.toy.demo import prepare
+from hub_msif.toy.demo import default_cache, prepare
 
 SWEEP = [("ms-if", [1e-4, 1e-3, 1e-2, 1e-1, 1.0]), ("ss-if", [1e-3, 1e-1]), ("gdp", [None]), ("repsim", [None]),
          ("bm25", [None])]
@@ -26,17 +25,14 @@ SWEEP = [("ms-if", [1e-4, 1e-3, 1e-2, 1e-1, 1.0]), ("ss-if", [1e-3, 1e-1]), ("gd
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"))
+    parser.add_argument("--cache", default=str(default_cache()))
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--out", default="bench/out/fact_tracing_demo.json")
     args = parser.parse_args()
     artifacts = prepare(args.cache)
     world, index = artifacts["world"], artifacts["index"]
-    attributor = Attributor(artifacts["factors"])
-    candidates = {}
-    for q in world.queries:
-        hits = index.search([f"{q.prompt} {q.answer}"], args.candidates)[0]
-        candidates[q.prompt] = [index.documents[i] for i, _ in hits]
+    attributor = Attributor(artifacts["factors"], index=index)
+    candidates = {q.prompt: attributor.candidates(q.prompt, q.answer, args.candidates) for q in world.queries}
     coverage = sum(any(d["id"] in q.proponents for d in candidates[q.prompt]) for q in world.queries) / len(world.queries)
     print(f"{len(world.queries)} questions, {args.candidates} retrieved candidates each; "
           f"a proponent is among them for {coverage:.0%}")
@@ -48,7 +44,8 @@ def main() -> None:
             mrr = recall = 0.0
             for q in world.queries:
                 docs = candidates[q.prompt]
-                total, _ = attributor.score([(q.prompt, q.answer)], [d["text"] for d in docs], method, damping or 0.0)
+                total, _ = attributor.score([(q.prompt, q.answer)], [d["text"] for d in docs], method,
+                                            damping if damping is not None else 0.1)
                 order = torch.argsort(total[:, 0], descending=True).tolist()
                 ranks = [k + 1 for k, i in enumerate(order) if docs[i]["id"] in q.proponents]
                 mrr += 1 / ranks[0] if ranks else 0.0

@@ -73,6 +73,29 @@ def save_tiny_example(folder, num_sequences: int):
     return folder / "model", corpus
 
 
+@pytest.fixture(scope="session")
+def fact_world():
+    """The demo's fact world (trained model pair, both stages' factors, document index), taken from
+    the demo's own cache (``hub_msif.toy.demo.default_cache()``): built by the first run on a
+    machine (about half a minute), reused by every later run and by ``hub-msif demo``. Adds
+    ``examples``, the demo's three held-out questions."""
+    from hub_msif.toy.demo import default_cache, example_queries, prepare
+
+    artifacts = prepare(default_cache())
+    artifacts["examples"] = example_queries(artifacts["world"])
+    return artifacts
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is many times faster than several on a shared machine.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from pathlib import Path
 from hub_msif import __version__
 from hub_msif.errors import MsifError
 
-DEFAULT_CACHE = Path(os.environ.get("HUB_MSIF_CACHE", Path.home() / ".cache" / "hub_msif"))
+DEFAULT_CACHE = Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif")
 
 
 def _add_fit(sub) -> None:
@@ -97,7 +97,8 @@ def _add_demo(sub) -> None:
         "stages' factors and a document index; publishes the factors and index to a Hub server of its own on "
         "loopback and pulls them back by tag; answers three held-out questions with the fine-tuned model and "
         "prints the pre-training documents MS-IF ranks highest (from the pulled copies), marking the true proponents."))
-    p.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"), help="where the demo's artifacts are kept")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"),
+                   help="where the demo's artifacts are kept (default: $HUB_MSIF_CACHE/demo or ~/.cache/hub_msif/demo)")
     p.add_argument("--top", type=int, default=5, help="documents shown per question (default 5)")
     p.add_argument("--no-publish", action="store_true",
                    help="skip publishing the factors and index to a local Hub and pulling them back")
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return RUNNERS[args.command](args)
     except (MsifError, OSError) as err:  # anything else is a bug and shows its traceback
-        if os.environ.get("HUB_MSIF_DEBUG"):
+        if os.environ.get("HUB_MSIF_DEBUG", "") not in ("", "0"):
             raise
         message = str(err) or type(err).__name__
         print(f"hub-msif {args.command}: error: {message}", file=sys.stderr)

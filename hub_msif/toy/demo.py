@@ -38,6 +38,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 FACTORS_REPO, INDEX_REPO = "demo/factworld-factors", "demo/factworld-index"
 
 
+def default_cache() -> Path:
+    """Where the demo keeps its artifacts: ``$HUB_MSIF_CACHE/demo``, else ``~/.cache/hub_msif/demo``.
+    The tests and benchmarks reuse the same fact world from here instead of training it again."""
+    return Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif") / "demo"
+
+
 def local_hub_environment(cache: str | Path) -> bool:
     """Points ``huggingface_hub`` at a loopback Hub for the demo; call before anything imports it.
 
@@ -94,16 +100,20 @@ def publish_and_pull(artifacts: dict, cache: Path, echo=print) -> tuple[str, str
     return str(factors), str(index)
 
 
-def _models(world: FactWorld, cache: Path) -> Path:
-    """The trained model pair under ``cache/models`` (trained into a temporary folder, then renamed)."""
+def trained_pair(world: FactWorld, cache: Path, seed: int = DEMO_SEED) -> Path:
+    """The model pair trained on ``world`` (demo settings) under ``cache/models``, trained on the
+    first call (into a temporary folder, then renamed) and reused afterwards. ``training.json``
+    there records the accuracies and the training time."""
     folder = cache / "models"
     if (folder / "training.json").is_file():
         return folder
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".models-"))
+    started = time.perf_counter()
     try:
-        result = train_pair(world, tmp, seed=DEMO_SEED, pretrain_steps=1500, finetune_steps=300)
+        result = train_pair(world, tmp, seed=seed, pretrain_steps=1500, finetune_steps=300)
         (tmp / "training.json").write_text(json.dumps(
-            {"test_accuracy": result["test_accuracy"], "finetune_accuracy": result["finetune_accuracy"]}))
+            {"test_accuracy": result["test_accuracy"], "finetune_accuracy": result["finetune_accuracy"],
+             "seconds": time.perf_counter() - started}))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     finally:
@@ -111,8 +121,9 @@ def _models(world: FactWorld, cache: Path) -> Path:
     return folder
 
 
-def _factors(models: Path, paths: dict, world: FactWorld, cache: Path) -> Path:
-    """Both stages' factors under ``cache/factors``, refitted when missing or stale."""
+def fitted_factors(models: Path, paths: dict, world: FactWorld, cache: Path) -> Path:
+    """Both stages' factors of the pair in ``models`` under ``cache/factors``, fitted as the demo
+    does; refitted when missing or stale (fitted on other weights)."""
     folder = cache / "factors"
     try:
         manifest = read_manifest(folder)
@@ -147,8 +158,8 @@ def prepare(cache: str | Path) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     world = generate(DEMO_SEED)
     paths = save_world(world, cache / "world")
-    models = _models(world, cache)
-    factors = _factors(models, paths, world, cache)
+    models = trained_pair(world, cache)
+    factors = fitted_factors(models, paths, world, cache)
     index = _index(paths, cache)
     return {"world": world, "paths": paths, "models": models, "factors": factors, "index": index,
             "index_folder": cache / "index"}

@@ -1,10 +1,9 @@
-"""The Gradio Space (hub_msif.space, spaces/msif-attribution): its files, the API through
+"""The Gradio Space (hub_msif.apps.space, spaces/msif-attribution): its files, the API through
 gradio_client, the page in a real browser (Debian Chromium), limits and bad input, and no traffic
 to any outside host.
 
-One fact-world model pair is built per module (``hub_msif.demo.prepare``, about 40 s on a quiet
-machine; ``HUB_MSIF_SPACE_TEST_CACHE=folder`` keeps it between runs) and served once on loopback;
-every test talks to that server.
+The fact world is the session's ``fact_world`` fixture (the demo's own cache, built once per
+machine, see conftest.py), served once on loopback; every test talks to that server.
 """
 
 from __future__ import annotations
@@ -108,14 +107,9 @@ def network_guard():
 
 
 @pytest.fixture(scope="module")
-def artifacts(network_guard, tmp_path_factory):
-    from hub_msif.toy.demo import example_queries, prepare
-
-    # HUB_MSIF_SPACE_TEST_CACHE: a folder to keep the fact world in between runs (while iterating).
-    cache = os.environ.get("HUB_MSIF_SPACE_TEST_CACHE") or tmp_path_factory.mktemp("space-demo")
-    artifacts = prepare(cache)
-    artifacts["examples"] = example_queries(artifacts["world"])
-    return artifacts
+def artifacts(fact_world, network_guard):
+    """The session's fact world (the demo's cache), used while the network guard is on."""
+    return fact_world
 
 
 @pytest.fixture(scope="module")

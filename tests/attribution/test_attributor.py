@@ -29,13 +29,7 @@ TEMPLATE = "question : {prompt} answer :"
 MAX_POSITIONS = 256  # tiny_model's max_position_embeddings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is many times faster than several on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
@@ -209,6 +203,102 @@ def test_mlp_only(pair_folder):
         assert all(".mlp." in name for name in row.by_module)
         assert row.by_role["attention"] == 0.0
         assert row.by_role["mlp"] == pytest.approx(row.score, rel=1e-5, abs=1e-9)
+
+
+def test_restrict_is_a_view_that_equals_an_mlp_attributor(attributor, pair_folder):
+    """``restrict("mlp")`` shares the loaded models and factors and scores exactly what a
+    ``modules="mlp"`` Attributor scores; the full attributor is left as it was."""
+    view = attributor.restrict("mlp")
+    assert view is attributor.restrict("mlp")  # made once
+    assert view.models is attributor.models and view.tokenizer is attributor.tokenizer
+    assert all(view.factors[s].modules[n] is attributor.factors[s].modules[n]
+               for s in view.factors for n in view.factors[s].modules)
+    assert view.modules == "mlp" and all(s.role == "mlp" for s in view.specs)
+    assert attributor.modules == "all" and len(attributor.specs) > len(view.specs)
+    reference = Attributor(pair_folder.factors, modules="mlp")
+    ours, _ = view.score([(PROMPT, ANSWER)], [d["text"] for d in DOCUMENTS])
+    theirs, _ = reference.score([(PROMPT, ANSWER)], [d["text"] for d in DOCUMENTS])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-9)
+    one = attributor.specs[0].name
+    single = attributor.restrict([one])
+    assert [s.name for s in single.specs] == [one] and single.modules == one
+    with pytest.raises(FactorError, match="do not track module.*nope"):
+        attributor.restrict(["nope"])
+
+
+def test_candidates_come_from_the_attributors_index(attributor):
+    class Index:
+        documents = DOCUMENTS
+
+        def search(self, texts, k):
+            assert texts == [f"{PROMPT} {ANSWER}"]
+            return [[(i, 1.0 - i / 10) for i in (3, 1, 4)][:k]]
+
+    view = copy.copy(attributor)
+    view.index = Index()
+    assert [d["id"] for d in view.candidates(PROMPT, ANSWER, k=2)] == [3, 1]
+    with pytest.raises(ValueError, match="at least 1"):
+        view.candidates(PROMPT, ANSWER, k=0)
+    with pytest.raises(ValueError, match="an index to retrieve them from"):
+        attributor.candidates(PROMPT, ANSWER, k=2)
+
+
+def _count_forward_passes(attributor):
+    """Forward passes per model (pre-hooks on each model's top module); remove with ``.remove()``."""
+    counts = {stage: 0 for stage in attributor.models}
+    handles = []
+    for stage, model in attributor.models.items():
+        def hook(module, args, kwargs, stage=stage):
+            counts[stage] += 1
+        handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+    return counts, handles
+
+
+def test_compare_scores_every_method_and_damping_in_one_pass_per_model(attributor):
+    """All five methods at two dampings: one query pass (fine-tuned) and one candidate pass per
+    model, with results equal to scoring each method and damping on its own."""
+    dampings = [0.1, 1e-3]
+    documents = DOCUMENTS[:6]  # batch size 8: one batch per pass
+    counts, handles = _count_forward_passes(attributor)
+    try:
+        results = attributor.compare(PROMPT, ANSWER, documents=documents, top=6, methods=METHODS, dampings=dampings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # fine-tuned: the query pass and the SS-IF candidate pass; pre-trained: one candidate pass
+    assert counts == {"pretrained": 1, "finetuned": 2}
+    keys = [(r.method, r.damping) for r in results]
+    assert keys == [("ms-if", 0.1), ("ms-if", 1e-3), ("ss-if", 0.1), ("ss-if", 1e-3), ("gdp", None),
+                    ("repsim", None), ("bm25", None)]
+    for result in results:
+        alone = attributor.attribute(PROMPT, ANSWER, documents=documents, top=6, method=result.method,
+                                     damping=result.damping if result.damping is not None else 0.1)
+        assert [r.id for r in result.rows] == [r.id for r in alone.rows], result.method
+        assert [r.score for r in result.rows] == pytest.approx([r.score for r in alone.rows], rel=1e-5, abs=1e-9)
+        assert result.num_candidates == 6 and result.scale == pytest.approx(alone.scale, rel=1e-5)
+    small, large = results[1], results[0]
+    assert [r.score for r in small.rows] != pytest.approx([r.score for r in large.rows])  # dampings differ
+
+
+def test_rows_carry_relative_breakdowns_and_token_shares(attributor):
+    """Everything a table or chart shows is in the row: the relative split by role and by
+    (layer, role) sums to the relative score; token shares sum to the score."""
+    result = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=4, token_shares=True)
+    for row in result.rows:
+        assert row.score / result.scale == pytest.approx(row.relative_score, rel=1e-12)
+        assert sum(row.relative_by_role.values()) == pytest.approx(row.relative_score, rel=1e-5, abs=1e-9)
+        cells = [v for cell in row.relative_by_layer_role.values() for v in cell.values()]
+        assert sum(cells) == pytest.approx(row.relative_score, rel=1e-5, abs=1e-9)
+        assert row.relative_by_layer_role["0"]["mlp"] * result.scale == pytest.approx(
+            sum(v for k, v in row.by_module.items() if ".layers.0.mlp." in k), rel=1e-5, abs=1e-9)
+        document = DOCUMENTS[int(row.id)]["text"]
+        assert [t.token for t in row.tokens] == attributor.tokenizer.convert_ids_to_tokens(
+            attributor.document_sequence(document)["input_ids"])
+        assert sum(t.share for t in row.tokens) == pytest.approx(row.score, rel=1e-4, abs=1e-8)
+    payload = json.loads(json.dumps(result.to_json()))
+    assert payload["rows"][0]["tokens"][0].keys() == {"token", "share"}
+    plain = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=2, method="bm25").to_json()
+    assert "by_module" not in plain["rows"][0] and "tokens" not in plain["rows"][0]
 
 
 def test_bm25_uses_words_not_characters(attributor):

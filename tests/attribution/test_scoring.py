@@ -34,13 +34,7 @@ DAMPING = 0.1  # relative, the package default
 ARCHS = ["gpt_neox", "gpt2", "llama"]  # merged per-head qkv (split heads), Conv1D with biases, GQA without biases
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is many times faster than several on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

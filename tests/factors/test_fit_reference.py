@@ -25,13 +25,7 @@ BATCH = 4
 SEED = 7  # the fit's label seed; sampled labels depend on it
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: one intra-op thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

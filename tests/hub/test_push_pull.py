@@ -22,7 +22,6 @@ from pathlib import Path
 
 import conftest
 import pytest
-import torch
 
 from hub_msif import hub
 from hub_msif.apps.cli import main as cli_main
@@ -43,12 +42,7 @@ INDEX_REPO = "msif-team/msif-tiny-index"  # alice writes to her organisation too
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
