@@ -1,10 +1,10 @@
 """Accuracy of EK-FAC influence against the exact damped Gauss-Newton influence (paper section 5.1).
 
-Protocol (DESIGN.md 2.6):
+Protocol:
 
 - a GPT-NeoX of the paper's shape (2 layers, 2 heads; hidden and FFN set by flags, small enough that
   exact GGN-vector products over the whole fitting set are cheap), trained briefly on the bundled
-  templated corpus (``hub_msif.examples``), in float64 from then on;
+  templated corpus (``hub_msif.toy.examples``), in float64 from then on;
 - fitting set: N training sequences; tracked parameters: the weights and biases of every linear
   module of the decoder blocks (query_key_value, dense, dense_h_to_4h, dense_4h_to_h), jointly;
 - ground truth: ``score(q, c) = <(G + damping I)^-1 grad q, grad c>`` with the EXACT Gauss-Newton

@@ -2,7 +2,7 @@
 
 Nothing here downloads a model. The shapes of each architecture are written below as data (from
 the models' published ``config.json``), and the tracked modules, roles and per-head blocks are
-derived exactly as ``hub_msif.tracking.find_modules`` derives them for that architecture. For each
+derived exactly as ``hub_msif.factors.tracking.find_modules`` derives them for that architecture. For each
 model the script computes:
 
 1. the factor artifact: bytes of the tensors one stage stores (``q_a [d_in, d_in]``,
@@ -16,7 +16,7 @@ model the script computes:
 3. the ``accelerate launch`` command of a multi-GPU fit.
 
 The size formula is cross-checked against real files: tiny GPT-NeoX and Llama models
-(``hub_msif.examples.tiny_model``) are fitted with ``hub_msif.fit.fit_factors`` and saved in
+(``hub_msif.toy.examples.tiny_model``) are fitted with ``hub_msif.factors.fit.fit_factors`` and saved in
 float32 and bfloat16, and the formula must equal, byte for byte, the tensor data of every saved
 safetensors file (file size minus the 8-byte length and the JSON header); the module list the
 formula derives from the config must equal ``find_modules`` on the instantiated model.

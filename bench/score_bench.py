@@ -2,7 +2,7 @@
 
 One run, on the paper's scalability-size GPT-NeoX (2 layers, hidden 256, 2 heads, FFN 1024,
 random init), with two different models as the pre-trained and the fine-tuned one (different
-seeds), each stage's factors fitted by ``hub_msif.fit.fit_factors`` on its own small fitting set,
+seeds), each stage's factors fitted by ``hub_msif.factors.fit.fit_factors`` on its own small fitting set,
 and C candidate sequences (default 256 x 128 tokens):
 
 1. MS-IF with the fast path for Q = 1, 8, 32 queries: ``precondition_queries`` (both stages) and

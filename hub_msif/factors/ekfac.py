@@ -1,6 +1,6 @@
 """EK-FAC factors of one module: accumulation, eigendecomposition and preconditioning.
 
-Math (DESIGN.md 2.2-2.3), per module with blocks b of its output rows:
+Math (docs/design.md, "Fitting EK-FAC" to "Preconditioning and damping"), per module with blocks b of its output rows:
 
 - covariance pass: ``A = sum_t a_t a_t^T``, ``S_b = sum_t g_t[b] g_t[b]^T`` over real tokens;
 - float64 eigendecomposition ``A = Q_A diag(eig_a) Q_A^T``, ``S_b = Q_S,b diag(eig_s,b) Q_S,b^T``;

@@ -1,6 +1,6 @@
 """Fitting one stage's EK-FAC factors over a corpus, with ``accelerate`` and resumable checkpoints.
 
-Two passes over the data (DESIGN.md 2.2): a covariance pass, then (after a float64
+Two passes over the data (docs/design.md, "Fitting EK-FAC"): a covariance pass, then (after a float64
 eigendecomposition of the summed covariances) an eigenvalue-correction pass with fresh label
 samples. Sequences are sharded ``rank::world`` across processes and every sum is all-reduced, so
 any number of processes gives the same factors (labels are seeded per sequence).

@@ -4,7 +4,7 @@ Every tracked module is a linear map ``output = W a (+ b)`` with ``W`` of shape 
 (transformers' GPT-2 ``Conv1D`` stores ``W`` transposed; it is treated as the equivalent
 ``nn.Linear``). A module's output rows are split into ``num_blocks`` contiguous blocks of equal
 size: one block for MLP and output projections, one block per head and per q/k/v for attention
-input projections (DESIGN.md section 2.1). Every layout supported here keeps a head's q, k or v
+input projections (docs/design.md, "Modules and roles", "Per-head blocks"). Every layout supported here keeps a head's q, k or v
 rows contiguous, so a block is always ``rows[i * block_size : (i + 1) * block_size]``; only the
 labels (which head and which of q, k, v a block is) differ between architectures.
 """
@@ -177,7 +177,7 @@ def find_modules(
 
     ``modules`` is ``"all"``, ``"mlp"`` (role ``mlp`` only) or an explicit mapping from module
     name to role (one block per module). ``split_heads`` gives attention q/k/v projections one
-    block per head and per q, k, v (DESIGN.md 2.1); turn it off to treat them as one block.
+    block per head and per q, k, v (docs/design.md, "Per-head blocks"); turn it off to treat them as one block.
     """
     if isinstance(modules, Mapping):
         if not modules:

@@ -2,7 +2,7 @@
 
 Builds (or reuses from the cache) the fact world, its trained pre-trained / fine-tuned GPT-NeoX
 pair, both stages' factors and the document index; publishes the factors and the index to a
-Hub-compatible server of its own on loopback (``hub_msif.hubserver``), pulls them back by tag
+Hub-compatible server of its own on loopback (``hub_msif.hub.server``), pulls them back by tag
 into the Hugging Face cache, and attributes example answers of the fine-tuned model to
 pre-training documents with MS-IF from the pulled copies.
 

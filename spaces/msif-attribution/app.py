@@ -4,7 +4,7 @@ The Space runs ``python app.py``. Configuration comes from environment variables
 variables): ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or a folder; the models are the
 ones the factor manifest records), and the limits ``MSIF_MAX_PROMPT_TOKENS``,
 ``MSIF_MAX_CANDIDATES``, ``MSIF_CONCURRENCY`` (see README.md). With neither location set it serves
-the toy fact world demo. The page itself lives in the package (``hub_msif.space``) so that
+the toy fact world demo. The page itself lives in the package (``hub_msif.apps.space``) so that
 ``hub-msif demo --space`` and the tests build the same app in-process.
 """
 

@@ -1,4 +1,4 @@
-"""``Attributor`` end to end on a tiny model pair saved like Hub models (DESIGN.md 2.4).
+"""``Attributor`` end to end on a tiny model pair saved like Hub models (docs/design.md, "Scores and their sign").
 
 A module-scoped fixture trains a tiny GPT-NeoX briefly on a toy corpus (the pre-trained model),
 trains a copy of it briefly on templated question-answer pairs (the fine-tuned model), saves both

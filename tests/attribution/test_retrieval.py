@@ -1,4 +1,4 @@
-"""Candidate selection: embeddings + faiss (hub_msif.retrieval) and ``hub-msif index build``."""
+"""Candidate selection: embeddings + faiss (hub_msif.attribution.retrieval) and ``hub-msif index build``."""
 
 import importlib
 import inspect

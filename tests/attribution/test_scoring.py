@@ -1,4 +1,4 @@
-"""MS-IF, SS-IF and GDP scores against slow references (DESIGN.md 2.3-2.4).
+"""MS-IF, SS-IF and GDP scores against slow references (docs/design.md, "Preconditioning and damping", "Scores and their sign").
 
 Two different float64 tiny models of one architecture (seeds 0 and 1) play the pre-trained and
 the fine-tuned model; each stage's EK-FAC factors are fitted with ``fit_factors`` on its own data

@@ -1,4 +1,4 @@
-"""ModuleFactors.precondition against dense float64 references (DESIGN.md 2.3).
+"""ModuleFactors.precondition against dense float64 references (docs/design.md, "Preconditioning and damping").
 
 The dense reference builds the full ``(d_out * d_in)``-square matrix
 ``(Q_S kron Q_A) (diag(Lambda) + damping)^-1 (Q_S kron Q_A)^T`` (``Q_S`` block-diagonal over the

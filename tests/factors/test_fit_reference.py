@@ -1,11 +1,11 @@
-"""fit_factors against for-loop references that run every sequence alone (DESIGN.md 2.2).
+"""fit_factors against for-loop references that run every sequence alone (docs/design.md, "Fitting EK-FAC", "Per-sequence Lambda").
 
 The fit pads batches, masks padding, captures activations and output gradients with hooks and
 never forms a per-sequence gradient. The references here do the opposite: each sequence goes
 through the float64 model on its own (no padding at all), ``A`` and ``S_b`` are summed from
 plainly hooked inputs and ``torch.autograd.grad`` output gradients, and ``Lambda`` is built from
 the parameter gradients ``.grad`` of each sequence's own summed loss, with the same labels the fit
-used (true labels, or the per-sequence samples of hub_msif.objectives for the pass at hand).
+used (true labels, or the per-sequence samples of hub_msif.factors.objectives for the pass at hand).
 """
 
 import copy

@@ -1,4 +1,4 @@
-"""Which modules are tracked, their roles and per-head blocks (DESIGN.md section 2.1).
+"""Which modules are tracked, their roles and per-head blocks (docs/design.md, "Modules and roles", "Per-head blocks").
 
 The per-head row layouts are checked behaviourally, not against the layout tables: each block
 of a first-layer q/k/v projection is perturbed on its own and the effect on the attention
