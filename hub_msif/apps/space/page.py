@@ -17,248 +17,30 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+from hub_msif.apps.space.backend import Backend, one_line, report_progress
+from hub_msif.apps.space.render import (
+    METHOD_CHOICES,
+    METHOD_LABELS,
+    PROPONENT_MARK,
+    RESULT_COLUMNS,
+    RESULT_TYPES,
+    chart_update,
+    escape_markdown,
+    highlight,
+    query_terms,
+    results_table,
+)
+from hub_msif.apps.space.settings import SpaceSettings
 from hub_msif.attribution.attributor import DEFAULT_DAMPING, METHODS, Attributor
-from hub_msif.attribution.results import Attribution, ResultRow
-from hub_msif.attribution.retrieval import DocumentIndex
 from hub_msif.attribution.scoring import GRADIENT_METHODS
-from hub_msif.errors import MsifError, SpaceError
+from hub_msif.errors import SpaceError
 
 logger = logging.getLogger(__name__)
-
-METHOD_CHOICES = [("MS-IF", "ms-if"), ("SS-IF", "ss-if"), ("GDP", "gdp"), ("RepSim", "repsim"), ("BM25", "bm25")]
-METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES)
-RESULT_COLUMNS = ["rank", "score", "relative score", "MLP", "attention", "document", "text"]
-RESULT_TYPES = ["number", "str", "number", "number", "number", "markdown", "markdown"]
-MAX_CHART_DOCUMENTS = 10
-MAX_CHART_BANDS = 6  # layers are grouped into at most this many bands per role, so colours stay readable
-PROPONENT_MARK = "★"
-STOPWORDS = frozenset(
-    "a an the of in on at to for and or not is are was were be been being by with as from that this these those it its "
-    "what which who whom whose where when why how does do did has have had can could will would should may might "
-    "there their they them he she his her you your we our i me my".split()
-)
-_WORD = re.compile(r"[^\W_]+")
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$&])")
-
-
-
-@dataclass
-class SpaceSettings:
-    """Limits and defaults of the Space; ``from_env`` reads them from ``MSIF_*`` variables."""
-
-    max_prompt_tokens: int = 256  # MSIF_MAX_PROMPT_TOKENS: longest prompt (and answer), in tokens
-    max_candidates: int = 200  # MSIF_MAX_CANDIDATES: most candidate documents scored per request
-    concurrency: int = 1  # MSIF_CONCURRENCY: requests processed at once (the rest wait in the queue)
-    queue_size: int = 32  # MSIF_QUEUE_SIZE: waiting requests beyond which new ones are turned away
-    default_candidates: int = 100  # MSIF_DEFAULT_CANDIDATES: the candidates slider's initial value
-    top: int = 10  # MSIF_TOP: rows shown per method
-    max_new_tokens: int = 32  # MSIF_MAX_NEW_TOKENS: longest generated answer
-
-    ENV = {"max_prompt_tokens": "MSIF_MAX_PROMPT_TOKENS", "max_candidates": "MSIF_MAX_CANDIDATES",
-           "concurrency": "MSIF_CONCURRENCY", "queue_size": "MSIF_QUEUE_SIZE",
-           "default_candidates": "MSIF_DEFAULT_CANDIDATES", "top": "MSIF_TOP", "max_new_tokens": "MSIF_MAX_NEW_TOKENS"}
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SpaceError(f"{self.ENV[f.name]} ({f.name}) must be a whole number of at least 1, got {value!r}")
-        self.default_candidates = min(self.default_candidates, self.max_candidates)
-
-    @classmethod
-    def from_env(cls, environ: dict | None = None) -> SpaceSettings:
-        environ = os.environ if environ is None else environ
-        values = {}
-        for name, var in cls.ENV.items():
-            raw = environ.get(var, "").strip()
-            if raw:
-                try:
-                    values[name] = int(raw)
-                except ValueError:
-                    raise SpaceError(f"{var} must be a whole number, got {raw!r}") from None
-        return cls(**values)
-
-
-class Backend:
-    """The attributor and index behind the page, loaded on first use and shared by requests.
-
-    ``factors``: a location (``REPO[@REV]`` or folder) or a ready ``Attributor``; ``index``: a
-    location or a ready ``DocumentIndex``. Locations are resolved by the attributor and the index
-    themselves (``hub_msif.hub.pull``). A failed load is not remembered: the next request tries
-    again. Model computations run one at a time (gradient capture hooks the models).
-    """
-
-    def __init__(self, factors, index):
-        self.factors_location, self.index_location = factors, index
-        self._attributor = factors if isinstance(factors, Attributor) else None
-        self._index = index if isinstance(index, DocumentIndex) else None
-        self._load_lock = threading.Lock()
-        self.compute_lock = threading.Lock()
-
-    def attributor(self, modules: str = "all", progress: Callable | None = None) -> Attributor:
-        """The attributor over ``all`` modules, or its MLP-only view (``restrict("mlp")``)."""
-        with self._load_lock:
-            if self._attributor is None:
-                _report(progress, 0.05, f"Getting factors from {self.factors_location} and loading the model pair")
-                try:
-                    self._attributor = Attributor(self.factors_location)
-                except (MsifError, OSError, ValueError) as err:
-                    raise SpaceError(f"cannot load the factors from {str(self.factors_location)!r}: "
-                                     f"{one_line(err)}") from err
-            if modules == self._attributor.modules:
-                return self._attributor
-            if modules != "mlp":
-                raise SpaceError("this Space was given factors of MLP modules only: tick 'MLP modules only'")
-            try:
-                return self._attributor.restrict("mlp")
-            except MsifError as err:
-                raise SpaceError(f"{err}; untick 'MLP modules only'") from err
-
-    def index(self, progress: Callable | None = None) -> DocumentIndex:
-        with self._load_lock:
-            if self._index is None:
-                if self.index_location is None:
-                    raise SpaceError("this Space has no document index configured (MSIF_INDEX)")
-                _report(progress, 0.3, f"Getting the document index from {self.index_location}")
-                try:
-                    self._index = DocumentIndex.load(self.index_location)
-                except (MsifError, OSError, ValueError) as err:
-                    raise SpaceError(f"cannot load the index from {str(self.index_location)!r}: {one_line(err)}") from err
-            return self._index
-
-
-def _report(progress: Callable | None, fraction: float, desc: str) -> None:
-    logger.info(desc)
-    if progress is not None:
-        progress(fraction, desc=desc)
-
-
-def one_line(err: BaseException, limit: int = 400) -> str:
-    """The first line of an exception's message (its type when the message is empty)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# ---------------------------------------------------------------------------------------------
-# Presentation: highlighted snippets, the ranked table, the chart
-# ---------------------------------------------------------------------------------------------
-
-
-def query_terms(*texts: str | None) -> set[str]:
-    """Lower-cased words of the query (prompt and answer) worth highlighting: no stopwords."""
-    return {w.lower() for t in texts for w in _WORD.findall(t or "") if len(w) > 1 and w.lower() not in STOPWORDS}
-
-
-def escape_markdown(text: str) -> str:
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
-
-
-def highlight(text: str, terms: set[str], limit: int = 240) -> str:
-    """Markdown of ``text`` (cut to about ``limit`` characters) with the query's words in **bold**."""
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[:limit].rsplit(" ", 1)[0] + " …"
-    out, pos = [], 0
-    for match in _WORD.finditer(text):
-        out.append(escape_markdown(text[pos:match.start()]))
-        word = escape_markdown(match.group(0))
-        out.append(f"**{word}**" if match.group(0).lower() in terms else word)
-        pos = match.end()
-    out.append(escape_markdown(text[pos:]))
-    return "".join(out)
-
-
-def _round(value: float | None, digits: int = 4) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return float(f"{value:.{digits}g}")
-
-
-def results_table(result: Attribution, terms: set[str], proponents: set[str] = frozenset()) -> pd.DataFrame:
-    """The ranked table: rank, score, relative score, MLP and attention parts, document id, snippet."""
-    rows = []
-    for row in result.rows:
-        parts = row.relative_by_role or {}
-        mark = f" {PROPONENT_MARK}" if row.id in proponents else ""
-        rows.append([row.rank, f"{row.score:.4g}", _round(row.relative_score, 3), _round(parts.get("mlp"), 3),
-                     _round(parts.get("attention"), 3), f"{escape_markdown(row.id)}{mark}", highlight(row.text, terms)])
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
-
-
-def _bands(layers: Sequence[int]) -> dict[int, str]:
-    """Layer -> label, grouping consecutive layers into at most ``MAX_CHART_BANDS`` bands."""
-    layers = sorted(set(layers))
-    if len(layers) <= MAX_CHART_BANDS:
-        return {layer: f"layer {layer}" for layer in layers}
-    size = math.ceil(len(layers) / MAX_CHART_BANDS)
-    labels = {}
-    for start in range(0, len(layers), size):
-        group = layers[start:start + size]
-        for layer in group:
-            labels[layer] = f"layers {group[0]}-{group[-1]}"
-    return labels
-
-
-def chart_frame(result: Attribution, limit: int = MAX_CHART_DOCUMENTS) -> pd.DataFrame:
-    """Long-form data for the chart: per top document, its relative influence split by layer and role.
-
-    Consecutive layers are grouped into at most ``MAX_CHART_BANDS`` bands. Methods without a
-    per-module breakdown (RepSim, BM25) give one ``total`` part per document.
-    """
-    rows: list[ResultRow] = result.rows[:limit]
-    layer_labels = _bands([int(layer) for row in rows for layer in (row.relative_by_layer_role or {})
-                           if layer.isdigit()])
-    records = []
-    for row in rows:
-        label = f"{row.rank}. {row.id}"
-        if row.relative_by_layer_role is None:
-            records.append({"document": label, "part": "total", "influence": row.relative_score})
-            continue
-        parts: dict[str, float] = {}
-        for layer, cell in row.relative_by_layer_role.items():
-            where = layer_labels.get(int(layer), "other layers") if layer.isdigit() else "other layers"
-            for role, value in cell.items():
-                key = f"{where} · {'MLP' if role == 'mlp' else 'attention'}"
-                parts[key] = parts.get(key, 0.0) + value
-        records.extend({"document": label, "part": k, "influence": v} for k, v in sorted(parts.items()))
-    return pd.DataFrame(records, columns=["document", "part", "influence"])
-
-
-_BLUES = ["#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b"]
-_ORANGES = ["#fdae6b", "#fd8d3c", "#f16913", "#d94801", "#a63603", "#7f2704"]
-
-
-def chart_colors(parts: Iterable[str]) -> dict[str, str]:
-    """Attention parts in blues and MLP parts in oranges, darker for deeper layers."""
-    parts = list(dict.fromkeys(parts))
-    colors = {"total": "#7c3aed"}
-    for role, palette in (("attention", _BLUES), ("MLP", _ORANGES)):
-        mine = [p for p in parts if p.endswith(role)]
-        for i, part in enumerate(mine):
-            colors[part] = palette[min(len(palette) - 1, round(i * (len(palette) - 1) / max(1, len(mine) - 1)))]
-    return {p: colors.get(p, "#999999") for p in parts}
-
-
-def chart_update(result: Attribution) -> gr.BarPlot:
-    frame = chart_frame(result)
-    order = list(dict.fromkeys(frame["document"]))
-    return gr.BarPlot(value=frame, sort=order, color_map=chart_colors(frame["part"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# The page
-# ---------------------------------------------------------------------------------------------
 
 
 def _examples(examples) -> tuple[list[str], dict[str, set[str]]]:
@@ -348,7 +130,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         if answer and answer.strip():
             check_length(attributor, answer, "answer")
             return answer.strip(), False
-        _report(progress, 0.45, "Generating the fine-tuned model's answer")
+        report_progress(progress, 0.45, "Generating the fine-tuned model's answer")
         generated = attributor.generate(prompt, settings.max_new_tokens)
         if not generated.strip():
             raise SpaceError("The fine-tuned model generated an empty answer; type one in the answer box.")
@@ -386,7 +168,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         attributor = backend.attributor("all", progress)
         check_length(attributor, prompt, "prompt")
         with backend.compute_lock:
-            _report(progress, 0.5, "Generating the fine-tuned model's answer")
+            report_progress(progress, 0.5, "Generating the fine-tuned model's answer")
             answer = attributor.generate(prompt, settings.max_new_tokens)
         return answer, f"Answer generated greedily by the fine-tuned model ({attributor.refs['finetuned'].id})."
 
@@ -397,10 +179,10 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         started = time.perf_counter()
         attributor = backend.attributor("mlp" if mlp else "all", progress)
         index = backend.index(progress)
-        _report(progress, 0.4, "Waiting for the model")
+        report_progress(progress, 0.4, "Waiting for the model")
         with backend.compute_lock:
             answer, generated = answer_for(attributor, prompt, answer, progress)
-            _report(progress, 0.6, f"Retrieving {candidates} candidates and scoring them with {METHOD_LABELS[method]}")
+            report_progress(progress, 0.6, f"Retrieving {candidates} candidates and scoring them with {METHOD_LABELS[method]}")
             result = attributor.attribute(prompt, answer, index=index, candidates=candidates, top=settings.top,
                                           method=method, damping=damping)
         proponents = known_proponents.get(prompt, set())
@@ -426,7 +208,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         index = backend.index(progress)
         with backend.compute_lock:
             answer, generated = answer_for(attributor, prompt, answer, progress)
-            _report(progress, 0.5, f"Retrieving {candidates} candidates and scoring them with all five methods")
+            report_progress(progress, 0.5, f"Retrieving {candidates} candidates and scoring them with all five methods")
             results = {r.method: r for r in attributor.compare(prompt, answer, index=index, candidates=candidates,
                                                                top=settings.top, methods=METHODS,
                                                                dampings=[damping])}
@@ -545,61 +327,3 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
     app.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     app.msif_backend = backend  # for tests and callers that want to preload
     return app
-
-
-# ---------------------------------------------------------------------------------------------
-# Running it
-# ---------------------------------------------------------------------------------------------
-
-
-def default_cache() -> Path:
-    """``HUB_MSIF_CACHE``, else ``/data/hub_msif`` (a Space's persistent storage), else ``~/.cache/hub_msif``."""
-    if os.environ.get("HUB_MSIF_CACHE"):
-        return Path(os.environ["HUB_MSIF_CACHE"])
-    if Path("/data").is_dir() and os.access("/data", os.W_OK):
-        return Path("/data/hub_msif")
-    return Path.home() / ".cache" / "hub_msif"
-
-
-def demo_app(cache: str | Path, settings: SpaceSettings | None = None) -> gr.Blocks:
-    """The app over the toy fact world (built or reused in ``cache``), with its example questions."""
-    from hub_msif.toy.demo import example_queries, prepare
-
-    artifacts = prepare(cache)
-    return build_app(artifacts["factors"], artifacts["index"], example_queries(artifacts["world"]), settings,
-                     title="MS-IF attribution: toy fact world")
-
-
-def serve_demo(cache: str | Path, port: int | None = None, settings: SpaceSettings | None = None) -> tuple[gr.Blocks, str]:
-    """Builds the fact-world app and serves it on 127.0.0.1 without blocking; returns (app, URL).
-
-    ``port`` None takes ``GRADIO_SERVER_PORT`` or the first free port from 7860. Call
-    ``app.block_thread()`` to keep serving until interrupted, ``app.close()`` to stop.
-    """
-    app = demo_app(cache, settings)
-    app.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
-    return app, app.local_url
-
-
-def main(environ: dict | None = None) -> None:
-    """The Space entry point: ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or folders), limits
-    from ``MSIF_*`` (see ``SpaceSettings``). Without them it serves the toy fact world demo."""
-    environ = os.environ if environ is None else environ
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = SpaceSettings.from_env(environ)
-    factors, index = environ.get("MSIF_FACTORS", "").strip(), environ.get("MSIF_INDEX", "").strip()
-    if bool(factors) != bool(index):
-        raise SystemExit("set both MSIF_FACTORS and MSIF_INDEX (REPO[@REV] or a folder), or neither for the demo")
-    if factors:
-        app = build_app(factors, index, settings=settings)
-    else:
-        logger.info("MSIF_FACTORS and MSIF_INDEX are not set: serving the toy fact world demo")
-        app = demo_app(default_cache() / "demo", settings)
-    on_hub = bool(environ.get("SPACE_ID"))
-    host = environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_hub else "127.0.0.1")
-    port = int(environ.get("GRADIO_SERVER_PORT") or 7860)
-    app.launch(server_name=host, server_port=port, share=False)
-
-
-__all__ = ["Backend", "SpaceError", "SpaceSettings", "build_app", "demo_app", "main", "serve_demo"]
-

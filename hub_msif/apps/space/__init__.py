@@ -1,0 +1,17 @@
+"""The Gradio Space: attribute a fine-tuned model's answer to pre-training documents in a browser.
+
+``settings`` (limits from ``MSIF_*``), ``backend`` (the attributor and index, loaded on first
+use), ``render`` (table, chart, highlighted snippets), ``page`` (``build_app``: the page and its
+API ``generate``, ``attribute``, ``compare``), ``run`` (``main``, the Space entry point, and the
+fact-world demo).
+"""
+
+from hub_msif.apps.space.backend import Backend
+from hub_msif.apps.space.page import build_app
+from hub_msif.apps.space.render import highlight, query_terms
+from hub_msif.apps.space.run import demo_app, main, serve_demo
+from hub_msif.apps.space.settings import SpaceSettings
+from hub_msif.errors import SpaceError
+
+__all__ = ["Backend", "SpaceError", "SpaceSettings", "build_app", "demo_app", "highlight", "main", "query_terms",
+           "serve_demo"]

@@ -1,0 +1,138 @@
+"""How results look in the page: highlighted snippets, the ranked table, the chart by layer and role.
+
+Everything shown comes from the typed rows of ``hub_msif.attribution.results``; nothing here
+recomputes a score, a scale or a sum beyond grouping layers into bands.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+import gradio as gr
+import pandas as pd
+
+from hub_msif.attribution.results import Attribution, ResultRow
+
+logger = logging.getLogger(__name__)
+
+
+METHOD_CHOICES = [("MS-IF", "ms-if"), ("SS-IF", "ss-if"), ("GDP", "gdp"), ("RepSim", "repsim"), ("BM25", "bm25")]
+METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES)
+RESULT_COLUMNS = ["rank", "score", "relative score", "MLP", "attention", "document", "text"]
+RESULT_TYPES = ["number", "str", "number", "number", "number", "markdown", "markdown"]
+MAX_CHART_DOCUMENTS = 10
+MAX_CHART_BANDS = 6  # layers are grouped into at most this many bands per role, so colours stay readable
+PROPONENT_MARK = "★"
+STOPWORDS = frozenset(
+    "a an the of in on at to for and or not is are was were be been being by with as from that this these those it its "
+    "what which who whom whose where when why how does do did has have had can could will would should may might "
+    "there their they them he she his her you your we our i me my".split()
+)
+_WORD = re.compile(r"[^\W_]+")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$&])")
+
+
+
+
+def query_terms(*texts: str | None) -> set[str]:
+    """Lower-cased words of the query (prompt and answer) worth highlighting: no stopwords."""
+    return {w.lower() for t in texts for w in _WORD.findall(t or "") if len(w) > 1 and w.lower() not in STOPWORDS}
+
+
+def escape_markdown(text: str) -> str:
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def highlight(text: str, terms: set[str], limit: int = 240) -> str:
+    """Markdown of ``text`` (cut to about ``limit`` characters) with the query's words in **bold**."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    out, pos = [], 0
+    for match in _WORD.finditer(text):
+        out.append(escape_markdown(text[pos:match.start()]))
+        word = escape_markdown(match.group(0))
+        out.append(f"**{word}**" if match.group(0).lower() in terms else word)
+        pos = match.end()
+    out.append(escape_markdown(text[pos:]))
+    return "".join(out)
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
+
+
+def results_table(result: Attribution, terms: set[str], proponents: set[str] = frozenset()) -> pd.DataFrame:
+    """The ranked table: rank, score, relative score, MLP and attention parts, document id, snippet."""
+    rows = []
+    for row in result.rows:
+        parts = row.relative_by_role or {}
+        mark = f" {PROPONENT_MARK}" if row.id in proponents else ""
+        rows.append([row.rank, f"{row.score:.4g}", _round(row.relative_score, 3), _round(parts.get("mlp"), 3),
+                     _round(parts.get("attention"), 3), f"{escape_markdown(row.id)}{mark}", highlight(row.text, terms)])
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def _bands(layers: Sequence[int]) -> dict[int, str]:
+    """Layer -> label, grouping consecutive layers into at most ``MAX_CHART_BANDS`` bands."""
+    layers = sorted(set(layers))
+    if len(layers) <= MAX_CHART_BANDS:
+        return {layer: f"layer {layer}" for layer in layers}
+    size = math.ceil(len(layers) / MAX_CHART_BANDS)
+    labels = {}
+    for start in range(0, len(layers), size):
+        group = layers[start:start + size]
+        for layer in group:
+            labels[layer] = f"layers {group[0]}-{group[-1]}"
+    return labels
+
+
+def chart_frame(result: Attribution, limit: int = MAX_CHART_DOCUMENTS) -> pd.DataFrame:
+    """Long-form data for the chart: per top document, its relative influence split by layer and role.
+
+    Consecutive layers are grouped into at most ``MAX_CHART_BANDS`` bands. Methods without a
+    per-module breakdown (RepSim, BM25) give one ``total`` part per document.
+    """
+    rows: list[ResultRow] = result.rows[:limit]
+    layer_labels = _bands([int(layer) for row in rows for layer in (row.relative_by_layer_role or {})
+                           if layer.isdigit()])
+    records = []
+    for row in rows:
+        label = f"{row.rank}. {row.id}"
+        if row.relative_by_layer_role is None:
+            records.append({"document": label, "part": "total", "influence": row.relative_score})
+            continue
+        parts: dict[str, float] = {}
+        for layer, cell in row.relative_by_layer_role.items():
+            where = layer_labels.get(int(layer), "other layers") if layer.isdigit() else "other layers"
+            for role, value in cell.items():
+                key = f"{where} · {'MLP' if role == 'mlp' else 'attention'}"
+                parts[key] = parts.get(key, 0.0) + value
+        records.extend({"document": label, "part": k, "influence": v} for k, v in sorted(parts.items()))
+    return pd.DataFrame(records, columns=["document", "part", "influence"])
+
+
+_BLUES = ["#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b"]
+_ORANGES = ["#fdae6b", "#fd8d3c", "#f16913", "#d94801", "#a63603", "#7f2704"]
+
+
+def chart_colors(parts: Iterable[str]) -> dict[str, str]:
+    """Attention parts in blues and MLP parts in oranges, darker for deeper layers."""
+    parts = list(dict.fromkeys(parts))
+    colors = {"total": "#7c3aed"}
+    for role, palette in (("attention", _BLUES), ("MLP", _ORANGES)):
+        mine = [p for p in parts if p.endswith(role)]
+        for i, part in enumerate(mine):
+            colors[part] = palette[min(len(palette) - 1, round(i * (len(palette) - 1) / max(1, len(mine) - 1)))]
+    return {p: colors.get(p, "#999999") for p in parts}
+
+
+def chart_update(result: Attribution) -> gr.BarPlot:
+    frame = chart_frame(result)
+    order = list(dict.fromkeys(frame["document"]))
+    return gr.BarPlot(value=frame, sort=order, color_map=chart_colors(frame["part"]))

@@ -1,0 +1,63 @@
+"""Running the Space: the entry point ``main()`` and the toy fact-world demo served on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from hub_msif.apps.space.page import build_app
+from hub_msif.apps.space.settings import SpaceSettings
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache() -> Path:
+    """``HUB_MSIF_CACHE``, else ``/data/hub_msif`` (a Space's persistent storage), else ``~/.cache/hub_msif``."""
+    if os.environ.get("HUB_MSIF_CACHE"):
+        return Path(os.environ["HUB_MSIF_CACHE"])
+    if Path("/data").is_dir() and os.access("/data", os.W_OK):
+        return Path("/data/hub_msif")
+    return Path.home() / ".cache" / "hub_msif"
+
+
+def demo_app(cache: str | Path, settings: SpaceSettings | None = None) -> gr.Blocks:
+    """The app over the toy fact world (built or reused in ``cache``), with its example questions."""
+    from hub_msif.toy.demo import example_queries, prepare
+
+    artifacts = prepare(cache)
+    return build_app(artifacts["factors"], artifacts["index"], example_queries(artifacts["world"]), settings,
+                     title="MS-IF attribution: toy fact world")
+
+
+def serve_demo(cache: str | Path, port: int | None = None, settings: SpaceSettings | None = None) -> tuple[gr.Blocks, str]:
+    """Builds the fact-world app and serves it on 127.0.0.1 without blocking; returns (app, URL).
+
+    ``port`` None takes ``GRADIO_SERVER_PORT`` or the first free port from 7860. Call
+    ``app.block_thread()`` to keep serving until interrupted, ``app.close()`` to stop.
+    """
+    app = demo_app(cache, settings)
+    app.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    return app, app.local_url
+
+
+def main(environ: dict | None = None) -> None:
+    """The Space entry point: ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or folders), limits
+    from ``MSIF_*`` (see ``SpaceSettings``). Without them it serves the toy fact world demo."""
+    environ = os.environ if environ is None else environ
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = SpaceSettings.from_env(environ)
+    factors, index = environ.get("MSIF_FACTORS", "").strip(), environ.get("MSIF_INDEX", "").strip()
+    if bool(factors) != bool(index):
+        raise SystemExit("set both MSIF_FACTORS and MSIF_INDEX (REPO[@REV] or a folder), or neither for the demo")
+    if factors:
+        app = build_app(factors, index, settings=settings)
+    else:
+        logger.info("MSIF_FACTORS and MSIF_INDEX are not set: serving the toy fact world demo")
+        app = demo_app(default_cache() / "demo", settings)
+    on_hub = bool(environ.get("SPACE_ID"))
+    host = environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_hub else "127.0.0.1")
+    port = int(environ.get("GRADIO_SERVER_PORT") or 7860)
+    app.launch(server_name=host, server_port=port, share=False)
