@@ -33,6 +33,7 @@ from hub_msif.data import CorpusSpec
 from hub_msif.errors import FactorError, HubError, HubIntegrityError
 from hub_msif.factors.fit import FitConfig, fit_stage
 from hub_msif.factors.storage import load_stage, save_stage
+from hub_msif.hub.cards import factors_card
 from hub_msif.toy.examples import OBJECTS, SUBJECTS, VERBS, example_texts, tiny_model, train_briefly, word_tokenizer
 
 TEMPLATE = "question : {prompt} answer :"
@@ -305,7 +306,7 @@ def test_factors_of_hub_models_record_and_pin_their_commits(hub_server, artifact
     repo = "alice/msif-hub-model-factors"
     _, tag = hub.push_factors(folder, repo)
     assert hub.find_factors("alice/tiny-pretrained", "alice/tiny-finetuned") == f"{repo}@{tag}"
-    card = hub.factors_card(read_manifest(folder), repo, tag, {"x": 1})
+    card = factors_card(read_manifest(folder), repo, tag, {"x": 1})
     assert f"--model alice/tiny-finetuned --revision {commits['finetuned']}" in card.text
 
     # The fine-tuned model's repo moves on (other weights).

@@ -1,4 +1,4 @@
-"""The loopback Hub-compatible server (hub_msif.hubserver) driven by the real clients over HTTP.
+"""The loopback Hub-compatible server (hub_msif.hub.server) driven by the real clients over HTTP.
 
 Every test talks to the ``hub_server`` fixture (the session's ``HF_ENDPOINT``) with the real
 ``huggingface_hub`` and ``datasets`` clients; nothing is mocked. Users: alice (``HF_TOKEN``, writes
@@ -38,10 +38,10 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import get_session
 
-from hub_msif.hubserver import HubServer, git_blob_sha1, parse_token_spec
+from hub_msif.hub.server import HubServer, git_blob_sha1, parse_token_spec
 
 ALICE, BOB, CAROL = "test-token-alice", "test-token-bob", "test-token-carol-read"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _name(stem: str) -> str:
@@ -424,22 +424,22 @@ def test_token_specs():
 def test_hub_serve_command(tmp_path):
     root = tmp_path / "hub"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hub_msif.cli", "hub", "serve", "--root", str(root), "--port", "0",
+    with subprocess.Popen(
+        [sys.executable, "-m", "hub_msif.apps.cli", "hub", "serve", "--root", str(root), "--port", "0",
          "--token", "dave-token=dave:lab", "--token", "erin-token=erin:read"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("Hub server at http://127.0.0.1:"), line + proc.stderr.read()
-        url = line.split()[3]
-        dave = HfApi(endpoint=url, token="dave-token")
-        assert dave.whoami()["orgs"][0]["name"] == "lab"
-        assert dave.create_repo("lab/served", repo_type="dataset").repo_id == "lab/served"
-        with pytest.raises(HfHubHTTPError, match="read-only"):
-            HfApi(endpoint=url, token="erin-token").create_repo("erin/nope")
-        tokens = json.loads((root / "tokens.json").read_text())
-        assert tokens["erin-token"] == {"user": "erin", "orgs": [], "role": "read"}
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) as proc:
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("Hub server at http://127.0.0.1:"), line + proc.stderr.read()
+            url = line.split()[3]
+            dave = HfApi(endpoint=url, token="dave-token")
+            assert dave.whoami()["orgs"][0]["name"] == "lab"
+            assert dave.create_repo("lab/served", repo_type="dataset").repo_id == "lab/served"
+            with pytest.raises(HfHubHTTPError, match="read-only"):
+                HfApi(endpoint=url, token="erin-token").create_repo("erin/nope")
+            tokens = json.loads((root / "tokens.json").read_text())
+            assert tokens["erin-token"] == {"user": "erin", "orgs": [], "role": "read"}
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
     assert (root / "datasets" / "lab" / "served" / "repo.json").is_file()

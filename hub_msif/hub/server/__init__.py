@@ -1,0 +1,22 @@
+"""A Hugging Face Hub compatible HTTP server, for offline tests and air-gapped sharing.
+
+``HubServer`` speaks the part of the Hub HTTP API that ``huggingface_hub`` (and ``datasets``
+through ``HfFileSystem``) use for this project's pushes, pulls and searches: model and dataset
+repos, commits with regular and LFS files, branches, tags, tree listings, downloads with
+``Range``, search and tokens. It follows ``HUB_API_SPEC.md``; clients need
+``HF_HUB_DISABLE_XET=1`` (Xet storage is not spoken).
+
+Modules, from the disk up: ``store`` (repos on disk: commits, refs, objects), ``cards`` (README
+front matter and tags), ``gitattributes`` (which files are LFS), ``auth`` (tokens, callers,
+rights), ``errors`` (``HubApiError`` and the Hub's error shape), ``views`` (the JSON documents
+answered), ``request_context`` (what handlers read from a request), ``repos`` and ``uploads``
+(the handlers), ``routes`` (the starlette app) and ``app`` (``HubServer``: uvicorn in a thread).
+"""
+
+from hub_msif.hub.server.app import HubServer
+from hub_msif.hub.server.auth import load_tokens, normalize_tokens, parse_token_spec, save_tokens
+from hub_msif.hub.server.errors import HubApiError
+from hub_msif.hub.server.store import git_blob_sha1
+
+__all__ = ["HubApiError", "HubServer", "git_blob_sha1", "load_tokens", "normalize_tokens", "parse_token_spec",
+           "save_tokens"]
