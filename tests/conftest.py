@@ -96,6 +96,48 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+QA_TEMPLATE = "question : {prompt} answer :"
+
+
+def qa_rows(n: int) -> list[dict]:
+    """``n`` prompt/response rows about the bundled example corpus ("what does the cat see ?")."""
+    from hub_msif.toy.examples import OBJECTS, SUBJECTS, VERBS
+
+    rows = []
+    for i in range(n):
+        s, v, o = SUBJECTS[i % len(SUBJECTS)], VERBS[(3 * i) % len(VERBS)], OBJECTS[(5 * i) % len(OBJECTS)]
+        rows.append({"prompt": f"what does {s} {v} ?", "response": o})
+    return rows
+
+
+def save_tiny_pair(root) -> dict:
+    """A tiny GPT-NeoX trained briefly on the example corpus (pre-trained) and a copy trained
+    briefly on templated Q&A rows (fine-tuned), saved like Hub models under ``root/pretrained``
+    and ``root/finetuned`` with a word-level tokenizer, and both corpora as jsonl
+    (``root/pretrain.jsonl`` text, ``root/finetune.jsonl`` prompt/response). Returns the paths,
+    the tokenizer, the fine-tuned model and the Q&A texts (for deriving more models)."""
+    import copy
+    import json
+
+    from hub_msif.toy.examples import example_texts, tiny_model, train_briefly, word_tokenizer
+
+    texts, rows = example_texts(32, seed=0), qa_rows(16)
+    qa_texts = [QA_TEMPLATE.format(prompt=r["prompt"]) + " " + r["response"] for r in rows]
+    tokenizer = word_tokenizer(texts + qa_texts + ["where what who is was ?"])
+    pretrained = tiny_model("gpt_neox", vocab_size=len(tokenizer), seed=0)
+    train_briefly(pretrained, tokenizer, texts, steps=8, batch_size=8)
+    finetuned = train_briefly(copy.deepcopy(pretrained), tokenizer, qa_texts, steps=8, batch_size=8, seed=1)
+    out = {"tokenizer": tokenizer, "finetuned_model": finetuned, "qa_texts": qa_texts}
+    for name, model in (("pretrained", pretrained), ("finetuned", finetuned)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        out[name] = root / name
+    out["pretrain"], out["finetune"] = root / "pretrain.jsonl", root / "finetune.jsonl"
+    out["pretrain"].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out["finetune"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

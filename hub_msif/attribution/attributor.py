@@ -179,14 +179,6 @@ class Attributor:
         return [index.documents[i] for i, _ in hits]
 
     # -- scores ---------------------------------------------------------------------------------
-    def query_weights(self, queries: Sequence[tuple[str, str]], method: str, damping: float,
-                      relative: bool = True) -> dict[str, torch.Tensor]:
-        """``W_q`` per module for (prompt, answer) pairs: each query preconditioned once."""
-        sequences = [self.query_sequence(p, a) for p, a in queries]
-        grads = per_example_gradients(self.models["finetuned"], self.specs, sequences, self.pad_id)
-        return precondition_queries(grads, method, self.factors["finetuned"], self.factors["pretrained"],
-                                    damping, relative)
-
     def score_methods(self, queries: Sequence[tuple[str, str]], documents: Sequence[str],
                       methods: Sequence[str] = ("ms-if",), dampings: Sequence[float] = (DEFAULT_DAMPING,),
                       relative: bool = True, batch_size: int = 8, token_shares: bool = False,

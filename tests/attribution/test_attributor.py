@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QA_TEMPLATE, save_tiny_pair
 
 from hub_msif.attribution import baselines
 from hub_msif.attribution.attributor import METHODS, Attributor
 from hub_msif.data import CorpusSpec
 from hub_msif.errors import FactorError
 from hub_msif.factors.fit import FitConfig, fit_stage
-from hub_msif.toy.examples import OBJECTS, SUBJECTS, VERBS, example_texts, tiny_model, train_briefly, word_tokenizer
+from hub_msif.toy.examples import example_texts, tiny_model
 
-TEMPLATE = "question : {prompt} answer :"
 MAX_POSITIONS = 256  # tiny_model's max_position_embeddings
 
 
@@ -41,14 +41,6 @@ class PairFolder:
     root: Path
 
 
-def _qa_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        s, v, o = SUBJECTS[i % len(SUBJECTS)], VERBS[(3 * i) % len(VERBS)], OBJECTS[(5 * i) % len(OBJECTS)]
-        rows.append({"prompt": f"what does {s} {v} ?", "response": o})
-    return rows
-
-
 def _fit(model_dir, data, folder, stage, modules="all", **corpus):
     config = FitConfig(stage=stage, batch_size=8, checkpoint_every=0, modules=modules)
     return fit_stage(str(model_dir), str(data), folder, config, corpus=CorpusSpec(data=str(data), max_length=64, **corpus),
@@ -58,25 +50,16 @@ def _fit(model_dir, data, folder, stage, modules="all", **corpus):
 @pytest.fixture(scope="module")
 def pair_folder(tmp_path_factory) -> PairFolder:
     root = tmp_path_factory.mktemp("pair")
-    texts = example_texts(32, seed=0)
-    rows = _qa_rows(16)
-    qa_texts = [TEMPLATE.format(prompt=r["prompt"]) + " " + r["response"] for r in rows]
-    tokenizer = word_tokenizer(texts + qa_texts + ["where what who is was ?"])
-    pretrained = tiny_model("gpt_neox", vocab_size=len(tokenizer), seed=0)
-    train_briefly(pretrained, tokenizer, texts, steps=8, batch_size=8)
-    finetuned = train_briefly(copy.deepcopy(pretrained), tokenizer, qa_texts, steps=8, batch_size=8, seed=1)
-    other = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=48, ffn=96, seed=2)
-    dirs = {name: root / name for name in ("pretrained", "finetuned", "other")}
-    for name, model in (("pretrained", pretrained), ("finetuned", finetuned), ("other", other)):
-        model.save_pretrained(dirs[name])
-        tokenizer.save_pretrained(dirs[name])
-    pre_data, ft_data = root / "pretrain.jsonl", root / "finetune.jsonl"
-    pre_data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    ft_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pair = save_tiny_pair(root)
+    other = tiny_model("gpt_neox", vocab_size=len(pair["tokenizer"]), hidden=48, ffn=96, seed=2)
+    other.save_pretrained(root / "other")
+    pair["tokenizer"].save_pretrained(root / "other")
+    dirs = {"pretrained": pair["pretrained"], "finetuned": pair["finetuned"], "other": root / "other"}
+    pre_data, ft_data = pair["pretrain"], pair["finetune"]
     factors = root / "factors"
     _fit(dirs["pretrained"], pre_data, factors, "pretrained")
     _fit(dirs["finetuned"], ft_data, factors, "finetuned", prompt_column="prompt", response_column="response",
-         template=TEMPLATE)
+         template=QA_TEMPLATE)
     return PairFolder(factors, dirs["pretrained"], dirs["finetuned"], dirs["other"], root)
 
 
@@ -102,7 +85,7 @@ def _check_rows(result, n_rows):
 
 # -- results --------------------------------------------------------------------------------------
 def test_attribute_ranks_and_breaks_down(attributor):
-    assert attributor.template == TEMPLATE  # the fine-tuning template recorded in the manifest
+    assert attributor.template == QA_TEMPLATE  # the fine-tuning template recorded in the manifest
     result = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=len(DOCUMENTS))
     assert (result.prompt, result.answer, result.answer_generated) == (PROMPT, ANSWER, False)
     assert (result.method, result.modules, result.damping, result.relative_damping) == ("ms-if", "all", 0.1, True)
@@ -139,7 +122,7 @@ def test_attribute_ranks_and_breaks_down(attributor):
 def test_query_tokenized_like_fine_tuning(attributor):
     seq = attributor.query_sequence(PROMPT, ANSWER)
     tok = attributor.tokenizer
-    prompt_ids = tok(TEMPLATE.format(prompt=PROMPT))["input_ids"]
+    prompt_ids = tok(QA_TEMPLATE.format(prompt=PROMPT))["input_ids"]
     answer_ids = tok(ANSWER, add_special_tokens=False)["input_ids"]
     assert seq["input_ids"] == prompt_ids + answer_ids
     assert seq["labels"] == [-100] * len(prompt_ids) + answer_ids  # loss on the answer only
@@ -352,7 +335,7 @@ def gpt2_attributor(pair_folder) -> Attributor:
         tokenizer.save_pretrained(dirs[stage])
     _fit(dirs["pretrained"], pair_folder.root / "pretrain.jsonl", root / "factors", "pretrained", modules="mlp")
     _fit(dirs["finetuned"], pair_folder.root / "finetune.jsonl", root / "factors", "finetuned", modules="mlp",
-         prompt_column="prompt", response_column="response", template=TEMPLATE)
+         prompt_column="prompt", response_column="response", template=QA_TEMPLATE)
     return Attributor(root / "factors")
 
 
@@ -363,7 +346,7 @@ def test_generation_stays_within_learned_positions(gpt2_attributor):
     assert attributor.max_length == MAX_POSITIONS
     with pytest.raises(ValueError, match="no room for an answer"):
         attributor.attribute(" ".join(["cat"] * (MAX_POSITIONS + 10)), None, documents=DOCUMENTS[:2])
-    template_tokens = len(attributor.tokenizer(TEMPLATE.format(prompt=""))["input_ids"])
+    template_tokens = len(attributor.tokenizer(QA_TEMPLATE.format(prompt=""))["input_ids"])
     nearly = " ".join(["cat"] * (MAX_POSITIONS - template_tokens - 3))  # room for 3 answer tokens
     answer = attributor.generate(nearly)
     assert 0 < len(attributor.tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 3
@@ -451,7 +434,7 @@ def test_stages_tracking_different_modules(pair_folder):
     with pytest.raises(FactorError, match=r"already holds pretrained factors over other modules.*"
                                           r"gpt_neox\.layers\.0\.attention\.query_key_value only in the second"):
         _fit(pair_folder.finetuned, pair_folder.root / "finetune.jsonl", folder, "finetuned", modules="mlp",
-             prompt_column="prompt", response_column="response", template=TEMPLATE)
+             prompt_column="prompt", response_column="response", template=QA_TEMPLATE)
     # ... and a folder whose stages differ anyway (edited by hand) is refused when loaded, unless
     # only the modules both stages share are asked for.
     manifest = json.loads((folder / "msif.json").read_text())

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import conftest
 import pytest
+from conftest import QA_TEMPLATE as TEMPLATE
+from conftest import save_tiny_pair
 
 from hub_msif import hub
 from hub_msif.apps.cli import main as cli_main
@@ -34,9 +36,8 @@ from hub_msif.errors import FactorError, HubError, HubIntegrityError
 from hub_msif.factors.fit import FitConfig, fit_stage
 from hub_msif.factors.storage import load_stage, save_stage
 from hub_msif.hub.cards import factors_card
-from hub_msif.toy.examples import OBJECTS, SUBJECTS, VERBS, example_texts, tiny_model, train_briefly, word_tokenizer
+from hub_msif.toy.examples import example_texts, train_briefly
 
-TEMPLATE = "question : {prompt} answer :"
 PROMPT, ANSWER = "what does the cat see ?", "the river"
 FACTORS_REPO = "alice/msif-tiny-factors"
 INDEX_REPO = "msif-team/msif-tiny-index"  # alice writes to her organisation too
@@ -66,22 +67,13 @@ def _fit(model_dir, data, folder, stage, seed, **corpus):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Artifacts:
     root = tmp_path_factory.mktemp("hub-artifacts")
-    texts = example_texts(32, seed=0)
-    rows = [{"prompt": f"what does {SUBJECTS[i % 8]} {VERBS[(3 * i) % 8]} ?", "response": OBJECTS[(5 * i) % 8]}
-            for i in range(16)]
-    qa_texts = [TEMPLATE.format(prompt=r["prompt"]) + " " + r["response"] for r in rows]
-    tokenizer = word_tokenizer(texts + qa_texts + ["where what who is was ?"])
-    pretrained = tiny_model("gpt_neox", vocab_size=len(tokenizer), seed=0)
-    train_briefly(pretrained, tokenizer, texts, steps=8, batch_size=8)
-    finetuned = train_briefly(copy.deepcopy(pretrained), tokenizer, qa_texts, steps=8, batch_size=8, seed=1)
-    retrained = train_briefly(copy.deepcopy(finetuned), tokenizer, qa_texts, steps=1, batch_size=8, seed=2)
-    dirs = {name: root / name for name in ("pretrained", "finetuned", "retrained")}
-    for name, model in (("pretrained", pretrained), ("finetuned", finetuned), ("retrained", retrained)):
-        model.save_pretrained(dirs[name])
-        tokenizer.save_pretrained(dirs[name])
-    pre_data, ft_data = root / "pretrain.jsonl", root / "finetune.jsonl"
-    pre_data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    ft_data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pair = save_tiny_pair(root)
+    tokenizer, qa_texts = pair["tokenizer"], pair["qa_texts"]
+    retrained = train_briefly(copy.deepcopy(pair["finetuned_model"]), tokenizer, qa_texts, steps=1, batch_size=8, seed=2)
+    retrained.save_pretrained(root / "retrained")
+    tokenizer.save_pretrained(root / "retrained")
+    dirs = {"pretrained": pair["pretrained"], "finetuned": pair["finetuned"], "retrained": root / "retrained"}
+    pre_data, ft_data = pair["pretrain"], pair["finetune"]
     factors = {}
     for version, seed in (("v1", 0), ("v2", 1)):
         folder = root / f"factors-{version}"
@@ -93,7 +85,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
     (factors["v1"] / ".msif.json.abc123.tmp").write_text("partial")
     (factors["v1"] / ".msif-checkpoints").mkdir()
     (factors["v1"] / ".msif-checkpoints" / "step-1.safetensors").write_bytes(b"\0" * 16)
-    documents = [{"id": f"doc{i}", "text": t} for i, t in enumerate(texts[:20])]
+    documents = [{"id": f"doc{i}", "text": t} for i, t in enumerate(example_texts(32, seed=0)[:20])]
     index = DocumentIndex.build([d["text"] for d in documents], ids=[d["id"] for d in documents],
                                 corpus={"data": "tiny-example-corpus", "revision": None})
     index.save(root / "index")
