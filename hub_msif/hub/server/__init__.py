@@ -3,7 +3,7 @@
 ``HubServer`` speaks the part of the Hub HTTP API that ``huggingface_hub`` (and ``datasets``
 through ``HfFileSystem``) use for this project's pushes, pulls and searches: model and dataset
 repos, commits with regular and LFS files, branches, tags, tree listings, downloads with
-``Range``, search and tokens. It follows ``HUB_API_SPEC.md``; clients need
+``Range``, search and tokens (docs/design.md, "Hub artifacts"); clients need
 ``HF_HUB_DISABLE_XET=1`` (Xet storage is not spoken).
 
 Modules, from the disk up: ``store`` (repos on disk: commits, refs, objects), ``cards`` (README

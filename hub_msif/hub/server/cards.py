@@ -1,7 +1,7 @@
 """README front matter: the YAML a repo card starts with, and the tags the Hub derives from it.
 
 Repo info and listings carry the parsed front matter as ``cardData`` and derived ``tags``, which
-``list_datasets(filter=...)`` matches (HUB_API_SPEC 6); ``/api/validate-yaml`` refuses a README
+``list_datasets(filter=...)`` matches; ``/api/validate-yaml`` refuses a README
 whose front matter does not parse. YAML is read with ``yaml.safe_load`` only.
 """
 

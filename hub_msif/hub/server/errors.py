@@ -2,7 +2,7 @@
 
 The Hub reports an error with ``X-Error-Code`` / ``X-Error-Message`` headers plus a JSON body
 ``{"error": ...}``. ``huggingface_hub`` turns the code into its typed exceptions
-(``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``; HUB_API_SPEC 2.1),
+(``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``),
 and HEAD answers carry only the headers, so the code must always be there. ``HubApiError`` is the
 server side; the client side's error is ``hub_msif.errors.HubError``.
 """

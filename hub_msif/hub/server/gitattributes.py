@@ -1,6 +1,6 @@
 """Which files are LFS files: the ``.gitattributes`` of a new repo and git's pattern matching.
 
-The Hub, not the client, decides whether an uploaded file goes to LFS (HUB_API_SPEC 7.1); one of
+The Hub, not the client, decides whether an uploaded file goes to LFS; one of
 its rules is a ``filter=lfs`` pattern in the branch's ``.gitattributes``. A new repo's first commit
 holds the Hub's default patterns below.
 """

@@ -1,7 +1,7 @@
 """The HTTP API: the routes of the Hub that ``huggingface_hub`` and ``datasets`` call, as a starlette app.
 
 Kept are the calls this project (push, pull, find, ``load_dataset`` of an index) and its tests
-make, for model and dataset repos (HUB_API_SPEC 10 lists them all)::
+make, for model and dataset repos::
 
     GET    /api/whoami-v2                                    whoami
     POST   /api/validate-yaml                                README front matter check of a commit

@@ -1,5 +1,5 @@
 """The JSON documents the API answers with, built from stored repos: repo info (also the items of
-repo listings), tree and paths-info entries, refs and commit lists (HUB_API_SPEC 4 and 6).
+repo listings), tree and paths-info entries, refs and commit lists.
 
 Key names follow the Hub: siblings say ``blobId`` and ``lfs.sha256`` where tree entries say
 ``oid`` and ``lfs.oid``; an LFS file's ``oid`` is the git id of its pointer file.
