@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -312,6 +313,10 @@ def _run_hub(args) -> int:
     if args.token:
         root.mkdir(parents=True, exist_ok=True)
         save_tokens(root, tokens)
+    # Ctrl-C and SIGTERM stop the server even where the shell started it with SIGINT ignored
+    # (a background job): Python then installs no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = HubServer(root, host=args.host, port=args.port).start()
     users = ", ".join(sorted({f"{i['user']} ({i['role']})" for i in tokens.values()})) or "none: read-only"
     print(f"Hub server at {server.url} serving {root} (tokens: {users}); Ctrl-C stops it", flush=True)

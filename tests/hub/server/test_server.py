@@ -441,5 +441,10 @@ def test_hub_serve_command(tmp_path):
             assert tokens["erin-token"] == {"user": "erin", "orgs": [], "role": "read"}
         finally:
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=20) == 0
+            try:
+                code = proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # leaving the with block would otherwise wait for it forever
+                raise
+            assert code == 0
     assert (root / "datasets" / "lab" / "served" / "repo.json").is_file()
