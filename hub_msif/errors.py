@@ -104,9 +104,15 @@ class HubIntegrityError(HubError, IntegrityError):
     """A file pulled from the Hub does not match the sha256 its manifest records."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during work that must say what it left behind (e.g. whether a push published a
+    version). Not an ``MsifError``: it still stops everything a ``KeyboardInterrupt`` stops; the
+    command line prints its message in one line and exits with status 130."""
+
+
 __all__ = [
     "ArtifactNotFoundError", "CorpusError", "FactorError", "FactorIntegrityError", "FactorsNotFoundError",
     "HubError", "IndexIntegrityError", "IndexNotFoundError", "HubIntegrityError", "HubUnreachableError",
-    "HubValueError", "IntegrityError", "MsifError", "MsifValueError", "NotCachedError", "RepositoryNotFoundError",
+    "HubValueError", "IntegrityError", "Interrupted", "MsifError", "MsifValueError", "NotCachedError", "RepositoryNotFoundError",
     "RetrievalError", "RevisionNotFoundError", "SpaceError", "TokenRefusedError", "UnsupportedArchitectureError",
 ]

@@ -136,5 +136,7 @@ def test_errors_inherit_their_builtin_kind():
     assert issubclass(errors.FactorsNotFoundError, errors.FactorError)
     assert issubclass(errors.FactorsNotFoundError, FileNotFoundError)
     assert issubclass(errors.HubIntegrityError, errors.IntegrityError)
+    assert issubclass(errors.Interrupted, KeyboardInterrupt) and not issubclass(errors.Interrupted, Exception)
     for name in errors.__all__:
-        assert issubclass(getattr(errors, name), errors.MsifError), name
+        if name != "Interrupted":
+            assert issubclass(getattr(errors, name), errors.MsifError), name
