@@ -9,6 +9,8 @@ transformers label convention (``-100`` = no loss).
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,9 @@ from hub_msif.errors import CorpusError
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "{prompt}\n"
 
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +82,24 @@ def _local_files(data: str | Sequence[str]) -> list[Path] | None:
     return files
 
 
+def source_sha256(spec: CorpusSpec) -> str:
+    """sha256 naming the corpus ``spec`` reads, the same for a fit and an index built from it:
+    over the bytes of local files (in the order they are read; their paths do not count, so the
+    same files elsewhere match), or over the Hub dataset id, revision and split."""
+    digest = hashlib.sha256()
+    files = _local_files(spec.data)
+    if files is None:
+        digest.update(json.dumps({"hub": spec.data, "revision": spec.revision, "split": spec.split},
+                                 sort_keys=True).encode())
+        return digest.hexdigest()
+    for path in files:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):  # noqa: B023 (consumed at once)
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def load_rows(spec: CorpusSpec):
     """The corpus as a ``datasets.Dataset``."""
     import datasets
@@ -120,6 +143,25 @@ def _check_columns(rows, spec: CorpusSpec) -> str | None:
     return None if spec.prompt_column else wanted[0]
 
 
+def row_text(value, row: int, column: str) -> str | None:
+    """The text of one row's ``column``, or None for a missing or blank value (the caller skips
+    the row and counts it). Any other value (a number, a list, ...) is a ``CorpusError`` naming the
+    row: coercing ``5`` to ``"5"`` would fit or index something the user did not write."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise CorpusError(f"row {row + 1} (1-based) of column {column!r} holds {type(value).__name__} {shown}, "
+                          "not text; fix or drop that row")
+    return value if value.strip() else None
+
+
+def report_skipped(skipped: int, total: int, what: str) -> None:
+    """One warning for the rows left out because their text is empty or missing."""
+    if skipped:
+        logger.warning("skipped %d of %d row(s) with empty or missing %s", skipped, total, what)
+
+
 def tokenize_corpus(rows, tokenizer, spec: CorpusSpec, show_progress: bool = False) -> tuple[list[dict], str]:
     """Tokenized sequences and a sha256 fingerprint over their token ids and labels.
 
@@ -132,27 +174,33 @@ def tokenize_corpus(rows, tokenizer, spec: CorpusSpec, show_progress: bool = Fal
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sequences: list[dict] = []
     digest = hashlib.sha256()
-    for row in tqdm(rows, desc="tokenizing", disable=not show_progress, leave=False):
+    skipped = 0
+    for number, row in enumerate(tqdm(rows, desc="tokenizing", disable=not show_progress, leave=False)):
         if spec.max_sequences is not None and len(sequences) >= spec.max_sequences:
             break
         if text_column is not None:
-            text = row[text_column]
-            if not text or not str(text).strip():
+            text = row_text(row[text_column], number, text_column)
+            if text is None:
+                skipped += 1
                 continue
-            ids = tokenizer(str(text), add_special_tokens=True)["input_ids"][: spec.max_length]
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"][: spec.max_length]
             labels = list(ids)
         else:
-            prompt, response = row[spec.prompt_column], row[spec.response_column]
-            if not response or not str(response).strip():
+            response = row_text(row[spec.response_column], number, spec.response_column)
+            prompt = row_text(row[spec.prompt_column], number, spec.prompt_column) or ""
+            if response is None:
+                skipped += 1
                 continue
             prompt_ids = tokenizer(spec.template.format(prompt=prompt), add_special_tokens=True)["input_ids"]
-            response_ids = tokenizer(str(response), add_special_tokens=False)["input_ids"] + eos
+            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
             ids = (prompt_ids + response_ids)[: spec.max_length]
             labels = ([-100] * len(prompt_ids) + response_ids)[: spec.max_length]
         if len(ids) < 2:
             continue
         sequences.append({"input_ids": ids, "labels": labels})
         digest.update(torch.tensor([len(ids)] + ids + labels, dtype=torch.int64).numpy().tobytes())
+    report_skipped(skipped, number + 1 if sequences or skipped else 0,
+                   f"text in column {text_column!r}" if text_column else f"response in column {spec.response_column!r}")
     if not sequences:
         raise CorpusError(f"the corpus {spec.data!r} yields no sequence with at least 2 tokens")
     return sequences, digest.hexdigest()

@@ -85,7 +85,13 @@ def load_model(model: str, revision: str | None = None, dtype=None):
             f"model {model} has no usable tokenizer (no tokenizer files in {folder}?): save the "
             "tokenizer with the model (tokenizer.save_pretrained)"
         )
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
+    from safetensors import SafetensorError
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
+    except SafetensorError as err:  # a truncated or damaged weights file
+        raise MsifValueError(f"model {model}: a weights file in {folder} is damaged or truncated "
+                             f"(safetensors: {str(err).splitlines()[0] if str(err) else 'unreadable'})") from err
     lm.eval()
     return lm, tokenizer, ref
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,8 @@ class Attributor:
         self.template = (data.get("template") if data.get("prompt_column") else None) or DEFAULT_TEMPLATE
         self.max_length = getattr(self.models["finetuned"].config, "max_position_embeddings", None) or 2048
         self._views: dict[tuple[str, ...], Attributor] = {}
+        self._checked_indexes: set[int] = set()  # indexes whose corpus was compared with the factors'
+
 
     @property
     def specs(self):
@@ -175,8 +178,25 @@ class Attributor:
             raise MsifValueError("give candidate documents or an index to retrieve them from")
         if k < 1:
             raise MsifValueError(f"the number of candidates must be at least 1, got {k}")
+        self._check_corpus(index)
         hits = index.search([f"{prompt} {answer}"], k)[0]
         return [index.documents[i] for i, _ in hits]
+
+    def _check_corpus(self, index) -> None:
+        """Warns once per index when it was built on another corpus than the pre-trained stage's
+        factors were fitted on (both manifests record ``source_sha256``; older ones do not)."""
+        if id(index) in self._checked_indexes:
+            return
+        self._checked_indexes.add(id(index))
+        fitted = self.factors["pretrained"].info.get("data", {})
+        corpus = (getattr(index, "metadata", None) or {}).get("corpus") or {}
+        if fitted.get("source_sha256") and corpus.get("source_sha256") and \
+                fitted["source_sha256"] != corpus["source_sha256"]:
+            logger.warning(
+                "the document index was built on another corpus (%s) than the pre-trained factors were fitted on "
+                "(%s). This can be legitimate (say, an index of the whole corpus and factors fitted on a sample of "
+                "it), but if the index holds other documents, their scores do not say what shaped the model.",
+                corpus.get("data"), fitted.get("data"))
 
     # -- scores ---------------------------------------------------------------------------------
     def score_methods(self, queries: Sequence[tuple[str, str]], documents: Sequence[str],
@@ -297,9 +317,13 @@ class Attributor:
     def _rank(self, scores: MethodScores, prompt: str, answer: str, generated: bool, relative: bool,
               documents: Sequence[dict], top: int) -> Attribution:
         total = scores.total[:, 0]
-        if not bool(torch.isfinite(total).all()):
-            raise MsifValueError(f"{scores.method} gave non-finite scores (damping {scores.damping}); "
-                                 "use a larger damping")
+        damping = f" at damping {scores.damping:g}" if scores.damping is not None else ""
+        if not bool(torch.isfinite(total).all()):  # never rank NaN or infinity
+            raise MsifValueError(f"{scores.method}{damping} gave non-finite scores for {int((~torch.isfinite(total)).sum())} "
+                                 f"of {len(total)} candidates; try a larger damping")
+        if scores.method in GRADIENT_METHODS and not bool(total.any()):  # all zero: no ranking either
+            raise MsifValueError(f"{scores.method}{damping} gave a score of exactly 0 to every candidate"
+                                 f"{' (the damping drowns every curvature term; use a smaller one)' if damping else ''}")
         order = torch.argsort(total, descending=True)[:top]
         scale = float(total.abs().max()) or 1.0
         roles = self.roles
@@ -327,7 +351,12 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
 
 
 def _check_dampings(dampings: Sequence[float]) -> list[float]:
+    """Each damping must be a finite number above 0: 0 divides by zero where Lambda vanishes, NaN
+    and infinity give NaN or all-zero scores, i.e. no ranking at all."""
     dampings = [dampings] if isinstance(dampings, (int, float)) else list(dampings)
     if not dampings:
         raise MsifValueError("give at least one damping")
+    for d in dampings:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+            raise MsifValueError(f"damping must be a finite number above 0, got {d!r}")
     return list(dict.fromkeys(float(d) for d in dampings))

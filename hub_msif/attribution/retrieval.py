@@ -41,7 +41,7 @@ from hub_msif.attribution.embeddings import (
     normalise,
     one_line,
 )
-from hub_msif.data import CorpusSpec, load_rows
+from hub_msif.data import CorpusSpec, load_rows, report_skipped, row_text, source_sha256
 from hub_msif.errors import CorpusError, IndexIntegrityError, RetrievalError
 from hub_msif.hub.pull import pull_index
 
@@ -394,18 +394,18 @@ def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type
     texts_in = rows[text_column]
     ids_in = rows[id_column] if id_column else [str(n) for n in range(len(texts_in))]
     texts, ids, skipped = [], [], 0
-    for doc_id, text in zip(ids_in, texts_in, strict=True):
+    for number, (doc_id, value) in enumerate(zip(ids_in, texts_in, strict=True)):
         if spec.max_sequences is not None and len(texts) >= spec.max_sequences:
             break
-        if text is None or not str(text).strip():
+        text = row_text(value, number, text_column)
+        if text is None:
             skipped += 1
             continue
         if doc_id is None:
-            raise CorpusError(f"a row has no value in the id column {id_column!r}")
-        texts.append(str(text))
+            raise CorpusError(f"row {number + 1} (1-based) has no value in the id column {id_column!r}")
+        texts.append(text)
         ids.append(str(doc_id))
-    if skipped:
-        logger.warning("skipped %d row(s) with empty text", skipped)
+    report_skipped(skipped, len(texts) + skipped, f"text in column {text_column!r}")
     if not texts:
         raise CorpusError(f"the corpus {spec.data!r} has no non-empty text in column {text_column!r}")
     if len(set(ids)) != len(ids):
@@ -418,7 +418,8 @@ def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type
         raise CorpusError(f"ids in column {id_column!r} must be unique; {dup!r} appears more than once")
     data = spec.data if isinstance(spec.data, str) else list(spec.data)
     corpus = {"data": data, "split": spec.split, "revision": spec.revision, "text_column": text_column,
-              "id_column": id_column, "num_rows": len(texts_in), "skipped_empty": skipped}
+              "id_column": id_column, "num_rows": len(texts_in), "skipped_empty": skipped,
+              "source_sha256": source_sha256(spec)}
     index = DocumentIndex.build(texts, ids, model=embedding_model, batch_size=batch_size,
                                 show_progress=show_progress, index_type=index_type, corpus=corpus)
     if out is not None:

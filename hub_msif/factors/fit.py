@@ -357,7 +357,7 @@ def fit_stage(
     ``corpus`` is a ``CorpusSpec`` for columns, template and lengths (``data`` fills its
     ``data`` field). This is what ``hub-msif fit`` runs.
     """
-    from hub_msif.data import CorpusSpec, load_rows, tokenize_corpus
+    from hub_msif.data import CorpusSpec, load_rows, source_sha256, tokenize_corpus
     from hub_msif.models import load_model, pad_token_id
 
     config = config or FitConfig()
@@ -370,7 +370,7 @@ def fit_stage(
     info = {
         "model": {**ref.to_json(), "class": type(lm).__name__},
         "tokenizer": {"id": ref.id, "revision": ref.revision, "class": type(tokenizer).__name__},
-        "data": {**corpus.describe(), "fingerprint": data_fingerprint},
+        "data": {**corpus.describe(), "fingerprint": data_fingerprint, "source_sha256": source_sha256(corpus)},
     }
     return fit_factors(lm, sequences, out_dir, config, pad_id=pad_token_id(tokenizer), info=info,
                        accelerator=accelerator, show_progress=show_progress, on_checkpoint=on_checkpoint)

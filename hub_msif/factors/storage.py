@@ -173,7 +173,43 @@ def load_module_file(folder: Path, entry: dict) -> ModuleFactors:
         if key not in tensors or tuple(tensors[key].shape) != shape:
             found = tuple(tensors[key].shape) if key in tensors else "missing"
             raise FactorError(f"factor file {path}: tensor {key!r} should be {shape}, found {found}")
+    check_plausible(path, tensors)
     return ModuleFactors(spec, **{k: tensors[k] for k in expected})
+
+
+# How far ``Q^T Q x`` may stray from ``x`` (relative) for stored eigenvector blocks, by storage dtype:
+# well above the rounding of an orthonormal float64 matrix cast to that dtype, far below garbage.
+ORTHONORMAL_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.02}
+_PROBES = 4
+
+
+def check_plausible(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raises ``FactorError`` unless a module's factors are plausible whatever their checksum says:
+    every tensor finite, Lambda and the K-FAC eigenvalues non-negative (up to rounding: they are
+    means of squares and eigenvalues of covariances), and the eigenvector blocks orthonormal.
+
+    Orthonormality is probed with a few fixed random vectors (``|Q^T Q x - x| / |x|``), which costs
+    ``O(n^2)`` per block instead of the ``O(n^3)`` of forming ``Q^T Q``.
+    """
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise FactorError(f"factor file {path}: tensor {key!r} holds NaN or infinite values")
+    for key in ("lam", "eig_a", "eig_s"):
+        values = tensors[key].double()
+        floor = -1e-6 * float(values.abs().max())
+        if float(values.min()) < floor:
+            raise FactorError(f"factor file {path}: {key!r} has negative values (down to {float(values.min()):.3g}); "
+                              "eigenvalues of these factors are never negative: the file was altered or damaged")
+    generator = torch.Generator().manual_seed(0)
+    for key in ("q_a", "q_s"):
+        q = tensors[key].double()
+        q = q if q.dim() == 3 else q.unsqueeze(0)  # [blocks, n, n]
+        x = torch.randn(q.shape[0], q.shape[-1], _PROBES, generator=generator, dtype=torch.float64)
+        error = float(((q.transpose(1, 2) @ (q @ x) - x).norm(dim=1) / x.norm(dim=1)).max())
+        tolerance = ORTHONORMAL_TOLERANCE.get(tensors[key].dtype, 1e-4)
+        if not error <= tolerance:
+            raise FactorError(f"factor file {path}: eigenvectors {key!r} are not orthonormal (error {error:.2g}, "
+                              f"tolerance {tolerance:g} for {tensors[key].dtype}): the file was altered or damaged")
 
 
 def load_stage(

@@ -435,13 +435,25 @@ def test_browser_page(served, artifacts):
             for label in ("MS-IF", "SS-IF", "GDP", "RepSim", "BM25"):
                 assert label in page.locator("#compare-results").inner_text()
             page.screenshot(path=str(OUTPUT / "space-compare.png"), full_page=True)
+            page.locator("#candidates input").fill("0")  # a failed comparison clears the last one
+            page.locator("#compare").click()
+            _wait_for_text(page, "#status", "must be at least 1")
+            page.wait_for_function("() => !document.querySelector('#compare-results').innerText.includes('doc-')",
+                                   timeout=10_000)
+            _dismiss_toasts(page)
+            page.locator("#candidates input").fill("100")
             page.get_by_role("tab", name="Ranked documents").click()
 
-            # Bad input: a visible message (toast and status line), never a traceback.
+            # Bad input: a visible message (toast and status line), never a traceback, and the
+            # previous run's table and chart are gone (no stale result under an error).
             page.locator("#prompt textarea").fill("")
             page.locator("#attribute").click()
             _wait_for_text(page, "#status", "prompt is empty")
             page.get_by_text("The prompt is empty").first.wait_for(state="visible", timeout=10_000)  # toast
+            page.wait_for_function("() => !document.querySelector('#results').innerText.includes('doc-')",
+                                   timeout=10_000)
+            page.wait_for_function("() => !document.querySelector('#chart').innerText.includes('layer 0')",
+                                   timeout=10_000)  # no bars and no legend of the last run's parts
             page.screenshot(path=str(OUTPUT / "space-error.png"))
             _dismiss_toasts(page)
             page.locator("#prompt textarea").fill(LONG_PROMPT)

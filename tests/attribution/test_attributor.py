@@ -237,6 +237,34 @@ def _count_forward_passes(attributor):
     return counts, handles
 
 
+def test_index_of_another_corpus_is_warned_about_once(pair_folder, caplog):
+    """Legitimate sometimes, so a warning (once per index), not an error; none for the same corpus."""
+    from hub_msif.data import CorpusSpec, source_sha256
+
+    attributor = Attributor(pair_folder.factors)
+    fitted = attributor.factors["pretrained"].info["data"]["source_sha256"]
+    assert fitted == source_sha256(CorpusSpec(data=str(pair_folder.root / "pretrain.jsonl")))
+
+    class Index:
+        documents = DOCUMENTS
+
+        def __init__(self, sha):
+            self.metadata = {"corpus": {"data": "some-corpus", "source_sha256": sha}}
+
+        def search(self, texts, k):
+            return [[(i, 1.0) for i in range(k)]]
+
+    with caplog.at_level("WARNING", logger="hub_msif.attribution.attributor"):
+        same = Index(fitted)
+        attributor.candidates(PROMPT, ANSWER, k=3, index=same)
+        assert "another corpus" not in caplog.text
+        other = Index("0" * 64)
+        for _ in range(3):
+            attributor.attribute(PROMPT, ANSWER, index=other, candidates=3, method="bm25")
+    assert caplog.text.count("the document index was built on another corpus (some-corpus)") == 1
+    assert "can be legitimate" in caplog.text
+
+
 def test_compare_scores_every_method_and_damping_in_one_pass_per_model(attributor):
     """All five methods at two dampings: one query pass (fine-tuned) and one candidate pass per
     model, with results equal to scoring each method and damping on its own."""
@@ -373,9 +401,33 @@ def test_zero_candidates(attributor):
         attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=0)
 
 
-def test_negative_damping(attributor):
-    with pytest.raises(ValueError, match="damping must be non-negative, got -1"):
-        attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, damping=-1.0)
+@pytest.mark.parametrize("damping", [-1.0, 0.0, 0, float("nan"), float("inf"), -float("inf")])
+def test_damping_must_be_finite_and_positive(attributor, damping):
+    """0 and NaN gave NaN scores in arbitrary order, infinity all zeros: refused, whatever the method."""
+    for method in ("ms-if", "ss-if"):
+        with pytest.raises(ValueError, match=f"damping must be a finite number above 0, got {damping!r}"):
+            attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, damping=damping, method=method)
+    with pytest.raises(ValueError, match="damping must be a finite number above 0"):
+        attributor.compare(PROMPT, ANSWER, documents=DOCUMENTS, dampings=[0.1, damping])
+
+
+def test_scores_that_are_not_a_ranking_are_an_error(attributor, monkeypatch):
+    """Non-finite scores, or every score exactly 0, never come out as a ranking."""
+    from hub_msif.attribution import attributor as module
+
+    with pytest.raises(ValueError, match="gave a score of exactly 0 to every candidate.*use a smaller one"):
+        attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, damping=1e300, relative=False)
+    real = module.score_candidates
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        first = next(iter(result.per_module))
+        result.per_module[first][1, :] = float("nan")
+        return result
+
+    monkeypatch.setattr(module, "score_candidates", poisoned)
+    with pytest.raises(ValueError, match=r"ms-if at damping 0.1 gave non-finite scores for 1 of 12 candidates"):
+        attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS)
 
 
 def test_unknown_method(attributor):

@@ -327,3 +327,30 @@ def test_cli_index_build_other_bad_input(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "no weight files" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_index_build_names_a_non_text_row_and_counts_skipped_ones(tmp_path, capsys, caplog):
+    """``5`` is not coerced to "5"; null and blank texts are skipped and reported."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": v}) + "\n" for v in ["the cat", 5, "a dog"]))
+    assert main(["index", "build", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err  # (library progress bars may precede the one error line)
+    assert err.splitlines()[-1] == ("hub-msif index: error: row 2 (1-based) of column 'text' holds int 5, not text; "
+                                    "fix or drop that row")
+    assert not (tmp_path / "o").exists()
+    data.write_text("".join(json.dumps({"text": v}) + "\n" for v in ["the cat", None, "", "a dog"]))
+    with caplog.at_level("WARNING", logger="hub_msif.data"):
+        index = retrieval.build_index(retrieval.CorpusSpec(data=str(data)))
+    assert index.ids == ["0", "3"]
+    assert index.metadata["corpus"]["skipped_empty"] == 2
+    # the corpus is named by its bytes (the same files elsewhere match), as a fit names it
+    from hub_msif.data import CorpusSpec, source_sha256
+
+    copy = tmp_path / "elsewhere" / "docs.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(data.read_bytes())
+    assert index.metadata["corpus"]["source_sha256"] == source_sha256(CorpusSpec(data=str(copy)))
+    copy.write_text('{"text": "other"}\n')
+    assert index.metadata["corpus"]["source_sha256"] != source_sha256(CorpusSpec(data=str(copy)))
+    assert "skipped 2 of 4 row(s) with empty or missing text in column 'text'" in caplog.text

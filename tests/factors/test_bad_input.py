@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hub_msif.apps import cli
 from hub_msif.artifacts.atomic import sha256_bytes
@@ -147,6 +148,48 @@ def test_truncated_file_with_a_matching_hash_is_not_parsed_as_factors(factors_co
     (factors_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(FactorError, match=re.escape(str(victim)) + ".*not a valid safetensors file"):
         load_stage(factors_copy, "pretrained")
+
+
+def _rewrite_tensors(folder: Path, change) -> Path:
+    """Alters one module file's tensors with ``change(tensors)`` and updates the manifest's sha256
+    to match, as an attacker who edits both would; returns the altered file."""
+    from safetensors.torch import load, save
+
+    manifest = read_manifest(folder)
+    entry = manifest["stages"]["pretrained"]["modules"][0]
+    victim = folder / entry["file"]
+    tensors = load(victim.read_bytes())
+    change(tensors)
+    data = save(tensors)
+    victim.write_bytes(data)
+    entry["sha256"] = sha256_bytes(data)
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return victim
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t["lam"].fill_(-1.0), "'lam' has negative values"),
+    (lambda t: t["lam"].view(-1).__setitem__(0, float("nan")), "tensor 'lam' holds NaN or infinite values"),
+    (lambda t: t["eig_a"].view(-1).__setitem__(0, float("inf")), "tensor 'eig_a' holds NaN or infinite"),
+    (lambda t: t["eig_s"].mul_(-1.0).sub_(1.0), "'eig_s' has negative values"),
+    (lambda t: t["q_a"].mul_(1.5), "eigenvectors 'q_a' are not orthonormal"),
+    (lambda t: t["q_s"].copy_(torch.randn(t["q_s"].shape, dtype=t["q_s"].dtype)), "eigenvectors 'q_s' are not"),
+], ids=["negative-lambda", "nan-lambda", "inf-eig-a", "negative-eig-s", "scaled-q-a", "random-q-s"])
+def test_implausible_factors_are_refused_whatever_the_checksum_says(factors_copy, change, message):
+    victim = _rewrite_tensors(factors_copy, change)
+    with pytest.raises(FactorError, match=re.escape(str(victim)) + ".*" + re.escape(message)):
+        load_stage(factors_copy, "pretrained")
+
+
+def test_plausibility_check_accepts_every_fitted_module(fitted):
+    """The checks pass on real factors, in float32 and in bfloat16 storage."""
+    from hub_msif.factors.storage import check_plausible
+
+    stage = load_stage(fitted, "pretrained")
+    assert stage.modules
+    for module in stage.modules.values():
+        tensors = module.tensors()
+        check_plausible(Path("x"), {k: v.to(torch.bfloat16) for k, v in tensors.items()})
 
 
 def test_bit_flip_is_refused_naming_file_and_hashes(factors_copy):
@@ -301,6 +344,49 @@ def test_fit_with_bad_model_folder(example, tmp_path, kind):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match=expected):
         fit_stage(str(folder), str(corpus), out, show_progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, shown", [(5, "int 5"), (["a", "b"], "list ['a', 'b']"), ({"t": 1}, "dict")])
+def test_non_text_value_in_the_text_column_is_an_error_naming_the_row(example, tmp_path, value, shown):
+    """Not silently coerced: ``5`` would become the text "5"."""
+    model, _ = example
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"text": v}) + "\n" for v in ["the cat sees the river", value, "a dog"]))
+    out = tmp_path / "out"
+    with pytest.raises(CorpusError, match=re.escape(f"row 2 (1-based) of column 'text' holds {shown}")):
+        fit_stage(str(model), str(data), out, FitConfig(checkpoint_every=0), show_progress=False)
+    assert not out.exists()
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"prompt": "who ?", "response": "the cat"}) + "\n" + json.dumps({"prompt": 7, "response": "x"}))
+    spec = CorpusSpec(data=str(qa), prompt_column="prompt", response_column="response")
+    with pytest.raises(CorpusError, match=re.escape("row 2 (1-based) of column 'prompt' holds int 7")):
+        fit_stage(str(model), str(qa), out, FitConfig(checkpoint_every=0), corpus=spec, show_progress=False)
+
+
+def test_empty_and_null_texts_are_skipped_and_counted(example, tmp_path, caplog):
+    model, _ = example
+    data = tmp_path / "gaps.jsonl"
+    values = ["the cat sees the river", None, "", "   ", "a dog finds the market"]
+    data.write_text("".join(json.dumps({"text": v}) + "\n" for v in values))
+    with caplog.at_level("WARNING", logger="hub_msif.data"):
+        factors = fit_stage(str(model), str(data), tmp_path / "out", FitConfig(checkpoint_every=0), show_progress=False)
+    assert factors.info["fit"]["num_sequences"] == 2
+    assert "skipped 3 of 5 row(s) with empty or missing text in column 'text'" in caplog.text
+
+
+def test_truncated_model_weights_are_one_clear_error(example, tmp_path, capsys):
+    """Not a SafetensorError traceback: fit and attribute name the damaged weights."""
+    model, corpus = example
+    folder = Path(shutil.copytree(model, tmp_path / "model"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert cli.main(["fit", "--model", str(folder), "--stage", "pretrained", "--data", str(corpus),
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"model {folder}: a weights file in {folder} is damaged or truncated" in err
     assert not out.exists()
 
 

@@ -24,12 +24,16 @@ import pandas as pd
 
 from hub_msif.apps.space.backend import Backend, one_line, report_progress
 from hub_msif.apps.space.render import (
+    COMPARE_COLUMNS,
     METHOD_CHOICES,
     METHOD_LABELS,
     PROPONENT_MARK,
     RESULT_COLUMNS,
     RESULT_TYPES,
     chart_update,
+    empty_chart,
+    empty_compare_table,
+    empty_results_table,
     escape_markdown,
     highlight,
     query_terms,
@@ -228,7 +232,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                 else:
                     line.append("")
             table.append(line)
-        frame = pd.DataFrame(table, columns=["rank", *METHOD_LABELS.values()])
+        frame = pd.DataFrame(table, columns=COMPARE_COLUMNS)
         top_ids = {m: [row.id for row in r.rows] for m, r in results.items()}
         reference = set(top_ids["ms-if"])
         overlaps = ", ".join(f"{METHOD_LABELS[m]} {len(reference & set(ids))}/{len(ids)}"
@@ -288,7 +292,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                 gr.Markdown("Ranks the **same candidates** with all five methods; each column lists one method's "
                             "top documents.")
                 compare_button = gr.Button("Compare methods", variant="primary", elem_id="compare")
-                compare_box = gr.Dataframe(headers=["rank", *METHOD_LABELS.values()],
+                compare_box = gr.Dataframe(headers=COMPARE_COLUMNS,
                                            datatype=["number"] + ["markdown"] * len(METHOD_LABELS),
                                            interactive=False, wrap=True, elem_id="compare-results",
                                            label="Top documents per method",
@@ -322,8 +326,20 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                  [answer_box, compare_box, status_box, compare_json], api_name="compare",
                                  show_progress_on=[compare_box]),
         ]
-        for event in events:
-            event.failure(show_error, None, status_box, api_visibility="private")
+        # A failed request also clears what the previous one showed, so no stale table or chart
+        # stands under an error message.
+        generate_event, attribute_event, compare_event = events
+        def on_attribute_failure(request: gr.Request):
+            return show_error(request), empty_results_table(), empty_chart(), None
+
+        def on_compare_failure(request: gr.Request):
+            return show_error(request), empty_compare_table(), None
+
+        generate_event.failure(show_error, None, status_box, api_visibility="private")
+        attribute_event.failure(on_attribute_failure, None, [status_box, results_box, chart_box, json_box],
+                                api_visibility="private")
+        compare_event.failure(on_compare_failure, None, [status_box, compare_box, compare_json],
+                              api_visibility="private")
     app.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     app.msif_backend = backend  # for tests and callers that want to preload
     return app

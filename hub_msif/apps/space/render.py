@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 METHOD_CHOICES = [("MS-IF", "ms-if"), ("SS-IF", "ss-if"), ("GDP", "gdp"), ("RepSim", "repsim"), ("BM25", "bm25")]
 METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES)
 RESULT_COLUMNS = ["rank", "score", "relative score", "MLP", "attention", "document", "text"]
+COMPARE_COLUMNS = ["rank", *METHOD_LABELS.values()]
 RESULT_TYPES = ["number", "str", "number", "number", "number", "markdown", "markdown"]
 MAX_CHART_DOCUMENTS = 10
 MAX_CHART_BANDS = 6  # layers are grouped into at most this many bands per role, so colours stay readable
@@ -136,3 +137,16 @@ def chart_update(result: Attribution) -> gr.BarPlot:
     frame = chart_frame(result)
     order = list(dict.fromkeys(frame["document"]))
     return gr.BarPlot(value=frame, sort=order, color_map=chart_colors(frame["part"]))
+
+
+def empty_results_table() -> pd.DataFrame:
+    return pd.DataFrame([], columns=RESULT_COLUMNS)
+
+
+def empty_compare_table() -> pd.DataFrame:
+    return pd.DataFrame([], columns=COMPARE_COLUMNS)
+
+
+def empty_chart() -> gr.BarPlot:
+    # No value at all: an empty frame would keep the last run's colour map and legend.
+    return gr.BarPlot(value=None)
