@@ -59,7 +59,7 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, ModelR
         if revision is not None:
             raise MsifValueError(f"--revision {revision} given for the local folder {model}; revisions apply to Hub ids")
         return path, ModelRef(str(path.resolve()), folder_revision(path))
-    if path.suffix or model.startswith((".", "/")):
+    if not _looks_like_repo_id(model):
         raise FileNotFoundError(f"model folder {model} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -71,6 +71,21 @@ def resolve_model(model: str, revision: str | None = None) -> tuple[Path, ModelR
             f"{f' at revision {revision}' if revision else ''}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from err
     return snapshot, ModelRef(model, snapshot.name)
+
+
+def _looks_like_repo_id(model: str) -> bool:
+    """``[namespace/]name`` as the Hub accepts it (names may hold dots: ``Qwen/Qwen2.5-0.5B``);
+    paths that start with ``.``, ``/`` or ``~`` never are."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
 
 
 def load_model(model: str, revision: str | None = None, dtype=None):

@@ -1,7 +1,12 @@
 """The ``hub-msif`` command line (docs/design.md, "Command line").
 
 Every command has ``--help``; bad input ends in one line on stderr and exit status 2, never a
-traceback (set ``HUB_MSIF_DEBUG=1`` to see one).
+traceback (set ``HUB_MSIF_DEBUG=1`` to see one); Ctrl-C ends in one line and exit status 130.
+Arguments are checked before any model loads or anything is written: argparse ``type=``
+functions for single values, ``_check_*`` at the top of each runner for paths and locations
+(the library checks the rest, e.g. ``FitConfig.validate``, before its first load). Heavy imports
+(torch, transformers, huggingface_hub) stay inside the runners so that ``--help`` and argument
+errors answer at once.
 """
 
 from __future__ import annotations
@@ -9,31 +14,197 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import sys
+import unicodedata
 from pathlib import Path
 
 from hub_msif import __version__
-from hub_msif.errors import MsifError
+from hub_msif.errors import ArtifactNotFoundError, Interrupted, MsifError, MsifValueError
 
 DEFAULT_CACHE = Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif")
+INTERRUPTED_STATUS = 130  # what shells report for a process ended by SIGINT (128 + 2)
+
+
+# --- argument types: argparse turns their ArgumentTypeError into "argument --x: <message>" ---------
+
+
+def _whole_number(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def seed_int(text: str) -> int:
+    """Recorded in the manifest; bounded to what an int64 holds so any reader can take it."""
+    return _whole_number(text, 0, 2**63 - 1)
+
+
+def port_number(text: str) -> int:
+    """A TCP port; 0 lets the system pick a free one."""
+    return _whole_number(text, 0, 65535)
+
+
+def fixed_port_number(text: str) -> int:
+    return _whole_number(text, 1, 65535)
+
+
+def positive_finite_float(text: str) -> float:
+    """Damping: 0 divides by zero where Lambda vanishes, NaN and infinity leave no ranking."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    """Paths, ids and tokens: an empty one would silently mean the current folder or the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
+
+
+def token_spec(text: str) -> tuple[str, dict]:
+    from hub_msif.hub.server import parse_token_spec
+
+    try:
+        return parse_token_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the error contract of the other refusals: one line on stderr, exit status 2
+    (argparse would print the usage first; ``--help`` shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
+# --- checks that need more than one value, or the file system: run before any heavy import -------
+
+
+def _check_target_folder(path: str | Path, option: str) -> None:
+    """A folder the command creates or writes into: refused when it, or a folder above it, is a file."""
+    path = Path(path).expanduser()
+    for above in (path, *path.parents):
+        if above.exists():
+            if above.is_dir():
+                return
+            if above == path:
+                raise MsifValueError(f"{option} {path} is a file, not a folder")
+            raise MsifValueError(f"{option} {path} cannot be created: {above} is a file, not a folder")
+
+
+def _check_existing_folder(path: str | Path, what: str) -> None:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ArtifactNotFoundError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise MsifValueError(f"{what} {path} is a file, not a folder")
+
+
+def _check_location(location: str, what: str) -> None:
+    """``LOC`` (a folder or ``REPO[@REV]``): a malformed one or a missing folder is refused before
+    either artifact or any model is loaded (the index would otherwise load first)."""
+    from hub_msif.hub.location import parse_location
+
+    parsed = parse_location(location)
+    if parsed.is_local:
+        _check_existing_folder(parsed.folder, what)
+
+
+def _check_model(model: str | None) -> None:
+    """A model given as a path (``.``, ``/`` or ``~`` first, as for locations) must be a folder;
+    anything else is a Hub id, resolved later."""
+    if model is None or not model.startswith((".", "/", "~")):
+        return
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} {'is a file' if path.exists() else 'does not exist'}")
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+_ESCAPED_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print as (part of) one terminal line: control and format characters (ANSI
+    escapes, bidi overrides, newlines...) and line separators become ``repr`` escapes, so a
+    document, prompt or path can neither drive the terminal nor forge output lines. Tabs stay."""
+    return "".join(repr(c)[1:-1] if c != "\t" and unicodedata.category(c) in _ESCAPED_CATEGORIES else c
+                   for c in str(text))
+
+
+def _non_finite(value, path: str = "") -> str | None:
+    """Where in a JSON-ready value the first NaN or infinity sits (``rows[2].score = nan``), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path or 'the value'} = {value}"
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for where, v in items if (found := _non_finite(v, where))), None)
+
+
+def _print_json(value) -> None:
+    """One strict JSON document on stdout. NaN and Infinity are not JSON (strict parsers refuse
+    them), so a non-finite number is an error naming where it is, and nothing is printed."""
+    try:
+        text = json.dumps(value, indent=2, allow_nan=False)
+    except ValueError as err:
+        where = _non_finite(value)
+        if where is None:  # not a non-finite number: a bug, keep its traceback
+            raise
+        raise MsifValueError(f"not printed as JSON: it holds a non-finite number ({where})") from err
+    print(text)
+
+
+# --- commands ----------------------------------------------------------------------------------
 
 
 def _add_fit(sub) -> None:
     p = sub.add_parser("fit", help="fit one stage's EK-FAC factors", description=(
         "Fit EK-FAC factors of one training stage (a model and the text it was trained on) and save "
         "them into a factor folder. Run under `accelerate launch` for several processes or GPUs."))
-    p.add_argument("--model", required=True, help="Hub model id or local model folder")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit sha) of the model")
+    p.add_argument("--model", required=True, type=non_empty, help="Hub model id or local model folder")
+    p.add_argument("--revision", type=non_empty, help="Hub revision (branch, tag or commit sha) of the model")
     p.add_argument("--stage", required=True, choices=["pretrained", "finetuned"], help="which stage these factors are")
-    p.add_argument("--data", required=True, nargs="+", help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
-    p.add_argument("--data-revision", help="Hub revision of the dataset")
-    p.add_argument("--split", default="train", help="dataset split (Hub datasets; default: train)")
-    p.add_argument("--text-column", help="column holding the text (default: text)")
-    p.add_argument("--prompt-column", help="instruction data: column holding the prompt (no loss)")
-    p.add_argument("--response-column", help="instruction data: column holding the response (carries the loss)")
-    p.add_argument("--template", default=None, help="prompt template with {prompt}; default: '{prompt}\\n'")
+    p.add_argument("--data", required=True, nargs="+", type=non_empty,
+                   help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
+    p.add_argument("--data-revision", type=non_empty, help="Hub revision of the dataset")
+    p.add_argument("--split", default="train", type=non_empty, help="dataset split (Hub datasets; default: train)")
+    p.add_argument("--text-column", type=non_empty, help="column holding the text (default: text)")
+    p.add_argument("--prompt-column", type=non_empty, help="instruction data: column holding the prompt (no loss)")
+    p.add_argument("--response-column", type=non_empty,
+                   help="instruction data: column holding the response (carries the loss)")
+    p.add_argument("--template", default=None, type=non_empty, help="prompt template with {prompt}; default: '{prompt}\\n'")
+    # --max-length, --batch-size and --max-sequences are range-checked by CorpusSpec/FitConfig.validate(),
+    # which fit_stage runs before it loads the model; their messages are the library's.
     p.add_argument("--max-length", type=int, default=512, help="tokens per sequence, longer ones are truncated (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch and process (default 8)")
     p.add_argument("--max-sequences", type=int, help="use at most this many sequences")
@@ -43,14 +214,16 @@ def _add_fit(sub) -> None:
     p.add_argument("--no-split-heads", action="store_true", help="one block per q/k/v projection instead of per head")
     p.add_argument("--labels", default="sampled", choices=["sampled", "empirical"],
                    help="sampled labels (true Fisher = GGN, default) or the data's labels (empirical Fisher)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the label samples (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the label samples, 0 to 2**63-1 (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the factors")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="batches between resumable checkpoints (0: none)")
-    p.add_argument("--out", required=True, help="factor folder to write (a stage already there is replaced)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=50,
+                   help="batches between resumable checkpoints (0: none)")
+    p.add_argument("--out", required=True, type=non_empty, help="factor folder to write (a stage already there is replaced)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
 def _run_fit(args) -> int:
+    _check_target_folder(args.out, "--out")  # found out only when the fitted factors are saved, otherwise
     from hub_msif.data import DEFAULT_TEMPLATE, CorpusSpec
     from hub_msif.factors.fit import FitConfig, fit_stage
     from hub_msif.factors.tracking import parse_module_specs
@@ -82,9 +255,10 @@ def _print_summary(factors, out, as_json: bool) -> None:
                     for m in factors.modules.values()],
     }
     if as_json:
-        print(json.dumps(summary, indent=2))
+        _print_json(summary)
         return
-    print(f"{factors.stage} factors for {summary['model']['id']} ({summary['model']['revision'][:19]}) in {out}")
+    print(f"{factors.stage} factors for {printable(summary['model']['id'])} ({summary['model']['revision'][:19]}) "
+          f"in {printable(out)}")
     print(f"fitted on {summary['num_sequences']} sequences, {summary['num_tokens']} tokens in {summary['seconds']:.1f}s")
     print(f"{'module':<48} {'role':<9} {'blocks':>6} {'d_out x d_in':>13} {'mean Lambda':>12}")
     for m in summary["modules"]:
@@ -98,17 +272,18 @@ def _add_demo(sub) -> None:
         "stages' factors and a document index; publishes the factors and index to a Hub server of its own on "
         "loopback and pulls them back by tag; answers three held-out questions with the fine-tuned model and "
         "prints the pre-training documents MS-IF ranks highest (from the pulled copies), marking the true proponents."))
-    p.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"),
+    p.add_argument("--cache", default=str(DEFAULT_CACHE / "demo"), type=non_empty,
                    help="where the demo's artifacts are kept (default: $HUB_MSIF_CACHE/demo or ~/.cache/hub_msif/demo)")
-    p.add_argument("--top", type=int, default=5, help="documents shown per question (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="documents shown per question (default 5)")
     p.add_argument("--no-publish", action="store_true",
                    help="skip publishing the factors and index to a local Hub and pulling them back")
     p.add_argument("--space", action="store_true",
                    help="afterwards, serve the Gradio Space on the demo's fact world on 127.0.0.1 until Ctrl-C")
-    p.add_argument("--port", type=int, help="port of the Space (default: the first free one from 7860)")
+    p.add_argument("--port", type=fixed_port_number, help="port of the Space (default: the first free one from 7860)")
 
 
 def _run_demo(args) -> int:
+    _check_target_folder(args.cache, "--cache")
     from hub_msif.toy.demo import local_hub_environment  # light: must run before huggingface_hub is imported
 
     local_hub_environment(args.cache)
@@ -122,7 +297,7 @@ def _run_demo(args) -> int:
         print(f"\nthe Space is serving the fact world at {url} (Ctrl-C to stop)", flush=True)
         try:
             app.block_thread()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the normal way to stop serving: exit status 0
             app.close()
     return 0
 
@@ -131,25 +306,31 @@ def _add_attribute(sub) -> None:
     p = sub.add_parser("attribute", help="rank pre-training documents by their influence on an answer", description=(
         "Retrieve candidate documents for a prompt and answer from an index and rank them by multi-stage influence "
         "(or a baseline). Positive scores support the answer; relative scores divide by the largest |score|."))
-    p.add_argument("--factors", required=True, help="pair factor folder (both stages) or Hub REPO[@REV]")
-    p.add_argument("--index", required=True, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
-    p.add_argument("--prompt", required=True, help="the question or prompt")
-    p.add_argument("--answer", help="the answer to attribute (default: the fine-tuned model's greedy answer)")
-    p.add_argument("--pretrained", help="pre-trained model id or folder (default: the one the factors record)")
-    p.add_argument("--finetuned", help="fine-tuned model id or folder (default: the one the factors record)")
+    p.add_argument("--factors", required=True, type=non_empty, help="pair factor folder (both stages) or Hub REPO[@REV]")
+    p.add_argument("--index", required=True, type=non_empty,
+                   help="document index folder (hub-msif index build) or Hub REPO[@REV]")
+    p.add_argument("--prompt", required=True, type=non_empty, help="the question or prompt")
+    p.add_argument("--answer", type=non_empty, help="the answer to attribute (default: the fine-tuned model's greedy answer)")
+    p.add_argument("--pretrained", type=non_empty, help="pre-trained model id or folder (default: the one the factors record)")
+    p.add_argument("--finetuned", type=non_empty, help="fine-tuned model id or folder (default: the one the factors record)")
     p.add_argument("--method", default="ms-if", choices=["ms-if", "ss-if", "gdp", "repsim", "bm25"], help="score (default ms-if)")
-    p.add_argument("--candidates", type=int, default=100, help="documents retrieved and scored (default 100)")
-    p.add_argument("--top", type=int, default=10, help="documents shown (default 10)")
-    p.add_argument("--damping", type=float, default=0.1, help="damping, relative to mean(Lambda) per module (default 0.1)")
+    p.add_argument("--candidates", type=positive_int, default=100, help="documents retrieved and scored (default 100)")
+    p.add_argument("--top", type=positive_int, default=10, help="documents shown (default 10)")
+    p.add_argument("--damping", type=positive_finite_float, default=0.1,
+                   help="damping, relative to mean(Lambda) per module (default 0.1)")
     p.add_argument("--absolute-damping", action="store_true", help="treat --damping as an absolute value")
     p.add_argument("--modules", default="all", choices=["all", "mlp"], help="use all tracked modules or MLP only")
     p.add_argument("--allow-revision-mismatch", action="store_true",
                    help="warn instead of failing when a model's revision differs from the factors'")
-    p.add_argument("--token", help="Hugging Face token for private factor or index repos (default: HF_TOKEN)")
+    p.add_argument("--token", type=non_empty, help="Hugging Face token for private factor or index repos (default: HF_TOKEN)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _run_attribute(args) -> int:
+    _check_location(args.factors, "factor folder")
+    _check_location(args.index, "index folder")
+    _check_model(args.pretrained)  # loaded only after the index and both stages' factors
+    _check_model(args.finetuned)
     from hub_msif.attribution.attributor import Attributor
     from hub_msif.attribution.retrieval import DocumentIndex
 
@@ -160,17 +341,18 @@ def _run_attribute(args) -> int:
                                   method=args.method, damping=args.damping, relative=not args.absolute_damping,
                                   show_progress=not args.json)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        _print_json(result.to_json())
         return 0
-    print(f"prompt: {result.prompt}")
-    print(f"answer: {result.answer}" + ("   (generated by the fine-tuned model)" if result.answer_generated else ""))
-    print(f"{result.method} over {result.num_candidates} candidates, modules: {result.modules}")
+    print(f"prompt: {printable(result.prompt)}")
+    print(f"answer: {printable(result.answer)}" + ("   (generated by the fine-tuned model)" if result.answer_generated else ""))
+    print(f"{result.method} over {result.num_candidates} candidates, modules: {printable(result.modules)}")
     print(f"{'rank':>4} {'score':>11} {'rel':>6} {'mlp/attn':>17}  document")
     for row in result.rows:
         roles = row.by_role
         split = f"{roles['mlp']:>8.2g}/{roles['attention']:<8.2g}" if roles else " " * 17
         snippet = row.text if len(row.text) <= 80 else row.text[:77] + "..."
-        print(f"{row.rank:>4} {row.score:>11.4g} {row.relative_score:>+6.2f} {split}  [{row.id}] {snippet}")
+        print(f"{row.rank:>4} {row.score:>11.4g} {row.relative_score:>+6.2f} {split}  [{printable(row.id)}] "
+              f"{printable(snippet)}")
     return 0
 
 
@@ -181,19 +363,24 @@ def _add_index(sub) -> None:
     b = isub.add_parser("build", help="embed a corpus and write an index folder", description=(
         "Embed every document of a corpus with a sentence-transformers model (normalised) and write an index "
         "folder: index.json (manifest), documents.parquet, embeddings.safetensors."))
-    b.add_argument("--data", required=True, nargs="+", help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
-    b.add_argument("--data-revision", help="Hub revision of the dataset")
-    b.add_argument("--split", default="train", help="dataset split (Hub datasets; default: train)")
-    b.add_argument("--text-column", help="column holding the document text (default: text)")
-    b.add_argument("--id-column", help="column holding document ids (default: id if present, else the row number)")
-    b.add_argument("--embedding-model", help="sentence-transformers Hub id or local folder (default: all-MiniLM-L6-v2)")
-    b.add_argument("--index-type", default="flat", choices=["flat", "hnsw"], help="exact inner-product search (flat, default) or approximate (hnsw)")
-    b.add_argument("--batch-size", type=int, default=64, help="documents per embedding batch (default 64)")
-    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--data", required=True, nargs="+", type=non_empty,
+                   help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
+    b.add_argument("--data-revision", type=non_empty, help="Hub revision of the dataset")
+    b.add_argument("--split", default="train", type=non_empty, help="dataset split (Hub datasets; default: train)")
+    b.add_argument("--text-column", type=non_empty, help="column holding the document text (default: text)")
+    b.add_argument("--id-column", type=non_empty,
+                   help="column holding document ids (default: id if present, else the row number)")
+    b.add_argument("--embedding-model", type=non_empty,
+                   help="sentence-transformers Hub id or local folder (default: all-MiniLM-L6-v2)")
+    b.add_argument("--index-type", default="flat", choices=["flat", "hnsw"],
+                   help="exact inner-product search (flat, default) or approximate (hnsw)")
+    b.add_argument("--batch-size", type=positive_int, default=64, help="documents per embedding batch (default 64)")
+    b.add_argument("--out", required=True, type=non_empty, help="index folder to write")
     b.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
 def _run_index(args) -> int:
+    _check_target_folder(args.out, "--out")  # found out only after embedding the corpus, otherwise
     import time
 
     from hub_msif.attribution.retrieval import build_index
@@ -209,10 +396,10 @@ def _run_index(args) -> int:
                "embedding_model": meta["embedding_model"], "index_type": meta["index_type"],
                "seconds": round(time.perf_counter() - start, 3)}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        _print_json(summary)
     else:
         print(f"indexed {summary['num_documents']} documents ({summary['dimension']} dims, {summary['index_type']}) "
-              f"with {meta['embedding_model']['id']} into {args.out} in {summary['seconds']:.1f}s")
+              f"with {printable(meta['embedding_model']['id'])} into {printable(args.out)} in {summary['seconds']:.1f}s")
     return 0
 
 
@@ -224,25 +411,32 @@ def _add_push(sub) -> None:
     psub = p.add_subparsers(dest="artifact", required=True, metavar="ARTIFACT")
     for kind, what in (("factors", "pair factor folder (both stages)"), ("index", "document index folder")):
         q = psub.add_parser(kind, help=f"push a {what}", description=f"Push a {what} as one commit plus a version tag.")
-        q.add_argument("folder", help=what)
-        q.add_argument("--repo", required=True, help="dataset repo id, namespace/name (created when missing)")
-        q.add_argument("--tag", help="version tag (default: the next vN); an existing tag is refused")
+        q.add_argument("folder", type=non_empty, help=what)
+        q.add_argument("--repo", required=True, type=non_empty, help="dataset repo id, namespace/name (created when missing)")
+        q.add_argument("--tag", type=non_empty, help="version tag (default: the next vN); an existing tag is refused")
         q.add_argument("--private", action="store_true", help="create the repo private (when it does not exist)")
-        q.add_argument("--message", help="commit message (default: 'hub_msif <artifact> <tag>')")
-        q.add_argument("--license", default="apache-2.0", help="license in the card's metadata (default apache-2.0)")
-        q.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+        q.add_argument("--message", type=non_empty, help="commit message (default: 'hub_msif <artifact> <tag>')")
+        q.add_argument("--license", default="apache-2.0", type=non_empty,
+                       help="license in the card's metadata (default apache-2.0)")
+        q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
         q.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
 def _run_push(args) -> int:
+    from hub_msif.hub.location import check_repo_id
+
+    check_repo_id(args.repo)  # push checks it too, but only after hashing every file of the folder
+    _check_existing_folder(args.folder, "factor folder" if args.artifact == "factors" else "index folder")
     from hub_msif.hub import push_factors, push_index
 
     push = push_factors if args.artifact == "factors" else push_index
     commit, tag = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
                        commit_message=args.message, license=args.license)
     summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}"}
-    print(json.dumps(summary, indent=2) if args.json else f"pushed {args.artifact} {args.folder} to "
-          f"{args.repo}@{tag} (commit {commit})")
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"pushed {args.artifact} {printable(args.folder)} to {args.repo}@{printable(tag)} (commit {commit})")
     return 0
 
 
@@ -253,9 +447,9 @@ def _add_pull(sub) -> None:
         "Face cache, only the files needed, each checked against the manifest's sha256; prints the local folder. "
         "Works offline (HF_HUB_OFFLINE=1) for what is cached."))
     p.add_argument("artifact", choices=["factors", "index"], help="what to pull")
-    p.add_argument("location", help="REPO[@REV], e.g. msif-team/pythia-410m-factors@v2")
+    p.add_argument("location", type=non_empty, help="REPO[@REV], e.g. msif-team/pythia-410m-factors@v2")
     p.add_argument("--modules", default="all", choices=["all", "mlp"], help="factors: all modules or MLP only")
-    p.add_argument("--token", help="Hugging Face token for private repos (default: HF_TOKEN or the saved login)")
+    p.add_argument("--token", type=non_empty, help="Hugging Face token for private repos (default: HF_TOKEN or the saved login)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -266,7 +460,10 @@ def _run_pull(args) -> int:
         folder = pull_factors(args.location, modules=args.modules, token=args.token)
     else:
         folder = pull_index(args.location, token=args.token)
-    print(json.dumps({"location": args.location, "folder": str(folder)}, indent=2) if args.json else folder)
+    if args.json:
+        _print_json({"location": args.location, "folder": str(folder)})
+    else:
+        print(printable(folder))
     return 0
 
 
@@ -274,16 +471,18 @@ def _add_find_factors(sub) -> None:
     p = sub.add_parser("find-factors", help="find published factors for a model pair", description=(
         "Search the Hub for factor repos (tags hub-msif, ekfac) and print REPO@TAG of the newest version fitted on "
         "exactly these two models (same revisions)."))
-    p.add_argument("--pretrained", required=True, help="pre-trained model: Hub ID[@REV] or local folder")
-    p.add_argument("--finetuned", required=True, help="fine-tuned model: Hub ID[@REV] or local folder")
-    p.add_argument("--author", help="only repos of this user or organization")
-    p.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--pretrained", required=True, type=non_empty, help="pre-trained model: Hub ID[@REV] or local folder")
+    p.add_argument("--finetuned", required=True, type=non_empty, help="fine-tuned model: Hub ID[@REV] or local folder")
+    p.add_argument("--author", type=non_empty, help="only repos of this user or organization")
+    p.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
 
 
 def _run_find_factors(args) -> int:
+    _check_model(args.pretrained)
+    _check_model(args.finetuned)
     from hub_msif.hub import find_factors
 
-    print(find_factors(args.pretrained, args.finetuned, token=args.token, author=args.author))
+    print(printable(find_factors(args.pretrained, args.finetuned, token=args.token, author=args.author)))
     return 0
 
 
@@ -295,43 +494,52 @@ def _add_hub(sub) -> None:
         "Serve a Hub-compatible HTTP API (repos, commits, LFS, refs, downloads, search) with repos stored under "
         "--root. Point clients at it with HF_ENDPOINT=<printed URL> and HF_HUB_DISABLE_XET=1. Tokens given with "
         "--token are added to ROOT/tokens.json and kept for later runs; reads of public repos need no token."))
-    s.add_argument("--root", required=True, help="folder holding the repos (created when missing)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    s.add_argument("--token", action="append", default=[], metavar="TOKEN=USER[:ORG1,ORG2][:read]",
+    s.add_argument("--root", required=True, type=non_empty, help="folder holding the repos (created when missing)")
+    s.add_argument("--host", default="127.0.0.1", type=non_empty, help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=port_number, default=8765, help="port (default 8765; 0 picks a free one)")
+    s.add_argument("--token", action="append", default=[], type=token_spec, metavar="TOKEN=USER[:ORG1,ORG2][:read]",
                    help="add a token (repeatable): it may write to USER/ and the ORGs' namespaces, or only read")
 
 
 def _run_hub(args) -> int:
-    from hub_msif.hub.server import HubServer, load_tokens, parse_token_spec, save_tokens
+    root = Path(args.root).expanduser()
+    _check_target_folder(root, "--root")
+    from hub_msif.hub.server import HubServer, load_tokens, save_tokens
 
-    root = Path(args.root)
-    tokens = load_tokens(root)
-    for spec in args.token:
-        token, info = parse_token_spec(spec)
-        tokens[token] = info
-    if args.token:
+    try:
+        tokens = load_tokens(root)
+    except (ValueError, TypeError, AttributeError) as err:  # not JSON, or not {token: {user, orgs, role}}
+        raise MsifValueError(f"{root / 'tokens.json'} cannot be read: {err}") from err
+    tokens.update(dict(args.token))
+    created = not root.exists()
+    if args.token:  # saved even when the port is busy: a server running on this root picks them up
         root.mkdir(parents=True, exist_ok=True)
         save_tokens(root, tokens)
     # Ctrl-C and SIGTERM stop the server even where the shell started it with SIGINT ignored
     # (a background job): Python then installs no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server = HubServer(root, host=args.host, port=args.port).start()
+    server = HubServer(root, host=args.host, port=args.port)
+    try:
+        server.start()
+    except OSError as err:  # address in use, unknown host, a privileged port
+        if created:  # leave no empty root behind for a server that never ran
+            shutil.rmtree(root, ignore_errors=True)
+        raise OSError(f"cannot listen on {args.host} port {args.port}: {err.strerror or err}") from err
     users = ", ".join(sorted({f"{i['user']} ({i['role']})" for i in tokens.values()})) or "none: read-only"
-    print(f"Hub server at {server.url} serving {root} (tokens: {users}); Ctrl-C stops it", flush=True)
+    print(f"Hub server at {server.url} serving {printable(root)} (tokens: {users}); Ctrl-C stops it", flush=True)
     print(f"  export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
-    server.serve_forever()
+    server.serve_forever()  # returns on Ctrl-C or SIGTERM: the normal way to stop, exit status 0
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hub-msif", description=(
+    parser = _Parser(prog="hub-msif", description=(
         "Multi-stage influence functions: attribute a fine-tuned LLM's answers to pre-training documents, "
         "with EK-FAC factors shared on the Hugging Face Hub."))
     parser.add_argument("--version", action="version", version=f"hub_msif {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # subparsers are _Parser too
     _add_fit(sub)
     _add_demo(sub)
     _add_index(sub)
@@ -351,14 +559,20 @@ RUNNERS["hub"] = _run_hub
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    debug = os.environ.get("HUB_MSIF_DEBUG", "") not in ("", "0")
     try:
         return RUNNERS[args.command](args)
     except (MsifError, OSError) as err:  # anything else is a bug and shows its traceback
-        if os.environ.get("HUB_MSIF_DEBUG", "") not in ("", "0"):
+        if debug:
             raise
-        message = str(err) or type(err).__name__
-        print(f"hub-msif {args.command}: error: {message}", file=sys.stderr)
+        print(f"hub-msif {args.command}: error: {printable(str(err) or type(err).__name__)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C; an Interrupted says what it left behind
+        if debug:
+            raise
+        left = f": {printable(err)}" if isinstance(err, Interrupted) and str(err) else ""
+        print(f"hub-msif {args.command}: interrupted{left}", file=sys.stderr)
+        return INTERRUPTED_STATUS
 
 
 if __name__ == "__main__":

@@ -493,3 +493,26 @@ def test_cli_fit_refuses_missing_required_arguments(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--data" in err and "--out" in err and "Traceback" not in err
+
+
+def test_hub_ids_with_dots_are_hub_ids_not_missing_folders(monkeypatch):
+    """``Qwen/Qwen2.5-0.5B`` was taken for a missing local folder because its name has a "suffix"."""
+    import huggingface_hub
+
+    from hub_msif import models
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, revision=None):
+        asked.append(repo_id)
+        raise OSError("offline in this test")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for model_id in ("Qwen/Qwen2.5-0.5B", "gpt2"):
+        with pytest.raises(FileNotFoundError, match=f"model '{re.escape(model_id)}' is not a local folder and could "
+                                                    "not be fetched from the Hub"):
+            models.resolve_model(model_id)
+    assert asked == ["Qwen/Qwen2.5-0.5B", "gpt2"]
+    for path in ("./model.v2", "/no/such/model", "weights.safetensors/x/y"):
+        with pytest.raises(FileNotFoundError, match="model folder .* does not exist"):
+            models.resolve_model(path)
