@@ -3,8 +3,9 @@
 Every command has ``--help``; bad input ends in one line on stderr and exit status 2, never a
 traceback (set ``HUB_MSIF_DEBUG=1`` to see one); Ctrl-C ends in one line and exit status 130.
 Arguments are checked before any model loads or anything is written: argparse ``type=``
-functions for single values, ``_check_*`` at the top of each runner for paths and locations
-(the library checks the rest, e.g. ``FitConfig.validate``, before its first load). Heavy imports
+functions for single values, ``check_*`` at the top of each runner for paths and locations
+(the library checks the rest, e.g. ``FitConfig.validate``, before its first load); see
+``hub_msif.apps.arguments``. What is printed goes through ``hub_msif.apps.output``. Heavy imports
 (torch, transformers, huggingface_hub) stay inside the runners so that ``--help`` and argument
 errors answer at once.
 """
@@ -12,176 +13,34 @@ errors answer at once.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import shutil
 import signal
 import sys
-import unicodedata
 from pathlib import Path
 
 from hub_msif import __version__
-from hub_msif.errors import ArtifactNotFoundError, Interrupted, MsifError, MsifValueError
+from hub_msif.apps.arguments import (
+    Parser,
+    check_existing_folder,
+    check_location,
+    check_model,
+    check_target_folder,
+    fixed_port_number,
+    non_empty,
+    non_negative_int,
+    port_number,
+    positive_finite_float,
+    positive_int,
+    seed_int,
+    token_spec,
+)
+from hub_msif.apps.output import print_json, printable
+from hub_msif.errors import Interrupted, MsifError, MsifValueError
 
 DEFAULT_CACHE = Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif")
 INTERRUPTED_STATUS = 130  # what shells report for a process ended by SIGINT (128 + 2)
-
-
-# --- argument types: argparse turns their ArgumentTypeError into "argument --x: <message>" ---------
-
-
-def _whole_number(text: str, low: int, high: int | None = None) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-    if high is not None and value > high:
-        raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _whole_number(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return _whole_number(text, 0)
-
-
-def seed_int(text: str) -> int:
-    """Recorded in the manifest; bounded to what an int64 holds so any reader can take it."""
-    return _whole_number(text, 0, 2**63 - 1)
-
-
-def port_number(text: str) -> int:
-    """A TCP port; 0 lets the system pick a free one."""
-    return _whole_number(text, 0, 65535)
-
-
-def fixed_port_number(text: str) -> int:
-    return _whole_number(text, 1, 65535)
-
-
-def positive_finite_float(text: str) -> float:
-    """Damping: 0 divides by zero where Lambda vanishes, NaN and infinity leave no ranking."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
-
-
-def non_empty(text: str) -> str:
-    """Paths, ids and tokens: an empty one would silently mean the current folder or the default."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
-    return text
-
-
-def token_spec(text: str) -> tuple[str, dict]:
-    from hub_msif.hub.server import parse_token_spec
-
-    try:
-        return parse_token_spec(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the error contract of the other refusals: one line on stderr, exit status 2
-    (argparse would print the usage first; ``--help`` shows it)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
-
-
-# --- checks that need more than one value, or the file system: run before any heavy import -------
-
-
-def _check_target_folder(path: str | Path, option: str) -> None:
-    """A folder the command creates or writes into: refused when it, or a folder above it, is a file."""
-    path = Path(path).expanduser()
-    for above in (path, *path.parents):
-        if above.exists():
-            if above.is_dir():
-                return
-            if above == path:
-                raise MsifValueError(f"{option} {path} is a file, not a folder")
-            raise MsifValueError(f"{option} {path} cannot be created: {above} is a file, not a folder")
-
-
-def _check_existing_folder(path: str | Path, what: str) -> None:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ArtifactNotFoundError(f"{what} {path} does not exist")
-    if not path.is_dir():
-        raise MsifValueError(f"{what} {path} is a file, not a folder")
-
-
-def _check_location(location: str, what: str) -> None:
-    """``LOC`` (a folder or ``REPO[@REV]``): a malformed one or a missing folder is refused before
-    either artifact or any model is loaded (the index would otherwise load first)."""
-    from hub_msif.hub.location import parse_location
-
-    parsed = parse_location(location)
-    if parsed.is_local:
-        _check_existing_folder(parsed.folder, what)
-
-
-def _check_model(model: str | None) -> None:
-    """A model given as a path (``.``, ``/`` or ``~`` first, as for locations) must be a folder;
-    anything else is a Hub id, resolved later."""
-    if model is None or not model.startswith((".", "/", "~")):
-        return
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {path} {'is a file' if path.exists() else 'does not exist'}")
-
-
-# --- output ------------------------------------------------------------------------------------
-
-
-_ESCAPED_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
-
-
-def printable(text: object) -> str:
-    """``text`` safe to print as (part of) one terminal line: control and format characters (ANSI
-    escapes, bidi overrides, newlines...) and line separators become ``repr`` escapes, so a
-    document, prompt or path can neither drive the terminal nor forge output lines. Tabs stay."""
-    return "".join(repr(c)[1:-1] if c != "\t" and unicodedata.category(c) in _ESCAPED_CATEGORIES else c
-                   for c in str(text))
-
-
-def _non_finite(value, path: str = "") -> str | None:
-    """Where in a JSON-ready value the first NaN or infinity sits (``rows[2].score = nan``), or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{path or 'the value'} = {value}"
-    if isinstance(value, dict):
-        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    return next((found for where, v in items if (found := _non_finite(v, where))), None)
-
-
-def _print_json(value) -> None:
-    """One strict JSON document on stdout. NaN and Infinity are not JSON (strict parsers refuse
-    them), so a non-finite number is an error naming where it is, and nothing is printed."""
-    try:
-        text = json.dumps(value, indent=2, allow_nan=False)
-    except ValueError as err:
-        where = _non_finite(value)
-        if where is None:  # not a non-finite number: a bug, keep its traceback
-            raise
-        raise MsifValueError(f"not printed as JSON: it holds a non-finite number ({where})") from err
-    print(text)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -223,7 +82,7 @@ def _add_fit(sub) -> None:
 
 
 def _run_fit(args) -> int:
-    _check_target_folder(args.out, "--out")  # found out only when the fitted factors are saved, otherwise
+    check_target_folder(args.out, "--out")  # found out only when the fitted factors are saved, otherwise
     from hub_msif.data import DEFAULT_TEMPLATE, CorpusSpec
     from hub_msif.factors.fit import FitConfig, fit_stage
     from hub_msif.factors.tracking import parse_module_specs
@@ -255,7 +114,7 @@ def _print_summary(factors, out, as_json: bool) -> None:
                     for m in factors.modules.values()],
     }
     if as_json:
-        _print_json(summary)
+        print_json(summary)
         return
     print(f"{factors.stage} factors for {printable(summary['model']['id'])} ({summary['model']['revision'][:19]}) "
           f"in {printable(out)}")
@@ -283,7 +142,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    _check_target_folder(args.cache, "--cache")
+    check_target_folder(args.cache, "--cache")
     from hub_msif.toy.demo import local_hub_environment  # light: must run before huggingface_hub is imported
 
     local_hub_environment(args.cache)
@@ -327,10 +186,10 @@ def _add_attribute(sub) -> None:
 
 
 def _run_attribute(args) -> int:
-    _check_location(args.factors, "factor folder")
-    _check_location(args.index, "index folder")
-    _check_model(args.pretrained)  # loaded only after the index and both stages' factors
-    _check_model(args.finetuned)
+    check_location(args.factors, "factor folder")
+    check_location(args.index, "index folder")
+    check_model(args.pretrained)  # loaded only after the index and both stages' factors
+    check_model(args.finetuned)
     from hub_msif.attribution.attributor import Attributor
     from hub_msif.attribution.retrieval import DocumentIndex
 
@@ -341,7 +200,7 @@ def _run_attribute(args) -> int:
                                   method=args.method, damping=args.damping, relative=not args.absolute_damping,
                                   show_progress=not args.json)
     if args.json:
-        _print_json(result.to_json())
+        print_json(result.to_json())
         return 0
     print(f"prompt: {printable(result.prompt)}")
     print(f"answer: {printable(result.answer)}" + ("   (generated by the fine-tuned model)" if result.answer_generated else ""))
@@ -380,7 +239,7 @@ def _add_index(sub) -> None:
 
 
 def _run_index(args) -> int:
-    _check_target_folder(args.out, "--out")  # found out only after embedding the corpus, otherwise
+    check_target_folder(args.out, "--out")  # found out only after embedding the corpus, otherwise
     import time
 
     from hub_msif.attribution.retrieval import build_index
@@ -396,7 +255,7 @@ def _run_index(args) -> int:
                "embedding_model": meta["embedding_model"], "index_type": meta["index_type"],
                "seconds": round(time.perf_counter() - start, 3)}
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"indexed {summary['num_documents']} documents ({summary['dimension']} dims, {summary['index_type']}) "
               f"with {printable(meta['embedding_model']['id'])} into {printable(args.out)} in {summary['seconds']:.1f}s")
@@ -426,7 +285,7 @@ def _run_push(args) -> int:
     from hub_msif.hub.location import check_repo_id
 
     check_repo_id(args.repo)  # push checks it too, but only after hashing every file of the folder
-    _check_existing_folder(args.folder, "factor folder" if args.artifact == "factors" else "index folder")
+    check_existing_folder(args.folder, "factor folder" if args.artifact == "factors" else "index folder")
     from hub_msif.hub import push_factors, push_index
 
     push = push_factors if args.artifact == "factors" else push_index
@@ -434,7 +293,7 @@ def _run_push(args) -> int:
                        commit_message=args.message, license=args.license)
     summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}"}
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         print(f"pushed {args.artifact} {printable(args.folder)} to {args.repo}@{printable(tag)} (commit {commit})")
     return 0
@@ -461,7 +320,7 @@ def _run_pull(args) -> int:
     else:
         folder = pull_index(args.location, token=args.token)
     if args.json:
-        _print_json({"location": args.location, "folder": str(folder)})
+        print_json({"location": args.location, "folder": str(folder)})
     else:
         print(printable(folder))
     return 0
@@ -478,8 +337,8 @@ def _add_find_factors(sub) -> None:
 
 
 def _run_find_factors(args) -> int:
-    _check_model(args.pretrained)
-    _check_model(args.finetuned)
+    check_model(args.pretrained)
+    check_model(args.finetuned)
     from hub_msif.hub import find_factors
 
     print(printable(find_factors(args.pretrained, args.finetuned, token=args.token, author=args.author)))
@@ -503,7 +362,7 @@ def _add_hub(sub) -> None:
 
 def _run_hub(args) -> int:
     root = Path(args.root).expanduser()
-    _check_target_folder(root, "--root")
+    check_target_folder(root, "--root")
     from hub_msif.hub.server import HubServer, load_tokens, save_tokens
 
     try:
@@ -534,12 +393,12 @@ def _run_hub(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hub-msif", description=(
+    parser = Parser(prog="hub-msif", description=(
         "Multi-stage influence functions: attribute a fine-tuned LLM's answers to pre-training documents, "
         "with EK-FAC factors shared on the Hugging Face Hub."))
     parser.add_argument("--version", action="version", version=f"hub_msif {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # subparsers are _Parser too
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # subparsers are Parser too
     _add_fit(sub)
     _add_demo(sub)
     _add_index(sub)

@@ -1,0 +1,132 @@
+"""Checks of ``hub-msif`` arguments that run before any model loads or anything is written.
+
+argparse ``type=`` functions for single values (argparse turns their ``ArgumentTypeError`` into
+"argument --x: <message>"), a parser whose usage errors are one line, and ``check_*`` helpers
+for paths and locations that the runners call first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from hub_msif.apps.output import printable
+from hub_msif.errors import ArtifactNotFoundError, MsifValueError
+
+
+def _whole_number(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def seed_int(text: str) -> int:
+    """Recorded in the manifest; bounded to what an int64 holds so any reader can take it."""
+    return _whole_number(text, 0, 2**63 - 1)
+
+
+def port_number(text: str) -> int:
+    """A TCP port; 0 lets the system pick a free one."""
+    return _whole_number(text, 0, 65535)
+
+
+def fixed_port_number(text: str) -> int:
+    return _whole_number(text, 1, 65535)
+
+
+def positive_finite_float(text: str) -> float:
+    """Damping: 0 divides by zero where Lambda vanishes, NaN and infinity leave no ranking."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    """Paths, ids and tokens: an empty one would silently mean the current folder or the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
+
+
+def token_spec(text: str) -> tuple[str, dict]:
+    from hub_msif.hub.server import parse_token_spec
+
+    try:
+        return parse_token_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the error contract of the other refusals: one line on stderr, exit status 2
+    (argparse would print the usage first; ``--help`` shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
+# --- checks that need more than one value, or the file system: run before any heavy import -------
+
+
+def check_target_folder(path: str | Path, option: str) -> None:
+    """A folder the command creates or writes into: refused when it, or a folder above it, is a file."""
+    path = Path(path).expanduser()
+    for above in (path, *path.parents):
+        if above.exists():
+            if above.is_dir():
+                return
+            if above == path:
+                raise MsifValueError(f"{option} {path} is a file, not a folder")
+            raise MsifValueError(f"{option} {path} cannot be created: {above} is a file, not a folder")
+
+
+def check_existing_folder(path: str | Path, what: str) -> None:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ArtifactNotFoundError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise MsifValueError(f"{what} {path} is a file, not a folder")
+
+
+def check_location(location: str, what: str) -> None:
+    """``LOC`` (a folder or ``REPO[@REV]``): a malformed one or a missing folder is refused before
+    either artifact or any model is loaded (the index would otherwise load first)."""
+    from hub_msif.hub.location import parse_location
+
+    parsed = parse_location(location)
+    if parsed.is_local:
+        check_existing_folder(parsed.folder, what)
+
+
+def check_model(model: str | None) -> None:
+    """A model given as a path (``.``, ``/`` or ``~`` first, as for locations) must be a folder;
+    anything else is a Hub id, resolved later."""
+    if model is None or not model.startswith((".", "/", "~")):
+        return
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} {'is a file' if path.exists() else 'does not exist'}")
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
