@@ -49,6 +49,16 @@ def fixed_port_number(text: str) -> int:
     return _whole_number(text, 1, 65535)
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text!r}")
+    return value
+
+
 def positive_finite_float(text: str) -> float:
     """Damping: 0 divides by zero where Lambda vanishes, NaN and infinity leave no ranking."""
     try:

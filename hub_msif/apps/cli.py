@@ -29,6 +29,7 @@ from hub_msif.apps.arguments import (
     check_target_folder,
     fixed_port_number,
     non_empty,
+    non_negative_float,
     non_negative_int,
     port_number,
     positive_finite_float,
@@ -289,13 +290,18 @@ def _run_push(args) -> int:
     from hub_msif.hub import push_factors, push_index
 
     push = push_factors if args.artifact == "factors" else push_index
-    commit, tag = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
-                       commit_message=args.message, license=args.license)
-    summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}"}
+    pushed = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
+                  commit_message=args.message, license=args.license)
+    commit, tag = pushed
+    summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}",
+               "created": pushed.created}
     if args.json:
         print_json(summary)
-    else:
+    elif pushed.created:
         print(f"pushed {args.artifact} {printable(args.folder)} to {args.repo}@{printable(tag)} (commit {commit})")
+    else:
+        print(f"{args.artifact} {printable(args.folder)} is already published as {args.repo}@{printable(tag)} "
+              f"(commit {commit}): nothing written")
     return 0
 
 
@@ -358,9 +364,19 @@ def _add_hub(sub) -> None:
     s.add_argument("--port", type=port_number, default=8765, help="port (default 8765; 0 picks a free one)")
     s.add_argument("--token", action="append", default=[], type=token_spec, metavar="TOKEN=USER[:ORG1,ORG2][:read]",
                    help="add a token (repeatable): it may write to USER/ and the ORGs' namespaces, or only read")
+    g = hsub.add_parser("gc", help="remove uploads that no commit references", description=(
+        "Remove LFS uploads and blobs of a server root that no commit references (left by pushes killed before "
+        "their commit), once they are older than --grace-seconds, so that a commit still in flight keeps its "
+        "uploads. A running server does the same at start-up."))
+    g.add_argument("--root", required=True, type=non_empty, help="the server's root folder")
+    g.add_argument("--grace-seconds", type=non_negative_float, default=None,
+                   help="keep unreferenced uploads younger than this (default: one day, the upload URLs' lifetime)")
+    g.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
 def _run_hub(args) -> int:
+    if args.hub_command == "gc":
+        return _run_hub_gc(args)
     root = Path(args.root).expanduser()
     check_target_folder(root, "--root")
     from hub_msif.hub.server import HubServer, load_tokens, save_tokens
@@ -389,6 +405,20 @@ def _run_hub(args) -> int:
     print(f"Hub server at {server.url} serving {printable(root)} (tokens: {users}); Ctrl-C stops it", flush=True)
     print(f"  export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
     server.serve_forever()  # returns on Ctrl-C or SIGTERM: the normal way to stop, exit status 0
+    return 0
+
+
+def _run_hub_gc(args) -> int:
+    root = Path(args.root).expanduser()
+    check_existing_folder(root, "hub server root")
+    from hub_msif.hub.server import DEFAULT_GRACE_SECONDS, collect_garbage
+
+    grace = DEFAULT_GRACE_SECONDS if args.grace_seconds is None else args.grace_seconds
+    removed, freed = collect_garbage(root, grace_seconds=grace)
+    if args.json:
+        print_json({"root": str(root), "removed": removed, "bytes": freed, "grace_seconds": grace})
+    else:
+        print(f"removed {removed} unreferenced file(s), {freed} bytes, from {printable(root)}")
     return 0
 
 

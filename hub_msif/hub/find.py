@@ -17,11 +17,10 @@ from hub_msif.hub.cards import FACTOR_TAGS
 from hub_msif.hub.failures import endpoint, first_line, hub_failures
 from hub_msif.hub.location import REPO_TYPE
 from hub_msif.hub.push import version_number
+from hub_msif.hub.reach import require_hub
 from hub_msif.models import ModelRef, folder_revision, is_commit_sha
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def model_ref(model: str | Path | ModelRef, token: str | None = None) -> ModelRef:
@@ -67,6 +66,7 @@ def find_factors(pretrained: str | Path | ModelRef, finetuned: str | Path | Mode
     """
     from huggingface_hub import HfApi
 
+    require_hub("cannot search the Hub for factors")  # one line at once, rather than retries for half a minute
     refs = {"pretrained": model_ref(pretrained, token), "finetuned": model_ref(finetuned, token)}
     api = HfApi(token=token)
     with hub_failures("(search)", None, "cannot search the Hub for factors", token):

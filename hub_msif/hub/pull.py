@@ -1,52 +1,86 @@
 """The one place that turns an artifact location into a local folder (docs/design.md, "Hub artifacts").
 
-``pull_factors`` / ``pull_index`` take a folder (returned as is) or ``REPO[@REV]``: the manifest
-is read at the revision, the commit it resolved to is pinned, and exactly the files needed
-(``modules="mlp"``: MLP files only) are downloaded into the Hugging Face cache, each checked
-against the manifest's sha256; a file altered on the server is reported and dropped from the
-cache instead of loaded. After one pull the same location resolves offline
-(``HF_HUB_OFFLINE=1``).
+``pull_factors`` / ``pull_index`` take a folder (checked to be an artifact folder: its manifest
+must read) or ``REPO[@REV]``: the manifest is read at the revision, the commit it resolved to is
+pinned, and exactly the files needed (``modules="mlp"``: MLP files only) are downloaded into the
+Hugging Face cache, each checked against the manifest's sha256. A file that fails the check is
+removed from the cache; when the Hub lists the manifest's hash for it, the cached copy was the
+bad one and is downloaded again, otherwise the file was altered on the Hub and is reported
+(``HubIntegrityError``). After one pull the same location resolves offline (``HF_HUB_OFFLINE=1``),
+and also while the Hub cannot be reached, which is found out in seconds (``hub.reach``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hub_msif.artifacts.integrity import verify_file
 from hub_msif.artifacts.manifest import FACTORS, INDEX, MODULE_CHOICES, factor_files, index_files, read_manifest
-from hub_msif.errors import HubError, HubIntegrityError, IntegrityError, MsifValueError
+from hub_msif.errors import HubError, HubIntegrityError, IntegrityError, MsifValueError, NotCachedError
 from hub_msif.hub.cards import CARD_NAME
-from hub_msif.hub.failures import hub_failures
+from hub_msif.hub.failures import endpoint, hub_failures, offline
 from hub_msif.hub.location import REPO_TYPE, Location, parse_location
+from hub_msif.hub.push import git_blob_id
+from hub_msif.hub.reach import hub_unreachable
 from hub_msif.models import is_commit_sha
 
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _cache_only(reason: str | None, doing: str, where: str) -> Iterator[None]:
+    """While the Hub cannot be reached (``reason``), a file missing from the cache is a
+    ``NotCachedError`` that says so (``huggingface_hub`` would blame the connection vaguely)."""
+    from huggingface_hub import errors
+
+    try:
+        yield
+    except errors.LocalEntryNotFoundError as err:
+        if reason is None:
+            raise
+        raise NotCachedError(f"{doing}: {where} is not (completely) in the Hugging Face cache and the Hub at "
+                             f"{endpoint()} cannot be reached ({reason})") from err
+
+
 def _pull(location: Location, manifest_name: str, select: Callable[[Path], dict[str, str]], what: str,
           token, cache_dir) -> Path:
     """Downloads the manifest at the revision, then exactly the files ``select`` names, at the
-    commit the manifest came from; checks every file's sha256."""
+    commit the manifest came from; checks every file's sha256 (``_check_files``)."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     repo_id, revision = location.repo_id, location.revision or "main"
-    doing = f"cannot pull {what} {repo_id}@{revision}"
-    with hub_failures(repo_id, revision, doing, token):
+    where = f"{repo_id}@{revision}"
+    doing = f"cannot pull {what} {where}"
+    down = hub_unreachable()  # then only the cache is asked: no retries for half a minute
+    cached_only = down is not None
+    with hub_failures(repo_id, revision, doing, token), _cache_only(down, doing, where):
         manifest_path = Path(hf_hub_download(repo_id, manifest_name, repo_type=REPO_TYPE, revision=revision,
-                                             token=token, cache_dir=cache_dir))
+                                             token=token, cache_dir=cache_dir, local_files_only=cached_only))
     folder = manifest_path.parent
     commit = folder.name if is_commit_sha(folder.name) else revision
     try:
         files = select(folder)
     except ValueError as err:
-        raise type(err)(f"{repo_id}@{revision}: {err}") from err
+        raise type(err)(f"{where}: {err}") from err
     patterns = [glob.escape(p) for p in [manifest_name, CARD_NAME, *files]]
-    with hub_failures(repo_id, revision, doing, token):
+    with hub_failures(repo_id, revision, doing, token), _cache_only(down, doing, where):
         folder = Path(snapshot_download(repo_id, repo_type=REPO_TYPE, revision=commit, allow_patterns=patterns,
-                                        token=token, cache_dir=cache_dir))
+                                        token=token, cache_dir=cache_dir, local_files_only=cached_only))
+    _check_files(folder, files, repo_id, revision, commit, doing, down, token, cache_dir)
+    logger.info("pulled %s %s (commit %s) into %s", what, where, commit, folder)
+    return folder
+
+
+def _check_files(folder: Path, files: dict[str, str], repo_id: str, revision: str, commit: str, doing: str,
+                 down: str | None, token, cache_dir) -> None:
+    """Checks each pulled file against the manifest's sha256. A bad file leaves the cache; it is
+    downloaded once more when the Hub lists the manifest's hash for it (the cached copy was bad),
+    and reported as altered on the Hub when the Hub lists another hash or serves bad bytes again."""
+    bad = {}
     for relative, expected in files.items():
         path = folder / relative
         if not path.is_file():
@@ -54,13 +88,49 @@ def _pull(location: Location, manifest_name: str, select: Callable[[Path], dict[
         try:
             verify_file(path, expected)
         except IntegrityError as err:
+            bad[relative] = err
+    if not bad:
+        return
+
+    def altered(relative: str, err: Exception) -> HubIntegrityError:
+        return HubIntegrityError(f"{repo_id}@{revision} (commit {commit}): {relative} is corrupted or was altered on the "
+                                 f"Hub ({err}); the bad copy was removed from the cache")
+
+    if down is not None or offline():
+        for relative in bad:
+            _evict(folder / relative)
+        why = "HF_HUB_OFFLINE=1 is set" if down is None else f"the Hub at {endpoint()} cannot be reached ({down})"
+        raise NotCachedError(f"{doing}: the cached copy of {', '.join(sorted(bad))} was corrupted (its sha256 differs "
+                             f"from the manifest's) and was removed from the cache; {why}, so it cannot be downloaded "
+                             "again now")
+    from huggingface_hub import HfApi, hf_hub_download
+
+    with hub_failures(repo_id, revision, doing, token):
+        listed = {e.path: e for e in HfApi(token=token).get_paths_info(repo_id, sorted(bad), repo_type=REPO_TYPE,
+                                                                        revision=commit)}
+    # What the Hub lists for a file (an LFS file's sha256, a regular file's git blob id) says whose copy is bad.
+    hub_is_wrong = {}
+    for relative in bad:
+        entry = listed.get(relative)
+        lfs = getattr(entry, "lfs", None)
+        hub_is_wrong[relative] = (entry is None or (lfs is not None and lfs.sha256 != files[relative])
+                                  or (lfs is None and entry.blob_id == git_blob_id((folder / relative).read_bytes())))
+    for relative in bad:
+        _evict(folder / relative)
+    for relative, err in bad.items():
+        if hub_is_wrong[relative]:
+            raise altered(relative, err)
+    for relative in bad:
+        logger.warning("the cached copy of %s of %s (commit %s) differs from its manifest while the Hub lists the "
+                       "manifest's sha256: downloading it again", relative, repo_id, commit)
+        with hub_failures(repo_id, revision, doing, token):
+            path = Path(hf_hub_download(repo_id, relative, repo_type=REPO_TYPE, revision=commit, token=token,
+                                        cache_dir=cache_dir, force_download=True))
+        try:
+            verify_file(path, files[relative])
+        except IntegrityError as again:  # the Hub lists the right hash but serves other bytes
             _evict(path)
-            raise HubIntegrityError(
-                f"{repo_id}@{revision} (commit {commit}): {relative} is corrupted or was altered on the Hub ({err}); "
-                "the bad copy was removed from the cache"
-            ) from err
-    logger.info("pulled %s %s@%s (commit %s) into %s", what, repo_id, revision, commit, folder)
-    return folder
+            raise altered(relative, again) from again
 
 
 def _evict(path: Path) -> None:
@@ -76,13 +146,15 @@ def _evict(path: Path) -> None:
 
 def pull_factors(location: str | Path, modules: str = "all", stages=None, token: str | None = None,
                  cache_dir: str | Path | None = None) -> Path:
-    """The local folder of the factors at ``location`` (a folder, or ``REPO[@REV]`` pulled into
-    the Hugging Face cache). Only the manifest, the card and the files of ``stages`` (default
-    both) and ``modules`` (``all`` or ``mlp``) are downloaded; each is sha256-checked."""
+    """The local folder of the factors at ``location``: a factor folder (returned as is once its
+    manifest reads, else ``FactorsNotFoundError`` / ``FactorError``), or ``REPO[@REV]`` pulled into
+    the Hugging Face cache. Only the manifest, the card and the files of ``stages`` (default both)
+    and ``modules`` (``all`` or ``mlp``) are downloaded; each is sha256-checked."""
     if modules not in MODULE_CHOICES:
         raise MsifValueError(f"modules must be one of {', '.join(MODULE_CHOICES)}, not {modules!r}")
     where = parse_location(location)
     if where.is_local:
+        read_manifest(where.folder, FACTORS)  # a missing folder, /etc or a file is no factor folder
         return where.folder
 
     def select(folder: Path) -> dict[str, str]:
@@ -92,10 +164,12 @@ def pull_factors(location: str | Path, modules: str = "all", stages=None, token:
 
 
 def pull_index(location: str | Path, token: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """The local folder of the index at ``location`` (a folder, or ``REPO[@REV]`` pulled into the
-    Hugging Face cache, every file sha256-checked)."""
+    """The local folder of the index at ``location``: an index folder (returned as is once its
+    manifest reads, else ``IndexNotFoundError`` / ``RetrievalError``), or ``REPO[@REV]`` pulled into
+    the Hugging Face cache, every file sha256-checked."""
     where = parse_location(location)
     if where.is_local:
+        read_manifest(where.folder, INDEX)
         return where.folder
     return _pull(where, INDEX.manifest_name, lambda folder: index_files(read_manifest(folder, INDEX)), "index", token,
                  cache_dir)

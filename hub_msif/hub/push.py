@@ -1,39 +1,69 @@
 """Publishing a factor or index folder as one version of a Hub dataset repo (docs/design.md, "Hub artifacts").
 
 One version is one atomic commit (``HfApi.create_commit`` with the manifest's files, the manifest
-and a card) followed by a tag ``v1``, ``v2``, ... (or one the user names). The folder is verified
-first, so a broken artifact is never published; a tag that exists is refused before anything is
-uploaded.
+and a card, and the deletion of every other file but ``.gitattributes``, so that a version holds
+exactly its manifest's files) followed by a tag ``v1``, ``v2``, ... (or one the user names). The
+folder is verified first, so a broken artifact is never published; the token's right to write
+and a tag that exists are checked before anything is uploaded. Ctrl-C raises ``Interrupted``,
+whose message says what reached the Hub; a push interrupted between its commit and its tag,
+run again, tags that commit instead of making another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from hub_msif import __version__
+from hub_msif.artifacts.atomic import sha256_bytes
 from hub_msif.artifacts.integrity import verify_file
 from hub_msif.artifacts.manifest import FACTORS, INDEX, check_stage_pair, factor_files, index_files, read_manifest
-from hub_msif.errors import HubValueError, IntegrityError, TokenRefusedError
+from hub_msif.errors import HubValueError, IntegrityError, Interrupted, TokenRefusedError
 from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, factors_card, index_card
 from hub_msif.hub.failures import NO_TOKEN, hub_failures
 from hub_msif.hub.location import REPO_TYPE, check_repo_id
+from hub_msif.hub.reach import require_hub
+from hub_msif.hub.rights import require_write_access
 from hub_msif.models import is_commit_sha
 
 logger = logging.getLogger(__name__)
 _VERSION_TAG = re.compile(r"v(\d+)")
 _TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_KEPT = (".gitattributes",)  # files of the repo a push never deletes (the card is replaced, not deleted)
 
 
-class Pushed(NamedTuple):
-    """What a push made: the commit sha and the version tag pointing at it."""
-
+class _Version(NamedTuple):
     commit: str
     tag: str
+
+
+class Pushed(_Version):
+    """What a push made: the commit sha and the version tag pointing at it; unpacks as
+    ``commit, tag = push_factors(...)``.
+
+    ``created`` is False when the folder was already published as ``tag`` and nothing was written
+    (no commit, no tag); True when this push tagged a version (after a new commit, or on the
+    commit of an earlier push interrupted before its tag).
+    """
+
+    created: bool = True
+
+    def __new__(cls, commit: str, tag: str, created: bool = True) -> Pushed:
+        self = super().__new__(cls, commit, tag)
+        self.created = created
+        return self
+
+    def __getnewargs__(self) -> tuple:
+        return (self.commit, self.tag, self.created)
+
+    def __repr__(self) -> str:
+        return f"Pushed(commit={self.commit!r}, tag={self.tag!r}, created={self.created!r})"
 
 
 def version_number(tag: str) -> int | None:
@@ -55,51 +85,170 @@ def _verify_local(folder: Path, files: dict[str, str], what: str) -> dict[str, i
     return sizes
 
 
+@dataclass
+class _Progress:
+    """How far a push got, so that a Ctrl-C can say what it left on the Hub.
+
+    ``step``: ``prepare`` (nothing sent that publishes), ``commit`` (the commit request is out),
+    ``tag`` (the commit landed, the tag request is out), ``done`` (tagged).
+    """
+
+    repo_id: str
+    api: object = None
+    step: str = "prepare"
+    base: str | None = None  # main's head before the commit
+    commit: str | None = None
+    tag: str | None = None
+
+    def settle(self) -> bool:
+        """After a Ctrl-C while a request was out: asks the Hub's refs whether it landed. False when
+        that cannot be told (the Hub does not answer, or a second Ctrl-C)."""
+        if self.step not in ("commit", "tag"):
+            return True
+        try:
+            refs = self.api.list_repo_refs(self.repo_id, repo_type=REPO_TYPE)
+        except (Exception, KeyboardInterrupt):
+            return False
+        if self.step == "commit":
+            head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+            if head == self.base:
+                return True  # the commit did not land
+            self.commit, self.step = head, "tag"
+        if {t.name: t.target_commit for t in refs.tags}.get(self.tag) == self.commit:
+            self.step = "done"
+        return True
+
+    def interrupted(self) -> str:
+        """The one-line account of an interrupted push."""
+        known = self.settle()
+        repo = self.repo_id
+        if self.step == "done":
+            return f"interrupted after publishing {repo}@{self.tag} (commit {self.commit})"
+        if self.step == "tag":
+            if not known:
+                return (f"interrupted after commit {self.commit} reached {repo}, while tagging it {self.tag}: run the "
+                        "push again to make sure it is tagged")
+            return (f"interrupted after commit {self.commit} reached {repo}, before tagging it {self.tag}: run the push "
+                    "again to tag it")
+        if self.step == "commit" and not known:
+            return (f"interrupted while the commit to {repo} was being sent; whether it landed is unknown: run the push "
+                    "again (it tags that commit if it landed, and makes it otherwise)")
+        return f"interrupted before the commit: nothing was published to {repo}"
+
+
 def _push(folder: Path, repo_id: str, manifest_name: str, files: dict[str, str], render: Callable,
           what: str, tag: str | None, private: bool, token: str | None, commit_message: str | None) -> Pushed:
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.utils import get_token
-
     check_repo_id(repo_id)
     if tag is not None and (not _TAG_NAME.fullmatch(tag) or is_commit_sha(tag) or tag == "main"):
         raise HubValueError(f"tag {tag!r} is not a usable version name (letters, digits, '.', '_', '-'; not 'main', "
-                       "not a commit sha)")
+                            "not a commit sha)")
+    progress = _Progress(repo_id)
+    try:
+        return _publish(folder, repo_id, manifest_name, files, render, what, tag, private, token, commit_message,
+                        progress)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:
+        raise Interrupted(progress.interrupted()) from err
+
+
+def _publish(folder: Path, repo_id: str, manifest_name: str, files: dict[str, str], render: Callable, what: str,
+             tag: str | None, private: bool, token: str | None, commit_message: str | None,
+             progress: _Progress) -> Pushed:
+    """The steps of ``_push``, recording in ``progress`` what has reached the Hub."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.utils import get_token
+
     sizes = _verify_local(folder, files, what)  # never push a broken artifact
     sizes[manifest_name] = (folder / manifest_name).stat().st_size
     token = token or get_token()
+    doing = f"cannot push to {repo_id}"
     if not token:
-        raise TokenRefusedError(f"cannot push to {repo_id}: {NO_TOKEN}")
-    api = HfApi(token=token)
-    with hub_failures(repo_id, None, f"cannot push to {repo_id}", token):
+        raise TokenRefusedError(f"{doing}: {NO_TOKEN}")
+    require_hub(doing)  # one line at once, rather than retries for half a minute
+    api = progress.api = HfApi(token=token)
+    with hub_failures(repo_id, None, doing, token):
+        require_write_access(api, repo_id, doing)  # also when nothing turns out to be written
         api.create_repo(repo_id, repo_type=REPO_TYPE, private=True if private else None, exist_ok=True)
         refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
     tags = {t.name: t.target_commit for t in refs.tags}
     versions = {n: name for name in tags if (n := version_number(name)) is not None}
     if tag is not None and tag in tags:
         raise HubValueError(f"{repo_id} already has a tag {tag!r} (commit {tags[tag]}); versions are immutable: name "
-                       f"another tag, or leave --tag out for the next version v{max(versions, default=0) + 1}")
+                            f"another tag, or leave --tag out for the next version v{max(versions, default=0) + 1}")
     if tag is None and versions:
         latest = versions[max(versions)]
         if _same_manifest(api, repo_id, latest, manifest_name, folder / manifest_name):
-            logger.info("%s is unchanged since %s@%s: not pushed again", folder, repo_id, latest)
-            return Pushed(tags[latest], latest)
-    tag = tag or f"v{max(versions, default=0) + 1}"
-    card = render(repo_id, tag, sizes)
-    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in files]
-    operations.append(CommitOperationAdd(path_in_repo=manifest_name, path_or_fileobj=str(folder / manifest_name)))
-    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
-    with hub_failures(repo_id, None, f"cannot push to {repo_id}", token):
-        info = api.create_commit(
-            repo_id, operations, repo_type=REPO_TYPE,
-            commit_message=commit_message or f"hub_msif {what} {tag}",
-            commit_description=f"{what.capitalize()} pushed with hub_msif {__version__} from {folder.name}; "
-                               f"{len(operations)} files.",
-        )
-    with hub_failures(repo_id, None, f"pushed commit {info.oid} to {repo_id} but could not tag it {tag}", token):
-        api.create_tag(repo_id, tag=tag, revision=info.oid, repo_type=REPO_TYPE,
+            logger.info("%s is unchanged since %s@%s: nothing written", folder, repo_id, latest)
+            return Pushed(tags[latest], latest, created=False)
+    tag = progress.tag = tag or f"v{max(versions, default=0) + 1}"
+    card = str(render(repo_id, tag, sizes)).encode("utf-8")
+    local: dict[str, Path | bytes] = {p: folder / p for p in [*files, manifest_name]}
+    local[CARD_NAME] = card
+    head = progress.base = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+    with hub_failures(repo_id, None, doing, token):
+        remote = _files_at(api, repo_id, head)
+    if head is not None and _holds_exactly(remote, local, files):
+        # main holds exactly this version already (a push of it was interrupted before its tag): tag that
+        # commit rather than make an identical one.
+        logger.info("main of %s (commit %s) already holds %s: tagging it", repo_id, head, folder)
+        progress.commit = head
+    else:
+        additions = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c if isinstance(c, bytes) else str(c))
+                     for p, c in local.items()]
+        # A version is exactly its manifest's files: whatever an earlier version had beside them goes.
+        deletions = [CommitOperationDelete(path_in_repo=p) for p in sorted(remote) if p not in local and p not in _KEPT]
+        with hub_failures(repo_id, None, doing, token):
+            api.preupload_lfs_files(repo_id, additions, repo_type=REPO_TYPE)
+            progress.step = "commit"
+            info = api.create_commit(
+                repo_id, [*additions, *deletions], repo_type=REPO_TYPE, parent_commit=head,
+                commit_message=commit_message or f"hub_msif {what} {tag}",
+                commit_description=f"{what.capitalize()} pushed with hub_msif {__version__} from {folder.name}; "
+                                   f"{len(additions)} files" + (f", {len(deletions)} removed." if deletions else "."),
+            )
+        progress.commit = info.oid
+    progress.step = "tag"
+    with hub_failures(repo_id, None, f"pushed commit {progress.commit} to {repo_id} but could not tag it {tag}", token):
+        api.create_tag(repo_id, tag=tag, revision=progress.commit, repo_type=REPO_TYPE,
                        tag_message=f"hub_msif {what} {tag}")
-    logger.info("pushed %s to %s@%s (commit %s)", folder, repo_id, tag, info.oid)
-    return Pushed(info.oid, tag)
+    progress.step = "done"
+    logger.info("pushed %s to %s@%s (commit %s)", folder, repo_id, tag, progress.commit)
+    return Pushed(progress.commit, tag)
+
+
+def _files_at(api, repo_id: str, commit: str | None) -> dict:
+    """``{path: RepoFile}`` of every file of ``repo_id`` at ``commit`` (none without a commit)."""
+    from huggingface_hub.hf_api import RepoFile
+
+    if commit is None:
+        return {}
+    entries = api.list_repo_tree(repo_id, repo_type=REPO_TYPE, revision=commit, recursive=True)
+    return {e.path: e for e in entries if isinstance(e, RepoFile)}
+
+
+def git_blob_id(data: bytes) -> str:
+    """The git object id of a file with content ``data``: the id the Hub gives a regular file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _holds_exactly(remote: dict, local: dict[str, Path | bytes], sha256s: dict[str, str]) -> bool:
+    """Whether the remote files (``_files_at``) are exactly the ``local`` ones (paths to files, or
+    contents), ``.gitattributes`` aside; ``sha256s`` gives the known digests of the large files."""
+    if set(remote) - set(_KEPT) != set(local):
+        return False
+    for path, content in local.items():
+        entry = remote[path]
+        size = len(content) if isinstance(content, bytes) else content.stat().st_size
+        if entry.size != size:
+            return False
+        if entry.lfs is not None:
+            digest = sha256s.get(path) or sha256_bytes(content if isinstance(content, bytes) else content.read_bytes())
+            if entry.lfs.sha256 != digest:
+                return False
+        elif entry.blob_id != git_blob_id(content if isinstance(content, bytes) else content.read_bytes()):
+            return False
+    return True
 
 
 def _same_manifest(api, repo_id: str, revision: str, manifest_name: str, local: Path) -> bool:
@@ -109,8 +258,6 @@ def _same_manifest(api, repo_id: str, revision: str, manifest_name: str, local: 
         return json.loads(Path(remote).read_text()) == json.loads(local.read_text())
     except Exception:  # no manifest there, or unreadable: a new version it is
         return False
-
-
 def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, private: bool = False,
                  token: str | None = None, commit_message: str | None = None,
                  license: str = DEFAULT_LICENSE) -> Pushed:

@@ -199,11 +199,16 @@ def test_main_needs_both_locations_or_neither():
         main({"MSIF_FACTORS": "your-org/factors"})
 
 
-def test_local_folders_resolve_to_themselves_and_a_missing_one_fails_on_first_use(tmp_path):
+def test_local_folders_must_hold_the_artifact_and_a_missing_one_fails_on_first_use(tmp_path):
     from hub_msif.apps.space import Backend
+    from hub_msif.errors import FactorsNotFoundError, IndexNotFoundError
     from hub_msif.hub.pull import pull_factors, pull_index
 
-    assert pull_index(tmp_path) == tmp_path and pull_factors(str(tmp_path)) == tmp_path
+    # a folder is taken as it is, but only when it holds the artifact
+    with pytest.raises(IndexNotFoundError, match="has no manifest index.json"):
+        pull_index(tmp_path)
+    with pytest.raises(FactorsNotFoundError, match="has no manifest msif.json"):
+        pull_factors(str(tmp_path))
     backend = Backend(str(tmp_path / "no-such-factors"), str(tmp_path / "no-such-index"))
     with pytest.raises(SpaceError, match="cannot load the factors from .*no-such-factors"):
         backend.attributor()

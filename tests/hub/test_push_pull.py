@@ -64,8 +64,22 @@ def _fit(model_dir, data, folder, stage, seed, **corpus):
               show_progress=False)
 
 
+_ARTIFACTS: dict = {}
+
+
+def shared_artifacts(tmp_path_factory) -> Artifacts:
+    """The artifacts, built once per session (``test_faults.py`` uses them too)."""
+    if not _ARTIFACTS:
+        _ARTIFACTS["built"] = _build_artifacts(tmp_path_factory)
+    return _ARTIFACTS["built"]
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Artifacts:
+    return shared_artifacts(tmp_path_factory)
+
+
+def _build_artifacts(tmp_path_factory) -> Artifacts:
     root = tmp_path_factory.mktemp("hub-artifacts")
     pair = save_tiny_pair(root)
     tokenizer, qa_texts = pair["tokenizer"], pair["qa_texts"]
@@ -95,14 +109,18 @@ def artifacts(tmp_path_factory) -> Artifacts:
 _PUBLISHED: dict = {}
 
 
-@pytest.fixture
-def published(hub_server, artifacts) -> dict:
+def publish_once(artifacts: Artifacts) -> dict:
     """Factors v1 and v2 and the index v1, pushed once per session (the server's storage persists)."""
     if not _PUBLISHED:
         _PUBLISHED["v1"] = hub.push_factors(artifacts.factors["v1"], FACTORS_REPO)
         _PUBLISHED["v2"] = hub.push_factors(artifacts.factors["v2"], FACTORS_REPO)
         _PUBLISHED["index"] = hub.push_index(artifacts.index, INDEX_REPO)
     return _PUBLISHED
+
+
+@pytest.fixture
+def published(hub_server, artifacts) -> dict:
+    return publish_once(artifacts)
 
 
 def _api(token=None):
@@ -374,7 +392,7 @@ def test_push_without_a_token_or_without_write_rights(published, artifacts, hub_
     monkeypatch.undo()
     assert not _api().repo_exists("alice/msif-never-created", repo_type="dataset")
     # bob may write to bob/ only; carol's token is read-only.
-    with pytest.raises(HubError, match=f"user bob may not write to {FACTORS_REPO} \\(403"):
+    with pytest.raises(HubError, match=f"user bob may not write to {FACTORS_REPO}: bob is neither alice nor a member"):
         hub.push_factors(artifacts.factors["v1"], FACTORS_REPO, token="test-token-bob")
     with pytest.raises(HubError, match="may not write to carol/msif-factors"):
         hub.push_factors(artifacts.factors["v1"], "carol/msif-factors", token="test-token-carol-read")

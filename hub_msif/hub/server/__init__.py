@@ -10,13 +10,15 @@ Modules, from the disk up: ``store`` (repos on disk: commits, refs, objects), ``
 front matter and tags), ``gitattributes`` (which files are LFS), ``auth`` (tokens, callers,
 rights), ``errors`` (``HubApiError`` and the Hub's error shape), ``views`` (the JSON documents
 answered), ``request_context`` (what handlers read from a request), ``repos`` and ``uploads``
-(the handlers), ``routes`` (the starlette app) and ``app`` (``HubServer``: uvicorn in a thread).
+(the handlers), ``routes`` (the starlette app), ``app`` (``HubServer``: uvicorn in a thread) and
+``garbage`` (removing uploads that no commit references).
 """
 
 from hub_msif.hub.server.app import HubServer
 from hub_msif.hub.server.auth import load_tokens, normalize_tokens, parse_token_spec, save_tokens
 from hub_msif.hub.server.errors import HubApiError
+from hub_msif.hub.server.garbage import DEFAULT_GRACE_SECONDS, collect_garbage
 from hub_msif.hub.server.store import git_blob_sha1
 
-__all__ = ["HubApiError", "HubServer", "git_blob_sha1", "load_tokens", "normalize_tokens", "parse_token_spec",
-           "save_tokens"]
+__all__ = ["DEFAULT_GRACE_SECONDS", "HubApiError", "HubServer", "collect_garbage", "git_blob_sha1", "load_tokens",
+           "normalize_tokens", "parse_token_spec", "save_tokens"]

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub_msif.hub.server.auth import TokenBook
 from hub_msif.hub.server.errors import HubApiError, error_response
+from hub_msif.hub.server.garbage import collect_garbage
 from hub_msif.hub.server.routes import build_app
 from hub_msif.hub.server.store import Store
 
@@ -59,6 +60,9 @@ class HubServer:
         ``OSError`` when the address cannot be bound. Returns self."""
         if self._server is not None:
             return self
+        # What killed pushes left behind; no commit of this server is in flight yet, and the grace
+        # period spares uploads that a client's commit may still name (garbage.py says why).
+        collect_garbage(self.root)
         # Bound here rather than by uvicorn: a busy port fails in the caller, and port 0 is known at once.
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart on the same port at once

@@ -13,11 +13,13 @@ Layout under the server's root (a restarted server on the same root serves the s
 A commit is a full snapshot of the file table, so reading any revision reads one JSON file.
 Every file is written atomically (``hub_msif.artifacts.atomic``); a commit writes its objects and
 its snapshot first and moves its ref last, so it lands whole or not at all. A repo exists once
-its ``repo.json`` does (written last on creation, moved away first on deletion).
+its ``repo.json`` does (written last on creation, moved away first on deletion). Objects no
+commit references (uploads of a push that never committed) are removed by ``garbage.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -258,16 +260,26 @@ class Repo:
         return self.content_path(entry).read_bytes()
 
     def store_blob(self, data: bytes) -> str:
-        """Stores a regular file's content (once) and returns its git blob sha1."""
+        """Stores a regular file's content (once) and returns its git blob sha1. A blob stored
+        already has its age renewed: the commit about to name it must not lose it to ``garbage``."""
         oid = git_blob_sha1(data)
-        if not self.blob_path(oid).is_file():
-            atomic_write_bytes(self.blob_path(oid), data)
+        path = self.blob_path(oid)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            atomic_write_bytes(path, data)
         return oid
 
     def has_lfs(self, sha256: str, size: int | None = None) -> bool:
         """Whether the LFS object ``sha256`` is stored (with ``size`` bytes, when given)."""
         path = self.lfs_path(sha256)
         return path.is_file() and (size is None or path.stat().st_size == size)
+
+    def keep_lfs(self, sha256: str) -> None:
+        """Renews the age of the stored LFS object ``sha256``, which a commit is about to name
+        without uploading it, so that ``garbage.collect_garbage`` leaves it alone."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.lfs_path(sha256))
 
     def lfs_upload(self, sha256: str, size: int) -> LfsUpload:
         """A writer for the content of the LFS object ``sha256`` of ``size`` bytes (see ``LfsUpload``)."""

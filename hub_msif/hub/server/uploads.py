@@ -84,6 +84,7 @@ async def lfs_batch(repo_type: str, request: Request) -> Response:
             objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "invalid oid or size"}})
             continue
         if repo.has_lfs(oid, size):
+            repo.keep_lfs(oid)  # the client names it in its commit without uploading it
             objects.append({"oid": oid, "size": size})
             continue
         store.announce_lfs(repo, oid, size)
