@@ -124,8 +124,10 @@ def fake_work(monkeypatch, tmp_path):
     monkeypatch.setattr(retrieval.DocumentIndex, "load", classmethod(lambda cls, *args, **kwargs: None))
     meta = {"num_documents": 3, "dimension": 8, "embedding_model": {"id": "m", "revision": "r"}, "index_type": "flat"}
     monkeypatch.setattr(retrieval, "build_index", lambda *args, **kwargs: SimpleNamespace(metadata=meta))
-    monkeypatch.setattr(hub_msif.hub, "push_factors", lambda *args, **kwargs: ("c" * 40, "v3"))
-    monkeypatch.setattr(hub_msif.hub, "push_index", lambda *args, **kwargs: ("d" * 40, "v1"))
+    from hub_msif.hub.push import Pushed
+
+    monkeypatch.setattr(hub_msif.hub, "push_factors", lambda *args, **kwargs: Pushed("c" * 40, "v3"))
+    monkeypatch.setattr(hub_msif.hub, "push_index", lambda *args, **kwargs: Pushed("d" * 40, "v1"))
     monkeypatch.setattr(hub_msif.hub, "pull_factors", lambda *args, **kwargs: tmp_path / "pulled")
     monkeypatch.setattr(hub_msif.hub, "pull_index", lambda *args, **kwargs: tmp_path / "pulled")
     monkeypatch.delenv("HUB_MSIF_DEBUG", raising=False)
@@ -143,8 +145,9 @@ def _json_commands(tmp: Path) -> dict[str, tuple[list[str], set[str]]]:
                         {"out", "num_documents", "dimension", "embedding_model", "index_type", "seconds"}),
         "attribute": (["attribute", "--factors", folder, "--index", folder, "--prompt", "what does the cat see ?",
                        "--json"], {"prompt", "answer", "method", "rows", "scale", "num_candidates"}),
-        "push factors": (["push", "factors", folder, "--repo", "alice/f", "--json"], {"repo", "tag", "commit", "location"}),
-        "push index": (["push", "index", folder, "--repo", "alice/i", "--json"], {"repo", "tag", "commit", "location"}),
+        "push factors": (["push", "factors", folder, "--repo", "alice/f", "--json"], {"repo", "tag", "commit", "location", "created"}),
+        "push index": (["push", "index", folder, "--repo", "alice/i", "--json"],
+                       {"repo", "tag", "commit", "location", "created"}),
         "pull factors": (["pull", "factors", "alice/f@v1", "--json"], {"location", "folder"}),
         "pull index": (["pull", "index", "alice/i@v1", "--json"], {"location", "folder"}),
     }
