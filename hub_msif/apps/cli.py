@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from hub_msif import __version__
@@ -449,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = os.environ.get("HUB_MSIF_DEBUG", "") not in ("", "0")
+    if threading.current_thread() is threading.main_thread():
+        # Started with SIGINT ignored (a background job of a script), Python installs no handler:
+        # Ctrl-C or kill -INT would then be lost instead of ending the command with status 130.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return RUNNERS[args.command](args)
     except (MsifError, OSError) as err:  # anything else is a bug and shows its traceback
