@@ -22,7 +22,15 @@ from pathlib import Path
 
 import conftest
 import pytest
-from test_push_pull import FACTORS_REPO, KILL_AFTER_FIRST_LFS_UPLOAD, _api, _edited_copy, publish_once, shared_artifacts
+from test_push_pull import (
+    FACTORS_REPO,
+    KILL_AFTER_FIRST_LFS_UPLOAD,
+    LOOPBACK_GUARD,
+    _api,
+    _edited_copy,
+    publish_once,
+    shared_artifacts,
+)
 
 from hub_msif import hub
 from hub_msif.apps.cli import main as cli_main
@@ -187,18 +195,9 @@ def test_ctrl_c_during_a_push_says_what_was_published(artifacts, hub_server, mon
     assert issubclass(Interrupted, KeyboardInterrupt)
 
 
-SIGINT_BEFORE_THE_TAG = textwrap.dedent("""
+SIGINT_BEFORE_THE_TAG = LOOPBACK_GUARD + textwrap.dedent("""
     import os, signal, sys, time
-    import httpx2
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import _http
-
-    def refuse_other_hosts(request):
-        if request.url.host not in ("127.0.0.1", "localhost", "::1"):
-            raise ConnectionRefusedError(f"non-loopback request refused: {request.url}")
-
-    _http.set_client_factory(lambda: httpx2.Client(
-        event_hooks={"request": [_http.hf_request_event_hook, refuse_other_hosts]}, follow_redirects=True))
 
     def ctrl_c(self, *args, **kwargs):  # the user presses Ctrl-C as the tag is about to be sent
         os.kill(os.getpid(), signal.SIGINT)

@@ -414,10 +414,10 @@ def test_a_broken_folder_is_never_pushed(published, artifacts, hub_server, tmp_p
     assert _tags() == tags
 
 
-KILL_AFTER_FIRST_LFS_UPLOAD = textwrap.dedent("""
-    import os, signal, sys
+# The first lines of every subprocess script that talks to the loopback Hub: as the session's
+# guard in conftest, any request to another host is refused.
+LOOPBACK_GUARD = textwrap.dedent("""
     import httpx2
-    from huggingface_hub import _commit_api
     from huggingface_hub.utils import _http
 
     def refuse_other_hosts(request):
@@ -426,6 +426,11 @@ KILL_AFTER_FIRST_LFS_UPLOAD = textwrap.dedent("""
 
     _http.set_client_factory(lambda: httpx2.Client(
         event_hooks={"request": [_http.hf_request_event_hook, refuse_other_hosts]}, follow_redirects=True))
+""")
+
+KILL_AFTER_FIRST_LFS_UPLOAD = LOOPBACK_GUARD + textwrap.dedent("""
+    import os, signal, sys
+    from huggingface_hub import _commit_api
     upload = _commit_api.lfs_upload
 
     def upload_then_die(*args, **kwargs):
