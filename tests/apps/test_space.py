@@ -231,7 +231,7 @@ def test_highlight_bolds_query_words_and_escapes_markdown():
 def test_api_attribute_ranks_true_proponents(client, artifacts):
     hits = {}
     for query in artifacts["examples"]:
-        answer, table, _chart, status, result = _attribute(client, query.prompt)
+        answer, table, _chart, status, shading, result = _attribute(client, query.prompt)
         assert answer == result["answer"] and answer.strip()
         assert result["answer_generated"] is True and result["method"] == "ms-if"
         assert table["headers"][:3] == ["rank", "score", "relative score"]
@@ -243,6 +243,9 @@ def test_api_attribute_ranks_true_proponents(client, artifacts):
         for row in result["rows"]:  # the role split adds up to the score
             assert row["by_role"]["mlp"] + row["by_role"]["attention"] == pytest.approx(row["score"], rel=1e-4, abs=1e-6)
         assert "ranked 100 candidates" in status
+        for row in result["rows"]:  # token shares come with MS-IF and add up to the score they shade
+            assert sum(t["share"] for t in row["tokens"]) == pytest.approx(row["score"], rel=1e-4, abs=1e-6)
+        assert shading.count('class="msif-token"') == sum(len(row["tokens"]) for row in result["rows"])
         hits[query.prompt] = [row["rank"] for row in result["rows"] if row["id"] in query.proponents]
     assert any(hits.values()), f"no true proponent in any top {SETTINGS.top}: {hits}"
 
