@@ -23,6 +23,7 @@ import gradio as gr
 import pandas as pd
 
 from hub_msif.apps.space.backend import Backend, one_line, report_progress
+from hub_msif.apps.space.gpu import gpu_task
 from hub_msif.apps.space.render import (
     COMPARE_COLUMNS,
     METHOD_CHOICES,
@@ -41,7 +42,6 @@ from hub_msif.apps.space.render import (
     results_table,
     token_shading_html,
 )
-from hub_msif.apps.space.gpu import gpu_task
 from hub_msif.apps.space.settings import SpaceSettings
 from hub_msif.attribution.attributor import DEFAULT_DAMPING, METHODS, Attributor
 from hub_msif.attribution.scoring import GRADIENT_METHODS
