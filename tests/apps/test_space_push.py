@@ -227,6 +227,8 @@ def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
             *_, result = client.predict(query.prompt, "", "ms-if", 0.1, 100, False, api_name="/attribute")
             assert len(result["rows"]) == 10
             hits[query.prompt] = [row["rank"] for row in result["rows"] if row["id"] in query.proponents]
+            if hits[query.prompt]:
+                break  # one question whose true proponent is in the top 10 is what the test asks
         assert any(hits.values()), f"no true proponent in any top 10: {hits}"
 
         with sync_playwright() as playwright:
