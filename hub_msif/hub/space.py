@@ -252,9 +252,11 @@ def push_space(repo_id: str, factors: str, index: str, private: bool = False, ha
                             revision=index_location.revision)
     try:
         manifest = json.loads(Path(manifest_path).read_text())
-        {stage: manifest["stages"][stage]["model"]["id"] for stage in STAGES}  # noqa: B018 (shape check)
+        if not all(isinstance(manifest["stages"][stage]["model"]["id"], str) for stage in STAGES):
+            raise TypeError("a stage's model id is not a string")
     except (ValueError, KeyError, TypeError) as err:
-        raise HubValueError(f"{doing}: {factors} holds no pair factor manifest ({FACTORS.manifest_name})") from err
+        raise HubValueError(f"{doing}: {factors} holds no pair factor manifest ({FACTORS.manifest_name}): "
+                            f"{err}") from err
     factor_bytes = sum(s.size or 0 for s in info.siblings or [])
     content = space_files(repo_id, str(factor_location), str(index_location), manifest, factor_bytes, api.endpoint,
                           hardware, wheel)

@@ -148,6 +148,8 @@ def test_push_space_again_replaces_the_files_and_bad_input_is_one_line(pushed, c
         (["--hardware", "a-big-one"], "not a Space hardware flavour"),
         (["--index", "alice/no-such-index@v1"], "no dataset repo alice/no-such-index"),
         (["--wheel", str(ROOT / "README.md")], "not a hub_msif wheel"),
+        (["--index", pushed["factors"]], "lacks a file"),  # factors are no index
+        (["--factors", pushed["index"]], "lacks a file"),  # nor is an index a factor artifact
     ]:
         argv = list(args)
         option = bad[0]
