@@ -265,10 +265,11 @@ def _run_index(args) -> int:
 
 
 def _add_push(sub) -> None:
-    p = sub.add_parser("push", help="publish factors or an index as a versioned Hub dataset repo", description=(
+    p = sub.add_parser("push", help="publish factors or an index as a versioned Hub dataset repo, or a Space", description=(
         "Publish a factor folder or an index folder to a Hub dataset repo: the folder is checked (manifest, "
         "sha256 of every file), then all its files and a dataset card go up in one commit, tagged with the next "
-        "version vN (or --tag). The repo is created when missing. Needs a token with write access (HF_TOKEN)."))
+        "version vN (or --tag). The repo is created when missing. `push space` publishes a Gradio Space serving "
+        "published ones. Needs a token with write access (HF_TOKEN)."))
     psub = p.add_subparsers(dest="artifact", required=True, metavar="ARTIFACT")
     for kind, what in (("factors", "pair factor folder (both stages)"), ("index", "document index folder")):
         q = psub.add_parser(kind, help=f"push a {what}", description=f"Push a {what} as one commit plus a version tag.")
@@ -281,11 +282,49 @@ def _add_push(sub) -> None:
                        help="license in the card's metadata (default apache-2.0)")
         q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
         q.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_push_space(psub)
+
+
+def _add_push_space(psub) -> None:
+    q = psub.add_parser("space", help="publish a Gradio Space serving published factors and an index", description=(
+        "Publish a Gradio Space that serves published factors and a published index, as one commit to a Hub "
+        "space repo (created when missing): app.py, README.md, requirements.txt pinned to the tested versions, "
+        "msif_space.json (what it serves) and a wheel of this hub_msif. The factor repo's card then links it."))
+    q.add_argument("--repo", required=True, type=non_empty, help="space repo id, namespace/name (created when missing)")
+    q.add_argument("--factors", required=True, type=non_empty, help="published factors, REPO@REV (e.g. a tag v1)")
+    q.add_argument("--index", required=True, type=non_empty, help="published document index, REPO@REV")
+    q.add_argument("--private", action="store_true", help="create the Space private (when it does not exist)")
+    q.add_argument("--hardware", type=non_empty, help="Space hardware to request (cpu-basic, t4-small, a10g-small, "
+                                                      "l4x1, a100-large, zero-a10g, ...)")
+    q.add_argument("--wheel", type=non_empty, help="hub_msif wheel to ship (default: one packed from this hub_msif)")
+    q.add_argument("--message", type=non_empty, help="commit message")
+    q.add_argument("--no-card-link", action="store_true", help="leave the factor repo's card as it is")
+    q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    q.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _run_push_space(args) -> int:
+    from hub_msif.hub.space import push_space
+
+    pushed = push_space(args.repo, args.factors, args.index, private=args.private, hardware=args.hardware,
+                        token=args.token, wheel=args.wheel, commit_message=args.message,
+                        link_card=not args.no_card_link)
+    summary = {"repo": args.repo, "commit": pushed.commit, "url": pushed.url, "factors": args.factors,
+               "index": args.index, "card_linked": pushed.card_linked}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"pushed the Space {args.repo} (commit {pushed.commit}) serving {printable(args.factors)} and "
+              f"{printable(args.index)}: {pushed.url}" + ("" if pushed.card_linked or args.no_card_link else
+                                                          "; the factor card does not link it (see the warning)"))
+    return 0
 
 
 def _run_push(args) -> int:
     from hub_msif.hub.location import check_repo_id
 
+    if args.artifact == "space":
+        return _run_push_space(args)
     check_repo_id(args.repo)  # push checks it too, but only after hashing every file of the folder
     check_existing_folder(args.folder, "factor folder" if args.artifact == "factors" else "index folder")
     from hub_msif.hub import push_factors, push_index

@@ -1,4 +1,5 @@
-"""Dataset cards of published artifacts: YAML metadata plus a body rendered from ``model_cards/``.
+"""Dataset cards of published artifacts: YAML metadata plus a body rendered from the package's
+card templates (``hub_msif/hub/templates/``, package data, so a wheel renders them too).
 
 A factor card records both stages (model id and revision, fitting data, sizes, the command that
 reproduces each fit); an index card declares ``documents.parquet`` as the dataset's data so that
@@ -8,7 +9,9 @@ reproduces each fit); an index card declares ``documents.parquet`` as the datase
 from __future__ import annotations
 
 import os
+import re
 import shlex
+from importlib.resources import files
 from pathlib import Path
 
 from hub_msif import __version__
@@ -24,11 +27,14 @@ _CARD_DIR_ENV = "HUB_MSIF_CARD_TEMPLATES"
 
 
 def card_template(kind: str) -> Path:
-    """``model_cards/<kind>.md`` (``factors`` or ``index``); ``$HUB_MSIF_CARD_TEMPLATES`` overrides the folder."""
-    folder = Path(os.environ.get(_CARD_DIR_ENV) or Path(__file__).resolve().parents[2] / "model_cards")
-    path = folder / f"{kind}.md"
+    """The template ``<kind>.md`` (``factors``, ``index`` or ``space``) among the package data
+    ``hub_msif/hub/templates/`` (found through ``importlib.resources``, so in a wheel too);
+    ``$HUB_MSIF_CARD_TEMPLATES`` names another folder."""
+    override = os.environ.get(_CARD_DIR_ENV)
+    path = Path(override) / f"{kind}.md" if override else Path(str(files("hub_msif.hub") / "templates" / f"{kind}.md"))
     if not path.is_file():
-        raise HubError(f"card template {path} is missing (set {_CARD_DIR_ENV} to the model_cards folder)")
+        raise HubError(f"card template {path} is missing" + (f" (from {_CARD_DIR_ENV})" if override else
+                                                             ": the hub_msif installation lacks its package data"))
     return path
 
 
@@ -194,3 +200,23 @@ def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], li
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# -- a factor card's links to the Spaces that serve it (docs/design.md, "Space") -----------------
+
+_SPACES_START, _SPACES_END = "<!-- hub-msif:spaces -->", "<!-- /hub-msif:spaces -->"
+_SPACES_BLOCK = re.compile(re.escape(_SPACES_START) + r".*?" + re.escape(_SPACES_END), re.S)
+
+
+def with_space_link(card: str, space_id: str, url: str, served: str) -> str:
+    """The card text ``card`` with a line linking the Space ``space_id`` (at ``url``), which serves
+    ``served`` (``REPO@REV``), in its "Spaces" block (added at the end when missing). A link to the
+    same Space is replaced, others are kept; the same link twice gives the same text."""
+    match = _SPACES_BLOCK.search(card)
+    lines = [line for line in (match.group(0).splitlines()[1:-1] if match else [])
+             if line.startswith("- ") and f"[{space_id}]" not in line]
+    lines.append(f"- [{space_id}]({url}) serves `{served}` in a browser")
+    block = "\n".join([_SPACES_START, *sorted(lines), _SPACES_END])
+    if match:
+        return card[:match.start()] + block + card[match.end():]
+    return card.rstrip("\n") + "\n\n## Spaces\n\n" + block + "\n"

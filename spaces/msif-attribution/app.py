@@ -1,7 +1,9 @@
 """Hugging Face Space entry point: MS-IF attribution of a fine-tuned LLM's answers.
 
-The Space runs ``python app.py``. Configuration comes from environment variables (Space
-variables): ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or a folder; the models are the
+The Space runs ``python app.py``. ``hub-msif push space`` publishes the package's own copy of this
+entry point (``hub_msif/apps/space/app.py``) with a wheel and ``msif_space.json``; this one also
+runs from a checkout. Configuration: ``msif_space.json`` next to it, or the Space variables
+``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or a folder; the models are the
 ones the factor manifest records), and the limits ``MSIF_MAX_PROMPT_TOKENS``,
 ``MSIF_MAX_CANDIDATES``, ``MSIF_CONCURRENCY`` (see README.md). With neither location set it serves
 the toy fact world demo. The page itself lives in the package (``hub_msif.apps.space``) so that
@@ -21,4 +23,4 @@ from hub_msif.apps.space import SpaceSettings, build_app, main, serve_demo  # no
 __all__ = ["SpaceSettings", "build_app", "main", "serve_demo"]
 
 if __name__ == "__main__":
-    main()
+    main(config=Path(__file__).resolve().with_name("msif_space.json"))

@@ -159,8 +159,20 @@ def test_space_files_are_a_valid_gradio_space():
         assert var in readme
 
     requirements = [line.split("#")[0].strip() for line in (SPACE_DIR / "requirements.txt").read_text().splitlines()]
-    requirements = [r for r in requirements if r and not r.startswith("-")]
-    assert any(r.startswith("hub_msif") for r in requirements)
+    requirements = [r for r in requirements if r]
+    assert requirements[-1] == "./hub_msif-0.1.0-py3-none-any.whl"  # the wheel push space ships beside app.py
+    assert not any(r.startswith("-") for r in requirements), "no index options: the default index serves every pin"
+    text = (SPACE_DIR / "requirements.txt").read_text()
+    assert "://" not in text and "git+" not in text
+    constraints = dict(line.strip().split("==") for line in (ROOT / "requirements" / "constraints.txt").read_text()
+                       .splitlines() if "==" in line)
+    for pin in requirements[:-1]:  # every other line pins a tested version
+        name, version = pin.split("==")
+        assert constraints[name] == version, pin
+    template = [line for line in (ROOT / "hub_msif" / "hub" / "templates" / "space_requirements.txt").read_text()
+                .splitlines() if line and not line.startswith("#")]
+    assert requirements[:-1] == [p for p in template if not p.startswith("gradio==")]
+    assert f"gradio=={gr.__version__}" in template  # the Space's sdk_version
     assert not any(r.split("=")[0].split("[")[0].strip().lower() == "gradio" for r in requirements), \
         "gradio comes from sdk_version; requirements.txt must not pin another"
 
@@ -199,6 +211,48 @@ def test_main_needs_both_locations_or_neither():
         main({"MSIF_FACTORS": "your-org/factors"})
 
 
+def test_space_locations_from_the_config_file_or_the_environment(tmp_path):
+    import json
+
+    from hub_msif.apps.space.settings import space_locations
+
+    config = tmp_path / "msif_space.json"
+    assert space_locations({}, config) == ("", "")  # no file: the demo
+    config.write_text(json.dumps({"factors": "org/f@v1", "index": "org/i@v2"}))
+    assert space_locations({}, config) == ("org/f@v1", "org/i@v2")
+    assert space_locations({"MSIF_FACTORS": "a/b@v3", "MSIF_INDEX": "c/d@v4"}, config) == ("a/b@v3", "c/d@v4")
+    for bad in ("[]", "{}", '{"factors": "org/f@v1", "index": ""}', "not json"):
+        config.write_text(bad)
+        with pytest.raises(SpaceError, match="msif_space.json"):
+            space_locations({}, config)
+
+
+def test_zero_gpu_decorates_only_on_zero_gpu_hardware_with_the_spaces_package(monkeypatch):
+    import sys
+    import types
+
+    from hub_msif.apps.space.gpu import gpu_task
+
+    def handler():
+        return "ran"
+
+    assert gpu_task(handler, {}) is handler  # not ZeroGPU hardware
+    monkeypatch.setitem(sys.modules, "spaces", None)  # the package is missing: import fails
+    assert gpu_task(handler, {"SPACES_ZERO_GPU": "true"}) is handler
+    calls = []
+
+    def gpu(fn=None, duration=None):
+        if fn is None:
+            return lambda f: gpu(f, duration)
+        calls.append(duration)
+        return lambda *a, **k: f"on gpu: {fn(*a, **k)}"
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+    assert gpu_task(handler, {"SPACES_ZERO_GPU": "1"})() == "on gpu: ran"
+    assert gpu_task(handler, {"SPACES_ZERO_GPU": "1", "MSIF_GPU_DURATION": "120"})() == "on gpu: ran"
+    assert calls == [None, 120]
+
+
 def test_local_folders_must_hold_the_artifact_and_a_missing_one_fails_on_first_use(tmp_path):
     from hub_msif.apps.space import Backend
     from hub_msif.errors import FactorsNotFoundError, IndexNotFoundError
@@ -231,7 +285,7 @@ def test_highlight_bolds_query_words_and_escapes_markdown():
 def test_api_attribute_ranks_true_proponents(client, artifacts):
     hits = {}
     for query in artifacts["examples"]:
-        answer, table, _chart, status, result = _attribute(client, query.prompt)
+        answer, table, _chart, status, shading, result = _attribute(client, query.prompt)
         assert answer == result["answer"] and answer.strip()
         assert result["answer_generated"] is True and result["method"] == "ms-if"
         assert table["headers"][:3] == ["rank", "score", "relative score"]
@@ -243,6 +297,9 @@ def test_api_attribute_ranks_true_proponents(client, artifacts):
         for row in result["rows"]:  # the role split adds up to the score
             assert row["by_role"]["mlp"] + row["by_role"]["attention"] == pytest.approx(row["score"], rel=1e-4, abs=1e-6)
         assert "ranked 100 candidates" in status
+        for row in result["rows"]:  # token shares come with MS-IF and add up to the score they shade
+            assert sum(t["share"] for t in row["tokens"]) == pytest.approx(row["score"], rel=1e-4, abs=1e-6)
+        assert shading.count('class="msif-token"') == sum(len(row["tokens"]) for row in result["rows"])
         hits[query.prompt] = [row["rank"] for row in result["rows"] if row["id"] in query.proponents]
     assert any(hits.values()), f"no true proponent in any top {SETTINGS.top}: {hits}"
 
@@ -380,6 +437,29 @@ def _wait_for_text(page, selector: str, text: str, timeout_s: float = 90) -> Non
         arg=[selector, text], timeout=timeout_s * 1000)
 
 
+def _assert_shaded_tokens(page, top: int = SETTINGS.top) -> None:
+    """The page shows the top documents' tokens, shaded in proportion to their shares of the score."""
+    page.locator("#token-shares .msif-token").first.wait_for(timeout=30_000)
+    documents = page.locator("#token-shares .msif-document").count()
+    shown = page.evaluate("""() => [...document.querySelectorAll('#token-shares .msif-token')].map(el => {
+        const rect = el.getBoundingClientRect();
+        return {share: parseFloat(el.dataset.share), color: getComputedStyle(el).backgroundColor,
+                visible: rect.width > 0 && rect.height > 0};
+    })""")
+    assert documents == top and len(shown) >= top
+    assert all(token["visible"] for token in shown)
+
+    def alpha(color: str) -> float:
+        parts = color[color.index("(") + 1:-1].split(",")
+        return float(parts[3]) if len(parts) == 4 else 1.0
+
+    shaded = [token for token in shown if alpha(token["color"]) > 0.05]
+    assert shaded, "no token is shaded"
+    # the largest share of each document is its darkest token: the shading follows the shares
+    largest = max(shown, key=lambda token: abs(token["share"]))
+    assert alpha(largest["color"]) == pytest.approx(0.85, abs=0.01)
+
+
 def _dismiss_toasts(page) -> None:
     for button in page.locator(".toast-close").all():
         try:
@@ -429,6 +509,8 @@ def test_browser_page(served, artifacts):
             page.locator("#chart svg, #chart canvas, #chart img").first.wait_for(timeout=30_000)
             page.locator("#chart .role-legend-entry").first.wait_for(timeout=30_000)
             assert page.locator("#answer textarea").input_value().strip()
+            assert "relative score" in page.locator("#score-legend").inner_text()  # the legend by the table
+            _assert_shaded_tokens(page)
             time.sleep(1)  # let the chart finish its transition
             page.screenshot(path=str(OUTPUT / "space.png"), full_page=True)
 
@@ -459,6 +541,7 @@ def test_browser_page(served, artifacts):
                                    timeout=10_000)
             page.wait_for_function("() => !document.querySelector('#chart').innerText.includes('layer 0')",
                                    timeout=10_000)  # no bars and no legend of the last run's parts
+            page.wait_for_function("() => !document.querySelector('#token-shares .msif-token')", timeout=10_000)
             page.screenshot(path=str(OUTPUT / "space-error.png"))
             _dismiss_toasts(page)
             page.locator("#prompt textarea").fill(LONG_PROMPT)
@@ -497,6 +580,6 @@ def test_no_outside_host_is_contacted(served, client, network_guard, artifacts):
     assert network_guard.attempts == [], f"outside hosts were contacted: {network_guard.attempts}"
     # The guard does work: an outside lookup is refused and recorded.
     with pytest.raises(OSError):
-        socket.getaddrinfo("huggingface.co", 443)
-    assert network_guard.attempts == ["getaddrinfo huggingface.co"]
+        socket.getaddrinfo("example.com", 443)
+    assert network_guard.attempts == ["getaddrinfo example.com"]
     network_guard.attempts.clear()

@@ -569,7 +569,7 @@ def test_no_request_left_loopback(hub_server):
 
     assert conftest.NON_LOOPBACK_REQUESTS == []
     with pytest.raises(Exception, match="non-loopback host"):
-        HfApi(endpoint="https://huggingface.co").whoami(token="x")
+        HfApi(endpoint="https://example.com").whoami(token="x")
     assert conftest.NON_LOOPBACK_REQUESTS
     conftest.NON_LOOPBACK_REQUESTS.clear()
     assert all(r["status"] is not None for r in hub_server.request_log)

@@ -1,9 +1,10 @@
 """The Gradio Space: attribute a fine-tuned model's answer to pre-training documents in a browser.
 
-``settings`` (limits from ``MSIF_*``), ``backend`` (the attributor and index, loaded on first
-use), ``render`` (table, chart, highlighted snippets), ``page`` (``build_app``: the page and its
-API ``generate``, ``attribute``, ``compare``), ``run`` (``main``, the Space entry point, and the
-fact-world demo).
+``settings`` (limits from ``MSIF_*``, and what the Space serves), ``gpu`` (CUDA and ZeroGPU),
+``backend`` (the attributor and index, loaded on first use), ``render`` (table, chart,
+highlighted snippets, token shading), ``page`` (``build_app``: the page and its API ``generate``,
+``attribute``, ``compare``), ``run`` (``main`` and the fact-world demo) and ``app`` (the file a
+pushed Space runs as ``app.py``; docs/design.md, "Space").
 """
 
 from hub_msif.apps.space.backend import Backend

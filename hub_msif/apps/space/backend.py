@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from hub_msif.apps.space.gpu import compute_device
 from hub_msif.attribution.attributor import Attributor
 from hub_msif.attribution.retrieval import DocumentIndex
 from hub_msif.errors import MsifError, SpaceError
@@ -35,7 +36,7 @@ class Backend:
             if self._attributor is None:
                 report_progress(progress, 0.05, f"Getting factors from {self.factors_location} and loading the model pair")
                 try:
-                    self._attributor = Attributor(self.factors_location)
+                    self._attributor = on_device(Attributor(self.factors_location))
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the factors from {str(self.factors_location)!r}: "
                                      f"{one_line(err)}") from err
@@ -59,6 +60,17 @@ class Backend:
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the index from {str(self.index_location)!r}: {one_line(err)}") from err
             return self._index
+
+
+def on_device(attributor: Attributor) -> Attributor:
+    """The attributor with both models on the compute device (CUDA when there is one; the
+    factors follow the gradients' device when used)."""
+    device = compute_device()
+    if device != "cpu":
+        logger.info("moving both models to %s", device)
+        for model in attributor.models.values():
+            model.to(device)
+    return attributor
 
 
 def report_progress(progress: Callable | None, fraction: float, desc: str) -> None:

@@ -23,6 +23,7 @@ import gradio as gr
 import pandas as pd
 
 from hub_msif.apps.space.backend import Backend, one_line, report_progress
+from hub_msif.apps.space.gpu import gpu_task
 from hub_msif.apps.space.render import (
     COMPARE_COLUMNS,
     METHOD_CHOICES,
@@ -30,6 +31,7 @@ from hub_msif.apps.space.render import (
     PROPONENT_MARK,
     RESULT_COLUMNS,
     RESULT_TYPES,
+    SCORE_LEGEND,
     chart_update,
     empty_chart,
     empty_compare_table,
@@ -38,6 +40,7 @@ from hub_msif.apps.space.render import (
     highlight,
     query_terms,
     results_table,
+    token_shading_html,
 )
 from hub_msif.apps.space.settings import SpaceSettings
 from hub_msif.attribution.attributor import DEFAULT_DAMPING, METHODS, Attributor
@@ -188,7 +191,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
             answer, generated = answer_for(attributor, prompt, answer, progress)
             report_progress(progress, 0.6, f"Retrieving {candidates} candidates and scoring them with {METHOD_LABELS[method]}")
             result = attributor.attribute(prompt, answer, index=index, candidates=candidates, top=settings.top,
-                                          method=method, damping=damping)
+                                          method=method, damping=damping, token_shares=method in GRADIENT_METHODS)
         proponents = known_proponents.get(prompt, set())
         table = results_table(result, query_terms(prompt, answer), proponents)
         status = (f"**{METHOD_LABELS[method]}** ranked {result.num_candidates} candidates for the answer "
@@ -201,7 +204,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
             status += f" {METHOD_LABELS[method]} has no per-layer breakdown: the chart shows its relative scores."
         payload = result.to_json()
         payload["answer_generated"] = generated  # generated here (under the length limit), not by attribute()
-        return answer, table, chart_update(result), status, payload
+        return answer, table, chart_update(result), status, token_shading_html(result, settings.top), payload
 
     def compare(prompt: str, answer: str, damping: float, candidates: int, mlp: bool, progress=None):
         """Ranks the same candidates with all five methods; returns the top documents side by side."""
@@ -279,6 +282,10 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                 results_box = gr.Dataframe(headers=RESULT_COLUMNS, datatype=RESULT_TYPES, interactive=False,
                                            wrap=True, elem_id="results", label="Top documents",
                                            column_widths=["6%", "10%", "9%", "8%", "9%", "12%", "46%"])
+                gr.Markdown(SCORE_LEGEND, elem_id="score-legend")
+                gr.Markdown("**Where each top document's score sits.** Its tokens shaded by their share of its "
+                            "score: green supports the answer, red opposes it, darker is a larger share.")
+                tokens_box = gr.HTML("", elem_id="token-shares")
                 gr.Markdown("**Influence of the top documents by layer and role.** Each bar is a document's "
                             "relative score split into its parts (MLP in oranges, attention in blues; they sum "
                             "to the relative score).")
@@ -299,14 +306,18 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                            column_widths=["6%"] + ["18.8%"] * len(METHOD_LABELS), max_height=900)
                 compare_json = gr.JSON(visible=False)
 
+        # The model-bound handlers: on ZeroGPU hardware each runs inside spaces.GPU (gpu.py).
+        @gpu_task
         def on_generate(prompt: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
             return run_guarded(request, generate, prompt, progress=progress)
 
+        @gpu_task
         def on_attribute(prompt: str, answer: str, method: str, damping: float, candidates: int, mlp_only: bool,
                          request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
             return run_guarded(request, attribute, prompt, answer, method, damping, candidates, mlp_only,
                                progress=progress)
 
+        @gpu_task
         def on_compare(prompt: str, answer: str, damping: float, candidates: int, mlp_only: bool,
                        request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
             return run_guarded(request, compare, prompt, answer, damping, candidates, mlp_only, progress=progress)
@@ -320,7 +331,8 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                   show_progress_on=[answer_box]),
             attribute_button.click(on_attribute, [prompt_box, answer_box, method_box, damping_box, candidates_box,
                                                   mlp_box],
-                                   [answer_box, results_box, chart_box, status_box, json_box], api_name="attribute",
+                                   [answer_box, results_box, chart_box, status_box, tokens_box, json_box],
+                                   api_name="attribute",
                                    show_progress_on=[results_box]),
             compare_button.click(on_compare, [prompt_box, answer_box, damping_box, candidates_box, mlp_box],
                                  [answer_box, compare_box, status_box, compare_json], api_name="compare",
@@ -330,13 +342,13 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         # stands under an error message.
         generate_event, attribute_event, compare_event = events
         def on_attribute_failure(request: gr.Request):
-            return show_error(request), empty_results_table(), empty_chart(), None
+            return show_error(request), empty_results_table(), empty_chart(), "", None
 
         def on_compare_failure(request: gr.Request):
             return show_error(request), empty_compare_table(), None
 
         generate_event.failure(show_error, None, status_box, api_visibility="private")
-        attribute_event.failure(on_attribute_failure, None, [status_box, results_box, chart_box, json_box],
+        attribute_event.failure(on_attribute_failure, None, [status_box, results_box, chart_box, tokens_box, json_box],
                                 api_visibility="private")
         compare_event.failure(on_compare_failure, None, [status_box, compare_box, compare_json],
                               api_visibility="private")

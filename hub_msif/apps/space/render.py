@@ -6,6 +6,7 @@ recomputes a score, a scale or a sum beyond grouping layers into bands.
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import re
@@ -27,6 +28,11 @@ RESULT_TYPES = ["number", "str", "number", "number", "number", "markdown", "mark
 MAX_CHART_DOCUMENTS = 10
 MAX_CHART_BANDS = 6  # layers are grouped into at most this many bands per role, so colours stay readable
 PROPONENT_MARK = "★"
+SCORE_LEGEND = ("**score**: the raw influence, how much the answer's loss (in nats) falls per unit of a "
+                "(preconditioned) training step on the document; positive supports the answer, negative opposes it. "
+                "**relative score**: the score over the largest |score| among all candidates, in [-1, 1].")
+_SUPPORT_RGB, _OPPOSE_RGB = "22, 163, 74", "220, 38, 38"  # green for positive shares, red for negative ones
+_WORD_START = ("Ġ", "▁")  # how byte-level BPE and SentencePiece pieces mark a space before a word
 STOPWORDS = frozenset(
     "a an the of in on at to for and or not is are was were be been being by with as from that this these those it its "
     "what which who whom whose where when why how does do did has have had can could will would should may might "
@@ -150,3 +156,42 @@ def empty_compare_table() -> pd.DataFrame:
 def empty_chart() -> gr.BarPlot:
     # No value at all: an empty frame would keep the last run's colour map and legend.
     return gr.BarPlot(value=None)
+
+
+def _piece_texts(tokens: list[str]) -> list[str]:
+    """Display text of each token piece: byte-level BPE and SentencePiece markers become spaces;
+    pieces of a tokenizer without such markers (word-level) are separated by spaces."""
+    marked = any(t.startswith(_WORD_START) for t in tokens)
+    if not marked:
+        return [("" if i == 0 else " ") + t for i, t in enumerate(tokens)]
+    return [(" " + t[1:] if t.startswith(_WORD_START) else t).replace("Ċ", "\n") for t in tokens]
+
+
+def token_shading(row: ResultRow) -> str:
+    """HTML of a document's tokens, each shaded by its share of the document's score: green for
+    positive shares (supporting the answer), red for negative ones, opacity by ``|share|`` over the
+    largest ``|share|`` of the document; each token's share is in its title. Empty without shares."""
+    if not row.tokens:
+        return ""
+    largest = max((abs(t.share) for t in row.tokens if math.isfinite(t.share)), default=0.0) or 1.0
+    spans = []
+    for piece, token in zip(_piece_texts([t.token for t in row.tokens]), row.tokens):
+        strength = min(1.0, abs(token.share) / largest) if math.isfinite(token.share) else 0.0
+        rgb = _SUPPORT_RGB if token.share >= 0 else _OPPOSE_RGB
+        spans.append(f'<span class="msif-token" data-share="{token.share:.6g}" title="share {token.share:.4g}" '
+                     f'style="background-color: rgba({rgb}, {strength * 0.85:.3f})">{html.escape(piece)}</span>')
+    return "".join(spans)
+
+
+def token_shading_html(result: Attribution, limit: int = MAX_CHART_DOCUMENTS) -> str:
+    """The top documents' tokens shaded by their shares of the score (``token_shading``), one
+    paragraph per document; a note when the method gives no token shares."""
+    rows = [row for row in result.rows[:limit] if row.tokens]
+    if not rows:
+        return '<p class="msif-no-tokens">This method gives no per-token shares.</p>'
+    parts = ['<div class="msif-token-shares" style="line-height: 1.9">']
+    for row in rows:
+        parts.append(f'<p class="msif-document" data-id="{html.escape(row.id)}"><b>{row.rank}. {html.escape(row.id)}</b> '
+                     f'(score {row.score:.4g}): {token_shading(row)}</p>')
+    parts.append("</div>")
+    return "".join(parts)

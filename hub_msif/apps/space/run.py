@@ -9,7 +9,8 @@ from pathlib import Path
 import gradio as gr
 
 from hub_msif.apps.space.page import build_app
-from hub_msif.apps.space.settings import SpaceSettings
+from hub_msif.apps.space.settings import SpaceSettings, space_locations
+from hub_msif.errors import SpaceError
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,21 @@ def serve_demo(cache: str | Path, port: int | None = None, settings: SpaceSettin
     return app, app.local_url
 
 
-def main(environ: dict | None = None) -> None:
-    """The Space entry point: ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or folders), limits
-    from ``MSIF_*`` (see ``SpaceSettings``). Without them it serves the toy fact world demo."""
+def main(environ: dict | None = None, config: str | Path | None = None) -> None:
+    """The Space entry point: serves ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or folders),
+    else the locations of the ``config`` file (``msif_space.json``, see ``space_locations``), with
+    limits from ``MSIF_*`` (see ``SpaceSettings``); with neither, the toy fact world demo. Listens
+    on ``GRADIO_SERVER_NAME`` (default 0.0.0.0 on a Space, else 127.0.0.1) and
+    ``GRADIO_SERVER_PORT`` (default 7860), as Spaces do."""
     environ = os.environ if environ is None else environ
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = SpaceSettings.from_env(environ)
-    factors, index = environ.get("MSIF_FACTORS", "").strip(), environ.get("MSIF_INDEX", "").strip()
-    if bool(factors) != bool(index):
-        raise SystemExit("set both MSIF_FACTORS and MSIF_INDEX (REPO[@REV] or a folder), or neither for the demo")
+    try:
+        factors, index = space_locations(environ, config)
+    except SpaceError as err:
+        raise SystemExit(str(err)) from None
     if factors:
+        logger.info("serving factors %s and index %s", factors, index)
         app = build_app(factors, index, settings=settings)
     else:
         logger.info("MSIF_FACTORS and MSIF_INDEX are not set: serving the toy fact world demo")

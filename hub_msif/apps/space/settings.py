@@ -1,10 +1,12 @@
-"""The Space's limits and defaults, read from ``MSIF_*`` environment variables."""
+"""The Space's limits and defaults, read from ``MSIF_*`` environment variables, and what it serves."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from hub_msif.errors import SpaceError
 
@@ -46,3 +48,24 @@ class SpaceSettings:
                 except ValueError:
                     raise SpaceError(f"{var} must be a whole number, got {raw!r}") from None
         return cls(**values)
+
+
+def space_locations(environ: dict | None = None, config: str | Path | None = None) -> tuple[str, str]:
+    """``(factors, index)`` the Space serves: ``MSIF_FACTORS`` and ``MSIF_INDEX``, else the
+    ``factors`` and ``index`` of the JSON file ``config`` (``msif_space.json``, written by
+    ``hub-msif push space``), else ``("", "")`` (the demo). ``SpaceError`` when only one of the
+    variables is set or the file is not such a JSON object."""
+    environ = os.environ if environ is None else environ
+    factors, index = environ.get("MSIF_FACTORS", "").strip(), environ.get("MSIF_INDEX", "").strip()
+    if bool(factors) != bool(index):
+        raise SpaceError("set both MSIF_FACTORS and MSIF_INDEX (REPO[@REV] or a folder), or neither")
+    if factors or config is None or not Path(config).is_file():
+        return factors, index
+    try:
+        data = json.loads(Path(config).read_text())
+        factors, index = data["factors"], data["index"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SpaceError(f"{config} must be a JSON object with the strings 'factors' and 'index': {err}") from None
+    if not (isinstance(factors, str) and factors.strip() and isinstance(index, str) and index.strip()):
+        raise SpaceError(f"{config} must give 'factors' and 'index' as non-empty strings (REPO@REV)")
+    return factors.strip(), index.strip()

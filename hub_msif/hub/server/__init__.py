@@ -1,15 +1,16 @@
 """A Hugging Face Hub compatible HTTP server, for offline tests and air-gapped sharing.
 
 ``HubServer`` speaks the part of the Hub HTTP API that ``huggingface_hub`` (and ``datasets``
-through ``HfFileSystem``) use for this project's pushes, pulls and searches: model and dataset
-repos, commits with regular and LFS files, branches, tags, tree listings, downloads with
-``Range``, search and tokens (docs/design.md, "Hub artifacts"); clients need
+through ``HfFileSystem``) use for this project's pushes, pulls and searches: model, dataset
+and space repos (a Space is stored and served, never run), commits with regular and LFS files,
+branches, tags, tree listings, downloads with ``Range``, search and tokens (docs/design.md, "Hub
+artifacts", "Hub server"); clients need
 ``HF_HUB_DISABLE_XET=1`` (Xet storage is not spoken).
 
 Modules, from the disk up: ``store`` (repos on disk: commits, refs, objects), ``cards`` (README
 front matter and tags), ``gitattributes`` (which files are LFS), ``auth`` (tokens, callers,
 rights), ``errors`` (``HubApiError`` and the Hub's error shape), ``views`` (the JSON documents
-answered), ``request_context`` (what handlers read from a request), ``repos`` and ``uploads``
+answered), ``request_context`` (what handlers read from a request), ``repos``, ``uploads`` and ``spaces``
 (the handlers), ``routes`` (the starlette app), ``app`` (``HubServer``: uvicorn in a thread) and
 ``garbage`` (removing uploads that no commit references).
 """

@@ -34,8 +34,8 @@ DEFAULT_GRACE_SECONDS = 24 * 3600
 
 
 def _repo_dirs(root: Path) -> Iterator[Path]:
-    """Every ``{models,datasets}/<namespace>/<name>`` folder under ``root``, whole repo or not."""
-    for kind in ("models", "datasets"):
+    """Every ``{models,datasets,spaces}/<namespace>/<name>`` folder under ``root``, whole repo or not."""
+    for kind in ("models", "datasets", "spaces"):
         for namespace in sorted(p for p in (root / kind).glob("*") if p.is_dir()):
             yield from sorted(p for p in namespace.iterdir() if p.is_dir())
 

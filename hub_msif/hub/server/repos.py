@@ -29,6 +29,7 @@ from hub_msif.hub.server.request_context import (
     store_of,
     truthy,
 )
+from hub_msif.hub.server.spaces import space_settings, uses_all
 from hub_msif.hub.server.store import RESERVED_NAMESPACES, SHA1_RE, Repo, valid_name, valid_ref_name
 
 TREE_PAGE_SIZE, TREE_PAGE_SIZE_EXPAND = 1000, 50  # the Hub's page sizes
@@ -61,7 +62,7 @@ async def whoami(request: Request) -> Response:
 def _body_repo_type(body: dict) -> str:
     repo_type = body.get("type") or "model"
     if repo_type not in URL_PREFIX:
-        raise HubApiError(400, f"Invalid repo type {repo_type!r}: this server keeps model and dataset repos")
+        raise HubApiError(400, f"Invalid repo type {repo_type!r}: this server keeps model, dataset and space repos")
     return repo_type
 
 
@@ -80,8 +81,9 @@ async def create_repo(request: Request) -> Response:
                                f"{', '.join(sorted(RESERVED_NAMESPACES))}")
     caller.require_write(namespace, f"create a {repo_type} repo under the namespace {namespace}")
     private = body.get("visibility") == "private" or bool(body.get("private"))  # older clients send "private"
+    extra = space_settings(body) if repo_type == "space" else None
     store = store_of(request)
-    repo = store.create_repo(repo_type, namespace, name, private, caller.user)
+    repo = store.create_repo(repo_type, namespace, name, private, caller.user, extra)
     if repo is None:
         url = repo_url(request, store.repo(repo_type, namespace, name))
         raise HubApiError(409, f"You already created this {repo_type} repo", body={"url": url})
@@ -125,7 +127,8 @@ async def repo_info(repo_type: str, request: Request) -> Response:
 
 async def list_repos(repo_type: str, request: Request) -> Response:
     """The repos the caller may see, at ``main``: every ``filter`` among the tags, the ``author``'s,
-    every ``search`` in the id, at most ``limit``; with siblings and card data when ``full``."""
+    every ``search`` in the id, at most ``limit``; with siblings and card data when ``full``. Spaces
+    also by the ``datasets`` and ``models`` their card names (``list_spaces(datasets=...)``)."""
     query = request.query_params
     filters, author = query.getlist("filter"), query.get("author")
     searches = [s.lower() for s in query.getlist("search") if s]
@@ -143,7 +146,7 @@ async def list_repos(repo_type: str, request: Request) -> Response:
         if not all(s in repo.id.lower() for s in searches):
             continue
         info = views.repo_info(repo, meta, sha, siblings=full, card_data=full)
-        if all(f in info["tags"] for f in filters):
+        if all(f in info["tags"] for f in filters) and uses_all(repo, sha, query):
             items.append(info)
     if "limit" in query:
         try:

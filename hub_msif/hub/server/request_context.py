@@ -19,8 +19,8 @@ from hub_msif.hub.server.auth import Caller
 from hub_msif.hub.server.errors import HubApiError, repo_not_found
 from hub_msif.hub.server.store import Repo, Store, valid_name
 
-REPO_KINDS = {"models": "model", "datasets": "dataset"}  # API path segment -> repo type
-URL_PREFIX = {"model": "", "dataset": "datasets/"}  # repo type -> prefix of its web and download URLs
+REPO_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}  # API path segment -> repo type
+URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}  # repo type -> prefix of its web and download URLs
 
 
 def store_of(request: Request) -> Store:
@@ -49,7 +49,7 @@ def base_url(request: Request) -> str:
 
 
 def repo_url(request: Request, repo: Repo) -> str:
-    """The web URL of ``repo``: ``{base}/[datasets/]{namespace}/{name}``."""
+    """The web URL of ``repo``: ``{base}/[datasets/|spaces/]{namespace}/{name}``."""
     return f"{base_url(request)}/{URL_PREFIX[repo.type]}{repo.id}"
 
 

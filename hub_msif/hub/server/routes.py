@@ -1,13 +1,14 @@
 """The HTTP API: the routes of the Hub that ``huggingface_hub`` and ``datasets`` call, as a starlette app.
 
-Kept are the calls this project (push, pull, find, ``load_dataset`` of an index) and its tests
-make, for model and dataset repos::
+Kept are the calls this project (push, pull, find, ``load_dataset`` of an index, ``push space``)
+and its tests make, for model, dataset and space repos (``{t}`` is models, datasets or spaces)::
 
     GET    /api/whoami-v2                                    whoami
     POST   /api/validate-yaml                                README front matter check of a commit
     POST   /api/repos/create            DELETE /api/repos/delete
-    GET    /api/{models,datasets}                            list_models / list_datasets (filter, author,
-                                                             search, limit, full)
+    GET    /api/{models,datasets,spaces}                     list_models / list_datasets / list_spaces
+                                                             (filter, author, search, limit, full;
+                                                             spaces also datasets, models)
     GET    /api/{t}/{ns}/{name}[/revision/{rev}]             repo info (sha, siblings, cardData, tags)
     PUT    /api/{t}/{ns}/{name}/settings                     private / public
     GET    /api/{t}/{ns}/{name}/tree/{rev}[/{path}]          tree listing (paginated)
@@ -17,12 +18,14 @@ make, for model and dataset repos::
     POST|DELETE /api/{t}/{ns}/{name}/branch/{branch}         POST /tag/{rev}   DELETE /tag/{tag}
     POST   /api/{t}/{ns}/{name}/preupload/{rev}              regular or LFS, per file
     POST   /api/{t}/{ns}/{name}/commit/{rev}                 one NDJSON commit
-    POST   /[datasets/]{ns}/{name}.git/info/lfs/objects/batch   LFS upload URLs
+    POST   /[datasets/|spaces/]{ns}/{name}.git/info/lfs/objects/batch   LFS upload URLs
     PUT    /_lfs/{t}/{ns}/{name}/{sha256}                    one LFS upload (announced by the batch)
-    GET|HEAD /[datasets/]{ns}/{name}/resolve/{rev}/{path}    downloads, with Range
+    GET|HEAD /[datasets/|spaces/]{ns}/{name}/resolve/{rev}/{path}   downloads, with Range
+    GET    /api/spaces/{ns}/{name}/runtime                   Space runtime (``spaces.py``)
+    POST   /api/spaces/{ns}/{name}/hardware                  request Space hardware
 
 The handlers are in ``repos.py`` (account, repos, listings, refs, downloads) and ``uploads.py``
-(preupload, LFS, commits); each repo route binds its repo type. Errors of every kind go out in
+(preupload, LFS, commits), and ``spaces.py`` (what a Space adds); each repo route binds its repo type. Errors of every kind go out in
 the Hub's shape (``errors.error_response``).
 """
 
@@ -36,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hub_msif.hub.server import repos, uploads
+from hub_msif.hub.server import repos, spaces, uploads
 from hub_msif.hub.server.errors import HubApiError, error_response
 from hub_msif.hub.server.request_context import REPO_KINDS, URL_PREFIX
 from hub_msif.hub.server.store import Store
@@ -73,6 +76,9 @@ def build_app(store: Store) -> Starlette:
             (api + "/commit/{rev:path}", uploads.commit, ["POST"]),
         ]:
             routes.append(Route(path, partial(handler, repo_type), methods=methods))
+    for path, handler, methods in [("/api/spaces/{ns}/{name}/runtime", spaces.space_runtime, ["GET"]),
+                                   ("/api/spaces/{ns}/{name}/hardware", spaces.request_hardware, ["POST"])]:
+        routes.insert(4, Route(path, partial(handler, "space"), methods=methods))
     app = Starlette(routes=routes, exception_handlers={
         HubApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_crash})
     app.state.store = store

@@ -2,8 +2,9 @@
 
 Layout under the server's root (a restarted server on the same root serves the same repos)::
 
-    {models,datasets}/<namespace>/<name>/
-        repo.json                     {"_id", "id", "type", "private", "createdAt"}
+    {models,datasets,spaces}/<namespace>/<name>/
+        repo.json                     {"_id", "id", "type", "private", "createdAt"; a Space also
+                                       "sdk" and "hardware" (the requested flavour, or null)}
         refs.json                     {"branches": {name: sha}, "tags": {name: sha}, "pulls": {"1": sha}}
         commits/<sha>.json            {"id", "parent", "title", "message", "date", "author",
                                        "files": {path: {"oid", "size", "lfs": sha256 | null}}}
@@ -108,7 +109,7 @@ class Store:
         self._announced: dict[tuple[Path, str], int] = {}
 
     def repo(self, repo_type: str, namespace: str, name: str) -> Repo:
-        """The repo ``namespace/name`` of ``repo_type`` ("model" or "dataset"), existing or not."""
+        """The repo ``namespace/name`` of ``repo_type`` ("model", "dataset" or "space"), existing or not."""
         return Repo(self, repo_type, namespace, name)
 
     def repos(self, repo_type: str, namespace: str | None = None) -> Iterator[Repo]:
@@ -123,9 +124,10 @@ class Store:
                 if repo.exists():
                     yield repo
 
-    def create_repo(self, repo_type: str, namespace: str, name: str, private: bool, author: str) -> Repo | None:
+    def create_repo(self, repo_type: str, namespace: str, name: str, private: bool, author: str,
+                    extra: dict | None = None) -> Repo | None:
         """A new repo whose ``main`` holds the Hub's first commit (a default ``.gitattributes``);
-        None when the repo exists already."""
+        None when the repo exists already. ``extra`` goes into ``repo.json`` (a Space's sdk and hardware)."""
         repo = self.repo(repo_type, namespace, name)
         with self.lock:
             if repo.exists():
@@ -137,7 +139,7 @@ class Store:
             sha = repo.new_commit(None, files, "initial commit", "", author)
             repo.write_refs({"branches": {"main": sha}, "tags": {}, "pulls": {}})
             repo.write_meta({"_id": uuid.uuid4().hex[:24], "id": repo.id, "type": repo_type, "private": private,
-                             "createdAt": now_iso()})
+                             "createdAt": now_iso(), **(extra or {})})
         return repo
 
     def delete_repo(self, repo: Repo) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 
 from hub_msif.hub.server.cards import card_tags
+from hub_msif.hub.server.spaces import space_fields
 from hub_msif.hub.server.store import Repo, lfs_pointer
 
 
@@ -34,6 +35,8 @@ def repo_info(repo: Repo, meta: dict, sha: str, siblings: bool, blobs: bool = Fa
     if repo.type == "model":
         info["modelId"] = repo.id
         info.update({key: card[key] for key in ("library_name", "pipeline_tag") if card.get(key)})
+    elif repo.type == "space":
+        info.update(space_fields(repo, meta, files, card))
     else:
         info.update({"description": card.get("pretty_name") or "", "citation": None,
                      "paperswithcode_id": card.get("paperswithcode_id")})

@@ -1,0 +1,308 @@
+"""Publishing a Gradio Space that serves published factors and an index (docs/design.md, "Space").
+
+``push_space`` makes one commit to a Hub ``space`` repo holding everything the Space needs:
+
+- ``app.py``: the package's own Space entry point (``hub_msif/apps/space/app.py``, read as a file:
+  the hub layer never imports the apps layer);
+- ``hub_msif-<version>-py3-none-any.whl``: this hub_msif, packed from the running package (or the
+  wheel given), so the Space depends on no unpublished package;
+- ``requirements.txt``: the pins of ``templates/space_requirements.txt`` (the versions the
+  project is tested with) and ``./<wheel>``; gradio comes from the README's ``sdk_version``;
+- ``msif_space.json``: the factor and index locations the app serves (a file rather than Space
+  variables: it lands in the same commit as the app, so every commit says what it serves, and it
+  needs no API beyond commits);
+- ``README.md``: the Space's front matter (sdk, sdk_version, app_file, python_version, models,
+  datasets, short_description, suggested_hardware) and a body from ``templates/space.md``.
+
+Every other file of the repo (``.gitattributes`` aside) is deleted in that commit. Afterwards the
+factor repo's card on ``main`` gets a link to the Space (``cards.with_space_link``), when the token
+may write there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import sys
+import zipfile
+from importlib.resources import files
+from pathlib import Path
+from typing import NamedTuple
+
+from hub_msif import __version__
+from hub_msif.artifacts.manifest import FACTORS, INDEX, STAGES
+from hub_msif.errors import HubError, HubValueError, TokenRefusedError
+from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, card_template, with_space_link
+from hub_msif.hub.failures import NO_TOKEN, hub_failures
+from hub_msif.hub.location import REPO_TYPE, check_repo_id, is_repo_id, parse_location
+from hub_msif.hub.reach import require_hub
+from hub_msif.hub.rights import require_write_access, write_refusal
+
+logger = logging.getLogger(__name__)
+
+SPACE_TYPE = "space"
+CONFIG_NAME = "msif_space.json"  # what the Space serves: {"factors": "REPO@REV", "index": "REPO@REV"}
+APP_FILE = "app.py"
+REQUIREMENTS_NAME = "requirements.txt"
+SPACE_TAGS = ["hub-msif", "influence-functions", "data-attribution"]
+_KEPT = (".gitattributes",)
+
+
+class SpacePushed(NamedTuple):
+    """What ``push_space`` made: the Space commit, its URL, and whether the factor card now links it."""
+
+    commit: str
+    url: str
+    card_linked: bool
+
+
+def hardware_flavors() -> list[str]:
+    """The Space hardware flavours ``huggingface_hub`` knows (``cpu-basic``, ``t4-small``, ...)."""
+    from huggingface_hub import SpaceHardware
+
+    return [h.value for h in SpaceHardware]
+
+
+def space_requirements() -> tuple[str, list[str]]:
+    """``(gradio version, the other pinned requirement lines)`` of ``templates/space_requirements.txt``."""
+    lines = [line.strip() for line in
+             (files("hub_msif.hub") / "templates" / "space_requirements.txt").read_text().splitlines()]
+    pins = [line for line in lines if line and not line.startswith("#")]
+    gradio = next((p.split("==", 1)[1] for p in pins if p.lower().startswith("gradio==")), None)
+    if gradio is None:
+        raise HubError("templates/space_requirements.txt pins no gradio version (the Space's sdk_version)")
+    return gradio, [p for p in pins if not p.lower().startswith("gradio==")]
+
+
+def app_source() -> bytes:
+    """The Space entry point shipped in the package: ``hub_msif/apps/space/app.py``."""
+    resource = files("hub_msif") / "apps" / "space" / APP_FILE
+    if not resource.is_file():
+        raise HubError("hub_msif/apps/space/app.py is missing from this hub_msif installation")
+    return resource.read_bytes()
+
+
+# -- the wheel ------------------------------------------------------------------------------------
+
+
+def wheel_name(version: str = __version__) -> str:
+    return f"hub_msif-{version}-py3-none-any.whl"
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def pack_wheel() -> tuple[str, bytes]:
+    """``(file name, bytes)`` of a pure-Python wheel of the running hub_msif package: every file of
+    the package folder (modules and package data, no caches), its metadata and the ``hub-msif``
+    script. Its dependencies are not declared: the Space's requirements.txt pins them. The same
+    files give the same bytes (fixed timestamps, sorted entries)."""
+    root = Path(str(files("hub_msif")))
+    dist_info = f"hub_msif-{__version__}.dist-info"
+    entries: list[tuple[str, bytes]] = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root.parent).as_posix()
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
+            entries.append((relative, path.read_bytes()))
+    metadata = (f"Metadata-Version: 2.1\nName: hub_msif\nVersion: {__version__}\nRequires-Python: >=3.10\n"
+                "Summary: Multi-stage influence functions for fine-tuned LLMs, with EK-FAC factors shared on the "
+                "Hugging Face Hub\nLicense: Apache-2.0\n")
+    entries += [
+        (f"{dist_info}/METADATA", metadata.encode()),
+        (f"{dist_info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: hub_msif.hub.space\nRoot-Is-Purelib: true\n"
+                               b"Tag: py3-none-any\n"),
+        (f"{dist_info}/entry_points.txt", b"[console_scripts]\nhub-msif = hub_msif.apps.cli:main\n"),
+        (f"{dist_info}/top_level.txt", b"hub_msif\n"),
+    ]
+    record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in entries)
+    entries.append((f"{dist_info}/RECORD", (record + f"{dist_info}/RECORD,,\n").encode()))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as wheel:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            wheel.writestr(info, data)
+    return wheel_name(), buffer.getvalue()
+
+
+def _given_wheel(path: str | Path) -> tuple[str, bytes]:
+    path = Path(path)
+    if not path.is_file() or not path.name.startswith("hub_msif-") or path.suffix != ".whl":
+        raise HubValueError(f"--wheel {path}: not a hub_msif wheel file (hub_msif-<version>-py3-none-any.whl)")
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            names = set(wheel.namelist())
+    except zipfile.BadZipFile:
+        raise HubValueError(f"--wheel {path}: not a zip file") from None
+    for needed in ("hub_msif/apps/space/app.py", "hub_msif/hub/templates/factors.md"):
+        if needed not in names:
+            raise HubValueError(f"--wheel {path}: it lacks {needed} (built from an older checkout?)")
+    return path.name, path.read_bytes()
+
+
+# -- the Space's files ----------------------------------------------------------------------------
+
+
+def _hub_location(value: str, option: str):
+    location = parse_location(value)
+    if location.is_local or not location.revision:
+        raise HubValueError(f"{option} {value!r}: a Space serves published artifacts: give REPO@REV, a dataset repo "
+                            "and a version tag or commit (e.g. msif-team/pythia-410m-factors@v1)")
+    return location
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _params_text(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def space_card(repo_id: str, factors: str, index: str, manifest: dict, factor_bytes: int, wheel: str,
+               endpoint: str, hardware: str | None = None, license: str = DEFAULT_LICENSE) -> str:
+    """The README of the Space: front matter the Hub reads, and the body of ``templates/space.md``."""
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    gradio_version, _ = space_requirements()
+    models = {stage: manifest["stages"][stage]["model"]["id"] for stage in STAGES}
+    tracked = sum(int(m["d_out"]) * int(m["d_in"]) for m in manifest["stages"]["finetuned"].get("modules") or [])
+    extra = {"suggested_hardware": hardware} if hardware else {}
+    card_data = SpaceCardData(
+        title="MS-IF attribution", sdk="gradio", sdk_version=gradio_version, app_file=APP_FILE,
+        python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+        # local model folders are no Hub ids: the Hub would refuse them (and they name the pusher's paths)
+        models=[m for m in dict.fromkeys(models.values()) if is_repo_id(m)] or None,
+        datasets=[factors.split("@")[0], index.split("@")[0]], license=license, tags=list(SPACE_TAGS),
+        short_description="Which pre-training documents made it say that?", emoji="🔎",
+        colorFrom="blue", colorTo="indigo", pinned=False, **extra,
+    )
+    base = endpoint.rstrip("/")
+    # a model fitted from a local folder is named by the folder's last part, never the pusher's path
+    shown = {stage: m if is_repo_id(m) else f"{Path(m).name} (a local model folder)" for stage, m in models.items()}
+    return str(SpaceCard.from_template(
+        card_data, template_path=str(card_template("space")), repo_id=repo_id, factors=factors, index=index,
+        factors_url=f"{base}/datasets/{factors.split('@')[0]}", index_url=f"{base}/datasets/{index.split('@')[0]}",
+        pretrained=shown["pretrained"], finetuned=shown["finetuned"], library_version=__version__,
+        wheel_name=wheel, factor_size=_size_text(factor_bytes), tracked_params=_params_text(tracked),
+        hardware=hardware,
+    ))
+
+
+def space_files(repo_id: str, factors: str, index: str, manifest: dict, factor_bytes: int, endpoint: str,
+                hardware: str | None = None, wheel: str | Path | None = None) -> dict[str, bytes]:
+    """``{path: content}`` of every file of the Space (see the module docstring)."""
+    name, data = _given_wheel(wheel) if wheel is not None else pack_wheel()
+    _, pins = space_requirements()
+    requirements = ("# Pinned to the versions hub_msif is tested with; gradio comes from README.md's sdk_version.\n"
+                    + "".join(f"{p}\n" for p in pins) + f"# hub_msif {__version__} itself, shipped in this repo\n./{name}\n")
+    config = {"factors": factors, "index": index}
+    return {
+        APP_FILE: app_source(),
+        name: data,
+        REQUIREMENTS_NAME: requirements.encode(),
+        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
+        CARD_NAME: space_card(repo_id, factors, index, manifest, factor_bytes, name, endpoint, hardware).encode(),
+    }
+
+
+# -- the push -------------------------------------------------------------------------------------
+
+
+def push_space(repo_id: str, factors: str, index: str, private: bool = False, hardware: str | None = None,
+               token: str | None = None, wheel: str | Path | None = None, commit_message: str | None = None,
+               link_card: bool = True) -> SpacePushed:
+    """Publishes a Gradio Space that serves ``factors`` and ``index`` (both ``REPO@REV`` of
+    published artifacts) as one commit to the space repo ``repo_id`` (created when missing, private
+    with ``private``, on ``hardware`` when given). Both artifacts are checked first (their
+    manifests are read at the given revisions). Then the factor repo's card links the Space, when
+    ``link_card`` and the token may write there. Returns ``(commit, url, card_linked)``."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import get_token
+
+    check_repo_id(repo_id)
+    factor_location, index_location = _hub_location(factors, "--factors"), _hub_location(index, "--index")
+    if hardware is not None and hardware not in hardware_flavors():
+        raise HubValueError(f"--hardware {hardware!r} is not a Space hardware flavour; use one of "
+                            f"{', '.join(hardware_flavors())}")
+    token = token or get_token()
+    doing = f"cannot push the Space {repo_id}"
+    if not token:
+        raise TokenRefusedError(f"{doing}: {NO_TOKEN}")
+    require_hub(doing)
+    api = HfApi(token=token)
+    with hub_failures(factor_location.repo_id, factor_location.revision, f"{doing}: reading the factors"):
+        manifest_path = api.hf_hub_download(factor_location.repo_id, FACTORS.manifest_name, repo_type=REPO_TYPE,
+                                            revision=factor_location.revision)
+        info = api.dataset_info(factor_location.repo_id, revision=factor_location.revision, files_metadata=True)
+    with hub_failures(index_location.repo_id, index_location.revision, f"{doing}: reading the index"):
+        api.hf_hub_download(index_location.repo_id, INDEX.manifest_name, repo_type=REPO_TYPE,
+                            revision=index_location.revision)
+    try:
+        manifest = json.loads(Path(manifest_path).read_text())
+        if not all(isinstance(manifest["stages"][stage]["model"]["id"], str) for stage in STAGES):
+            raise TypeError("a stage's model id is not a string")
+    except (ValueError, KeyError, TypeError) as err:
+        raise HubValueError(f"{doing}: {factors} holds no pair factor manifest ({FACTORS.manifest_name}): "
+                            f"{err}") from err
+    factor_bytes = sum(s.size or 0 for s in info.siblings or [])
+    content = space_files(repo_id, str(factor_location), str(index_location), manifest, factor_bytes, api.endpoint,
+                          hardware, wheel)
+    with hub_failures(repo_id, None, doing, token):
+        require_write_access(api, repo_id, doing)
+        existed = api.repo_exists(repo_id, repo_type=SPACE_TYPE)
+        url = str(api.create_repo(repo_id, repo_type=SPACE_TYPE, space_sdk="gradio", private=True if private else None,
+                                  space_hardware=hardware, exist_ok=True))
+        if existed and hardware:
+            api.request_space_hardware(repo_id, hardware)
+        refs = api.list_repo_refs(repo_id, repo_type=SPACE_TYPE)
+        head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+        remote = [e.path for e in api.list_repo_tree(repo_id, repo_type=SPACE_TYPE, revision=head, recursive=True)
+                  if isinstance(e, RepoFile)] if head else []
+        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c) for p, c in content.items()]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in sorted(remote)
+                       if p not in content and p not in _KEPT]
+        commit = api.create_commit(
+            repo_id, operations, repo_type=SPACE_TYPE, parent_commit=head,
+            commit_message=commit_message or f"hub_msif Space serving {factor_location}",
+            commit_description=f"app.py, README.md, requirements.txt, {CONFIG_NAME} and the hub_msif {__version__} "
+                               f"wheel; factors {factor_location}, index {index_location}.",
+        ).oid
+    linked = link_card and _link_factor_card(api, factor_location.repo_id, repo_id, url, str(factor_location))
+    logger.info("pushed the Space %s (commit %s) serving %s and %s", repo_id, commit, factor_location, index_location)
+    return SpacePushed(commit, url, linked)
+
+
+def _link_factor_card(api, factor_repo: str, space_id: str, url: str, served: str) -> bool:
+    """Adds the Space's link to the card on ``main`` of ``factor_repo`` (one commit; none when the
+    card links it already). False, with a warning, when the token may not write there or the card
+    cannot be read: the Space itself is published either way."""
+    from huggingface_hub import CommitOperationAdd
+
+    try:
+        reason = write_refusal(api.whoami(cache=True), factor_repo.split("/")[0])
+        if reason:
+            logger.warning("the card of %s does not link the Space %s: %s", factor_repo, space_id, reason)
+            return False
+        card = Path(api.hf_hub_download(factor_repo, CARD_NAME, repo_type=REPO_TYPE, revision="main")).read_text()
+        updated = with_space_link(card, space_id, url, served)
+        if updated != card:
+            api.create_commit(factor_repo, [CommitOperationAdd(CARD_NAME, updated.encode())], repo_type=REPO_TYPE,
+                              commit_message=f"card: link the Space {space_id}")
+        return True
+    except Exception as err:  # the Space is out; a card that cannot be updated is worth a warning only
+        logger.warning("the card of %s does not link the Space %s: %s", factor_repo, space_id,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False

@@ -1,0 +1,257 @@
+"""``hub-msif push space``: a Space of the demo's fact world published to the loopback Hub, then
+downloaded into an empty folder and run from there as a Space runs it (``python app.py``), with
+hub_msif coming only from the wheel inside the Space repo.
+
+The module runs its own loopback Hub (on the session's ``HF_ENDPOINT`` port, over the session's
+storage) so that the repos pushed once serve every test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import conftest
+import pytest
+import yaml
+
+pytest.importorskip("gradio")
+
+from huggingface_hub import HfApi, snapshot_download  # noqa: E402
+
+from hub_msif.apps.cli import main as cli_main  # noqa: E402
+from hub_msif.hub import push_factors, push_index  # noqa: E402
+from hub_msif.hub.space import CONFIG_NAME, push_space, wheel_name  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE_REPO = "alice/fact-world-space"
+FACTORS_REPO = "alice/fact-world-space-factors"
+INDEX_REPO = "msif-team/fact-world-space-index"
+WHEEL = wheel_name()
+
+# sitecustomize of the Space's process: lookups of any host but loopback are refused and reported.
+GUARD = textwrap.dedent("""
+    import socket, sys
+    _real = socket.getaddrinfo
+
+    def _loopback_only(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name not in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "", "None"):
+            print(f"GUARD refused a lookup of {name}", file=sys.stderr, flush=True)
+            raise socket.gaierror(socket.EAI_NONAME, f"guard: {name} refused")
+        return _real(host, *args, **kwargs)
+
+    socket.getaddrinfo = _loopback_only
+""")
+
+
+@pytest.fixture(scope="module")
+def hub(hub_root):
+    from hub_msif.hub.server import HubServer
+
+    server = HubServer(hub_root, host="127.0.0.1", port=conftest.HUB_PORT, tokens=conftest.HUB_TOKENS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, fact_world):
+    """The fact world's factors and index, published, and a Space serving them (on cpu-basic)."""
+    factors = push_factors(fact_world["factors"], FACTORS_REPO)
+    index = push_index(fact_world["index_folder"], INDEX_REPO)
+    locations = {"factors": f"{FACTORS_REPO}@{factors.tag}", "index": f"{INDEX_REPO}@{index.tag}"}
+    space = push_space(SPACE_REPO, locations["factors"], locations["index"], hardware="cpu-basic")
+    return {**locations, "space": space}
+
+
+def _download(tmp_path: Path) -> Path:
+    folder = tmp_path / "space"
+    folder.mkdir()
+    snapshot_download(SPACE_REPO, repo_type="space", local_dir=folder)
+    return folder
+
+
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_the_space_repo_is_a_self_contained_gradio_app(pushed, tmp_path):
+    import gradio
+
+    space = _download(tmp_path)
+    assert {p.name for p in space.iterdir() if p.name != ".cache"} == {
+        ".gitattributes", "README.md", "app.py", "requirements.txt", CONFIG_NAME, WHEEL}
+    readme = (space / "README.md").read_text()
+    meta = _front_matter(readme)
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
+    assert meta["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert meta["datasets"] == [FACTORS_REPO, INDEX_REPO]
+    assert "models" not in meta  # the fact world's models are local folders: no Hub ids to name
+    assert meta["suggested_hardware"] == "cpu-basic" and meta["short_description"]
+    assert len(meta["short_description"]) <= 60  # the Hub's limit
+    for local in (str(Path.home()), str(ROOT), "/tmp/"):
+        assert local not in readme
+    assert "finetuned (a local model folder)" in readme and "| 7-8B |" in readme
+    assert json.loads((space / CONFIG_NAME).read_text()) == {"factors": pushed["factors"], "index": pushed["index"]}
+    assert (space / "app.py").read_bytes() == (ROOT / "hub_msif" / "apps" / "space" / "app.py").read_bytes()
+
+    requirements = [line for line in (space / "requirements.txt").read_text().splitlines()
+                    if line and not line.startswith("#")]
+    assert requirements[-1] == f"./{WHEEL}"  # the wheel beside app.py, by a relative path
+    constraints = dict(line.split("==") for line in (ROOT / "requirements" / "constraints.txt").read_text()
+                       .splitlines() if "==" in line)
+    assert all(constraints[name] == version for name, version in (r.split("==") for r in requirements[:-1]))
+    assert {"torch", "transformers", "huggingface_hub", "faiss-cpu"} <= {r.split("==")[0] for r in requirements}
+    assert "://" not in (space / "requirements.txt").read_text()
+    with zipfile.ZipFile(space / WHEEL) as wheel:
+        names = set(wheel.namelist())
+    assert {"hub_msif/apps/space/app.py", "hub_msif/hub/templates/factors.md", "hub_msif/hub/templates/index.md",
+            "hub_msif/hub/templates/space.md", "hub_msif-0.1.0.dist-info/RECORD"} <= names
+
+    api = HfApi()
+    assert api.space_info(SPACE_REPO).runtime.requested_hardware == "cpu-basic"
+    assert [s.id for s in api.list_spaces(datasets=FACTORS_REPO)] == [SPACE_REPO]
+    card = Path(api.hf_hub_download(FACTORS_REPO, "README.md", repo_type="dataset")).read_text()
+    assert f"[{SPACE_REPO}]({pushed['space'].url})" in card and pushed["space"].card_linked
+    assert pushed["space"].url == f"{os.environ['HF_ENDPOINT']}/spaces/{SPACE_REPO}"
+
+
+def test_push_space_again_replaces_the_files_and_bad_input_is_one_line(pushed, capsys):
+    from huggingface_hub import CommitOperationAdd
+
+    api = HfApi()
+    api.create_commit(SPACE_REPO, [CommitOperationAdd("stale.txt", b"left over\n")], repo_type="space",
+                      commit_message="a stale file")
+    args = ["push", "space", "--repo", SPACE_REPO, "--factors", pushed["factors"], "--index", pushed["index"]]
+    assert cli_main([*args, "--hardware", "t4-small", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["card_linked"] is True and summary["repo"] == SPACE_REPO
+    files = set(api.list_repo_files(SPACE_REPO, repo_type="space"))
+    assert "stale.txt" not in files and {"app.py", WHEEL} <= files  # the Space is exactly its files
+    assert api.get_space_runtime(SPACE_REPO).requested_hardware == "t4-small"
+    card = Path(api.hf_hub_download(FACTORS_REPO, "README.md", repo_type="dataset")).read_text()
+    assert card.count(f"[{SPACE_REPO}]") == 1  # linked once, however often pushed
+
+    refs = api.list_repo_refs(SPACE_REPO, repo_type="space").branches
+    for bad, message in [
+        (["--factors", str(ROOT)], "give REPO@REV"),
+        (["--factors", FACTORS_REPO], "give REPO@REV"),
+        (["--hardware", "a-big-one"], "not a Space hardware flavour"),
+        (["--index", "alice/no-such-index@v1"], "no dataset repo alice/no-such-index"),
+        (["--wheel", str(ROOT / "README.md")], "not a hub_msif wheel"),
+        (["--index", pushed["factors"]], "lacks a file"),  # factors are no index
+        (["--factors", pushed["index"]], "lacks a file"),  # nor is an index a factor artifact
+    ]:
+        argv = list(args)
+        option = bad[0]
+        if option in argv:
+            argv[argv.index(option) + 1] = bad[1]
+        else:
+            argv += bad
+        assert cli_main(argv) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, (bad, err)
+    assert api.list_repo_refs(SPACE_REPO, repo_type="space").branches == refs  # nothing written
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _space_env(tmp_path: Path, target: Path, port: int) -> dict:
+    """The Space process's environment: nothing of the test run's Python path, the wheel's
+    installation and the network guard only."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(GUARD)
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_DISABLE_XET")
+            if k in os.environ}
+    return {**keep, "PYTHONPATH": f"{target}{os.pathsep}{guard}", "HF_HOME": str(tmp_path / "hf-home"),
+            "HUB_MSIF_CACHE": str(tmp_path / "msif-cache"), "GRADIO_SERVER_PORT": str(port),
+            "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _wait_until_served(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the Space exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the Space did not answer on {url} within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.browser
+def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
+    from gradio_client import Client
+    from playwright.sync_api import sync_playwright
+    from test_space import CHROMIUM, CHROMIUM_ARGS, _assert_shaded_tokens, _wait_for_text
+
+    space = _download(tmp_path)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--disable-pip-version-check", "--target", str(target), str(space / WHEEL)], check=True)
+    port = _free_port()
+    env = _space_env(tmp_path, target, port)
+    probe = subprocess.run([sys.executable, "-c", "import hub_msif, sys; print(hub_msif.__file__); print(sys.path)"],
+                           cwd=space, env=env, capture_output=True, text=True, check=True)
+    where, path = probe.stdout.splitlines()[:2]
+    assert Path(where).is_relative_to(target), f"hub_msif imported from {where}, not from the wheel"
+    assert str(ROOT) not in path  # the checkout is not on the Space's path
+
+    log = tmp_path / "space.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_served(url, process, log)  # on GRADIO_SERVER_PORT
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        hits = {}
+        for query in fact_world["examples"]:
+            *_, result = client.predict(query.prompt, "", "ms-if", 0.1, 100, False, api_name="/attribute")
+            assert len(result["rows"]) == 10
+            hits[query.prompt] = [row["rank"] for row in result["rows"] if row["id"] in query.proponents]
+            if hits[query.prompt]:
+                break  # one question whose true proponent is in the top 10 is what the test asks
+        assert any(hits.values()), f"no true proponent in any top 10: {hits}"
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url)
+                page.locator("#prompt textarea").wait_for(timeout=60_000)
+                page.locator("#prompt textarea").fill(fact_world["examples"][0].prompt)
+                page.locator("#attribute").click()
+                _wait_for_text(page, "#status", "ranked 100 candidates")
+                _assert_shaded_tokens(page, top=10)
+                page.screenshot(path=str(tmp_path / "space-from-wheel.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    text = log.read_text()
+    assert "GUARD refused" not in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
