@@ -314,6 +314,84 @@ class Attributor:
                                  token_shares, show_progress)
         return result
 
+    def attribute_many(self, queries: Sequence[tuple[str, str | None]], documents: Sequence[dict] | None = None,
+                       index=None, candidates: int = 100, top: int = 10, method: str = "ms-if",
+                       damping: float = DEFAULT_DAMPING, relative: bool = True, token_shares: bool = False,
+                       show_progress: bool = False) -> list[Attribution]:
+        """``attribute`` for many (prompt, answer) queries in one pass (docs/design.md, "Many queries").
+
+        The same results as one ``attribute`` call per query, for less: answers left None or blank
+        are generated, candidates of all queries are retrieved in one search (or are ``documents``
+        for every query), and queries go through ``score_methods`` together, chunk by chunk
+        (``query_chunk``), each chunk against the union of its queries' candidates: one gradient
+        pass over the chunk's queries and one over each candidate per model, however many of the
+        chunk's queries share it. Each query is then ranked among its own candidates only.
+        """
+        _check_methods([method]), _check_dampings([damping])
+        if not queries:
+            raise MsifValueError("no queries")
+        if documents is None and candidates < 1:
+            raise MsifValueError(f"the number of candidates must be at least 1, got {candidates}")
+        if top < 1:
+            raise MsifValueError(f"top must be at least 1, got {top}")
+        if documents is not None and not documents:
+            raise MsifValueError("no candidate documents to score (zero candidates)")
+        for prompt, _ in queries:
+            if not prompt or not prompt.strip():
+                raise MsifValueError("the prompt is empty")
+        from tqdm.auto import tqdm
+
+        answered, generated = [], []
+        for prompt, answer in tqdm(queries, desc="generating answers", leave=False,
+                                   disable=not show_progress or all(a and a.strip() for _, a in queries)):
+            blank = answer is None or not answer.strip()
+            if blank:
+                answer = self.generate(prompt)
+                if not answer:
+                    raise MsifValueError(f"the fine-tuned model generated an empty answer to {prompt!r}; give one")
+            self.query_sequence(prompt, answer)  # validates length before any scoring work
+            answered.append((prompt, answer))
+            generated.append(blank)
+        if documents is not None:
+            pools = [list(range(len(documents)))] * len(answered)
+            pool_docs = list(documents)
+        else:
+            index = index if index is not None else self.index
+            if index is None:
+                raise MsifValueError("give candidate documents or an index to retrieve them from")
+            self._check_corpus(index)
+            hits = index.search([f"{p} {a}" for p, a in answered], candidates)
+            pools = [[i for i, _ in found] for found in hits]
+            pool_docs = index.documents
+        chunk = self.query_chunk()
+        results: list[Attribution] = []
+        bar = tqdm(total=len(answered), desc="attributing queries", leave=False, disable=not show_progress)
+        for start in range(0, len(answered), chunk):
+            part = range(start, min(start + chunk, len(answered)))
+            union = sorted({i for q in part for i in pools[q]})
+            where = {doc: row for row, doc in enumerate(union)}
+            (scores,) = self.score_methods([answered[q] for q in part], [pool_docs[i]["text"] for i in union],
+                                           [method], [damping], relative, token_shares=token_shares)
+            for column, q in enumerate(part):
+                rows = torch.tensor([where[i] for i in pools[q]], dtype=torch.long)
+                mine = MethodScores(
+                    scores.method, scores.damping, scores.total[rows, column:column + 1],
+                    {n: v[rows, column:column + 1] for n, v in scores.per_module.items()}
+                    if scores.per_module is not None else None,
+                    [scores.tokens[r][:, column:column + 1] for r in rows.tolist()] if scores.tokens is not None else None)
+                prompt, answer = answered[q]
+                results.append(self._rank(mine, prompt, answer, generated[q], relative,
+                                          [pool_docs[i] for i in pools[q]], top))
+                bar.update(1)
+        bar.close()
+        return results
+
+    def query_chunk(self, budget_bytes: int = 2 << 30) -> int:
+        """How many queries ``attribute_many`` scores together: their gradients and preconditioned
+        weights (about three copies of the tracked weights per query) within ``budget_bytes``."""
+        per_query = 3 * 4 * sum(spec.d_out * spec.d_in for spec in self.specs)
+        return max(1, budget_bytes // max(per_query, 1))
+
     def _rank(self, scores: MethodScores, prompt: str, answer: str, generated: bool, relative: bool,
               documents: Sequence[dict], top: int) -> Attribution:
         total = scores.total[:, 0]
