@@ -29,6 +29,7 @@ from hub_msif.apps.arguments import (
     check_model,
     check_target_folder,
     fixed_port_number,
+    model_name,
     non_empty,
     non_negative_float,
     non_negative_int,
@@ -36,6 +37,7 @@ from hub_msif.apps.arguments import (
     positive_finite_float,
     positive_int,
     seed_int,
+    stage_model_name,
     token_spec,
 )
 from hub_msif.apps.output import json_line, print_json, printable, quiet_libraries, show_progress
@@ -334,6 +336,14 @@ def _add_push(sub) -> None:
                        help="license in the card's metadata (default apache-2.0)")
         q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
         q.add_argument("--json", action="store_true", help="print a JSON summary")
+        if kind == "factors":
+            q.add_argument("--model-name", action="append", default=[], type=stage_model_name, metavar="STAGE=NAME",
+                           help="what the card calls a stage's model when it is a local folder (repeatable; default: "
+                                "the folder's name and its weights' short sha256, never its path)")
+        else:
+            q.add_argument("--model-name", type=model_name, metavar="NAME",
+                           help="what the card calls the embedding model when it is a local folder (default: the "
+                                "folder's name and its weights' short sha256, never its path)")
 
 
 def _run_push(args) -> int:
@@ -343,9 +353,17 @@ def _run_push(args) -> int:
     check_existing_folder(args.folder, "factor folder" if args.artifact == "factors" else "index folder")
     from hub_msif.hub import push_factors, push_index
 
-    push = push_factors if args.artifact == "factors" else push_index
+    if args.artifact == "factors":
+        names = {}
+        for stage, name in args.model_name:
+            if stage in names:
+                raise MsifValueError(f"--model-name {stage}= is given twice")
+            names[stage] = name
+        push, naming = push_factors, {"model_names": names or None}
+    else:
+        push, naming = push_index, {"model_name": args.model_name}
     pushed = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
-                  commit_message=args.message, license=args.license)
+                  commit_message=args.message, license=args.license, **naming)
     commit, tag = pushed
     summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}",
                "created": pushed.created}

@@ -202,7 +202,7 @@ class Attributor:
     def score_methods(self, queries: Sequence[tuple[str, str]], documents: Sequence[str],
                       methods: Sequence[str] = ("ms-if",), dampings: Sequence[float] = (DEFAULT_DAMPING,),
                       relative: bool = True, batch_size: int = 8, token_shares: bool = False,
-                      show_progress: bool = False) -> list[MethodScores]:
+                      show_progress: bool = False, query_batch_size: int = 8) -> list[MethodScores]:
         """Scores of ``documents`` for (prompt, answer) ``queries`` under every method, and every
         damping for the damped methods (MS-IF, SS-IF), in this order.
 
@@ -228,7 +228,7 @@ class Attributor:
             query_hidden: list[torch.Tensor] = []
             if gradient:
                 grads = per_example_gradients(self.models["finetuned"], self.specs, query_sequences, self.pad_id,
-                                              representations=query_hidden if repsim else None)
+                                              query_batch_size, representations=query_hidden if repsim else None)
             elif repsim:
                 query_hidden.append(baselines.mean_hidden_states(self.models["finetuned"], query_sequences, self.pad_id))
             candidates = [self.document_sequence(t) for t in documents]
@@ -299,6 +299,7 @@ class Attributor:
             documents = self.candidates(prompt, answer, candidates, index)
         if not documents:
             raise MsifValueError("no candidate documents to score (zero candidates)")
+        documents = scoring_order(documents)
         texts = [d["text"] for d in documents]
         scored = self.score_methods([(prompt, answer)], texts, methods, dampings, relative,
                                     token_shares=token_shares, show_progress=show_progress)
@@ -368,10 +369,13 @@ class Attributor:
         bar = tqdm(total=len(answered), desc="attributing queries", leave=False, disable=not show_progress)
         for start in range(0, len(answered), chunk):
             part = range(start, min(start + chunk, len(answered)))
-            union = sorted({i for q in part for i in pools[q]})
+            union = [i for i, _ in scoring_order([(i, pool_docs[i]) for i in {i for q in part for i in pools[q]}])]
             where = {doc: row for row, doc in enumerate(union)}
+            # One query per gradient pass: padded next to longer queries, a query's float32 gradient
+            # moves by about 1e-6 (relative), enough to reorder near-ties against one `attribute` call.
             (scores,) = self.score_methods([answered[q] for q in part], [pool_docs[i]["text"] for i in union],
-                                           [method], [damping], relative, token_shares=token_shares)
+                                           [method], [damping], relative, token_shares=token_shares,
+                                           query_batch_size=1)
             for column, q in enumerate(part):
                 rows = torch.tensor([where[i] for i in pools[q]], dtype=torch.long)
                 mine = MethodScores(
@@ -417,6 +421,18 @@ class Attributor:
             rows.append(make_row(rank, documents[i], float(total[i]), scale, by_module, roles, tokens))
         return Attribution(prompt, answer, generated, scores.method, self.modules, scores.damping,
                            relative, len(documents), scale, rows)
+
+
+def scoring_order(documents: Sequence) -> list:
+    """Candidates (dicts with ``id`` and ``text``, or ``(key, dict)`` pairs) in the order they are
+    scored: by text length, then text and id. Batches then hold documents of similar length (less
+    padding), and the same documents, in whatever order they come, are scored in the same batches,
+    so their float32 scores agree exactly (a document's score moves by about 1e-6 with its batch)."""
+    def key(item):
+        doc = item[1] if isinstance(item, tuple) else item
+        return len(doc["text"]), doc["text"], str(doc["id"])
+
+    return sorted(documents, key=key)
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
