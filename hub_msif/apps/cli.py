@@ -124,7 +124,8 @@ def _run_fit(args) -> int:
     config = FitConfig(stage=args.stage, batch_size=args.batch_size, modules=modules,
                        split_heads=not args.no_split_heads, label_mode=args.labels, seed=args.seed,
                        storage_dtype=args.dtype, checkpoint_every=args.checkpoint_every)
-    factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision)
+    factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision,
+                        show_progress=show_progress(args.json))
     from accelerate import PartialState
 
     if PartialState().is_main_process:

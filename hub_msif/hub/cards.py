@@ -58,10 +58,10 @@ def _looks_local(source) -> bool:
 
 
 def is_local_model(model: dict) -> bool:
-    """Whether a recorded model (``{"id", "revision"}``) is a local folder: its id is a path, or
-    its revision is the ``sha256:`` of weight files (what ``hub_msif.models`` records for folders)."""
-    ident, revision = str(model.get("id") or ""), str(model.get("revision") or "")
-    return revision.startswith("sha256:") or _is_path(ident)
+    """Whether a recorded model (``{"id", "revision"}``) was loaded from a local folder named by
+    its path (``hub_msif.models`` records a folder by its resolved path and the ``sha256:`` of its
+    weights; a bundled copy of a Hub model keeps its Hub id)."""
+    return _is_path(str(model.get("id") or ""))
 
 
 def _is_path(text: str) -> bool:

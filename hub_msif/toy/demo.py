@@ -134,11 +134,12 @@ def fitted_factors(models: Path, paths: dict, world: FactWorld, cache: Path) -> 
             return folder
     except FactorError:
         pass
+    shown = sys.stderr.isatty()  # one bar per fit, on a terminal only
     fit_stage(str(models / "pretrained"), str(paths["pretrain"]), folder, FitConfig(stage="pretrained", batch_size=32),
-              corpus=CorpusSpec(data=str(paths["pretrain"]), max_length=64))
+              corpus=CorpusSpec(data=str(paths["pretrain"]), max_length=64), show_progress=shown)
     fit_stage(str(models / "finetuned"), str(paths["finetune"]), folder, FitConfig(stage="finetuned", batch_size=32),
               corpus=CorpusSpec(data=str(paths["finetune"]), prompt_column="prompt", response_column="response",
-                                template=world.template, max_length=64))
+                                template=world.template, max_length=64), show_progress=shown)
     return folder
 
 
