@@ -73,8 +73,8 @@ def main() -> None:
           f"({len(rows) * t_one / t_many:.1f}x the one run)")
 
     import torch
-
     from machine import machine_info  # bench/, on sys.path when run as a script
+
     from hub_msif.attribution.attributor import Attributor
 
     torch.set_num_threads(args.threads)

@@ -217,6 +217,8 @@ class Attributor:
         if not queries:
             raise MsifValueError("no queries")
         settings = [(m, d) for m in methods for d in (dampings if m in DAMPED_METHODS else [None])]
+        order, inverse = _scoring_order(documents)
+        documents = [documents[i] for i in order]
         out: dict[tuple[str, float | None], MethodScores] = {}
         if "bm25" in methods:
             columns = [baselines.bm25_scores(f"{p} {a}", documents) for p, a in queries]
@@ -259,7 +261,7 @@ class Attributor:
                 if hidden_here:
                     scores = baselines.repsim_scores(torch.cat(query_hidden), candidate_hidden)
                     out[("repsim", None)] = MethodScores("repsim", None, scores)
-        return [out[key] for key in settings]
+        return [_reordered(out[key], inverse) for key in settings]
 
     def score(self, queries: Sequence[tuple[str, str]], documents: Sequence[str], method: str = "ms-if",
               damping: float = DEFAULT_DAMPING, relative: bool = True, batch_size: int = 8,
@@ -299,7 +301,6 @@ class Attributor:
             documents = self.candidates(prompt, answer, candidates, index)
         if not documents:
             raise MsifValueError("no candidate documents to score (zero candidates)")
-        documents = scoring_order(documents)
         texts = [d["text"] for d in documents]
         scored = self.score_methods([(prompt, answer)], texts, methods, dampings, relative,
                                     token_shares=token_shares, show_progress=show_progress)
@@ -328,7 +329,8 @@ class Attributor:
         pass over the chunk's queries and one over each candidate per model, however many of the
         chunk's queries share it. Each query is then ranked among its own candidates only.
         """
-        _check_methods([method]), _check_dampings([damping])
+        _check_methods([method])
+        _check_dampings([damping])
         if not queries:
             raise MsifValueError("no queries")
         if documents is None and candidates < 1:
@@ -343,14 +345,17 @@ class Attributor:
         from tqdm.auto import tqdm
 
         answered, generated = [], []
-        for prompt, answer in tqdm(queries, desc="generating answers", leave=False,
-                                   disable=not show_progress or all(a and a.strip() for _, a in queries)):
+        for number, (prompt, answer) in enumerate(tqdm(queries, desc="generating answers", leave=False, disable=(
+                not show_progress or all(a and a.strip() for _, a in queries))), start=1):
             blank = answer is None or not answer.strip()
-            if blank:
-                answer = self.generate(prompt)
-                if not answer:
-                    raise MsifValueError(f"the fine-tuned model generated an empty answer to {prompt!r}; give one")
-            self.query_sequence(prompt, answer)  # validates length before any scoring work
+            try:
+                if blank:
+                    answer = self.generate(prompt)
+                    if not answer:
+                        raise MsifValueError("the fine-tuned model generated an empty answer; give one")
+                self.query_sequence(prompt, answer)  # validates length before any scoring work
+            except MsifValueError as err:
+                raise MsifValueError(f"query {number} of {len(queries)}: {err}") from err
             answered.append((prompt, answer))
             generated.append(blank)
         if documents is not None:
@@ -366,16 +371,15 @@ class Attributor:
             pool_docs = index.documents
         chunk = self.query_chunk()
         results: list[Attribution] = []
-        bar = tqdm(total=len(answered), desc="attributing queries", leave=False, disable=not show_progress)
         for start in range(0, len(answered), chunk):
             part = range(start, min(start + chunk, len(answered)))
-            union = [i for i, _ in scoring_order([(i, pool_docs[i]) for i in {i for q in part for i in pools[q]}])]
+            union = sorted({i for q in part for i in pools[q]})
             where = {doc: row for row, doc in enumerate(union)}
             # One query per gradient pass: padded next to longer queries, a query's float32 gradient
             # moves by about 1e-6 (relative), enough to reorder near-ties against one `attribute` call.
             (scores,) = self.score_methods([answered[q] for q in part], [pool_docs[i]["text"] for i in union],
                                            [method], [damping], relative, token_shares=token_shares,
-                                           query_batch_size=1)
+                                           show_progress=show_progress, query_batch_size=1)
             for column, q in enumerate(part):
                 rows = torch.tensor([where[i] for i in pools[q]], dtype=torch.long)
                 mine = MethodScores(
@@ -386,8 +390,6 @@ class Attributor:
                 prompt, answer = answered[q]
                 results.append(self._rank(mine, prompt, answer, generated[q], relative,
                                           [pool_docs[i] for i in pools[q]], top))
-                bar.update(1)
-        bar.close()
         return results
 
     def query_chunk(self, budget_bytes: int = 2 << 30) -> int:
@@ -423,16 +425,22 @@ class Attributor:
                            relative, len(documents), scale, rows)
 
 
-def scoring_order(documents: Sequence) -> list:
-    """Candidates (dicts with ``id`` and ``text``, or ``(key, dict)`` pairs) in the order they are
-    scored: by text length, then text and id. Batches then hold documents of similar length (less
-    padding), and the same documents, in whatever order they come, are scored in the same batches,
-    so their float32 scores agree exactly (a document's score moves by about 1e-6 with its batch)."""
-    def key(item):
-        doc = item[1] if isinstance(item, tuple) else item
-        return len(doc["text"]), doc["text"], str(doc["id"])
+def _scoring_order(documents: Sequence[str]) -> tuple[list[int], torch.Tensor]:
+    """The order candidates are scored in (by text length, then text) and its inverse. Batches then
+    hold documents of similar length (less padding), and the same documents, in whatever order
+    they are given, meet in the same batches, so their float32 scores agree exactly (a document's
+    score moves by about 1e-6 of the scale with its batch's shape)."""
+    order = sorted(range(len(documents)), key=lambda i: (len(documents[i]), documents[i]))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return order, inverse
 
-    return sorted(documents, key=key)
+
+def _reordered(scores: MethodScores, inverse: torch.Tensor) -> MethodScores:
+    """``scores`` of candidates scored in ``_scoring_order``, back in the order they were given."""
+    per_module = {n: v[inverse] for n, v in scores.per_module.items()} if scores.per_module is not None else None
+    tokens = [scores.tokens[i] for i in inverse.tolist()] if scores.tokens is not None else None
+    return MethodScores(scores.method, scores.damping, scores.total[inverse], per_module, tokens)
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

@@ -145,6 +145,21 @@ def test_attribute_many_scores_queries_in_chunks_with_the_same_result(fact_world
         _assert_same_scores(a.to_json(), b)
 
 
+def test_a_query_too_long_for_the_model_is_named_before_any_scoring(fact_world, attributor, monkeypatch):
+    from hub_msif.attribution import attributor as module
+    from hub_msif.errors import MsifValueError
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored before every query was checked")
+
+    monkeypatch.setattr(module, "per_example_gradients", refuse)
+    monkeypatch.setattr(module, "score_candidates", refuse)
+    queries = [(fact_world["examples"][0].prompt, None), ("where " * 80 + "?", "kyoto")]
+    with pytest.raises(MsifValueError, match=r"^query 2 of 2: prompt and answer are \d+ tokens, more than the model's "
+                                             r"maximum of 64"):
+        attributor.attribute_many(queries, candidates=5)
+
+
 # --- --threads, lazy imports --------------------------------------------------------------------
 
 
