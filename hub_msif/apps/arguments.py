@@ -140,3 +140,21 @@ def check_model(model: str | None) -> None:
 # --- output ------------------------------------------------------------------------------------
 
 
+
+
+def model_name(text: str) -> str:
+    """``push index --model-name NAME``: what the card calls a local embedding model."""
+    from hub_msif.hub.cards import check_model_name
+
+    try:
+        return check_model_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def stage_model_name(text: str) -> tuple[str, str]:
+    """``push factors --model-name STAGE=NAME``: what the card calls a stage's local model folder."""
+    stage, sep, name = text.partition("=")
+    if not sep or stage not in ("pretrained", "finetuned"):
+        raise argparse.ArgumentTypeError(f"must look like pretrained=NAME or finetuned=NAME, got {text!r}")
+    return stage, model_name(name)

@@ -29,6 +29,7 @@ from hub_msif.apps.arguments import (
     check_model,
     check_target_folder,
     fixed_port_number,
+    model_name,
     non_empty,
     non_negative_float,
     non_negative_int,
@@ -36,9 +37,10 @@ from hub_msif.apps.arguments import (
     positive_finite_float,
     positive_int,
     seed_int,
+    stage_model_name,
     token_spec,
 )
-from hub_msif.apps.output import print_json, printable
+from hub_msif.apps.output import json_line, print_json, printable, quiet_libraries, show_progress
 from hub_msif.errors import Interrupted, MsifError, MsifValueError
 
 DEFAULT_CACHE = Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif")
@@ -46,6 +48,28 @@ INTERRUPTED_STATUS = 130  # what shells report for a process ended by SIGINT (12
 
 
 # --- commands ----------------------------------------------------------------------------------
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads for torch (intra- and inter-op) and OpenMP (default: the libraries' own choice, "
+                        "usually all cores; on a busy machine 1 can be many times faster)")
+
+
+def use_threads(threads: int | None) -> None:
+    """``--threads N``: before any work, so that every pool (torch's intra- and inter-op, OpenMP of
+    faiss) starts at that size; set through the environment too when torch is not yet imported."""
+    if threads is None:
+        return
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # once inter-op work has started (a second command in one process) it is fixed
+        pass
 
 
 def _add_fit(sub) -> None:
@@ -81,10 +105,12 @@ def _add_fit(sub) -> None:
                    help="batches between resumable checkpoints (0: none)")
     p.add_argument("--out", required=True, type=non_empty, help="factor folder to write (a stage already there is replaced)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_threads(p)
 
 
 def _run_fit(args) -> int:
     check_target_folder(args.out, "--out")  # found out only when the fitted factors are saved, otherwise
+    use_threads(args.threads)
     from hub_msif.data import DEFAULT_TEMPLATE, CorpusSpec
     from hub_msif.factors.fit import FitConfig, fit_stage
     from hub_msif.factors.tracking import parse_module_specs
@@ -98,7 +124,8 @@ def _run_fit(args) -> int:
     config = FitConfig(stage=args.stage, batch_size=args.batch_size, modules=modules,
                        split_heads=not args.no_split_heads, label_mode=args.labels, seed=args.seed,
                        storage_dtype=args.dtype, checkpoint_every=args.checkpoint_every)
-    factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision)
+    factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision,
+                        show_progress=show_progress(args.json))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -141,6 +168,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--space", action="store_true",
                    help="afterwards, serve the Gradio Space on the demo's fact world on 127.0.0.1 until Ctrl-C")
     p.add_argument("--port", type=fixed_port_number, help="port of the Space (default: the first free one from 7860)")
+    _add_threads(p)
 
 
 def _run_demo(args) -> int:
@@ -148,6 +176,7 @@ def _run_demo(args) -> int:
     from hub_msif.toy.demo import local_hub_environment  # light: must run before huggingface_hub is imported
 
     local_hub_environment(args.cache)
+    use_threads(args.threads)
     from hub_msif.toy.demo import run
 
     run(args.cache, top=args.top, publish=not args.no_publish)
@@ -168,9 +197,15 @@ def _add_attribute(sub) -> None:
         "Retrieve candidate documents for a prompt and answer from an index and rank them by multi-stage influence "
         "(or a baseline). Positive scores support the answer; relative scores divide by the largest |score|."))
     p.add_argument("--factors", required=True, type=non_empty, help="pair factor folder (both stages) or Hub REPO[@REV]")
-    p.add_argument("--index", required=True, type=non_empty,
-                   help="document index folder (hub-msif index build) or Hub REPO[@REV]")
-    p.add_argument("--prompt", required=True, type=non_empty, help="the question or prompt")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--index", type=non_empty, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
+    where.add_argument("--documents", type=non_empty, metavar="FILE.jsonl",
+                       help="score exactly these candidates instead of retrieving them: JSON Lines with id and text")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", type=non_empty, help="the question or prompt")
+    what.add_argument("--queries", type=non_empty, metavar="FILE.jsonl",
+                      help="many queries in one run: JSON Lines with prompt and optional answer and id; "
+                           "prints JSON Lines, one object per query, in file order")
     p.add_argument("--answer", type=non_empty, help="the answer to attribute (default: the fine-tuned model's greedy answer)")
     p.add_argument("--pretrained", type=non_empty, help="pre-trained model id or folder (default: the one the factors record)")
     p.add_argument("--finetuned", type=non_empty, help="fine-tuned model id or folder (default: the one the factors record)")
@@ -185,22 +220,38 @@ def _add_attribute(sub) -> None:
                    help="warn instead of failing when a model's revision differs from the factors'")
     p.add_argument("--token", type=non_empty, help="Hugging Face token for private factor or index repos (default: HF_TOKEN)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_threads(p)
 
 
 def _run_attribute(args) -> int:
+    from hub_msif.apps.inputs import read_documents, read_queries
+
+    if args.answer is not None and args.queries is not None:
+        raise MsifValueError("--answer goes with --prompt; with --queries, give each query's answer in the file")
+    queries = read_queries(args.queries) if args.queries is not None else None
+    documents = read_documents(args.documents) if args.documents is not None else None
+    if args.index is not None:
+        check_location(args.index, "index folder")
     check_location(args.factors, "factor folder")
-    check_location(args.index, "index folder")
     check_model(args.pretrained)  # loaded only after the index and both stages' factors
     check_model(args.finetuned)
+    use_threads(args.threads)
     from hub_msif.attribution.attributor import Attributor
     from hub_msif.attribution.retrieval import DocumentIndex
 
-    index = DocumentIndex.load(args.index, token=args.token)
+    index = DocumentIndex.load(args.index, token=args.token) if args.index is not None else None
     attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch,
                             token=args.token, index=index)
-    result = attributor.attribute(args.prompt, args.answer, candidates=args.candidates, top=args.top,
-                                  method=args.method, damping=args.damping, relative=not args.absolute_damping,
-                                  show_progress=not args.json)
+    settings = {"candidates": args.candidates, "top": args.top, "method": args.method, "damping": args.damping,
+                "relative": not args.absolute_damping}
+    if queries is not None:
+        results = attributor.attribute_many([(q.prompt, q.answer) for q in queries], documents, **settings,
+                                            show_progress=show_progress())
+        lines = [json_line({"id": q.id, **r.to_json()}) for q, r in zip(queries, results, strict=True)]
+        print("\n".join(lines), flush=True)  # all checked first: no half-written output on a refusal
+        return 0
+    result = attributor.attribute(args.prompt, args.answer, documents=documents, **settings,
+                                  show_progress=show_progress(args.json))
     if args.json:
         print_json(result.to_json())
         return 0
@@ -214,6 +265,8 @@ def _run_attribute(args) -> int:
         snippet = row.text if len(row.text) <= 80 else row.text[:77] + "..."
         print(f"{row.rank:>4} {row.score:>11.4g} {row.relative_score:>+6.2f} {split}  [{printable(row.id)}] "
               f"{printable(snippet)}")
+    print(f"score: {result.method} influence of the document on the answer (positive: supports it); "
+          f"rel: score / the largest |score| of the {result.num_candidates} candidates")
     return 0
 
 
@@ -238,10 +291,12 @@ def _add_index(sub) -> None:
     b.add_argument("--batch-size", type=positive_int, default=64, help="documents per embedding batch (default 64)")
     b.add_argument("--out", required=True, type=non_empty, help="index folder to write")
     b.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_threads(b)
 
 
 def _run_index(args) -> int:
     check_target_folder(args.out, "--out")  # found out only after embedding the corpus, otherwise
+    use_threads(args.threads)
     import time
 
     from hub_msif.attribution.retrieval import build_index
@@ -251,7 +306,8 @@ def _run_index(args) -> int:
     spec = CorpusSpec(data=args.data[0] if len(args.data) == 1 else args.data, split=args.split,
                       revision=args.data_revision, text_column=args.text_column)
     index = build_index(spec, embedding_model=args.embedding_model, index_type=args.index_type, out=args.out,
-                        id_column=args.id_column, batch_size=args.batch_size, show_progress=True)
+                        id_column=args.id_column, batch_size=args.batch_size,
+                        show_progress=show_progress(args.json))
     meta = index.metadata
     summary = {"out": str(args.out), "num_documents": meta["num_documents"], "dimension": meta["dimension"],
                "embedding_model": meta["embedding_model"], "index_type": meta["index_type"],
@@ -282,6 +338,14 @@ def _add_push(sub) -> None:
                        help="license in the card's metadata (default apache-2.0)")
         q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
         q.add_argument("--json", action="store_true", help="print a JSON summary")
+        if kind == "factors":
+            q.add_argument("--model-name", action="append", default=[], type=stage_model_name, metavar="STAGE=NAME",
+                           help="what the card calls a stage's model when it is a local folder (repeatable; default: "
+                                "the folder's name and its weights' short sha256, never its path)")
+        else:
+            q.add_argument("--model-name", type=model_name, metavar="NAME",
+                           help="what the card calls the embedding model when it is a local folder (default: the "
+                                "folder's name and its weights' short sha256, never its path)")
     _add_push_space(psub)
 
 
@@ -329,9 +393,17 @@ def _run_push(args) -> int:
     check_existing_folder(args.folder, "factor folder" if args.artifact == "factors" else "index folder")
     from hub_msif.hub import push_factors, push_index
 
-    push = push_factors if args.artifact == "factors" else push_index
+    if args.artifact == "factors":
+        names = {}
+        for stage, name in args.model_name:
+            if stage in names:
+                raise MsifValueError(f"--model-name {stage}= is given twice")
+            names[stage] = name
+        push, naming = push_factors, {"model_names": names or None}
+    else:
+        push, naming = push_index, {"model_name": args.model_name}
     pushed = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
-                  commit_message=args.message, license=args.license)
+                  commit_message=args.message, license=args.license, **naming)
     commit, tag = pushed
     summary = {"repo": args.repo, "tag": tag, "commit": commit, "location": f"{args.repo}@{tag}",
                "created": pushed.created}
@@ -487,6 +559,7 @@ RUNNERS["hub"] = _run_hub
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = os.environ.get("HUB_MSIF_DEBUG", "") not in ("", "0")
     if threading.current_thread() is threading.main_thread():

@@ -43,3 +43,51 @@ def print_json(value) -> None:
             raise
         raise MsifValueError(f"not printed as JSON: it holds a non-finite number ({where})") from err
     print(text)
+
+
+def json_line(value) -> str:
+    """One strict JSON document on one line (JSON Lines), refused like ``print_json`` when it holds
+    a non-finite number."""
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except ValueError as err:
+        where = non_finite(value)
+        if where is None:
+            raise
+        raise MsifValueError(f"not printed as JSON: it holds a non-finite number ({where})") from err
+
+
+# Libraries' own progress bars (downloads and LFS uploads, split generation, weight loading,
+# embedding batches) are never shown: a command shows at most one bar per long phase of its own,
+# and only on a terminal (docs/design.md, "Command line").
+_QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_libraries() -> None:
+    """Silences the progress bars of huggingface_hub, datasets and transformers: through their
+    environment variables for what is imported later (and for child processes), through their
+    switches for what is imported already. A variable the user set is kept."""
+    import os
+    import sys
+
+    for name, value in _QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def show_progress(as_json: bool = False) -> bool:
+    """Whether a command shows its own progress bars: only on a terminal, and never under ``--json``."""
+    import sys
+
+    return not as_json and sys.stderr.isatty()

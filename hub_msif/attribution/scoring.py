@@ -133,7 +133,7 @@ def score_candidates(
     dtype = compute_dtype(model)
     w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
     num_queries = next(iter(w.values())).shape[0]
-    w_flat = {name: wq.reshape(num_queries, -1) for name, wq in w.items()}  # [Q, d_out * d_in]
+    w_flat = {name: wq.reshape(num_queries, -1).double() for name, wq in w.items()}  # [Q, d_out * d_in]
     # Preallocated outputs, filled batch by batch: many small score tensors kept alive between the
     # large transient per-batch gradients fragment the CPU heap, and RSS then grew with C.
     per_module = {name: torch.zeros(len(candidates), num_queries, dtype=dtype, device=device) for name in by_name}
@@ -149,8 +149,10 @@ def score_candidates(
         for start in range(0, a.shape[0], chunk):
             grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
             rows = slice(batch_start + start, batch_start + start + grad.shape[0])
-            # One matrix product: einsum("boi,qoi->bq") took 9x (Q=32) to 40x (Q=1) longer on CPU.
-            out[rows] += grad.reshape(grad.shape[0], -1) @ wq_flat.T  # += : a module used twice adds up
+            # One matrix product: einsum("boi,qoi->bq") took 9x (Q=32) to 40x (Q=1) longer on CPU. In float64:
+            # a float32 sum over d_out * d_in terms moved by ~1e-6 of the scale with the batch's shape
+            # (candidates per batch, queries per pass), so one query alone and many together disagreed.
+            out[rows] += (grad.reshape(grad.shape[0], -1).double() @ wq_flat.T).to(out.dtype)  # += : module used twice
         if token_shares:
             share = torch.einsum("bto,qoi,bti->btq", g, wq, a)
             batch_tokens[spec.name] = share

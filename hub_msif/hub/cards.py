@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hub_msif import __version__
 from hub_msif.artifacts.manifest import DOCUMENTS_NAME, MODULE_CHOICES, STAGES
-from hub_msif.errors import HubError
+from hub_msif.errors import HubError, MsifValueError
 from hub_msif.models import is_commit_sha
 
 CARD_NAME = "README.md"
@@ -58,6 +58,73 @@ def _data_text(data: dict) -> str:
 def _looks_local(source) -> bool:
     items = source if isinstance(source, list) else [source]
     return any(isinstance(s, str) and (s.startswith(("/", ".")) or Path(s).suffix) for s in items)
+
+
+# --- public names: a card never shows a path of the machine that pushed it (docs/design.md, "Hub artifacts")
+
+
+def is_local_model(model: dict) -> bool:
+    """Whether a recorded model (``{"id", "revision"}``) was loaded from a local folder named by
+    its path (``hub_msif.models`` records a folder by its resolved path and the ``sha256:`` of its
+    weights; a bundled copy of a Hub model keeps its Hub id)."""
+    return _is_path(str(model.get("id") or ""))
+
+
+def _is_path(text: str) -> bool:
+    return text.startswith(("/", "~", ".", "\\")) or (len(text) > 2 and text[1] == ":" and text[2] in "/\\")
+
+
+def check_model_name(name: str) -> str:
+    """A name given for a local model (``--model-name``): printable, one line, and not a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise MsifValueError("a model name must not be empty")
+    if any(not c.isprintable() for c in name):
+        raise MsifValueError(f"the model name {name!r} holds control characters")
+    if _is_path(name) or "\\" in name:
+        raise MsifValueError(f"the model name {name!r} is a path; give a name to show on the card instead "
+                             "(say, the model's name on the Hub, or what you call it)")
+    if len(name) > 200:
+        raise MsifValueError(f"the model name is {len(name)} characters long, more than 200")
+    return name
+
+
+def model_name(model: dict, given: str | None = None) -> str:
+    """What a card calls a model: ``given`` (``--model-name``), else a Hub model's id, else for a
+    local folder its last component and the short sha256 of its weights (``finetuned (sha256:30ba2051f116)``)."""
+    ident = str(model.get("id") or "")
+    if not is_local_model(model):
+        if given is not None and given != ident:
+            raise MsifValueError(f"the model {ident} is a Hub model: its card names it by its id, not {given!r}")
+        return ident
+    if given is not None:
+        return check_model_name(given)
+    revision = str(model.get("revision") or "")
+    last = Path(ident.replace("\\", "/").rstrip("/")).name or "local model"
+    return f"{last} (sha256:{revision[7:19]})" if revision.startswith("sha256:") else last
+
+
+def public_source(source):
+    """A data source as a card shows it: Hub ids unchanged, local files and folders by their last
+    component only (the sha256 fingerprint next to it identifies the content)."""
+    if isinstance(source, (list, tuple)):
+        return [public_source(s) for s in source]
+    if isinstance(source, str) and _is_path(source):
+        return Path(source.replace("\\", "/").rstrip("/")).name or source
+    return source
+
+
+def public_stage(info: dict, name: str | None = None) -> dict:
+    """A stage's manifest entry with the model named (``model_name``) and local data paths cut to
+    their last component: what the card (metadata, tables, fit commands) is rendered from."""
+    info = dict(info)
+    model = dict(info.get("model") or {})
+    model["id"] = model_name(model, name)
+    info["model"] = model
+    data = dict(info.get("data") or {})
+    if "data" in data:
+        data["data"] = public_source(data["data"])
+    info["data"] = data
+    return info
 
 
 def fit_command(stage: str, info: dict, dtype: str = "float32") -> str:
@@ -102,13 +169,18 @@ def fit_command(stage: str, info: dict, dtype: str = "float32") -> str:
     return command
 
 
-def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], license: str = DEFAULT_LICENSE):
-    """The ``DatasetCard`` of a factor artifact: YAML metadata plus the body of ``model_cards/factors.md``."""
+def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], license: str = DEFAULT_LICENSE,
+                 model_names: dict[str, str] | None = None):
+    """The ``DatasetCard`` of a factor artifact: YAML metadata plus the body of ``model_cards/factors.md``.
+    ``model_names`` (``{stage: name}``) names local models (see ``model_name``)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
+    unknown = sorted(set(model_names or {}) - set(STAGES))
+    if unknown:
+        raise MsifValueError(f"model names are given per stage ({', '.join(STAGES)}), not for {', '.join(unknown)}")
     stages = []
     for name in STAGES:
-        info = manifest["stages"][name]
+        info = public_stage(manifest["stages"][name], (model_names or {}).get(name))
         fit, data = info.get("fit", {}), info.get("data", {})
         dtype = info["modules"][0].get("dtype", "float32") if info["modules"] else "float32"
         stages.append({
@@ -138,7 +210,7 @@ def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], 
     }
     card_data = DatasetCardData(
         license=license,
-        pretty_name=f"hub_msif EK-FAC factors for {manifest['stages']['finetuned']['model']['id']}",
+        pretty_name=f"hub_msif EK-FAC factors for {stages[1]['model']['id']}",
         tags=list(FACTOR_TAGS),
         hub_msif=meta,
     )
@@ -158,11 +230,18 @@ def _size_category(n: int) -> str:
     return "n>1B"
 
 
-def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], license: str = DEFAULT_LICENSE):
-    """The ``DatasetCard`` of an index artifact; its ``configs`` make ``load_dataset(repo_id)`` read the documents."""
+def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], license: str = DEFAULT_LICENSE,
+               model_name_given: str | None = None):
+    """The ``DatasetCard`` of an index artifact; its ``configs`` make ``load_dataset(repo_id)`` read the documents.
+    ``model_name_given`` names a local embedding model (see ``model_name``)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     corpus = dict(manifest.get("corpus") or {})
+    if "data" in corpus:
+        corpus["data"] = public_source(corpus["data"])
+    embedding = manifest.get("embedding_model")
+    if isinstance(embedding, dict):
+        embedding = {**embedding, "id": model_name(embedding, model_name_given)}
     source = corpus.get("data")
     corpus_text = (", ".join(map(str, source)) if isinstance(source, list) else str(source)) if source else "documents"
     size = sum(sizes.values())
@@ -171,7 +250,7 @@ def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], li
         "format_version": manifest.get("format_version"),
         "library_version": manifest.get("library_version") or __version__,
         "pushed_with": __version__,
-        "embedding_model": manifest.get("embedding_model"),
+        "embedding_model": embedding,
         "dimension": manifest.get("dimension"),
         "metric": manifest.get("metric"),
         "normalised": manifest.get("normalised"),

@@ -260,7 +260,7 @@ def _same_manifest(api, repo_id: str, revision: str, manifest_name: str, local: 
         return False
 def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, private: bool = False,
                  token: str | None = None, commit_message: str | None = None,
-                 license: str = DEFAULT_LICENSE) -> Pushed:
+                 license: str = DEFAULT_LICENSE, model_names: dict[str, str] | None = None) -> Pushed:
     """Publishes a pair factor folder as one commit to the dataset repo ``repo_id``, then tags it.
 
     The folder is checked first (manifest, both stages over the same modules, every file's
@@ -268,29 +268,33 @@ def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, priva
     card rendered from ``model_cards/factors.md``. The repo is created when missing. ``tag``
     defaults to the next ``vN``; a tag that exists is refused before anything is uploaded.
     Pushing a folder identical to the latest version returns that version. Returns
-    ``(commit sha, tag)``.
+    ``(commit sha, tag)``. ``model_names`` (``{stage: name}``) is what the card calls local model
+    folders (default: the folder's name and its weights' short sha256; never its path).
     """
     folder = Path(folder)
     manifest = read_manifest(folder, FACTORS)
     check_stage_pair(manifest)
+    factors_card(manifest, repo_id, "v1", {}, license, model_names)  # bad names refused before any upload
     files = factor_files(manifest)
 
     def render(repo, version, sizes):
-        return factors_card(manifest, repo, version, sizes, license)
+        return factors_card(manifest, repo, version, sizes, license, model_names)
 
     return _push(folder, repo_id, FACTORS.manifest_name, files, render, "factors", tag, private, token, commit_message)
 
 
 def push_index(folder: str | Path, repo_id: str, tag: str | None = None, private: bool = False,
                token: str | None = None, commit_message: str | None = None,
-               license: str = DEFAULT_LICENSE) -> Pushed:
+               license: str = DEFAULT_LICENSE, model_name: str | None = None) -> Pushed:
     """Publishes an index folder like ``push_factors``; its card makes the documents loadable with
-    ``datasets.load_dataset(repo_id)``. Returns ``(commit sha, tag)``."""
+    ``datasets.load_dataset(repo_id)``. ``model_name`` names a local embedding model on the card.
+    Returns ``(commit sha, tag)``."""
     folder = Path(folder)
     manifest = read_manifest(folder, INDEX)
+    index_card(manifest, repo_id, "v1", {}, license, model_name)  # a bad name is refused before any upload
     files = index_files(manifest)
 
     def render(repo, version, sizes):
-        return index_card(manifest, repo, version, sizes, license)
+        return index_card(manifest, repo, version, sizes, license, model_name)
 
     return _push(folder, repo_id, INDEX.manifest_name, files, render, "index", tag, private, token, commit_message)

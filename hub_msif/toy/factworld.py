@@ -185,7 +185,7 @@ def _train(model, tokenizer, sequences: list[dict], steps: int, lr: float, batch
     model.train()
     pad = pad_token_id(tokenizer)
     batches = _batches(rng, list(range(len(sequences))), min(batch_size, len(sequences)))
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):  # None: shown on a terminal only
         indices = next(batches)
         batch = collate([sequences[i] for i in indices], indices, pad)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

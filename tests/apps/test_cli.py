@@ -198,7 +198,8 @@ def test_control_characters_in_printed_text_are_escaped(fake_work, tmp_path, cap
     assert status == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert len(lines) == 5, out  # prompt, answer, method, header, one row
+    assert len(lines) == 6, out  # prompt, answer, method, header, one row, the legend of score and rel
+    assert lines[5].startswith("score: ms-if influence of the document on the answer")
     assert lines[0] == "prompt: why\\x1b]0;title\\x07 ?\\u2028second"
     assert lines[1] == "answer: a\\nb"
     assert lines[4].endswith("[doc-7] \\x1b[31mred\\x1b[0m and\\nforged row\\r\\u202eright to left\\x00 end\ttab")

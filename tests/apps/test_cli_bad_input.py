@@ -101,8 +101,11 @@ CASES = [
     ("index-empty-text-column", ["index", "build", "--data", "d.jsonl", "--out", "{tmp}/i", "--text-column", ""],
      "argument --text-column: must not be empty"),
     # attribute ({index} is valid; {dir} passes the location check but holds no factors)
-    ("attribute-no-args", "attribute", "required: --factors, --index, --prompt"),
-    ("attribute-no-prompt", "attribute --factors {dir} --index {index}", "required: --prompt"),
+    ("attribute-no-args", "attribute", "required: --factors"),
+    ("attribute-no-prompt", "attribute --factors {dir} --index {index}",
+     "one of the arguments --prompt --queries is required"),
+    ("attribute-no-index", "attribute --factors {dir} --prompt hi",
+     "one of the arguments --index --documents is required"),
     ("attribute-top-0", "attribute --factors {dir} --index {index} --prompt hi --top 0",
      "argument --top: must be at least 1, got 0"),
     ("attribute-top-negative", "attribute --factors {dir} --index {index} --prompt hi --top -1",
@@ -150,6 +153,90 @@ CASES = [
      "model folder {file} is a file"),
     ("attribute-empty-token", ["attribute", "--factors", "{dir}", "--index", "{index}", "--prompt", "hi",
                                "--token", ""], "argument --token: must not be empty"),
+    # attribute --queries / --documents / --threads: files checked whole, before any model loads
+    ("attribute-threads-0", "attribute --factors {dir} --index {index} --prompt hi --threads 0",
+     "argument --threads: must be at least 1, got 0"),
+    ("attribute-threads-negative", "attribute --factors {dir} --index {index} --prompt hi --threads -4",
+     "argument --threads: must be at least 1, got -4"),
+    ("attribute-threads-text", "attribute --factors {dir} --index {index} --prompt hi --threads all",
+     "argument --threads: must be a whole number, got 'all'"),
+    ("attribute-prompt-and-queries", "attribute --factors {dir} --index {index} --prompt hi --queries {jsonl[good]}",
+     "argument --queries: not allowed with argument --prompt"),
+    ("attribute-index-and-documents", "attribute --factors {dir} --index {index} --documents {jsonl[docs]} --prompt hi",
+     "argument --documents: not allowed with argument --index"),
+    ("attribute-answer-with-queries", "attribute --factors {dir} --index {index} --queries {jsonl[good]} --answer a",
+     "--answer goes with --prompt"),
+    ("queries-missing-file", "attribute --factors {dir} --index {index} --queries {tmp}/nope.jsonl",
+     "queries file {tmp}/nope.jsonl does not exist"),
+    ("queries-folder", "attribute --factors {dir} --index {index} --queries {dir}", "queries file {dir} is not a file"),
+    ("queries-empty-file", "attribute --factors {dir} --index {index} --queries {jsonl[empty]}",
+     "queries file {jsonl[empty]} is empty: no queries in it"),
+    ("queries-blank-lines-only", "attribute --factors {dir} --index {index} --queries {jsonl[blank]}",
+     "queries file {jsonl[blank]} is empty"),
+    ("queries-bad-json-line", "attribute --factors {dir} --index {index} --queries {jsonl[bad_json]}",
+     "{jsonl[bad_json]} line 2: not valid JSON"),
+    ("queries-nan", "attribute --factors {dir} --index {index} --queries {jsonl[nan]}",
+     "{jsonl[nan]} line 1: not valid JSON (NaN is not a JSON number)"),
+    ("queries-not-an-object", "attribute --factors {dir} --index {index} --queries {jsonl[list]}",
+     "{jsonl[list]} line 1: expected a JSON object with prompt, answer, id, got list"),
+    ("queries-missing-prompt", "attribute --factors {dir} --index {index} --queries {jsonl[no_prompt]}",
+     "{jsonl[no_prompt]} line 3: no 'prompt' field"),
+    ("queries-blank-prompt", "attribute --factors {dir} --index {index} --queries {jsonl[blank_prompt]}",
+     "{jsonl[blank_prompt]} line 1: 'prompt' is empty"),
+    ("queries-prompt-not-text", "attribute --factors {dir} --index {index} --queries {jsonl[prompt_number]}",
+     "{jsonl[prompt_number]} line 1: 'prompt' must be a string, got int"),
+    ("queries-empty-answer", "attribute --factors {dir} --index {index} --queries {jsonl[empty_answer]}",
+     "{jsonl[empty_answer]} line 1: 'answer' is empty"),
+    ("queries-misspelt-field", "attribute --factors {dir} --index {index} --queries {jsonl[typo]}",
+     "{jsonl[typo]} line 1: unknown field 'anwser' (fields: prompt, answer, id)"),
+    ("queries-bad-id", "attribute --factors {dir} --index {index} --queries {jsonl[bad_id]}",
+     "{jsonl[bad_id]} line 1: 'id' must be a string or a whole number, got list"),
+    ("queries-bool-id", "attribute --factors {dir} --index {index} --queries {jsonl[bool_id]}",
+     "{jsonl[bool_id]} line 1: 'id' must be a string or a whole number, got bool"),
+    ("queries-empty-id", "attribute --factors {dir} --index {index} --queries {jsonl[empty_id]}",
+     "{jsonl[empty_id]} line 1: 'id' is empty"),
+    ("queries-repeated-id", "attribute --factors {dir} --index {index} --queries {jsonl[repeated_id]}",
+     "{jsonl[repeated_id]} line 2: id 'q1' is already used on line 1"),
+    ("queries-default-id-taken", "attribute --factors {dir} --index {index} --queries {jsonl[default_id_taken]}",
+     "{jsonl[default_id_taken]} line 2: has no id, and its default (the line number 2) is the id of line 1"),
+    ("queries-not-utf8", "attribute --factors {dir} --index {index} --queries {jsonl[latin1]}",
+     "{jsonl[latin1]} line 2: not UTF-8 text"),
+    ("documents-empty-file", "attribute --factors {dir} --documents {jsonl[empty]} --prompt hi",
+     "documents file {jsonl[empty]} is empty: no documents in it"),
+    ("documents-missing-id", "attribute --factors {dir} --documents {jsonl[doc_no_id]} --prompt hi",
+     "{jsonl[doc_no_id]} line 2: no 'id' field"),
+    ("documents-missing-text", "attribute --factors {dir} --documents {jsonl[doc_no_text]} --prompt hi",
+     "{jsonl[doc_no_text]} line 1: no 'text' field"),
+    ("documents-blank-text", "attribute --factors {dir} --documents {jsonl[doc_blank_text]} --prompt hi",
+     "{jsonl[doc_blank_text]} line 1: 'text' is empty"),
+    ("documents-repeated-id", "attribute --factors {dir} --documents {jsonl[doc_repeated_id]} --prompt hi",
+     "{jsonl[doc_repeated_id]} line 2: id '7' is already used on line 1"),
+    ("documents-bad-json-line", "attribute --factors {dir} --documents {jsonl[doc_bad_json]} --queries {jsonl[good]}",
+     "{jsonl[doc_bad_json]} line 2: not valid JSON"),
+    ("documents-unknown-field", "attribute --factors {dir} --documents {jsonl[good]} --prompt hi",
+     "{jsonl[good]} line 1: unknown field 'prompt' (fields: id, text)"),
+    ("queries-with-missing-factors", "attribute --factors {tmp}/nope --index {index} --queries {jsonl[good]}",
+     "factor folder {tmp}/nope does not exist"),
+    # --threads on the other heavy commands
+    ("fit-threads-0", "fit --model {tmp}/m --stage pretrained --data d.jsonl --out {tmp}/o --threads 0",
+     "argument --threads: must be at least 1, got 0"),
+    ("index-threads-0", "index build --data d.jsonl --out {tmp}/i --threads 0", "argument --threads: must be at least 1"),
+    ("demo-threads-0", "demo --cache {tmp}/c --threads 0", "argument --threads: must be at least 1, got 0"),
+    # push --model-name (what a card calls a local model)
+    ("push-model-name-path", "push factors {dir} --repo alice/x --model-name pretrained=/home/me/model",
+     "the model name '/home/me/model' is a path"),
+    ("push-model-name-relative-path", "push index {index} --repo alice/x --model-name ./models/enc",
+     "the model name './models/enc' is a path"),
+    ("push-model-name-no-stage", "push factors {dir} --repo alice/x --model-name acme/base",
+     "must look like pretrained=NAME or finetuned=NAME"),
+    ("push-model-name-bad-stage", "push factors {dir} --repo alice/x --model-name middle=acme/base",
+     "must look like pretrained=NAME or finetuned=NAME"),
+    ("push-model-name-empty", ["push", "factors", "{dir}", "--repo", "alice/x", "--model-name", "finetuned="],
+     "a model name must not be empty"),
+    ("push-model-name-twice", "push factors {dir} --repo alice/x --model-name finetuned=a --model-name finetuned=b",
+     "--model-name finetuned= is given twice"),
+    ("push-model-name-for-a-hub-embedding-model", "push index {index} --repo alice/cli-hub-model-name --model-name enc",
+     "is a Hub model: its card names it by its id"),
     # push ({index} is a valid index folder: refusals must come before anything is uploaded)
     ("push-no-artifact", "push", "required: ARTIFACT"),
     ("push-bad-artifact", "push model {index} --repo alice/x", "invalid choice: 'model'"),
@@ -291,8 +378,42 @@ def _places(tmp_path: Path, small_index: Path, busy_port: int) -> dict:
     broken = tmp_path / "broken-root"
     broken.mkdir()
     (broken / "tokens.json").write_text("{not json")
+    files = tmp_path / "jsonl"
+    files.mkdir()
+    jsonl = {}
+    for name, content in JSONL_FILES.items():
+        jsonl[name] = files / f"{name}.jsonl"
+        jsonl[name].write_bytes(content if isinstance(content, bytes) else content.encode())
     return {"tmp": tmp_path, "file": tmp_path / "a-file", "dir": tmp_path / "empty", "index": small_index,
-            "port": busy_port, "broken_root": broken}
+            "port": busy_port, "broken_root": broken, "jsonl": jsonl}
+
+
+# Query and document files of the --queries / --documents cases ({jsonl[name]}).
+JSONL_FILES = {
+    "good": '{"prompt": "where was kili born ?", "id": "q1"}\n',
+    "docs": '{"id": "d1", "text": "kili was born in quito ."}\n',
+    "empty": "",
+    "blank": "\n   \n\t\n",
+    "bad_json": '{"prompt": "a"}\n{"prompt": "b",}\n',
+    "nan": '{"prompt": "a", "id": NaN}\n',
+    "list": '["where was kili born ?"]\n',
+    "no_prompt": '{"prompt": "a"}\n\n{"answer": "quito"}\n',
+    "blank_prompt": '{"prompt": "  "}\n',
+    "prompt_number": '{"prompt": 3}\n',
+    "empty_answer": '{"prompt": "a", "answer": ""}\n',
+    "typo": '{"prompt": "a", "anwser": "quito"}\n',
+    "bad_id": '{"prompt": "a", "id": ["q"]}\n',
+    "bool_id": '{"prompt": "a", "id": true}\n',
+    "empty_id": '{"prompt": "a", "id": ""}\n',
+    "repeated_id": '{"prompt": "a", "id": "q1"}\n{"prompt": "b", "id": "q1"}\n',
+    "default_id_taken": '{"prompt": "a", "id": 2}\n{"prompt": "b"}\n',
+    "latin1": '{"prompt": "a"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"),
+    "doc_bad_json": '{"id": "d1", "text": "a"}\n{"id": "d2", "text": "b"\n',
+    "doc_no_id": '{"id": "d1", "text": "a"}\n{"text": "b"}\n',
+    "doc_no_text": '{"id": "d1"}\n',
+    "doc_blank_text": '{"id": "d1", "text": ""}\n',
+    "doc_repeated_id": '{"id": 7, "text": "a"}\n{"id": "7", "text": "b"}\n',
+}
 
 
 def _assert_one_error_line(err: str, expected: str) -> None:
@@ -334,7 +455,8 @@ def test_bad_input_is_refused_in_one_line_before_any_work(case, args, expected, 
 
 
 def test_the_table_covers_every_command():
-    covered = {tuple(_fill(args, dict.fromkeys(["tmp", "file", "dir", "index", "port", "broken_root"], "x"))[:2])
+    placeholders = dict.fromkeys(["tmp", "file", "dir", "index", "port", "broken_root"], "x")
+    covered = {tuple(_fill(args, {**placeholders, "jsonl": dict.fromkeys(JSONL_FILES, "x")})[:2])
                for _, args, _ in CASES}
     commands = {("fit",), ("demo",), ("index", "build"), ("attribute",), ("push", "factors"), ("push", "index"),
                 ("pull", "factors"), ("pull", "index"), ("find-factors",), ("hub", "serve")}
@@ -345,7 +467,8 @@ def test_the_table_covers_every_command():
 # --- the same as real processes: the exit status and stderr a shell sees ---------------------------
 
 SUBPROCESS_CASES = ["attribute-top-0", "attribute-damping-nan", "attribute-blank-prompt", "serve-port-too-big",
-                    "serve-root-is-a-file", "demo-cache-is-a-file", "push-repo-without-namespace", "no-command"]
+                    "serve-root-is-a-file", "demo-cache-is-a-file", "push-repo-without-namespace", "no-command",
+                    "queries-bad-json-line", "queries-missing-prompt", "attribute-threads-0"]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)

@@ -194,6 +194,8 @@ def test_cards_carry_the_metadata_and_the_documents_load_with_datasets(published
                                                                       monkeypatch):
     from huggingface_hub import DatasetCard
 
+    from hub_msif.hub.cards import model_name, public_source
+
     card = DatasetCard.load(FACTORS_REPO)  # main = v2
     data = card.data.to_dict()
     manifest = read_manifest(artifacts.factors["v2"])
@@ -202,9 +204,10 @@ def test_cards_carry_the_metadata_and_the_documents_load_with_datasets(published
     meta = data["hub_msif"]
     for stage in ("pretrained", "finetuned"):
         recorded = manifest["stages"][stage]
-        assert meta[stage]["model"] == {"id": recorded["model"]["id"], "revision": recorded["model"]["revision"]}
+        # local folders and files: named without their path (tests/apps/test_cli_cards.py)
+        assert meta[stage]["model"] == {"id": model_name(recorded["model"]), "revision": recorded["model"]["revision"]}
         assert meta[stage]["num_sequences"] == recorded["fit"]["num_sequences"]
-        assert meta[stage]["data"]["data"] == recorded["data"]["data"]
+        assert meta[stage]["data"]["data"] == public_source(recorded["data"]["data"])
         assert meta[stage]["seed"] == 1
     assert [m["name"] for m in meta["modules"]] == [m["name"] for m in manifest["stages"]["pretrained"]["modules"]]
     assert {m["role"] for m in meta["modules"]} == {"mlp", "attn_qkv", "attn_out"}

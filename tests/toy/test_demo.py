@@ -8,7 +8,15 @@ def test_demo_answers_the_examples_and_marks_true_proponents(fact_world):
     results = demo.run(fact_world["factors"].parent, top=5, publish=False, echo=lines.append)
     text = "\n".join(lines)
     assert len(results) == 3 and text.count("\nQ: ") == 3
-    assert "fine-tuned model answers" in text and text.rstrip().splitlines()[-1].startswith("done in")
+    assert "fine-tuned model answers" in text and "\ndone in " in text
+    # it ends with the summary table (one row per question) under the legend of score and rel
+    table = text.rstrip().splitlines()[-4:]
+    assert table[0].startswith("question ") and "rank" in table[0] and "rel" in table[0]
+    assert "\nscore: influence of the document on the answer" in text and "\nrel: score / the largest |score|" in text
+    for item, row in zip(results, table[1:]):
+        assert row.startswith(item["query"].prompt)
+        if item["proponent"] is not None:
+            assert row.split()[-3] == str(item["proponent"].rank) and item["proponent"].id in item["query"].proponents
     for item in results:
         query, result = item["query"], item["result"]
         assert result.answer_generated and result.method == "ms-if" and len(result.rows) == 5
