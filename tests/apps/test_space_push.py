@@ -8,6 +8,7 @@ storage) so that the repos pushed once serve every test here.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -214,7 +215,11 @@ def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
                            cwd=space, env=env, capture_output=True, text=True, check=True)
     where, path = probe.stdout.splitlines()[:2]
     assert Path(where).is_relative_to(target), f"hub_msif imported from {where}, not from the wheel"
-    assert str(ROOT) not in path  # the checkout is not on the Space's path
+    # The checkout is not on the Space's path (the test environment's own site-packages may lie
+    # inside it, as .venv does in CI: those entries are the dependencies, not hub_msif).
+    leaks = [entry for entry in ast.literal_eval(path) if entry and Path(entry).resolve().is_relative_to(ROOT)
+             and not Path(entry).resolve().is_relative_to(Path(sys.prefix).resolve())]
+    assert not leaks, f"the checkout is on the Space's path: {leaks}"
 
     log = tmp_path / "space.log"
     with log.open("w") as out:
