@@ -300,7 +300,8 @@ def fit_factors(
     show_progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
     on_reduce: Callable[[int, dict], None] | None = None,
-) -> StageFactors:
+    load_result: bool = True,
+) -> StageFactors | None:
     """Fits one stage's factors on tokenized ``sequences`` and saves them into ``out_dir``.
 
     ``sequences`` is a list of tokenized sequences or a re-iterable stream with ``survey()``
@@ -309,7 +310,8 @@ def fit_factors(
     resuming) goes into the manifest. ``on_checkpoint(step)`` is called after each committed
     checkpoint; ``on_reduce(group, kept)`` after each group's final reduction, with the names of
     the modules whose eigenvalues and Lambda this process still holds (its owned ones).
-    Returns the saved factors.
+    Returns the saved factors, or None with ``load_result=False`` (then no process ever holds
+    more than its own modules: loading every module at the end would cost the artifact's size).
 
     Steps: the K module groups each take ``2 * num_batches`` steps (covariance pass, then Lambda
     pass); checkpoints and ``on_checkpoint`` count steps over the whole fit.
@@ -402,7 +404,7 @@ def fit_factors(
         write_stage_manifest(out_dir, config.stage, entries, stage_info)
     checkpoints.clear()
     dist.barrier()
-    return load_stage(out_dir, config.stage)
+    return load_stage(out_dir, config.stage) if load_result else None
 
 
 class _GroupFitter:
@@ -559,7 +561,8 @@ def fit_stage(
     show_progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
     on_reduce: Callable[[int, dict], None] | None = None,
-) -> StageFactors:
+    load_result: bool = True,
+) -> StageFactors | None:
     """Loads ``model`` (Hub id or folder) and the corpus ``data``, fits, saves into ``out_dir``.
 
     ``corpus`` is a ``CorpusSpec`` for columns, template and lengths (``data`` fills its
@@ -584,4 +587,4 @@ def fit_stage(
     }
     return fit_factors(lm, sequences, out_dir, config, pad_id=pad_token_id(tokenizer), info=info,
                        accelerator=accelerator, show_progress=show_progress, on_checkpoint=on_checkpoint,
-                       on_reduce=on_reduce)
+                       on_reduce=on_reduce, load_result=load_result)
