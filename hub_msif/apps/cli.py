@@ -112,34 +112,44 @@ def _run_fit(args) -> int:
                        module_partitions=args.module_partitions, accumulate_dtype=args.accumulate_dtype,
                        model_dtype=args.model_dtype, samples_per_sequence=args.samples_per_sequence)
     # Not loaded back whole: each process holds only its own modules; the summary reads one at a time.
-    fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision, load_result=False)
+    factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision,
+                        load_result=False)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        _print_summary(Path(args.out), args.stage, args.json)
+        _print_summary(factors if factors is not None else _StageOnDisk(Path(args.out), args.stage), args.out, args.json)
     return 0
 
 
-def _print_summary(out: Path, stage: str, as_json: bool) -> None:
-    from hub_msif.artifacts.manifest import read_manifest
-    from hub_msif.factors.storage import load_module_file
+class _StageOnDisk:
+    """A fitted stage as the fit summary reads it, each module loaded (and dropped) in turn."""
 
-    info = read_manifest(out)["stages"][stage]
-    fit = info["fit"]
-    modules = []
-    for entry in info["modules"]:
-        m = load_module_file(out, entry)
-        modules.append({"name": m.spec.name, "role": m.spec.role, "blocks": m.spec.num_blocks,
-                        "shape": [m.spec.d_out, m.spec.d_in], "mean_lambda": float(m.lam.double().mean())})
+    def __init__(self, folder: Path, stage: str):
+        from hub_msif.artifacts.manifest import read_manifest
+
+        self.folder, self.stage = folder, stage
+        self.info = read_manifest(folder)["stages"][stage]
+        self.modules = self
+
+    def values(self):
+        from hub_msif.factors.storage import load_module_file
+
+        return (load_module_file(self.folder, entry) for entry in self.info["modules"])
+
+
+def _print_summary(factors, out, as_json: bool) -> None:
+    fit = factors.info["fit"]
     summary = {
-        "out": str(out), "stage": stage, "model": info["model"],
+        "out": str(out), "stage": factors.stage, "model": factors.info["model"],
         "num_sequences": fit["num_sequences"], "num_tokens": fit["num_tokens"], "seconds": fit["seconds"],
-        "modules": modules,
+        "modules": [{"name": m.spec.name, "role": m.spec.role, "blocks": m.spec.num_blocks,
+                     "shape": [m.spec.d_out, m.spec.d_in], "mean_lambda": float(m.lam.double().mean())}
+                    for m in factors.modules.values()],
     }
     if as_json:
         print_json(summary)
         return
-    print(f"{stage} factors for {printable(summary['model']['id'])} ({summary['model']['revision'][:19]}) "
+    print(f"{factors.stage} factors for {printable(summary['model']['id'])} ({summary['model']['revision'][:19]}) "
           f"in {printable(out)}")
     print(f"fitted on {summary['num_sequences']} sequences, {summary['num_tokens']} tokens in {summary['seconds']:.1f}s")
     print(f"{'module':<48} {'role':<9} {'blocks':>6} {'d_out x d_in':>13} {'mean Lambda':>12}")
