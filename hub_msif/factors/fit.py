@@ -283,6 +283,13 @@ class _Source:
             yield [], []
 
 
+def _progress_bar(**kwargs):
+    """One tqdm bar per phase (covariance, eigendecomposition, Lambda) of each group."""
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
+
+
 def _lambda_pass_index(sample: int) -> int:
     """Label-sample pass index of the ``sample``-th draw in the Lambda pass (the covariance pass is 0)."""
     return 1 + sample
@@ -420,9 +427,7 @@ class _GroupFitter:
         self.progress = None if show_progress and dist.is_main else True  # tqdm: None = only on a terminal
 
     def _bar(self, **kwargs):
-        from tqdm.auto import tqdm
-
-        return tqdm(disable=self.progress, **kwargs)
+        return _progress_bar(disable=self.progress, **kwargs)
 
     def fit_group(self, g: int, num_groups: int, specs: Sequence[TrackedModule], offset: int, done_steps: int,
                   num_batches: int, state: dict, checkpoint) -> dict[str, LambdaAccumulator]:

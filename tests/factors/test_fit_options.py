@@ -61,3 +61,42 @@ def test_old_manifests_without_the_new_fields_still_load(example, tmp_path):
         del manifest["stages"]["pretrained"]["fit"][key]
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert set(load_stage(out, "pretrained").modules)
+
+
+def test_every_phase_has_its_own_progress_bar(example, tmp_path, monkeypatch):
+    """Covariance, eigendecomposition and Lambda of each group: one bar each, counting to the end;
+    with show_progress they are enabled only on a terminal (tqdm's disable=None)."""
+    from hub_msif.factors import fit as fit_module
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, iterable=None, total=None, initial=0, desc="", disable=False, **kwargs):
+            self.iterable, self.desc, self.disable = iterable, desc, disable
+            self.total = len(iterable) if iterable is not None else total
+            self.n = initial
+            bars.append(self)
+
+        def __iter__(self):
+            for item in self.iterable:
+                yield item
+                self.n += 1
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(fit_module, "_progress_bar", Recorder)
+    model, corpus = example
+    fit_stage(str(model), str(corpus), tmp_path / "factors", FitConfig(batch_size=4, module_partitions=2,
+                                                                       checkpoint_every=0), show_progress=True)
+    fit_bars = list(bars)
+    assert [b.desc for b in fit_bars] == [f"{phase} (group {g}/2)" for g in (1, 2)
+                                          for phase in ("covariance", "eigendecomposition", "Lambda")]
+    assert all(b.n == b.total and b.total > 0 for b in fit_bars)
+    assert all(b.disable is None for b in fit_bars)
+    bars.clear()
+    fit_stage(str(model), str(corpus), tmp_path / "quiet", FitConfig(batch_size=4, checkpoint_every=0), show_progress=False)
+    assert bars and all(b.disable is True for b in bars)
