@@ -329,14 +329,14 @@ def fit_factors(
         raise MsifValueError("no sequences to fit on")
     out_dir = Path(out_dir)
     dist = _Distributed(accelerator)
-    was_training = model.training
-    if config.model_dtype is not None:
-        model.to(MODEL_DTYPES[config.model_dtype])
-    model.eval().to(dist.device)
     tracked = find_modules(model, config.modules, config.split_heads)
     _check_other_stage(out_dir, config.stage, tracked)
     groups = [[t for t in tracked if t.name in set(names)] for names in module_groups(tracked, config.module_partitions)]
     owners = module_owners(tracked, dist.world)
+    was_training = model.training
+    if config.model_dtype is not None:
+        model.to(MODEL_DTYPES[config.model_dtype])  # in place, like the move to the device
+    model.eval().to(dist.device)
 
     num_batches = source.num_batches(dist.world, config.batch_size)  # equal on every rank
     per_group = 2 * num_batches
@@ -364,7 +364,7 @@ def fit_factors(
             for g in range(start_step // per_group, config.module_partitions):
                 offset = g * per_group
 
-                def checkpoint(step: int, tensors: dict, g=g) -> None:
+                def checkpoint(step: int, tensors: dict) -> None:
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and step % per_group:
                         checkpoints.save(step, tensors, done)
                         if on_checkpoint is not None:
