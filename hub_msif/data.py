@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +40,15 @@ class CorpusSpec:
     template: str = DEFAULT_TEMPLATE
     max_length: int = 512
     max_sequences: int | None = None
+    max_tokens: int | None = None
 
     def validate(self) -> None:
         if self.max_length is None or self.max_length < 2:
             raise CorpusError(f"max length must be at least 2 tokens, got {self.max_length}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise CorpusError(f"max sequences must be positive, got {self.max_sequences}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise CorpusError(f"max tokens must be at least 2, got {self.max_tokens}")
         if (self.prompt_column is None) != (self.response_column is None):
             raise CorpusError("give both --prompt-column and --response-column, or neither")
         if self.prompt_column and self.text_column:
@@ -62,7 +65,7 @@ class CorpusSpec:
             "response_column": self.response_column,
             "template": self.template if self.prompt_column else None,
             "max_length": self.max_length, "max_sequences": self.max_sequences,
-        }
+        } | ({"max_tokens": self.max_tokens} if self.max_tokens is not None else {})
 
 
 def _local_files(data: str | Sequence[str]) -> list[Path] | None:
@@ -162,21 +165,23 @@ def report_skipped(skipped: int, total: int, what: str) -> None:
         logger.warning("skipped %d of %d row(s) with empty or missing %s", skipped, total, what)
 
 
-def tokenize_corpus(rows, tokenizer, spec: CorpusSpec, show_progress: bool = False) -> tuple[list[dict], str]:
-    """Tokenized sequences and a sha256 fingerprint over their token ids and labels.
+def iter_sequences(rows, tokenizer, spec: CorpusSpec, show_progress: bool = False) -> Iterator[dict]:
+    """Tokenized sequences of ``rows``, one at a time, as they are consumed (nothing is kept).
 
-    Empty texts are skipped; sequences are truncated to ``spec.max_length`` tokens.
+    Empty texts are skipped (one warning at the end); sequences are truncated to
+    ``spec.max_length`` tokens; shorter than 2 tokens are left out. Stops after
+    ``spec.max_sequences`` sequences, or before the sequence that would take the total number of
+    tokens above ``spec.max_tokens``. Every call iterates ``rows`` again from the start.
     """
     from tqdm.auto import tqdm
 
     spec.validate()
     text_column = _check_columns(rows, spec)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    sequences: list[dict] = []
-    digest = hashlib.sha256()
-    skipped = 0
+    kept = tokens = skipped = 0
+    number = -1
     for number, row in enumerate(tqdm(rows, desc="tokenizing", disable=not show_progress, leave=False)):
-        if spec.max_sequences is not None and len(sequences) >= spec.max_sequences:
+        if spec.max_sequences is not None and kept >= spec.max_sequences:
             break
         if text_column is not None:
             text = row_text(row[text_column], number, text_column)
@@ -197,13 +202,63 @@ def tokenize_corpus(rows, tokenizer, spec: CorpusSpec, show_progress: bool = Fal
             labels = ([-100] * len(prompt_ids) + response_ids)[: spec.max_length]
         if len(ids) < 2:
             continue
-        sequences.append({"input_ids": ids, "labels": labels})
-        digest.update(torch.tensor([len(ids)] + ids + labels, dtype=torch.int64).numpy().tobytes())
-    report_skipped(skipped, number + 1 if sequences or skipped else 0,
+        if spec.max_tokens is not None and tokens + len(ids) > spec.max_tokens:
+            break
+        kept += 1
+        tokens += len(ids)
+        yield {"input_ids": ids, "labels": labels}
+    report_skipped(skipped, number + 1 if kept or skipped else 0,
                    f"text in column {text_column!r}" if text_column else f"response in column {spec.response_column!r}")
+
+
+def sequence_digest(digest, sequence: dict) -> None:
+    """Adds one sequence's length, token ids and labels to a sha256 ``digest`` (the data fingerprint)."""
+    ids = sequence["input_ids"]
+    digest.update(torch.tensor([len(ids)] + ids + sequence["labels"], dtype=torch.int64).numpy().tobytes())
+
+
+def tokenize_corpus(rows, tokenizer, spec: CorpusSpec, show_progress: bool = False) -> tuple[list[dict], str]:
+    """All tokenized sequences in memory and a sha256 fingerprint over their token ids and labels
+    (``iter_sequences`` consumed into a list; fits stream with ``TokenStream`` instead)."""
+    sequences: list[dict] = []
+    digest = hashlib.sha256()
+    for sequence in iter_sequences(rows, tokenizer, spec, show_progress):
+        sequences.append(sequence)
+        sequence_digest(digest, sequence)
     if not sequences:
         raise CorpusError(f"the corpus {spec.data!r} yields no sequence with at least 2 tokens")
     return sequences, digest.hexdigest()
+
+
+class TokenStream:
+    """A corpus tokenized as it is read: iterable any number of times, never held in memory.
+
+    ``survey()`` reads it once (without a model) for the number of sequences and tokens and the
+    same sha256 fingerprint as ``tokenize_corpus``; the result is kept, later calls are free.
+    A fit iterates it once per pass (docs/design.md, "Streaming data").
+    """
+
+    def __init__(self, rows, tokenizer, spec: CorpusSpec):
+        spec.validate()
+        self.rows, self.tokenizer, self.spec = rows, tokenizer, spec
+        self._survey: tuple[int, int, str] | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter_sequences(self.rows, self.tokenizer, self.spec)
+
+    def survey(self, show_progress: bool = False) -> tuple[int, int, str]:
+        """(number of sequences, number of tokens, fingerprint)."""
+        if self._survey is None:
+            digest = hashlib.sha256()
+            count = tokens = 0
+            for sequence in iter_sequences(self.rows, self.tokenizer, self.spec, show_progress):
+                count += 1
+                tokens += len(sequence["input_ids"])
+                sequence_digest(digest, sequence)
+            if not count:
+                raise CorpusError(f"the corpus {self.spec.data!r} yields no sequence with at least 2 tokens")
+            self._survey = count, tokens, digest.hexdigest()
+        return self._survey
 
 
 def collate(sequences: Sequence[dict], indices: Sequence[int], pad_id: int, device=None) -> dict:

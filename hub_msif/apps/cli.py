@@ -100,9 +100,19 @@ def _add_fit(sub) -> None:
     p.add_argument("--labels", default="sampled", choices=["sampled", "empirical"],
                    help="sampled labels (true Fisher = GGN, default) or the data's labels (empirical Fisher)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the label samples, 0 to 2**63-1 (default 0)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype of the factors")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
+                   help="storage dtype of the factors (default float32)")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=50,
                    help="batches between resumable checkpoints (0: none)")
+    p.add_argument("--max-tokens", type=positive_int, help="token budget: stop before the sequence that would exceed it")
+    p.add_argument("--module-partitions", type=positive_int, default=1, metavar="K",
+                   help="fit the modules in K groups (2K passes over the data, about K times less accumulator memory)")
+    p.add_argument("--accumulate-dtype", default="float64", choices=["float64", "float32"],
+                   help="dtype of the covariance and Lambda sums (default float64; eigendecompositions are float64)")
+    p.add_argument("--model-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the model's forward and backward passes (default: as loaded; bfloat16 for GPUs)")
+    p.add_argument("--samples-per-sequence", type=positive_int, default=1, metavar="S",
+                   help="label samples per sequence in the Lambda pass, averaged (default 1)")
     p.add_argument("--out", required=True, type=non_empty, help="factor folder to write (a stage already there is replaced)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_threads(p)
@@ -120,17 +130,37 @@ def _run_fit(args) -> int:
         data=args.data[0] if len(args.data) == 1 else args.data, split=args.split, revision=args.data_revision,
         text_column=args.text_column, prompt_column=args.prompt_column, response_column=args.response_column,
         template=args.template or DEFAULT_TEMPLATE, max_length=args.max_length, max_sequences=args.max_sequences,
+        max_tokens=args.max_tokens,
     )
     config = FitConfig(stage=args.stage, batch_size=args.batch_size, modules=modules,
                        split_heads=not args.no_split_heads, label_mode=args.labels, seed=args.seed,
-                       storage_dtype=args.dtype, checkpoint_every=args.checkpoint_every)
+                       storage_dtype=args.dtype, checkpoint_every=args.checkpoint_every,
+                       module_partitions=args.module_partitions, accumulate_dtype=args.accumulate_dtype,
+                       model_dtype=args.model_dtype, samples_per_sequence=args.samples_per_sequence)
+    # Not loaded back whole: each process holds only its own modules; the summary reads one at a time.
     factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision,
-                        show_progress=show_progress(args.json))
+                        load_result=False, show_progress=show_progress(args.json))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        _print_summary(factors, args.out, args.json)
+        _print_summary(factors if factors is not None else _StageOnDisk(Path(args.out), args.stage), args.out, args.json)
     return 0
+
+
+class _StageOnDisk:
+    """A fitted stage as the fit summary reads it, each module loaded (and dropped) in turn."""
+
+    def __init__(self, folder: Path, stage: str):
+        from hub_msif.artifacts.manifest import read_manifest
+
+        self.folder, self.stage = folder, stage
+        self.info = read_manifest(folder)["stages"][stage]
+        self.modules = self
+
+    def values(self):
+        from hub_msif.factors.storage import load_module_file
+
+        return (load_module_file(self.folder, entry) for entry in self.info["modules"])
 
 
 def _print_summary(factors, out, as_json: bool) -> None:

@@ -138,24 +138,25 @@ def precondition_twice(
 
 
 class CovarianceAccumulator:
-    """Sums ``A`` and the ``S_b`` blocks of one module in float64."""
+    """Sums ``A`` and the ``S_b`` blocks of one module in ``dtype`` (float64 by default; float32
+    halves the memory, see docs/design.md, "Precision")."""
 
-    def __init__(self, spec: TrackedModule, device: torch.device | str = "cpu"):
+    def __init__(self, spec: TrackedModule, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64):
         self.spec = spec
-        self.a = torch.zeros(spec.d_in, spec.d_in, dtype=torch.float64, device=device)
+        self.a = torch.zeros(spec.d_in, spec.d_in, dtype=dtype, device=device)
         self.s = torch.zeros(
-            spec.num_blocks, spec.block_size, spec.block_size, dtype=torch.float64, device=device
+            spec.num_blocks, spec.block_size, spec.block_size, dtype=dtype, device=device
         )
 
     def update(self, a: torch.Tensor, g: torch.Tensor) -> None:
         """Adds one batch: ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]`` (zero on padding)."""
         a = a.reshape(-1, self.spec.d_in)
-        self.a += _gram(a).double()
+        self.a += _gram(a).to(self.a.dtype)
         if self.spec.num_blocks == 1:
-            self.s[0] += _gram(g.reshape(-1, self.spec.d_out)).double()
+            self.s[0] += _gram(g.reshape(-1, self.spec.d_out)).to(self.s.dtype)
         else:
             g = g.reshape(-1, self.spec.num_blocks, self.spec.block_size)
-            self.s += torch.einsum("nbi,nbj->bij", g, g).double()
+            self.s += torch.einsum("nbi,nbj->bij", g, g).to(self.s.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"a": self.a, "s": self.s}
@@ -165,21 +166,25 @@ class CovarianceAccumulator:
         self.s.copy_(state["s"])
 
     def eigendecompose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(eig_a, q_a, eig_s, q_s) from float64 ``eigh`` of the symmetrised sums."""
-        eig_a, q_a = torch.linalg.eigh(0.5 * (self.a + self.a.t()))
-        eig_s, q_s = torch.linalg.eigh(0.5 * (self.s + self.s.transpose(-1, -2)))
+        """(eig_a, q_a, eig_s, q_s) from float64 ``eigh`` of the symmetrised sums (whatever the
+        accumulation dtype), contiguous."""
+        a, s = self.a.double(), self.s.double()
+        eig_a, q_a = torch.linalg.eigh(0.5 * (a + a.t()))
+        eig_s, q_s = torch.linalg.eigh(0.5 * (s + s.transpose(-1, -2)))
         return eig_a, q_a, eig_s, q_s
 
 
 class LambdaAccumulator:
-    """Sums per-sequence ``(Q_S^T G_n Q_A) ** 2`` of one module in float64."""
+    """Sums per-sequence ``(Q_S^T G_n Q_A) ** 2`` of one module in ``accumulate_dtype`` (float64
+    by default)."""
 
-    def __init__(self, spec: TrackedModule, q_a: torch.Tensor, q_s: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, spec: TrackedModule, q_a: torch.Tensor, q_s: torch.Tensor, dtype: torch.dtype,
+                 accumulate_dtype: torch.dtype = torch.float64):
         self.spec = spec
         self.q_a = q_a.to(dtype)
         self.q_s = q_s.to(dtype)
         self.lam = torch.zeros(
-            spec.num_blocks, spec.block_size, spec.d_in, dtype=torch.float64, device=q_a.device
+            spec.num_blocks, spec.block_size, spec.d_in, dtype=accumulate_dtype, device=q_a.device
         )
 
     def update(self, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -195,7 +200,7 @@ class LambdaAccumulator:
             rotated = torch.einsum(
                 "btnj,bti->bnji", g_rot[start : start + chunk], a_rot[start : start + chunk]
             )  # [b, nb, bs, d_in]: each sequence's rotated gradient
-            self.lam += rotated.square().sum(0).double()
+            self.lam += rotated.square().sum(0).to(self.lam.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"lam": self.lam}

@@ -2,12 +2,18 @@
 
 Two passes over the data (docs/design.md, "Fitting EK-FAC"): a covariance pass, then (after a float64
 eigendecomposition of the summed covariances) an eigenvalue-correction pass with fresh label
-samples. Sequences are sharded ``rank::world`` across processes and every sum is all-reduced, so
-any number of processes gives the same factors (labels are seeded per sequence).
+samples. With K module partitions the modules are fitted in K groups, one after the other (2K
+passes), so only one group's accumulators live at a time. Sequences are sharded ``rank::world``
+across processes; every module has one owner process (hub_msif/factors/partition.py) to which its
+sums are reduced: the owner alone eigendecomposes, keeps and writes the module's file, and rank 0
+writes the manifest last. Any number of processes and partitions gives the same factors (labels
+are seeded per sequence); docs/design.md, "Module partitions and owners", "Precision", "Streaming data".
 
 Checkpoints: every ``checkpoint_every`` batches each process writes its partial sums atomically;
-rank 0 then commits the step in ``latest.json``. A run started again with the same settings
-resumes from the last committed step and gives the same factors as an uninterrupted run.
+rank 0 then commits the step in ``latest.json``. At the end of each group (but the last) a
+checkpoint records the module files already written, which a resumed run reuses. A run started
+again with the same settings resumes from the last committed step and gives the same factors as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,26 +24,40 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from hub_msif import __version__
-from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json
+from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
 from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, stage_differences
 from hub_msif.data import collate
 from hub_msif.errors import FactorError, MsifValueError
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator, ModuleFactors
 from hub_msif.factors.objectives import LABEL_MODES, lm_loss
-from hub_msif.factors.storage import STORAGE_DTYPES, StageFactors, load_stage, save_stage, spec_to_json
+from hub_msif.factors.partition import module_groups, module_owners
+from hub_msif.factors.storage import (
+    STORAGE_DTYPES,
+    StageFactors,
+    load_stage,
+    module_path,
+    save_module_file,
+    spec_to_json,
+    write_stage_manifest,
+)
 from hub_msif.factors.tracking import TrackedModule, find_modules
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = ".msif-checkpoints"
+
+
+ACCUMULATE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -53,6 +73,14 @@ class FitConfig:
         seed: seed of the label samples (per sequence, so independent of batching).
         storage_dtype: ``float32``, ``bfloat16`` or ``float64`` for the saved tensors.
         checkpoint_every: batches per process between checkpoints; 0 turns them off.
+        module_partitions: K groups of modules fitted one after the other (2K passes over the
+            data); only one group's accumulators live at a time (docs/design.md, "Module partitions and owners").
+        accumulate_dtype: ``float64`` (default) or ``float32`` for the covariance and Lambda sums;
+            eigendecompositions are float64 either way (docs/design.md, "Precision").
+        model_dtype: ``bfloat16``, ``float16`` or ``float32`` to cast the model to for the forward
+            and backward passes (meant for GPUs); None keeps the model's dtype.
+        samples_per_sequence: label samples drawn per sequence in the Lambda pass and averaged
+            (``sampled`` labels only).
     """
 
     stage: str = "pretrained"
@@ -63,6 +91,10 @@ class FitConfig:
     seed: int = 0
     storage_dtype: str = "float32"
     checkpoint_every: int = 50
+    module_partitions: int = 1
+    accumulate_dtype: str = "float64"
+    model_dtype: str | None = None
+    samples_per_sequence: int = 1
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -75,6 +107,16 @@ class FitConfig:
             raise MsifValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {self.storage_dtype!r}")
         if self.checkpoint_every < 0:
             raise MsifValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not isinstance(self.module_partitions, int) or self.module_partitions < 1:
+            raise MsifValueError(f"module partitions must be a positive integer, got {self.module_partitions!r}")
+        if self.accumulate_dtype not in ACCUMULATE_DTYPES:
+            raise MsifValueError(f"accumulate dtype must be one of {', '.join(ACCUMULATE_DTYPES)}, not {self.accumulate_dtype!r}")
+        if self.model_dtype is not None and self.model_dtype not in MODEL_DTYPES:
+            raise MsifValueError(f"model dtype must be one of {', '.join(MODEL_DTYPES)}, not {self.model_dtype!r}")
+        if not isinstance(self.samples_per_sequence, int) or self.samples_per_sequence < 1:
+            raise MsifValueError(f"samples per sequence must be a positive integer, got {self.samples_per_sequence!r}")
+        if self.samples_per_sequence > 1 and self.label_mode != "sampled":
+            raise MsifValueError("several samples per sequence need sampled labels; empirical labels are all the same")
 
 
 class _Distributed:
@@ -102,6 +144,15 @@ class _Distributed:
         if self.world > 1:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
+
+    def reduce(self, tensor: torch.Tensor, owner: int) -> None:
+        """Sums ``tensor`` over processes into the ``owner``'s copy (the others' copies are then garbage)."""
+        if self.world > 1:
+            torch.distributed.reduce(tensor, dst=owner, op=torch.distributed.ReduceOp.SUM)
+
+    def broadcast(self, tensor: torch.Tensor, owner: int) -> None:
+        if self.world > 1:
+            torch.distributed.broadcast(tensor, src=owner)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -143,8 +194,9 @@ class _Checkpoints:
     def _file(self, step: int, rank: int) -> Path:
         return self.folder / f"step{step:08d}-rank{rank}.safetensors"
 
-    def latest(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(step, this rank's tensors) of the last committed checkpoint of this run, if any."""
+    def latest(self) -> tuple[int, dict[str, torch.Tensor], list[dict]] | None:
+        """(step, this rank's tensors, this rank's finished module entries) of the last committed
+        checkpoint of this run, if any."""
         marker = self.folder / "latest.json"
         if not marker.is_file():
             return None
@@ -153,10 +205,13 @@ class _Checkpoints:
             logger.warning("ignoring checkpoint in %s: it belongs to a fit with other settings or data", self.folder)
             return None
         step = committed["step"]
-        return step, load_file(self._file(step, self.dist.rank))
+        path = self._file(step, self.dist.rank)
+        with safe_open(str(path), framework="pt") as handle:
+            done = json.loads((handle.metadata() or {}).get("done", "[]"))
+        return step, load_file(path), done
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
-        data = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+    def save(self, step: int, tensors: dict[str, torch.Tensor], done: Sequence[dict] = ()) -> None:
+        data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"done": json.dumps(list(done))})
         atomic_write_bytes(self._file(step, self.dist.rank), data)
         self.dist.barrier()
         if self.dist.is_main:
@@ -178,9 +233,71 @@ class _Checkpoints:
                 pass
 
 
+class _Source:
+    """The sequences of a fit, as a list or a re-iterable stream (``hub_msif.data.TokenStream``).
+
+    Sequence ``i`` (in corpus order) goes to process ``i % world``; each process cuts its own
+    sequences into batches, and every process runs the same number of batches per pass (the last
+    ones may be empty), so collectives and checkpoints line up (docs/design.md, "Streaming data").
+    """
+
+    def __init__(self, sequences):
+        self.sequences = sequences
+        if hasattr(sequences, "survey"):
+            self.count, self.tokens, _ = sequences.survey()
+        else:
+            if not isinstance(sequences, Sequence):
+                sequences = self.sequences = list(sequences)
+            self.count = len(sequences)
+            self.tokens = sum(len(s["input_ids"]) for s in sequences)
+
+    def num_batches(self, world: int, batch_size: int) -> int:
+        return math.ceil(math.ceil(self.count / world) / batch_size)
+
+    def batches(self, rank: int, world: int, batch_size: int, skip: int = 0) -> Iterator[tuple[list[int], list[dict]]]:
+        """This process's batches of one pass, ``(global indices, sequences)``, after the first ``skip``."""
+        total = self.num_batches(world, batch_size)
+        if isinstance(self.sequences, Sequence):
+            local = range(rank, self.count, world)
+            for b in range(skip, total):
+                indices = list(local[b * batch_size : (b + 1) * batch_size])
+                yield indices, [self.sequences[i] for i in indices]
+            return
+        emitted, indices, batch = 0, [], []
+        for index, sequence in enumerate(self.sequences):
+            if index >= self.count:
+                break
+            if index % world != rank:
+                continue
+            indices.append(index)
+            batch.append(sequence)
+            if len(batch) == batch_size:
+                if emitted >= skip:
+                    yield indices, batch
+                emitted, indices, batch = emitted + 1, [], []
+        if batch:
+            if emitted >= skip:
+                yield indices, batch
+            emitted += 1
+        for _ in range(max(emitted, skip), total):
+            yield [], []
+
+
+def _progress_bar(**kwargs):
+    """One tqdm bar per phase (covariance, eigendecomposition, Lambda) of each group."""
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
+
+
+def _lambda_pass_index(sample: int) -> int:
+    """Label-sample pass index of the ``sample``-th draw in the Lambda pass (the covariance pass is 0)."""
+    return 1 + sample
+
+
 def fit_factors(
     model: torch.nn.Module,
-    sequences: Sequence[dict],
+    sequences,
     out_dir: str | Path,
     config: FitConfig,
     *,
@@ -189,111 +306,91 @@ def fit_factors(
     accelerator=None,
     show_progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
-) -> StageFactors:
+    on_reduce: Callable[[int, dict], None] | None = None,
+    load_result: bool = True,
+) -> StageFactors | None:
     """Fits one stage's factors on tokenized ``sequences`` and saves them into ``out_dir``.
 
-    ``info`` (model, tokenizer and data descriptions; ``info["data"]["fingerprint"]`` and
-    ``info["model"]["revision"]`` identify the run for resuming) goes into the manifest.
-    ``on_checkpoint(step)`` is called after each committed checkpoint. Returns the saved factors.
-    """
-    from tqdm.auto import tqdm
+    ``sequences`` is a list of tokenized sequences or a re-iterable stream with ``survey()``
+    (``hub_msif.data.TokenStream``). ``info`` (model, tokenizer and data descriptions;
+    ``info["data"]["fingerprint"]`` and ``info["model"]["revision"]`` identify the run for
+    resuming) goes into the manifest. ``on_checkpoint(step)`` is called after each committed
+    checkpoint; ``on_reduce(group, kept)`` after each group's final reduction, with the names of
+    the modules whose eigenvalues and Lambda this process still holds (its owned ones).
+    Returns the saved factors, or None with ``load_result=False`` (then no process ever holds
+    more than its own modules: loading every module at the end would cost the artifact's size).
 
+    Steps: the K module groups each take ``2 * num_batches`` steps (covariance pass, then Lambda
+    pass); checkpoints and ``on_checkpoint`` count steps over the whole fit.
+    """
     config.validate()
-    if not sequences:
+    source = _Source(sequences)
+    if not source.count:
         raise MsifValueError("no sequences to fit on")
     out_dir = Path(out_dir)
     dist = _Distributed(accelerator)
-    was_training = model.training
-    model.eval().to(dist.device)
     tracked = find_modules(model, config.modules, config.split_heads)
     _check_other_stage(out_dir, config.stage, tracked)
-    dtype = compute_dtype(model)
+    groups = [[t for t in tracked if t.name in set(names)] for names in module_groups(tracked, config.module_partitions)]
+    owners = module_owners(tracked, dist.world)
+    was_training = model.training
+    if config.model_dtype is not None:
+        model.to(MODEL_DTYPES[config.model_dtype])  # in place, like the move to the device
+    model.eval().to(dist.device)
 
-    n = len(sequences)
-    local = list(range(dist.rank, n, dist.world))
-    num_batches = math.ceil(math.ceil(n / dist.world) / config.batch_size)  # equal on every rank
-    batches = [local[i * config.batch_size : (i + 1) * config.batch_size] for i in range(num_batches)]
+    num_batches = source.num_batches(dist.world, config.batch_size)  # equal on every rank
+    per_group = 2 * num_batches
+    total_steps = config.module_partitions * per_group
     fingerprint = _run_fingerprint(
         config, tracked, info.get("data", {}).get("fingerprint", ""), info.get("model", {}).get("revision", ""), dist.world
     )
     checkpoints = _Checkpoints(out_dir, config.stage, fingerprint, dist)
+    fitter = _GroupFitter(model, config, dist, owners, source, pad_id, show_progress)
 
-    covariances = {t.name: CovarianceAccumulator(t, dist.device) for t in tracked}
-    lambdas: dict[str, LambdaAccumulator] = {}
-    eigen: dict[str, tuple] = {}
-    counts = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [tokens, sequences] on this rank
-
-    start_step = 0
+    start_step, state, done = 0, {}, []
     resumed = checkpoints.latest()
     if resumed is not None:
-        start_step, state = resumed
-        counts.copy_(state["counts"].to(dist.device))
-        if not any(key.endswith("/lam") for key in state):
-            for name, acc in covariances.items():
-                acc.load_state({"a": state[f"{name}/a"], "s": state[f"{name}/s"]})
+        start_step, state, done = resumed
+        if not _files_intact(out_dir, done, dist):
+            logger.warning("ignoring checkpoint in %s: module files it recorded as finished are missing or changed",
+                           checkpoints.folder)
+            start_step, state, done = 0, {}, []
         else:
-            covariances.clear()  # resumed after the phase boundary: only Lambda is accumulated
-            for t in tracked:
-                eigen[t.name] = tuple(state[f"{t.name}/{k}"].to(dist.device) for k in ("eig_a", "q_a", "eig_s", "q_s"))
-                lambdas[t.name] = LambdaAccumulator(t, eigen[t.name][1], eigen[t.name][3], dtype)
-                lambdas[t.name].load_state({"lam": state[f"{t.name}/lam"].to(dist.device)})
-        logger.info("resuming the %s fit from checkpoint step %d", config.stage, start_step)
+            logger.info("resuming the %s fit from checkpoint step %d", config.stage, start_step)
 
-    accumulators: dict = covariances
-    capture = GradientCapture(model, tracked, lambda spec, a, g: accumulators[spec.name].update(a, g))
-    bar = tqdm(total=2 * num_batches, initial=start_step, desc=f"fitting {config.stage} factors",
-               unit="batch", disable=not (show_progress and dist.is_main))
     started = time.perf_counter()
     try:
-        with input_gradients_only(model), capture:
-            for step in range(start_step, 2 * num_batches):
-                phase = 0 if step < num_batches else 1
-                if phase == 1 and not lambdas:
-                    # Phase boundary: sum the covariances over processes, eigendecompose in float64.
-                    for t in tracked:
-                        acc = covariances[t.name]
-                        dist.all_reduce(acc.a)
-                        dist.all_reduce(acc.s)
-                        # Contiguous, like the tensors a resumed run loads from its checkpoint: eigh's
-                        # column-major output would take other matmul paths and round differently.
-                        eigen[t.name] = tuple(x.contiguous() for x in acc.eigendecompose())
-                        lambdas[t.name] = LambdaAccumulator(t, eigen[t.name][1], eigen[t.name][3], dtype)
-                        del covariances[t.name], acc  # A and S are not needed any more: free them early
-                accumulators = lambdas if phase == 1 else covariances
-                indices = batches[step - phase * num_batches]
-                if indices:
-                    batch = collate([sequences[i] for i in indices], indices, pad_id, dist.device)
-                    capture.mask = batch["attention_mask"]
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-                    loss = lm_loss(logits, batch, config.label_mode, config.seed, pass_index=phase)
-                    loss.backward()
-                    if phase == 0:
-                        counts[0] += float(batch["attention_mask"].sum())
-                    else:
-                        counts[1] += len(indices)
-                bar.update(1)
-                done = step + 1
-                if config.checkpoint_every and done % config.checkpoint_every == 0 and done < 2 * num_batches:
-                    checkpoints.save(done, _checkpoint_state(tracked, covariances, lambdas, eigen, counts))
-                    if on_checkpoint is not None:
-                        on_checkpoint(done)
-    finally:
-        bar.close()
-        model.train(was_training)
+        with input_gradients_only(model):
+            for g in range(start_step // per_group, config.module_partitions):
+                offset = g * per_group
 
-    if not lambdas:  # no batch at all in the correction pass (cannot happen with n >= 1)
-        raise RuntimeError("the eigenvalue-correction pass did not run")
-    for t in tracked:
-        dist.all_reduce(lambdas[t.name].lam)
-    dist.all_reduce(counts)
-    num_sequences, num_tokens = int(counts[1]), int(counts[0])
-    factors = {}
-    for t in tracked:
-        eig_a, q_a, eig_s, q_s = eigen[t.name]
-        # K-FAC eigenvalues on Lambda's scale: GGN ~ (A / tokens) kron (S / sequences), see ModuleFactors.
-        factors[t.name] = ModuleFactors(
-            t, q_a, q_s, lambdas[t.name].lam.div_(num_sequences), eig_a / max(num_tokens, 1), eig_s / num_sequences
-        )
+                def checkpoint(step: int, tensors: dict) -> None:
+                    if config.checkpoint_every and step % config.checkpoint_every == 0 and step % per_group:
+                        checkpoints.save(step, tensors, done)
+                        if on_checkpoint is not None:
+                            on_checkpoint(step)
+
+                local = state if start_step > offset else {}
+                kept = fitter.fit_group(g, len(groups), groups[g], offset, max(start_step - offset, 0), num_batches,
+                                        local, checkpoint)
+                if on_reduce is not None:
+                    on_reduce(g, {"eigenvalues": sorted(fitter.eigen), "lambda": sorted(kept)})
+                for t in groups[g]:
+                    if t.name in kept:  # the owner: final factors of this module, written now
+                        eig_a, q_a, eig_s, q_s = fitter.eigen.pop(t.name)
+                        lam = kept[t.name].lam.double().div_(source.count * config.samples_per_sequence)
+                        # K-FAC eigenvalues on Lambda's scale: GGN ~ (A / tokens) kron (S / sequences), see ModuleFactors.
+                        factors = ModuleFactors(t, q_a, q_s, lam, eig_a / max(source.tokens, 1), eig_s / source.count)
+                        done.append(save_module_file(out_dir, config.stage, factors, config.storage_dtype))
+                fitter.eigen.clear()
+                del kept
+                step = offset + per_group
+                if config.checkpoint_every and step < total_steps:  # group boundary: finished files are reused
+                    checkpoints.save(step, {}, done)
+                    if on_checkpoint is not None:
+                        on_checkpoint(step)
+    finally:
+        model.train(was_training)
 
     stage_info = {
         **info,
@@ -301,18 +398,148 @@ def fit_factors(
             "label_mode": config.label_mode, "seed": config.seed, "batch_size": config.batch_size,
             "split_heads": config.split_heads,
             "modules": config.modules if isinstance(config.modules, str) else "explicit",
-            "num_processes": dist.world, "num_sequences": num_sequences, "num_tokens": num_tokens,
+            "num_processes": dist.world, "num_sequences": source.count, "num_tokens": source.tokens,
             "seconds": round(time.perf_counter() - started, 3), "hub_msif_version": __version__,
             "torch_version": torch.__version__,
+            "module_partitions": config.module_partitions, "samples_per_sequence": config.samples_per_sequence,
+            "accumulate_dtype": config.accumulate_dtype, "model_dtype": config.model_dtype,
         },
     }
+    dist.barrier()  # every owner has written its modules' files
     if dist.is_main:
-        save_stage(out_dir, config.stage, factors, stage_info, config.storage_dtype)
+        entries = [_entry_from_file(out_dir, config.stage, t, config.storage_dtype) for t in tracked]
+        write_stage_manifest(out_dir, config.stage, entries, stage_info)
     checkpoints.clear()
     dist.barrier()
-    return load_stage(out_dir, config.stage)
+    return load_stage(out_dir, config.stage) if load_result else None
 
 
+class _GroupFitter:
+    """Both passes over the data for one group of modules, with reductions to each module's owner."""
+
+    def __init__(self, model, config: FitConfig, dist: _Distributed, owners: dict[str, int], source: _Source,
+                 pad_id: int, show_progress: bool):
+        self.model, self.config, self.dist, self.owners = model, config, dist, owners
+        self.source, self.pad_id = source, pad_id
+        self.dtype = compute_dtype(model)
+        self.accumulate = ACCUMULATE_DTYPES[config.accumulate_dtype]
+        self.eigen: dict[str, tuple] = {}  # owned modules of the current group: (eig_a, q_a, eig_s, q_s)
+        self.progress = None if show_progress and dist.is_main else True  # tqdm: None = only on a terminal
+
+    def _bar(self, **kwargs):
+        return _progress_bar(disable=self.progress, **kwargs)
+
+    def fit_group(self, g: int, num_groups: int, specs: Sequence[TrackedModule], offset: int, done_steps: int,
+                  num_batches: int, state: dict, checkpoint) -> dict[str, LambdaAccumulator]:
+        """Runs the group's remaining steps; returns the Lambda accumulators this process owns (reduced)."""
+        dist = self.dist
+        label = f" (group {g + 1}/{num_groups})" if num_groups > 1 else ""
+        covariances: dict[str, CovarianceAccumulator] = {}
+        lambdas: dict[str, LambdaAccumulator] = {}
+        bases: dict[str, tuple] = {}  # float64 (q_a, q_s) of every module of the group, for checkpoints
+        if done_steps <= num_batches:
+            covariances = {t.name: CovarianceAccumulator(t, dist.device, self.accumulate) for t in specs}
+            for t in specs if done_steps else ():
+                covariances[t.name].load_state({"a": state[f"{t.name}/a"], "s": state[f"{t.name}/s"]})
+        else:
+            for t in specs:
+                q_a, q_s = (state[f"{t.name}/{k}"].to(dist.device) for k in ("q_a", "q_s"))
+                if self.owners[t.name] == dist.rank:
+                    eig_a, eig_s = (state[f"{t.name}/{k}"].to(dist.device) for k in ("eig_a", "eig_s"))
+                    self.eigen[t.name] = (eig_a, q_a, eig_s, q_s)
+                bases[t.name] = (q_a, q_s)
+                lambdas[t.name] = LambdaAccumulator(t, q_a, q_s, self.dtype, self.accumulate)
+                lambdas[t.name].load_state({"lam": state[f"{t.name}/lam"].to(dist.device)})
+
+        if done_steps < num_batches:
+            self._pass(0, specs, covariances, offset, done_steps, num_batches, f"covariance{label}",
+                       lambda: {k: v for t in specs for k, v in (
+                           (f"{t.name}/a", covariances[t.name].a), (f"{t.name}/s", covariances[t.name].s))},
+                       checkpoint)
+        if not lambdas:
+            # Phase boundary: sum each module's covariances on its owner, which eigendecomposes them in
+            # float64 and sends the eigenvectors to every process for the Lambda pass.
+            for t in self._bar(iterable=specs, desc=f"eigendecomposition{label}", unit="module"):
+                acc, owner = covariances.pop(t.name), self.owners[t.name]
+                dist.reduce(acc.a, owner)
+                dist.reduce(acc.s, owner)
+                if owner == dist.rank:
+                    # Contiguous, like the tensors a resumed run loads from its checkpoint: eigh's
+                    # column-major output would take other matmul paths and round differently.
+                    self.eigen[t.name] = tuple(x.contiguous() for x in acc.eigendecompose())
+                    q_a, q_s = self.eigen[t.name][1], self.eigen[t.name][3]
+                else:
+                    q_a = torch.empty(t.d_in, t.d_in, dtype=torch.float64, device=dist.device)
+                    q_s = torch.empty(t.num_blocks, t.block_size, t.block_size, dtype=torch.float64, device=dist.device)
+                del acc  # A and S are not needed any more: free them early
+                dist.broadcast(q_a, owner)
+                dist.broadcast(q_s, owner)
+                bases[t.name] = (q_a, q_s)
+                lambdas[t.name] = LambdaAccumulator(t, q_a, q_s, self.dtype, self.accumulate)
+
+        def lambda_state() -> dict:
+            out = {}
+            for t in specs:
+                (out[f"{t.name}/q_a"], out[f"{t.name}/q_s"]), out[f"{t.name}/lam"] = bases[t.name], lambdas[t.name].lam
+                if t.name in self.eigen:
+                    out[f"{t.name}/eig_a"], out[f"{t.name}/eig_s"] = self.eigen[t.name][0], self.eigen[t.name][2]
+            return out
+
+        self._pass(1, specs, lambdas, offset + num_batches, max(done_steps - num_batches, 0), num_batches,
+                   f"Lambda{label}", lambda_state, checkpoint)
+        bases.clear()
+        kept = {}
+        for t in specs:
+            owner = self.owners[t.name]
+            dist.reduce(lambdas[t.name].lam, owner)
+            if owner == dist.rank:
+                kept[t.name] = lambdas[t.name]
+        lambdas.clear()
+        return kept
+
+    def _pass(self, phase: int, specs, accumulators: dict, first_step: int, skip: int, num_batches: int,
+              desc: str, state, checkpoint) -> None:
+        """One pass over this process's batches (after the first ``skip``), feeding ``accumulators``."""
+        dist, config = self.dist, self.config
+        samples = config.samples_per_sequence if phase == 1 else 1
+        capture = GradientCapture(self.model, specs, lambda spec, a, g: accumulators[spec.name].update(a, g))
+        bar = self._bar(total=num_batches, initial=skip, desc=desc, unit="batch")
+        step = first_step + skip
+        try:
+            with capture:
+                for indices, sequences in self.source.batches(dist.rank, dist.world, config.batch_size, skip):
+                    if indices:
+                        batch = collate(sequences, indices, self.pad_id, dist.device)
+                        capture.mask = batch["attention_mask"]
+                        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            use_cache=False).logits
+                        for sample in range(samples):
+                            pass_index = 0 if phase == 0 else _lambda_pass_index(sample)
+                            loss = lm_loss(logits, batch, config.label_mode, config.seed, pass_index=pass_index)
+                            loss.backward(retain_graph=sample + 1 < samples)
+                    bar.update(1)
+                    step += 1
+                    checkpoint(step, state())
+        finally:
+            bar.close()
+
+
+def _files_intact(out_dir: Path, done: Sequence[dict], dist: _Distributed) -> bool:
+    """Whether every module file this process recorded as finished is still there with its sha256,
+    on every process (all agree, so either all resume or all start over)."""
+    ok = all((out_dir / e["file"]).is_file() and sha256_bytes((out_dir / e["file"]).read_bytes()) == e["sha256"]
+             for e in done)
+    flag = torch.tensor([0 if ok else 1], dtype=torch.float64, device=dist.device)
+    return float(dist.all_reduce(flag)[0]) == 0
+
+
+def _entry_from_file(out_dir: Path, stage: str, spec: TrackedModule, dtype: str) -> dict:
+    """A module's manifest entry from the file its owner wrote (rank 0 writes the manifest)."""
+    relative = module_path(stage, spec)
+    path = out_dir / relative
+    if not path.is_file():
+        raise FactorError(f"module file {path} is missing after the fit; every process must write to the same folder")
+    return {**spec_to_json(spec), "file": relative, "sha256": sha256_bytes(path.read_bytes()), "dtype": dtype}
 def _check_other_stage(out_dir: Path, stage: str, tracked: Sequence[TrackedModule]) -> None:
     """Before any work: the other stage already in the folder must track the same modules and shapes."""
     if not (out_dir / FACTORS.manifest_name).is_file():
@@ -328,19 +555,6 @@ def _check_other_stage(out_dir: Path, stage: str, tracked: Sequence[TrackedModul
             )
 
 
-def _checkpoint_state(tracked, covariances, lambdas, eigen, counts) -> dict[str, torch.Tensor]:
-    """This rank's partial sums: covariances before the phase boundary, Lambda (and Q) after it."""
-    state = {"counts": counts.clone()}
-    for t in tracked:
-        if not lambdas:
-            state.update({f"{t.name}/a": covariances[t.name].a, f"{t.name}/s": covariances[t.name].s})
-        else:
-            eig_a, q_a, eig_s, q_s = eigen[t.name]
-            state.update({f"{t.name}/eig_a": eig_a, f"{t.name}/q_a": q_a, f"{t.name}/eig_s": eig_s,
-                          f"{t.name}/q_s": q_s, f"{t.name}/lam": lambdas[t.name].lam})
-    return state
-
-
 def fit_stage(
     model: str,
     data: str | Sequence[str],
@@ -351,13 +565,16 @@ def fit_stage(
     accelerator=None,
     show_progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
-) -> StageFactors:
+    on_reduce: Callable[[int, dict], None] | None = None,
+    load_result: bool = True,
+) -> StageFactors | None:
     """Loads ``model`` (Hub id or folder) and the corpus ``data``, fits, saves into ``out_dir``.
 
     ``corpus`` is a ``CorpusSpec`` for columns, template and lengths (``data`` fills its
-    ``data`` field). This is what ``hub-msif fit`` runs.
+    ``data`` field). This is what ``hub-msif fit`` runs. The corpus is streamed: read once to
+    count and fingerprint it, then tokenized again on every pass, never held in memory.
     """
-    from hub_msif.data import CorpusSpec, load_rows, source_sha256, tokenize_corpus
+    from hub_msif.data import CorpusSpec, TokenStream, load_rows, source_sha256
     from hub_msif.models import load_model, pad_token_id
 
     config = config or FitConfig()
@@ -366,11 +583,13 @@ def fit_stage(
     corpus.data = data
     corpus.validate()
     lm, tokenizer, ref = load_model(model, revision)
-    sequences, data_fingerprint = tokenize_corpus(load_rows(corpus), tokenizer, corpus, show_progress)
+    sequences = TokenStream(load_rows(corpus), tokenizer, corpus)
+    _, _, data_fingerprint = sequences.survey(show_progress)
     info = {
         "model": {**ref.to_json(), "class": type(lm).__name__},
         "tokenizer": {"id": ref.id, "revision": ref.revision, "class": type(tokenizer).__name__},
         "data": {**corpus.describe(), "fingerprint": data_fingerprint, "source_sha256": source_sha256(corpus)},
     }
     return fit_factors(lm, sequences, out_dir, config, pad_id=pad_token_id(tokenizer), info=info,
-                       accelerator=accelerator, show_progress=show_progress, on_checkpoint=on_checkpoint)
+                       accelerator=accelerator, show_progress=show_progress, on_checkpoint=on_checkpoint,
+                       on_reduce=on_reduce, load_result=load_result)

@@ -80,19 +80,34 @@ def save_stage(
     if dtype not in STORAGE_DTYPES:
         raise MsifValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
     folder = Path(folder)
+    entries = [save_module_file(folder, stage, module_factors, dtype) for module_factors in factors.values()]
+    return write_stage_manifest(folder, stage, entries, info)
+
+
+def save_module_file(folder: str | Path, stage: str, module_factors: ModuleFactors, dtype: str = "float32") -> dict:
+    """Writes one module's file atomically; returns its manifest entry (shape, file, sha256, dtype).
+
+    A sharded fit calls this on the module's owner process, as soon as the module is done.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise MsifValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
+    name = module_factors.spec.name
+    tensors = {k: v.to(STORAGE_DTYPES[dtype]).contiguous().cpu() for k, v in module_factors.tensors().items()}
+    # One metadata key: safetensors writes several in random order (safetensors issue #584),
+    # which would give identical factors different bytes and sha256.
+    data = st_save(tensors, metadata={"hub_msif": json.dumps({"module": name, "stage": stage}, sort_keys=True)})
+    relative = module_path(stage, module_factors.spec)
+    atomic_write_bytes(Path(folder) / relative, data)
+    return {**spec_to_json(module_factors.spec), "file": relative, "sha256": sha256_bytes(data), "dtype": dtype}
+
+
+def write_stage_manifest(folder: str | Path, stage: str, entries: list[dict], info: dict) -> dict:
+    """Records one stage's module ``entries`` (written before) in the manifest; other stages are kept."""
+    folder = Path(folder)
     manifest_path = folder / MANIFEST_NAME
     manifest = read_manifest(folder) if manifest_path.is_file() else {
         "format": FACTORS.format_name, "format_version": FACTORS.format_version, "stages": {},
     }
-    entries = []
-    for name, module_factors in factors.items():
-        tensors = {k: v.to(STORAGE_DTYPES[dtype]).contiguous().cpu() for k, v in module_factors.tensors().items()}
-        # One metadata key: safetensors writes several in random order (safetensors issue #584),
-        # which would give identical factors different bytes and sha256.
-        data = st_save(tensors, metadata={"hub_msif": json.dumps({"module": name, "stage": stage}, sort_keys=True)})
-        relative = module_path(stage, module_factors.spec)
-        atomic_write_bytes(folder / relative, data)
-        entries.append({**spec_to_json(module_factors.spec), "file": relative, "sha256": sha256_bytes(data), "dtype": dtype})
     manifest["library_version"] = __version__
     manifest["stages"][stage] = {**info, "modules": entries}
     atomic_write_json(manifest_path, manifest)

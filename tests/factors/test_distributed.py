@@ -111,6 +111,54 @@ def test_two_processes_fit_the_same_factors_as_one(example, reference, tmp_path)
     assert not (out / ".msif-checkpoints").exists()
 
 
+OWNER_WORKER = textwrap.dedent(
+    """
+    import json, sys
+
+    import torch.distributed as dist
+
+    from hub_msif.factors.fit import FitConfig, fit_stage
+
+    model, corpus, out, record = sys.argv[1:5]
+    kept = []
+    fit_stage(model, corpus, out, FitConfig(batch_size=5, storage_dtype="float64", checkpoint_every=0,
+                                             module_partitions=2),
+              show_progress=False, on_reduce=lambda group, names: kept.append({"group": group, **names}))
+    with open(f"{record}-rank{dist.get_rank()}.json", "w") as handle:
+        json.dump(kept, handle)
+    """
+)
+
+
+def test_two_processes_keep_only_their_owned_modules(example, reference, tmp_path):
+    """Sums reduced to each module's owner: after each group's reduction a process holds the
+    eigenvalues and Lambda of the modules it owns and nothing else; together they give the factors
+    of one process (here also with two module partitions)."""
+    from hub_msif.factors.partition import module_groups, module_owners
+
+    model, corpus = example
+    script = tmp_path / "owner_worker.py"
+    script.write_text(OWNER_WORKER)
+    out, record = tmp_path / "factors", tmp_path / "kept"
+    _launch_two([str(script), str(model), str(corpus), str(out), str(record)], cwd=tmp_path)
+
+    specs = reference.specs
+    owners, groups = module_owners(specs, 2), module_groups(specs, 2)
+    assert set(owners.values()) == {0, 1}, "both processes should own modules"
+    for rank in (0, 1):
+        kept = json.loads(Path(f"{record}-rank{rank}.json").read_text())
+        assert [k["group"] for k in kept] == [0, 1]
+        for entry in kept:
+            owned = sorted(n for n in groups[entry["group"]] if owners[n] == rank)
+            assert entry["lambda"] == owned, f"rank {rank}, group {entry['group']}"
+            assert entry["eigenvalues"] == owned, f"rank {rank}, group {entry['group']}"
+    factors = load_stage(out, "pretrained")
+    assert factors.info["fit"]["num_processes"] == 2
+    assert factors.info["fit"]["module_partitions"] == 2
+    assert_same_factors(factors, reference, rtol=1e-9)
+    assert not (out / ".msif-checkpoints").exists()
+
+
 def test_cli_under_accelerate_launch_uses_both_processes(example, reference, tmp_path):
     """``accelerate launch ... -m hub_msif fit`` on CPU: one process group, one summary, same factors."""
     model, corpus = example
