@@ -16,6 +16,7 @@ about 0.5-1 GB) and allocator fragmentation are not included.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -352,45 +353,62 @@ def _lambda_update(m: ModulePlan, tokens: int, batch_size: int, c: int) -> int:
     return tokens * (m.d_in + m.d_out) * c + 2 * chunk * per_sequence * c + per_sequence * (c + 8)
 
 
-def _process_phases(rank: int, groups: list[list[ModulePlan]], model_bytes: int, act, acc_bytes: int,
-                    compute_bytes: int) -> ProcessPlan:
-    """The peak of each phase on ``rank``: the largest over the module partitions."""
-    worst = {phase: {} for phase in PHASES}
+def _process_phases(num_processes: int, groups: list[list[ModulePlan]], model_bytes: int, act, acc_bytes: int,
+                    compute_bytes: int) -> list[ProcessPlan]:
+    """The peak of each phase on every rank: the largest over the module partitions."""
+    shared = []  # what every process holds while a partition is fitted
     for group in groups:
-        owned = [m for m in group if m.owner == rank]
         hooked = sum(m.d_in for m in group)
-        covariance = {
-            "model_weights": model_bytes,
-            "activations": act(hooked, group, "covariance"),
-            "covariance_accumulators": acc_bytes * sum(m.covariance_elements for m in group),
-        }
-        eig = {"model_weights": model_bytes}
-        if owned:
-            biggest = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in owned)
-            eig["owned_covariances_and_eigenbases"] = max(
-                acc_bytes * sum(m.covariance_elements for m in owned),
-                8 * sum(m.covariance_elements + m.eigenvalue_elements for m in owned))
-            eig["eigh_workspace"] = EIGH_MATRICES * 8 * biggest
-        lam = {
-            "model_weights": model_bytes,
-            "activations": act(hooked, group, "lambda"),
-            "eigenbasis_copies": compute_bytes * sum(m.covariance_elements for m in group),
-            "lambda_accumulators": acc_bytes * sum(m.lambda_elements for m in group),
-            "owned_eigenbases_float64": 8 * sum(m.covariance_elements + m.eigenvalue_elements for m in owned),
-        }
-        for phase, parts in (("covariance", covariance), ("eigendecomposition", eig), ("lambda", lam)):
-            if sum(parts.values()) > sum(worst[phase].values()):
-                worst[phase] = parts
-    owned_total = sum(1 for g in groups for m in g if m.owner == rank)
-    return ProcessPlan(rank, owned_total, worst)
+        shared.append({
+            "covariance": {"model_weights": model_bytes, "activations": act(hooked, group, "covariance"),
+                           "covariance_accumulators": acc_bytes * sum(m.covariance_elements for m in group)},
+            "lambda": {"model_weights": model_bytes, "activations": act(hooked, group, "lambda"),
+                       "eigenbasis_copies": compute_bytes * sum(m.covariance_elements for m in group),
+                       "lambda_accumulators": acc_bytes * sum(m.lambda_elements for m in group)},
+        })
+    owned: dict[tuple[int, int], list[ModulePlan]] = {}
+    for i, group in enumerate(groups):
+        for m in group:
+            owned.setdefault((m.owner, i), []).append(m)
+    plans = []
+    for rank in range(num_processes):
+        worst = {phase: {} for phase in PHASES}
+        for i in range(len(groups)):
+            mine = owned.get((rank, i), [])
+            eig = {"model_weights": model_bytes}
+            if mine:
+                eig["owned_covariances_and_eigenbases"] = max(
+                    acc_bytes * sum(m.covariance_elements for m in mine),
+                    8 * sum(m.covariance_elements + m.eigenvalue_elements for m in mine))
+                eig["eigh_workspace"] = EIGH_MATRICES * 8 * max(
+                    max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in mine)
+            lam = dict(shared[i]["lambda"])
+            lam["owned_eigenbases_float64"] = 8 * sum(m.covariance_elements + m.eigenvalue_elements for m in mine)
+            for phase, parts in (("covariance", shared[i]["covariance"]), ("eigendecomposition", eig), ("lambda", lam)):
+                if sum(parts.values()) > sum(worst[phase].values()):
+                    worst[phase] = parts
+        plans.append(ProcessPlan(rank, sum(len(v) for (r, _), v in owned.items() if r == rank), worst))
+    return plans
+
+
+@functools.lru_cache(maxsize=1024)
+def _groups(specs: tuple, k: int) -> list[list[str]]:
+    from hub_msif.factors.partition import module_groups
+
+    return module_groups(specs, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _owners(specs: tuple, world: int) -> dict[str, int]:
+    from hub_msif.factors.partition import module_owners
+
+    return module_owners(specs, world)
 
 
 def _plan_once(base: dict, k: int) -> FitPlan:
-    from hub_msif.factors.partition import module_groups, module_owners
-
-    tracked, specs, n = base["tracked"], base["specs"], base["num_processes"]
-    groups_names = module_groups(specs, k)
-    owners = module_owners(specs, n)
+    tracked, n = base["tracked"], base["num_processes"]
+    groups_names = _groups(tuple(tracked), k)
+    owners = _owners(tuple(tracked), n)
     partition_of = {name: i for i, names in enumerate(groups_names) for name in names}
     modules = [ModulePlan(t.name, t.role, t.d_in, t.d_out, t.num_blocks, partition_of[t.name], owners[t.name])
                for t in tracked]
@@ -402,7 +420,7 @@ def _plan_once(base: dict, k: int) -> FitPlan:
         return _activation_bytes(base["shape"], hooked, group, phase, e, c, base["batch_size"], base["max_length"],
                                  base["attention"])
 
-    processes = [_process_phases(r, groups, base["model_bytes"], act, acc, c) for r in range(n)]
+    processes = _process_phases(n, groups, base["model_bytes"], act, acc, c)
     rank = base["query_rank"]
     return FitPlan(
         model=base["model"], model_type=base["model_type"], parameters=base["parameters"], stage=base["stage"],
@@ -486,7 +504,7 @@ def plan_fit(
         "compute_dtype": "float64" if model_dtype == "float64" else "float32", "storage_dtype": storage_dtype,
         "batch_size": batch_size, "max_length": max_length, "attention": attention,
         "modules": modules if isinstance(modules, str) else "explicit", "query_rank": query_rank,
-        "tracked": tracked, "specs": tracked, "shape": _shape(config, tracked), "model_bytes": model_bytes,
+        "tracked": tracked, "shape": _shape(config, tracked), "model_bytes": model_bytes,
     }
     if isinstance(model_or_config, (str, Path)):
         base["model"] = str(model_or_config)
@@ -525,9 +543,13 @@ def _peak(base: dict, k: int) -> int:
 def _smallest_fitting(base: dict, budget: int) -> FitPlan | None:
     """The plan with the fewest partitions that fits ``budget``, or None.
 
-    The peak does not always fall with every extra partition (balancing is greedy), so the
-    partitions are tried in order; each try is arithmetic only.
+    Every partition of K groups holds at least what the group of its largest member alone would,
+    so the plan with one module per partition is the least any K needs: when it does not fit,
+    nothing does. Otherwise the partitions are tried in order (the peak does not fall with every
+    extra partition, balancing being greedy); each try is arithmetic only.
     """
+    if _plan_once(base, len(base["tracked"])).per_process_peak_bytes > budget:
+        return None
     for k in range(1, len(base["tracked"]) + 1):
         plan = _plan_once(base, k)
         if plan.per_process_peak_bytes <= budget:
@@ -553,7 +575,7 @@ def _what_would_fit(base: dict, budget: int) -> str:
     if base["modules"] != "mlp":
         mlp = [t for t in base["tracked"] if t.role == "mlp"]
         if mlp:
-            alt = _smallest_fitting(base | {"tracked": mlp, "specs": mlp, "modules": "mlp"}, budget)
+            alt = _smallest_fitting(base | {"tracked": mlp, "modules": "mlp"}, budget)
             if alt is not None:
                 options.append(f"--modules mlp with {alt.module_partitions} partition(s)")
     for batch in (4, 2, 1):
