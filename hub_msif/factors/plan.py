@@ -308,7 +308,7 @@ def _shape(config, tracked) -> dict:
 
 
 def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], phase: str, model_bytes_per: int,
-                      compute_bytes: int, batch_size: int, length: int, attention: str) -> int:
+                      compute_bytes: int, acc_bytes: int, batch_size: int, length: int, attention: str) -> int:
     """Estimated activation memory of one batch at its peak (see ``ASSUMPTIONS``).
 
     Saved for backward with frozen parameters (a linear layer then keeps no input), per token
@@ -320,7 +320,7 @@ def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], ph
     k/v repeated); the MLP keeps the activation's input (``ffn``; gated: gate, up and the
     activation's output, ``3 ffn``).
     """
-    e, c = model_bytes_per, compute_bytes
+    e, c, acc = model_bytes_per, compute_bytes, (acc_bytes if acc_bytes != compute_bytes else 0)
     tokens = batch_size * length
     h, q, kv, f = shape["hidden"], shape["q_dim"], shape["kv_dim"], shape["ffn"]
     eager = attention == "eager"
@@ -341,54 +341,68 @@ def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], ph
     # covariance pass: its float Gram matrix and the float64 copy; Lambda pass: the rotated
     # inputs and gradients, the per-sequence chunk and its square, their sum and its float64 copy.
     if phase == "covariance":
-        update = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in group) * (c + 8)
+        update = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in group) * (c + acc)
     else:
-        update = max(_lambda_update(m, tokens, batch_size, c) for m in group)
+        update = max(_lambda_update(m, tokens, batch_size, c, acc) for m in group)
     return saved + hooks + logits + max(per_layer_bytes, update)
 
 
-def _lambda_update(m: ModulePlan, tokens: int, batch_size: int, c: int) -> int:
+def _lambda_update(m: ModulePlan, tokens: int, batch_size: int, c: int, acc: int) -> int:
     per_sequence = m.d_out * m.d_in
     chunk = min(batch_size, max(1, LAMBDA_CHUNK_ELEMENTS // per_sequence))
-    return tokens * (m.d_in + m.d_out) * c + 2 * chunk * per_sequence * c + per_sequence * (c + 8)
+    return tokens * (m.d_in + m.d_out) * c + 2 * chunk * per_sequence * c + per_sequence * (c + acc)
+
+
+def _eigh_matrices(acc_bytes: int) -> int:
+    """float64 n x n matrices alive while one covariance is eigendecomposed: a float64 copy of a
+    float32 sum, the symmetrised input, the eigenvectors and LAPACK's workspace (syevd, ~2 n^2)."""
+    return EIGH_MATRICES + (1 if acc_bytes != 8 else 0)
 
 
 def _process_phases(num_processes: int, groups: list[list[ModulePlan]], model_bytes: int, act, acc_bytes: int,
                     compute_bytes: int) -> list[ProcessPlan]:
-    """The peak of each phase on every rank: the largest over the module partitions."""
-    shared = []  # what every process holds while a partition is fitted
+    """The peak of each phase on every rank: the largest over the module partitions.
+
+    Mirrors fit.py: at the phase boundary the modules of the partition are taken one at a time:
+    reduced to the owner, eigendecomposed there, and the float64 eigenbasis is broadcast to every
+    process, which keeps it (it is checkpointed) next to its compute-dtype copy and a fresh Lambda
+    accumulator.
+    """
+    copies = 0 if compute_bytes == 8 else compute_bytes  # a float64 model rotates with the float64 basis itself
+    per_rank = [{phase: {} for phase in PHASES} for _ in range(num_processes)]
     for group in groups:
+        basis = [8 * m.covariance_elements for m in group]
+        after = [b // 8 * copies + acc_bytes * m.lambda_elements for b, m in zip(basis, group)]
+        covs = [acc_bytes * m.covariance_elements for m in group]
         hooked = sum(m.d_in for m in group)
-        shared.append({
-            "covariance": {"model_weights": model_bytes, "activations": act(hooked, group, "covariance"),
-                           "covariance_accumulators": acc_bytes * sum(m.covariance_elements for m in group)},
-            "lambda": {"model_weights": model_bytes, "activations": act(hooked, group, "lambda"),
-                       "eigenbasis_copies": compute_bytes * sum(m.covariance_elements for m in group),
-                       "lambda_accumulators": acc_bytes * sum(m.lambda_elements for m in group)},
-        })
-    owned: dict[tuple[int, int], list[ModulePlan]] = {}
-    for i, group in enumerate(groups):
-        for m in group:
-            owned.setdefault((m.owner, i), []).append(m)
-    plans = []
-    for rank in range(num_processes):
-        worst = {phase: {} for phase in PHASES}
-        for i in range(len(groups)):
-            mine = owned.get((rank, i), [])
-            eig = {"model_weights": model_bytes}
-            if mine:
-                eig["owned_covariances_and_eigenbases"] = max(
-                    acc_bytes * sum(m.covariance_elements for m in mine),
-                    8 * sum(m.covariance_elements + m.eigenvalue_elements for m in mine))
-                eig["eigh_workspace"] = EIGH_MATRICES * 8 * max(
-                    max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in mine)
-            lam = dict(shared[i]["lambda"])
-            lam["owned_eigenbases_float64"] = 8 * sum(m.covariance_elements + m.eigenvalue_elements for m in mine)
-            for phase, parts in (("covariance", shared[i]["covariance"]), ("eigendecomposition", eig), ("lambda", lam)):
+        covariance = {"model_weights": model_bytes, "activations": act(hooked, group, "covariance"),
+                      "covariance_accumulators": sum(covs)}
+        lam_shared = {"model_weights": model_bytes, "activations": act(hooked, group, "lambda"),
+                      "eigenbases_float64": sum(basis), "eigenbasis_copies": sum(b // 8 * copies for b in basis),
+                      "lambda_accumulators": acc_bytes * sum(m.lambda_elements for m in group)}
+        for rank in range(num_processes):
+            worst = per_rank[rank]
+            # Module i: the sums of modules i.. are still held, those before i are eigenbases already.
+            best, remaining, done = None, sum(covs), 0
+            for i, m in enumerate(group):
+                temp = 8 * _eigh_matrices(acc_bytes) * max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) \
+                    if m.owner == rank else 0
+                parts = {"model_weights": model_bytes, "covariance_accumulators_left": remaining,
+                         "eigenbases_and_lambda_so_far": done, "eigh_workspace": temp}
+                if best is None or sum(parts.values()) > sum(best.values()):
+                    best = parts
+                remaining -= covs[i]
+                done += basis[i] + after[i]
+            lam = dict(lam_shared)
+            lam["owned_eigenvalues_float64"] = 8 * sum(m.eigenvalue_elements for m in group if m.owner == rank)
+            for phase, parts in (("covariance", covariance), ("eigendecomposition", best), ("lambda", lam)):
                 if sum(parts.values()) > sum(worst[phase].values()):
                     worst[phase] = parts
-        plans.append(ProcessPlan(rank, sum(len(v) for (r, _), v in owned.items() if r == rank), worst))
-    return plans
+    owned = [0] * num_processes
+    for group in groups:
+        for m in group:
+            owned[m.owner] += 1
+    return [ProcessPlan(rank, owned[rank], per_rank[rank]) for rank in range(num_processes)]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -417,7 +431,7 @@ def _plan_once(base: dict, k: int) -> FitPlan:
     acc = DTYPE_BYTES[base["accumulate_dtype"]]
 
     def act(hooked, group, phase):
-        return _activation_bytes(base["shape"], hooked, group, phase, e, c, base["batch_size"], base["max_length"],
+        return _activation_bytes(base["shape"], hooked, group, phase, e, c, acc, base["batch_size"], base["max_length"],
                                  base["attention"])
 
     processes = _process_phases(n, groups, base["model_bytes"], act, acc, c)
@@ -566,12 +580,6 @@ def _what_would_fit(base: dict, budget: int) -> str:
         alt = _smallest_fitting(base | {"accumulate_dtype": "float32"}, budget)
         if alt is not None:
             options.append(f"--accumulate-dtype float32 with {alt.module_partitions} partition(s)")
-    for n in (2, 4, 8, 16, 32, 64):
-        if n > base["num_processes"]:
-            alt = _smallest_fitting(base | {"num_processes": n}, budget)
-            if alt is not None:
-                options.append(f"{n} processes with {alt.module_partitions} partition(s)")
-                break
     if base["modules"] != "mlp":
         mlp = [t for t in base["tracked"] if t.role == "mlp"]
         if mlp:
@@ -588,7 +596,7 @@ def _what_would_fit(base: dict, budget: int) -> str:
              f"(model weights {format_bytes(base['model_bytes'])}, activations {format_bytes(floor.activation_bytes)})")
     if options:
         return reach + "; would fit: " + ", or ".join(options)
-    return reach + "; no change tried fits (float32 accumulation, more processes, MLP modules only, a smaller " \
+    return reach + "; no change tried fits (float32 accumulation, MLP modules only, a smaller " \
                    "batch): use a larger memory budget or shorter sequences"
 
 
