@@ -134,6 +134,7 @@ def _add_plan_options(p) -> None:
     if "--model-dtype" not in known:
         g.add_argument("--model-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                        help="dtype of the model's forward and backward (default: its published dtype)")
+    p.set_defaults(module_partitions=None)  # not given: 1, or with --max-memory the plan's choice
 
 
 def _run_fit_or_plan(args) -> int:
@@ -148,6 +149,8 @@ def _run_fit_or_plan(args) -> int:
         args.module_partitions = plan.module_partitions
         if int(os.environ.get("RANK", "0") or 0) == 0:
             print(format_plan(plan), file=sys.stderr)
+    elif args.module_partitions is None:
+        args.module_partitions = 1
     return _run_fit(args)
 
 

@@ -616,8 +616,8 @@ def format_plan(plan: FitPlan) -> str:
         f"  passes over the data: {plan.passes} (a covariance and a Lambda pass per partition)",
         f"  artifact: {format_bytes(plan.artifact_bytes)} for this stage in {plan.storage_dtype} "
         f"({format_bytes(plan.pair_artifact_bytes)} for a pair)",
-        f"  one preconditioned query: {format_bytes(plan.query_bytes)} ({rank_text}; full rank "
-        f"{format_bytes(plan.full_rank_query_bytes)})",
+        f"  one preconditioned query: {format_bytes(plan.query_bytes)} ({rank_text}"
+        + (f"; full rank {format_bytes(plan.full_rank_query_bytes)})" if plan.query_rank else ")"),
         f"  model weights {format_bytes(plan.model_bytes)}, parameter gradients 0 (input gradients only), "
         f"activations up to {format_bytes(plan.activation_bytes)}",
         "",
