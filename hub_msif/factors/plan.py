@@ -544,6 +544,20 @@ def plan_fit(
                                      f"fits {format_bytes(budget)} per process ({plan.passes} passes over the data)")
 
 
+def plan_of_fit(model, config, num_processes: int, max_length: int) -> FitPlan:
+    """The plan of the fit ``fit_factors`` is about to run: ``model`` loaded, ``config`` a ``FitConfig``.
+
+    Settings ``FitConfig`` may lack (older versions) take the plan's defaults; the model dtype is
+    ``config.model_dtype`` or else the loaded weights' dtype. Print it with ``format_plan``.
+    """
+    dtype = getattr(config, "model_dtype", None) or _dtype_name(next(model.parameters()).dtype) or "float32"
+    return plan_fit(model, config.stage, num_processes=num_processes,
+                    module_partitions=getattr(config, "module_partitions", 1) or 1,
+                    accumulate_dtype=getattr(config, "accumulate_dtype", "float64"), model_dtype=dtype,
+                    batch_size=config.batch_size, max_length=max_length, modules=config.modules,
+                    split_heads=config.split_heads, storage_dtype=config.storage_dtype)
+
+
 def _with(plan: FitPlan, budget: int, fits: bool, note: str) -> FitPlan:
     from dataclasses import replace
 

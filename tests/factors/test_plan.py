@@ -28,7 +28,7 @@ from hub_msif.errors import MsifValueError, UnsupportedArchitectureError
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator
 from hub_msif.factors.fit import FitConfig, fit_factors
 from hub_msif.factors.partition import module_groups, module_owners
-from hub_msif.factors.plan import format_plan, parse_size, plan_fit
+from hub_msif.factors.plan import format_plan, parse_size, plan_fit, plan_of_fit
 from hub_msif.factors.tracking import find_modules
 from hub_msif.toy.examples import tiny_model
 
@@ -206,6 +206,17 @@ def test_artifact_and_query_bytes_equal_real_files_and_weights(arch, tmp_path):
     low = plan_fit(model, query_rank=2)
     assert low.query_bytes == 4 * sum(min(2 * (m.d_in + m.d_out), m.d_in * m.d_out) for m in low.tracked_modules)
     assert low.query_bytes < plan.query_bytes
+
+
+def test_plan_of_a_fit_config():
+    model = _tiny("llama").double()
+    config = FitConfig(stage="finetuned", batch_size=3, modules="mlp", storage_dtype="bfloat16")
+    plan = plan_of_fit(model, config, num_processes=2, max_length=40)
+    expected = plan_fit(model, "finetuned", num_processes=2, model_dtype="float64", batch_size=3, max_length=40,
+                        modules="mlp", storage_dtype="bfloat16")
+    assert plan == expected
+    assert plan.compute_dtype == "float64" and plan.processes[0].phases["lambda"]["eigenbasis_copies"] == 0
+    assert f"{len(plan.tracked_modules)} tracked modules (mlp), 2 process(es)" in format_plan(plan)
 
 
 def test_model_bytes_follow_the_model_dtype(big_folders):
