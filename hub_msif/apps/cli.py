@@ -116,6 +116,102 @@ def _add_fit(sub) -> None:
     p.add_argument("--out", required=True, type=non_empty, help="factor folder to write (a stage already there is replaced)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_threads(p)
+    _add_plan_options(p)
+
+
+# --- fit --plan: the memory plan (docs/design.md, "Memory plan") --------------------------------
+
+
+def _memory_size(text: str) -> int:
+    from hub_msif.factors.plan import parse_size
+
+    try:
+        return parse_size(text)
+    except MsifValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class _PlanAction(argparse.Action):
+    """``--plan``: sets the flag and, for this parse, makes --data and --out optional (a plan reads neither)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        for action in parser._actions:
+            if action.dest in ("data", "out"):
+                action.required = False
+
+
+def _add_plan_options(p) -> None:
+    """``fit --plan`` and its options, added to the ``fit`` parser; with --plan, --data and --out are not needed.
+
+    --module-partitions, --accumulate-dtype and --model-dtype are options of real fits too; they are
+    added here only when the fit parser does not define them already.
+    """
+    g = p.add_argument_group("memory plan (fit --plan: print the plan and exit; reads only the model's config)")
+    g.add_argument("--plan", action=_PlanAction,
+                   help="print the memory plan of this fit per process (no data or weights read) and exit")
+    g.add_argument("--num-processes", type=positive_int, default=None,
+                   help="processes of the planned fit (default: the launcher's WORLD_SIZE, else 1)")
+    g.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
+                   help="memory per process, e.g. 70GB or 40GiB: the plan picks the fewest module partitions that fit")
+    g.add_argument("--query-rank", dest="plan_query_rank", type=positive_int, metavar="R",
+                   help="rank of the preconditioned query whose bytes the plan reports (default: full rank)")
+    known = p._option_string_actions
+    if "--module-partitions" not in known:
+        g.add_argument("--module-partitions", type=positive_int, default=None, metavar="K",
+                       help="fit the modules in K groups, one at a time (2K passes over the data)")
+    if "--accumulate-dtype" not in known:
+        g.add_argument("--accumulate-dtype", default="float64", choices=["float64", "float32"],
+                       help="dtype of the covariance and Lambda sums (default float64)")
+    if "--model-dtype" not in known:
+        g.add_argument("--model-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                       help="dtype of the model's forward and backward (default: its published dtype)")
+    p.set_defaults(module_partitions=None)  # not given: 1, or with --max-memory the plan's choice
+
+
+def _run_fit_or_plan(args) -> int:
+    """``fit --plan`` prints the plan; a fit with ``--max-memory`` is planned first (one-line error, before
+    any data or weights are read, when nothing fits) and takes the plan's number of module partitions."""
+    if args.plan:
+        return _run_plan(args)
+    if args.max_memory is not None:
+        from hub_msif.factors.plan import format_plan
+
+        plan = _plan_of(args)
+        args.module_partitions = plan.module_partitions
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(format_plan(plan), file=sys.stderr)
+    elif args.module_partitions is None:
+        args.module_partitions = 1
+    return _run_fit(args)
+
+
+def _plan_of(args):
+    from hub_msif.factors.plan import plan_fit
+    from hub_msif.factors.tracking import parse_module_specs
+
+    modules = parse_module_specs(args.module) if args.module else args.modules
+    processes = args.num_processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
+    dtype = args.dtype if args.dtype in ("float32", "bfloat16", "float64") else "float32"
+    return plan_fit(args.model, args.stage, num_processes=processes, module_partitions=args.module_partitions,
+                    max_memory=args.max_memory, accumulate_dtype=args.accumulate_dtype, model_dtype=args.model_dtype,
+                    batch_size=args.batch_size, max_length=args.max_length, query_rank=args.plan_query_rank,
+                    modules=modules, split_heads=not args.no_split_heads, storage_dtype=dtype, revision=args.revision)
+
+
+def _run_plan(args) -> int:
+    """Prints the memory plan of the fit these arguments describe; reads no data and no weights."""
+    from hub_msif.factors.plan import format_plan
+
+    plan = _plan_of(args)
+    if args.json:
+        print_json(plan.to_json())
+    else:
+        print(format_plan(plan))
+    return 0
 
 
 def _run_fit(args) -> int:
@@ -582,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"fit": _run_fit, "demo": _run_demo, "index": _run_index, "attribute": _run_attribute}
+RUNNERS = {"fit": _run_fit_or_plan, "demo": _run_demo, "index": _run_index, "attribute": _run_attribute}
 RUNNERS.update({"push": _run_push, "pull": _run_pull, "find-factors": _run_find_factors})
 RUNNERS["hub"] = _run_hub
 

@@ -1,0 +1,652 @@
+"""The memory plan of a fit, computed before any work from the model's config alone.
+
+``plan_fit`` builds the model on the meta device (no weights read, nothing allocated), finds its
+tracked modules with ``find_modules``, splits them into module partitions and owners exactly as the
+fit does (``hub_msif.factors.partition``) and adds up, for every process, the bytes each phase of
+the fit holds at its peak (docs/design.md, "Memory plan"). ``format_plan`` prints it as a table.
+
+Bytes that are exact (from the shapes and the code): model weights and buffers; the covariance
+accumulators ``A`` and ``S`` in the accumulation dtype; the eigenbases and eigenvalues (float64);
+the eigenbasis copies the Lambda pass rotates with (compute dtype); the Lambda accumulator; the
+factor artifact; one preconditioned query. Estimated (stated in ``ASSUMPTIONS``): activations
+saved for backward, the logits and loss, the backward's working set and the temporaries of one
+module's update and eigendecomposition. The language runtime (Python, torch, a CUDA context of
+about 0.5-1 GB) and allocator fragmentation are not included.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hub_msif.errors import MsifValueError, UnsupportedArchitectureError
+
+GB = 10**9
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+ACCUMULATE_DTYPES = ("float64", "float32")
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+STORAGE_DTYPES = ("float32", "bfloat16", "float64")
+# ekfac.py's _MAX_CHUNK_ELEMENTS: per-sequence rotated gradients formed at once in the Lambda pass.
+LAMBDA_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# LAPACK's symmetric eigensolver (syevd, what torch.linalg.eigh runs) needs a workspace of about
+# 2 n^2 doubles; with the symmetrised input and the eigenvectors that makes 4 n^2 doubles at once.
+EIGH_MATRICES = 4
+PHASES = ("covariance", "eigendecomposition", "lambda")
+
+ASSUMPTIONS = (
+    "Per process and phase, the largest over the module partitions. Covariance pass: model weights, one "
+    "batch's activations, and the partial sums A [d_in, d_in] and S [blocks, bs, bs] (accumulation dtype) of "
+    "every module of the partition (every process sums every module of the partition over its share of the "
+    "data before the sums are reduced to the module's owner). Eigendecomposition: the owner's reduced A and S "
+    "of its modules in the partition, turning into float64 eigenbases one module at a time, plus 4 n^2 float64 "
+    "(symmetrised input, eigenvectors, LAPACK workspace) of its largest matrix. Lambda pass: model weights, "
+    "activations, every process's copies of the partition's eigenbases in the compute dtype and its Lambda "
+    "accumulators [d_out, d_in] (accumulation dtype), and the owner's float64 eigenbases. Activations "
+    "(estimate): saved for backward with frozen parameters, per token and layer in the model dtype, the "
+    "residual stream, q/k/v (after the rotary embedding) and the attention output, with eager attention the "
+    "softmax probabilities (heads x length), and the MLP activation's input (gated MLPs: gate, up and the "
+    "activation's output); the hooks' copies of every tracked input of the partition (compute dtype); the "
+    "logits with a float32 copy and its log-softmax; the float64 label-sampling distribution of one sequence; "
+    "and the larger of one layer's forward temporaries and one module's update temporaries. Frozen "
+    "parameters: no parameter gradients, no optimizer state. Not included: the Python/torch runtime, a CUDA "
+    "context (about 0.5-1 GB), allocator caching and fragmentation."
+)
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One tracked module: shape, partition, owner and element counts."""
+
+    name: str
+    role: str
+    d_in: int
+    d_out: int
+    num_blocks: int
+    partition: int
+    owner: int
+
+    @property
+    def block_size(self) -> int:
+        return self.d_out // self.num_blocks
+
+    @property
+    def covariance_elements(self) -> int:
+        """``A`` and ``S`` (per-head blocks only on the diagonal)."""
+        return self.d_in * self.d_in + self.num_blocks * self.block_size * self.block_size
+
+    @property
+    def eigenvalue_elements(self) -> int:
+        return self.d_in + self.d_out
+
+    @property
+    def lambda_elements(self) -> int:
+        return self.d_out * self.d_in
+
+    @property
+    def stored_elements(self) -> int:
+        """``q_a``, ``q_s``, ``lam``, ``eig_a``, ``eig_s`` as storage.py saves them."""
+        return self.covariance_elements + self.lambda_elements + self.eigenvalue_elements
+
+    def query_elements(self, rank: int | None) -> int:
+        """One preconditioned query ``W_q`` of this module: full, or as ``U [d_out, r]``, ``V [r, d_in]``."""
+        full = self.d_out * self.d_in
+        return full if rank is None else min(full, rank * (self.d_in + self.d_out))
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """What one process holds: bytes of every component at the peak of each phase."""
+
+    rank: int
+    owned_modules: int
+    phases: dict[str, dict[str, int]]
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=self.phase_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.phase_bytes(self.peak_phase)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """The memory plan of one stage's fit (docs/design.md, "Memory plan")."""
+
+    model: str
+    model_type: str
+    parameters: int
+    stage: str
+    num_processes: int
+    module_partitions: int
+    accumulate_dtype: str
+    model_dtype: str
+    compute_dtype: str
+    storage_dtype: str
+    batch_size: int
+    max_length: int
+    attention: str
+    modules: str
+    query_rank: int | None
+    tracked_modules: list[ModulePlan]
+    processes: list[ProcessPlan]
+    passes: int
+    artifact_bytes: int
+    query_bytes: int
+    full_rank_query_bytes: int
+    model_bytes: int
+    activation_bytes: int
+    max_memory: int | None = None
+    fits: bool | None = None
+    note: str = ""
+    assumptions: str = field(default=ASSUMPTIONS, repr=False)
+
+    @property
+    def per_process_peak_bytes(self) -> int:
+        """The largest peak of any phase on any process."""
+        return max(p.peak_bytes for p in self.processes)
+
+    @property
+    def peak_process(self) -> ProcessPlan:
+        return max(self.processes, key=lambda p: (p.peak_bytes, -p.rank))
+
+    @property
+    def pair_artifact_bytes(self) -> int:
+        return 2 * self.artifact_bytes
+
+    def to_json(self) -> dict:
+        """Everything as plain JSON values; ``per_process_peak_bytes`` at the top level."""
+        data = asdict(self)
+        data["tracked_modules"] = len(self.tracked_modules)
+        data["modules_detail"] = [asdict(m) for m in self.tracked_modules]
+        data["processes"] = [
+            {"rank": p.rank, "owned_modules": p.owned_modules, "peak_bytes": p.peak_bytes, "peak_phase": p.peak_phase,
+             "phase_bytes": {ph: p.phase_bytes(ph) for ph in PHASES}, "phases": p.phases}
+            for p in self.processes
+        ]
+        peak = self.peak_process
+        data.update({"per_process_peak_bytes": self.per_process_peak_bytes, "peak_phase": peak.peak_phase,
+                     "peak_rank": peak.rank, "pair_artifact_bytes": self.pair_artifact_bytes})
+        return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes of ``70GB``, ``70 GB``, ``40GiB``, ``512MB`` or a plain number of bytes (1 GB = 1e9 B)."""
+    if isinstance(text, bool):
+        raise MsifValueError(f"bad memory size {text!r}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise MsifValueError(f"bad memory size {text!r}: use a number with a unit, e.g. 70GB, 40GiB or 512MB")
+        value, unit = float(match.group(1)), (match.group(2) or "").lower().rstrip("b")
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size < 1:
+        raise MsifValueError(f"bad memory size {text!r}: must be at least 1 byte")
+    return int(size)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= 10**8 else f"{n / 10**6:.1f} MB"
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise MsifValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPE_BYTES else None
+
+
+def load_config(model_or_config, revision: str | None = None):
+    """A transformers config from a Hub id, a folder with ``config.json``, a dict, a config or a model."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model_or_config, PretrainedConfig):
+        return model_or_config
+    if hasattr(model_or_config, "config") and isinstance(model_or_config.config, PretrainedConfig):
+        return model_or_config.config
+    if isinstance(model_or_config, Mapping):
+        values = dict(model_or_config)
+        model_type = values.pop("model_type", None)
+        try:
+            return AutoConfig.for_model(model_type, **values)
+        except (ValueError, KeyError) as err:
+            raise UnsupportedArchitectureError(
+                f"config with model_type {model_type!r}: not an architecture transformers knows") from err
+    source = str(model_or_config)
+    folder = Path(source)
+    if folder.is_dir():
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"model folder {source} has no config.json")
+        try:
+            declared = json.loads(config_file.read_text())
+        except (OSError, ValueError) as err:
+            raise MsifValueError(f"{config_file} is not valid JSON: {err}") from err
+        if not isinstance(declared, dict):
+            raise MsifValueError(f"{config_file} does not hold a JSON object")
+        model_type = declared.get("model_type")
+        try:
+            return AutoConfig.from_pretrained(folder)
+        except (ValueError, KeyError) as err:
+            raise UnsupportedArchitectureError(
+                f"model {source}: config.json has model_type {model_type!r}, an architecture transformers "
+                f"does not know") from err
+    from hub_msif.models import _looks_like_repo_id
+
+    if not _looks_like_repo_id(source):
+        raise FileNotFoundError(f"model folder {source} does not exist")
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision)
+    except (ValueError, KeyError) as err:
+        raise UnsupportedArchitectureError(f"model {source}: its config is of an architecture transformers "
+                                           f"does not know ({str(err).splitlines()[0] if str(err) else ''})") from err
+    except OSError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(f"model {source!r}: its config.json could not be read: {first}") from err
+
+
+def meta_model(config):
+    """The causal LM of ``config`` on the meta device: shapes only, no memory, no weights read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as err:
+        raise UnsupportedArchitectureError(
+            f"{type(config).__name__} (model_type={getattr(config, 'model_type', None)!r}) has no causal LM "
+            "class in transformers") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# The arithmetic
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _shape(config, tracked) -> dict:
+    """Layers, hidden size, heads, q and kv widths, FFN width and vocabulary of ``config``."""
+    c = _text_config(config)
+    hidden = c.hidden_size
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * hidden
+    return {"layers": c.num_hidden_layers, "hidden": hidden, "heads": heads, "q_dim": heads * head_dim,
+            "kv_dim": kv_heads * head_dim, "ffn": ffn, "vocab": c.vocab_size,
+            "fused_qkv": not any(t.name.endswith("k_proj") for t in tracked),
+            "gated": any(t.name.endswith("gate_proj") for t in tracked)}
+
+
+def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], phase: str, model_bytes_per: int,
+                      compute_bytes: int, acc_bytes: int, batch_size: int, length: int, attention: str) -> int:
+    """Estimated activation memory of one batch at its peak (see ``ASSUMPTIONS``).
+
+    Saved for backward with frozen parameters (a linear layer then keeps no input), per token
+    and layer: fused q|k|v (GPT-NeoX, BLOOM) keeps the residual, q|k|v, q and k after the
+    rotary embedding and the attention output (``h + 6 q``) under sdpa, or q, k, v and the
+    softmax probabilities under eager attention (``h + 3 q + heads x length``); separate
+    projections (Llama and kin) keep two residuals, q and k after the rotary embedding, v and
+    the attention output (``2 h + 2 q + 2 kv``, eager: ``2 h + 3 q + heads x length``, GQA's
+    k/v repeated); the MLP keeps the activation's input (``ffn``; gated: gate, up and the
+    activation's output, ``3 ffn``).
+    """
+    e, c, acc = model_bytes_per, compute_bytes, (acc_bytes if acc_bytes != compute_bytes else 0)
+    tokens = batch_size * length
+    h, q, kv, f = shape["hidden"], shape["q_dim"], shape["kv_dim"], shape["ffn"]
+    eager = attention == "eager"
+    residual = h if shape["fused_qkv"] else 2 * h
+    if eager:
+        attn = 3 * q
+    else:
+        attn = 6 * q if shape["fused_qkv"] else 2 * q + 2 * kv
+    per_layer_bytes = tokens * (residual + attn + (3 * f if shape["gated"] else f)) * e
+    if eager:
+        per_layer_bytes += batch_size * shape["heads"] * length * length * e
+    saved = shape["layers"] * per_layer_bytes + 2 * tokens * h * e  # + embedding output and final norm input
+    hooks = tokens * hooked_d_in * c  # the captured inputs of every hooked module, held until its backward
+    # Logits (model dtype), the float32 copy of the positions with a loss and its log-softmax;
+    # the label draw's float64 softmax and running sum of one sequence.
+    logits = tokens * shape["vocab"] * (e + 2 * 4) + 2 * 8 * length * shape["vocab"]
+    # The largest of: one layer's forward temporaries, and one module's update temporaries:
+    # covariance pass: its float Gram matrix and the float64 copy; Lambda pass: the rotated
+    # inputs and gradients, the per-sequence chunk and its square, their sum and its float64 copy.
+    if phase == "covariance":
+        update = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in group) * (c + acc)
+    else:
+        update = max(_lambda_update(m, tokens, batch_size, c, acc) for m in group)
+    return saved + hooks + logits + max(per_layer_bytes, update)
+
+
+def _lambda_update(m: ModulePlan, tokens: int, batch_size: int, c: int, acc: int) -> int:
+    per_sequence = m.d_out * m.d_in
+    chunk = min(batch_size, max(1, LAMBDA_CHUNK_ELEMENTS // per_sequence))
+    return tokens * (m.d_in + m.d_out) * c + 2 * chunk * per_sequence * c + per_sequence * (c + acc)
+
+
+def _eigh_matrices(acc_bytes: int) -> int:
+    """float64 n x n matrices alive while one covariance is eigendecomposed: a float64 copy of a
+    float32 sum, the symmetrised input, the eigenvectors and LAPACK's workspace (syevd, ~2 n^2)."""
+    return EIGH_MATRICES + (1 if acc_bytes != 8 else 0)
+
+
+def _process_phases(num_processes: int, groups: list[list[ModulePlan]], model_bytes: int, act, acc_bytes: int,
+                    compute_bytes: int) -> list[ProcessPlan]:
+    """The peak of each phase on every rank: the largest over the module partitions.
+
+    Mirrors fit.py: at the phase boundary the modules of the partition are taken one at a time:
+    reduced to the owner, eigendecomposed there, and the float64 eigenbasis is broadcast to every
+    process, which keeps it (it is checkpointed) next to its compute-dtype copy and a fresh Lambda
+    accumulator.
+    """
+    copies = 0 if compute_bytes == 8 else compute_bytes  # a float64 model rotates with the float64 basis itself
+    per_rank = [{phase: {} for phase in PHASES} for _ in range(num_processes)]
+    for group in groups:
+        basis = [8 * m.covariance_elements for m in group]
+        after = [b // 8 * copies + acc_bytes * m.lambda_elements for b, m in zip(basis, group)]
+        covs = [acc_bytes * m.covariance_elements for m in group]
+        hooked = sum(m.d_in for m in group)
+        covariance = {"model_weights": model_bytes, "activations": act(hooked, group, "covariance"),
+                      "covariance_accumulators": sum(covs)}
+        lam_shared = {"model_weights": model_bytes, "activations": act(hooked, group, "lambda"),
+                      "eigenbases_float64": sum(basis), "eigenbasis_copies": sum(b // 8 * copies for b in basis),
+                      "lambda_accumulators": acc_bytes * sum(m.lambda_elements for m in group)}
+        for rank in range(num_processes):
+            worst = per_rank[rank]
+            # Module i: the sums of modules i.. are still held, those before i are eigenbases already.
+            best, remaining, done = None, sum(covs), 0
+            for i, m in enumerate(group):
+                temp = 8 * _eigh_matrices(acc_bytes) * max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) \
+                    if m.owner == rank else 0
+                parts = {"model_weights": model_bytes, "covariance_accumulators_left": remaining,
+                         "eigenbases_and_lambda_so_far": done, "eigh_workspace": temp}
+                if best is None or sum(parts.values()) > sum(best.values()):
+                    best = parts
+                remaining -= covs[i]
+                done += basis[i] + after[i]
+            lam = dict(lam_shared)
+            lam["owned_eigenvalues_float64"] = 8 * sum(m.eigenvalue_elements for m in group if m.owner == rank)
+            for phase, parts in (("covariance", covariance), ("eigendecomposition", best), ("lambda", lam)):
+                if sum(parts.values()) > sum(worst[phase].values()):
+                    worst[phase] = parts
+    owned = [0] * num_processes
+    for group in groups:
+        for m in group:
+            owned[m.owner] += 1
+    return [ProcessPlan(rank, owned[rank], per_rank[rank]) for rank in range(num_processes)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _groups(specs: tuple, k: int) -> list[list[str]]:
+    from hub_msif.factors.partition import module_groups
+
+    return module_groups(specs, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _owners(specs: tuple, world: int) -> dict[str, int]:
+    from hub_msif.factors.partition import module_owners
+
+    return module_owners(specs, world)
+
+
+def _plan_once(base: dict, k: int) -> FitPlan:
+    tracked, n = base["tracked"], base["num_processes"]
+    groups_names = _groups(tuple(tracked), k)
+    owners = _owners(tuple(tracked), n)
+    partition_of = {name: i for i, names in enumerate(groups_names) for name in names}
+    modules = [ModulePlan(t.name, t.role, t.d_in, t.d_out, t.num_blocks, partition_of[t.name], owners[t.name])
+               for t in tracked]
+    groups = [[m for m in modules if m.partition == i] for i in range(k)]
+    e, c = DTYPE_BYTES[base["model_dtype"]], DTYPE_BYTES[base["compute_dtype"]]
+    acc = DTYPE_BYTES[base["accumulate_dtype"]]
+
+    def act(hooked, group, phase):
+        return _activation_bytes(base["shape"], hooked, group, phase, e, c, acc, base["batch_size"], base["max_length"],
+                                 base["attention"])
+
+    processes = _process_phases(n, groups, base["model_bytes"], act, acc, c)
+    rank = base["query_rank"]
+    return FitPlan(
+        model=base["model"], model_type=base["model_type"], parameters=base["parameters"], stage=base["stage"],
+        num_processes=n, module_partitions=k, accumulate_dtype=base["accumulate_dtype"],
+        model_dtype=base["model_dtype"], compute_dtype=base["compute_dtype"], storage_dtype=base["storage_dtype"],
+        batch_size=base["batch_size"], max_length=base["max_length"], attention=base["attention"],
+        modules=base["modules"], query_rank=rank, tracked_modules=modules, processes=processes, passes=2 * k,
+        artifact_bytes=DTYPE_BYTES[base["storage_dtype"]] * sum(m.stored_elements for m in modules),
+        query_bytes=4 * sum(m.query_elements(rank) for m in modules),
+        full_rank_query_bytes=4 * sum(m.query_elements(None) for m in modules),
+        model_bytes=base["model_bytes"],
+        activation_bytes=max(p.phases["lambda"]["activations"] for p in processes),
+    )
+
+
+def plan_fit(
+    model_or_config,
+    stage: str = "pretrained",
+    num_processes: int = 1,
+    module_partitions: int | None = None,
+    max_memory: int | str | None = None,
+    accumulate_dtype: str = "float64",
+    model_dtype: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    query_rank: int | None = None,
+    modules: str | Mapping[str, str] = "all",
+    split_heads: bool = True,
+    storage_dtype: str = "float32",
+    attention: str | None = None,
+    revision: str | None = None,
+) -> FitPlan:
+    """The memory plan of fitting one stage of ``model_or_config`` (docs/design.md, "Memory plan").
+
+    ``model_or_config`` is a Hub id or a folder (only ``config.json`` is read), a transformers
+    config, a dict of config values with ``model_type``, or a model. ``model_dtype`` defaults to
+    the config's published dtype (what ``hub-msif fit`` loads), else float32; ``attention`` to the
+    config's attention implementation (``eager`` keeps the softmax probabilities, ``sdpa`` and
+    flash kernels do not). ``query_rank`` ``None`` is a full-rank query.
+
+    ``module_partitions`` ``None`` means 1, or with ``max_memory`` (bytes or a string like
+    ``70GB``) the smallest number of partitions whose per-process peak fits; the plan's ``note``
+    says which. When nothing fits, ``MsifValueError`` says what would.
+    """
+    from hub_msif.artifacts.manifest import STAGES
+    from hub_msif.factors.tracking import find_modules
+
+    if stage not in STAGES:
+        raise MsifValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    for name, value in (("num_processes", num_processes), ("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MsifValueError(f"{name} must be a positive integer, got {value!r}")
+    if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
+        raise MsifValueError(f"query rank must be a positive integer, got {query_rank!r}")
+    _check_choice("accumulate dtype", accumulate_dtype, ACCUMULATE_DTYPES)
+    _check_choice("storage dtype", storage_dtype, STORAGE_DTYPES)
+    budget = None if max_memory is None else parse_size(max_memory)
+
+    config = load_config(model_or_config, revision)
+    model = meta_model(config) if not hasattr(model_or_config, "named_modules") else model_or_config
+    tracked = find_modules(model, modules, split_heads)
+    published = _dtype_name(getattr(config, "dtype", None)) or _dtype_name(config.to_dict().get("torch_dtype"))
+    model_dtype = model_dtype or published or "float32"
+    _check_choice("model dtype", model_dtype, MODEL_DTYPES)
+    attention = attention or getattr(config, "_attn_implementation", None) or "sdpa"
+    seen, parameters, model_bytes = set(), 0, 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if tensor.is_floating_point():
+            model_bytes += tensor.numel() * DTYPE_BYTES[model_dtype]
+        else:
+            model_bytes += tensor.numel() * tensor.element_size()
+    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    base = {
+        "model": str(getattr(config, "_name_or_path", "") or model_or_config) if isinstance(model_or_config, (str, Path))
+        else str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        "model_type": getattr(config, "model_type", ""), "parameters": parameters, "stage": stage,
+        "num_processes": num_processes, "accumulate_dtype": accumulate_dtype, "model_dtype": model_dtype,
+        "compute_dtype": "float64" if model_dtype == "float64" else "float32", "storage_dtype": storage_dtype,
+        "batch_size": batch_size, "max_length": max_length, "attention": attention,
+        "modules": modules if isinstance(modules, str) else "explicit", "query_rank": query_rank,
+        "tracked": tracked, "shape": _shape(config, tracked), "model_bytes": model_bytes,
+    }
+    if isinstance(model_or_config, (str, Path)):
+        base["model"] = str(model_or_config)
+
+    if budget is None:
+        plan = _plan_once(base, module_partitions or 1)
+        return plan
+    if module_partitions is not None:
+        plan = _plan_once(base, module_partitions)
+        if plan.per_process_peak_bytes <= budget:
+            return _with(plan, budget, True, f"fits {format_bytes(budget)} per process with {module_partitions} "
+                                             f"module partition(s)")
+        smallest = _smallest_fitting(base, budget)
+        hint = (f"; {smallest.module_partitions} partitions would fit" if smallest is not None
+                else "; " + _what_would_fit(base, budget))
+        raise MsifValueError(
+            f"{module_partitions} module partition(s) need {format_bytes(plan.per_process_peak_bytes)} per process, "
+            f"more than the {format_bytes(budget)} allowed{hint}")
+    plan = _smallest_fitting(base, budget)
+    if plan is None:
+        raise MsifValueError(f"nothing fits {format_bytes(budget)} per process: {_what_would_fit(base, budget)}")
+    return _with(plan, budget, True, f"{plan.module_partitions} is the smallest number of module partitions that "
+                                     f"fits {format_bytes(budget)} per process ({plan.passes} passes over the data)")
+
+
+def plan_of_fit(model, config, num_processes: int, max_length: int) -> FitPlan:
+    """The plan of the fit ``fit_factors`` is about to run: ``model`` loaded, ``config`` a ``FitConfig``.
+
+    Settings ``FitConfig`` may lack (older versions) take the plan's defaults; the model dtype is
+    ``config.model_dtype`` or else the loaded weights' dtype. Print it with ``format_plan``.
+    """
+    dtype = getattr(config, "model_dtype", None) or _dtype_name(next(model.parameters()).dtype) or "float32"
+    return plan_fit(model, config.stage, num_processes=num_processes,
+                    module_partitions=getattr(config, "module_partitions", 1) or 1,
+                    accumulate_dtype=getattr(config, "accumulate_dtype", "float64"), model_dtype=dtype,
+                    batch_size=config.batch_size, max_length=max_length, modules=config.modules,
+                    split_heads=config.split_heads, storage_dtype=config.storage_dtype)
+
+
+def _with(plan: FitPlan, budget: int, fits: bool, note: str) -> FitPlan:
+    from dataclasses import replace
+
+    return replace(plan, max_memory=budget, fits=fits, note=note)
+
+
+def _peak(base: dict, k: int) -> int:
+    return _plan_once(base, k).per_process_peak_bytes
+
+
+def _smallest_fitting(base: dict, budget: int) -> FitPlan | None:
+    """The plan with the fewest partitions that fits ``budget``, or None.
+
+    Every partition of K groups holds at least what the group of its largest member alone would,
+    so the plan with one module per partition is the least any K needs: when it does not fit,
+    nothing does. Otherwise the partitions are tried in order (the peak does not fall with every
+    extra partition, balancing being greedy); each try is arithmetic only.
+    """
+    if _plan_once(base, len(base["tracked"])).per_process_peak_bytes > budget:
+        return None
+    for k in range(1, len(base["tracked"]) + 1):
+        plan = _plan_once(base, k)
+        if plan.per_process_peak_bytes <= budget:
+            return plan
+    return None
+
+
+def _what_would_fit(base: dict, budget: int) -> str:
+    """One sentence: the smallest peak reachable, and which changes would fit ``budget``."""
+    most = len(base["tracked"])
+    floor = _plan_once(base, most)
+    options = []
+    if base["accumulate_dtype"] == "float64":
+        alt = _smallest_fitting(base | {"accumulate_dtype": "float32"}, budget)
+        if alt is not None:
+            options.append(f"--accumulate-dtype float32 with {alt.module_partitions} partition(s)")
+    if base["modules"] != "mlp":
+        mlp = [t for t in base["tracked"] if t.role == "mlp"]
+        if mlp:
+            alt = _smallest_fitting(base | {"tracked": mlp, "modules": "mlp"}, budget)
+            if alt is not None:
+                options.append(f"--modules mlp with {alt.module_partitions} partition(s)")
+    for batch in (4, 2, 1):
+        if batch < base["batch_size"]:
+            alt = _smallest_fitting(base | {"batch_size": batch}, budget)
+            if alt is not None:
+                options.append(f"--batch-size {batch} with {alt.module_partitions} partition(s)")
+                break
+    reach = (f"even {most} partitions need {format_bytes(floor.per_process_peak_bytes)} per process "
+             f"(model weights {format_bytes(base['model_bytes'])}, activations {format_bytes(floor.activation_bytes)})")
+    if options:
+        return reach + "; would fit: " + ", or ".join(options)
+    return reach + "; no change tried fits (float32 accumulation, MLP modules only, a smaller " \
+                   "batch): use a larger memory budget or shorter sequences"
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+
+
+def format_plan(plan: FitPlan) -> str:
+    """The plan as a human-readable table (printed by ``hub-msif fit --plan`` and at the start of a fit)."""
+    rank_text = "full rank" if plan.query_rank is None else f"rank {plan.query_rank}"
+    lines = [
+        f"memory plan: {plan.model} ({plan.model_type}, {plan.parameters / 1e9:.2f} B parameters), {plan.stage} stage",
+        f"  {len(plan.tracked_modules)} tracked modules ({plan.modules}), {plan.num_processes} process(es), "
+        f"{plan.module_partitions} module partition(s), {plan.accumulate_dtype} accumulation, model "
+        f"{plan.model_dtype} (compute {plan.compute_dtype}), batch {plan.batch_size} x {plan.max_length} tokens, "
+        f"{plan.attention} attention",
+        f"  passes over the data: {plan.passes} (a covariance and a Lambda pass per partition)",
+        f"  artifact: {format_bytes(plan.artifact_bytes)} for this stage in {plan.storage_dtype} "
+        f"({format_bytes(plan.pair_artifact_bytes)} for a pair)",
+        f"  one preconditioned query: {format_bytes(plan.query_bytes)} ({rank_text}"
+        + (f"; full rank {format_bytes(plan.full_rank_query_bytes)})" if plan.query_rank else ")"),
+        f"  model weights {format_bytes(plan.model_bytes)}, parameter gradients 0 (input gradients only), "
+        f"activations up to {format_bytes(plan.activation_bytes)}",
+        "",
+        f"  {'rank':>4} {'modules':>7} {'covariance pass':>16} {'eigendecomp.':>13} {'Lambda pass':>12} {'peak':>10}",
+    ]
+    for p in plan.processes:
+        lines.append(f"  {p.rank:>4} {p.owned_modules:>7} {format_bytes(p.phase_bytes('covariance')):>16} "
+                     f"{format_bytes(p.phase_bytes('eigendecomposition')):>13} "
+                     f"{format_bytes(p.phase_bytes('lambda')):>12} {format_bytes(p.peak_bytes):>10}")
+    peak = plan.peak_process
+    lines.append("")
+    lines.append(f"  per-process peak: {format_bytes(plan.per_process_peak_bytes)} (rank {peak.rank}, "
+                 f"{peak.peak_phase} phase):")
+    for name, value in peak.phases[peak.peak_phase].items():
+        lines.append(f"    {name.replace('_', ' '):<34} {format_bytes(value):>10}")
+    if plan.note:
+        lines.append(f"  {plan.note}")
+    return "\n".join(lines)
