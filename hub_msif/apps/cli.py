@@ -173,17 +173,13 @@ def _add_plan_options(p) -> None:
 
 
 def _run_fit_or_plan(args) -> int:
-    """``fit --plan`` prints the plan; a fit with ``--max-memory`` is planned first (one-line error, before
-    any data or weights are read, when nothing fits) and takes the plan's number of module partitions."""
+    """``fit --plan`` prints the plan. A fit with ``--max-memory`` is planned first: a one-line error before
+    any data or weights are read when nothing fits, else the plan's number of module partitions. (Every
+    real fit prints its plan once the model is loaded: ``fit_factors``.)"""
     if args.plan:
         return _run_plan(args)
     if args.max_memory is not None:
-        from hub_msif.factors.plan import format_plan
-
-        plan = _plan_of(args)
-        args.module_partitions = plan.module_partitions
-        if int(os.environ.get("RANK", "0") or 0) == 0:
-            print(format_plan(plan), file=sys.stderr)
+        args.module_partitions = _plan_of(args).module_partitions
     elif args.module_partitions is None:
         args.module_partitions = 1
     return _run_fit(args)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +37,7 @@ from hub_msif import __version__
 from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
 from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, stage_differences
 from hub_msif.data import collate
-from hub_msif.errors import FactorError, MsifValueError
+from hub_msif.errors import FactorError, MsifError, MsifValueError
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator, ModuleFactors
 from hub_msif.factors.objectives import LABEL_MODES, lm_loss
@@ -245,11 +246,13 @@ class _Source:
         self.sequences = sequences
         if hasattr(sequences, "survey"):
             self.count, self.tokens, _ = sequences.survey()
+            self.max_length = sequences.spec.max_length  # a bound: the plan needs no exact longest
         else:
             if not isinstance(sequences, Sequence):
                 sequences = self.sequences = list(sequences)
             self.count = len(sequences)
             self.tokens = sum(len(s["input_ids"]) for s in sequences)
+            self.max_length = max((len(s["input_ids"]) for s in sequences), default=0)
 
     def num_batches(self, world: int, batch_size: int) -> int:
         return math.ceil(math.ceil(self.count / world) / batch_size)
@@ -288,6 +291,22 @@ def _progress_bar(**kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(**kwargs)
+
+
+def _report_plan(model, config: FitConfig, world: int, max_length: int, show_progress: bool) -> None:
+    """The memory plan of this fit (docs/design.md, "Memory plan"): on stderr when progress is shown,
+    else in the log (``hub-msif -v``)."""
+    from hub_msif.factors.plan import format_plan, plan_of_fit
+
+    try:
+        text = format_plan(plan_of_fit(model, config, world, max_length))
+    except MsifError as err:  # a model the planner cannot describe still fits
+        logger.warning("no memory plan for this fit: %s", err)
+        return
+    if show_progress:
+        print(text, file=sys.stderr)
+    else:
+        logger.info("%s", text)
 
 
 def _lambda_pass_index(sample: int) -> int:
@@ -333,6 +352,8 @@ def fit_factors(
     _check_other_stage(out_dir, config.stage, tracked)
     groups = [[t for t in tracked if t.name in set(names)] for names in module_groups(tracked, config.module_partitions)]
     owners = module_owners(tracked, dist.world)
+    if dist.is_main:
+        _report_plan(model, config, dist.world, source.max_length, show_progress)
     was_training = model.training
     if config.model_dtype is not None:
         model.to(MODEL_DTYPES[config.model_dtype])  # in place, like the move to the device

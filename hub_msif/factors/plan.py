@@ -618,11 +618,19 @@ def _what_would_fit(base: dict, budget: int) -> str:
 # Printing
 
 
+def _count_text(n: int) -> str:
+    """``2.78 B``, ``405 M``, ``83.2 k``: a parameter count at a readable scale."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
 def format_plan(plan: FitPlan) -> str:
     """The plan as a human-readable table (printed by ``hub-msif fit --plan`` and at the start of a fit)."""
     rank_text = "full rank" if plan.query_rank is None else f"rank {plan.query_rank}"
     lines = [
-        f"memory plan: {plan.model} ({plan.model_type}, {plan.parameters / 1e9:.2f} B parameters), {plan.stage} stage",
+        f"memory plan: {plan.model} ({plan.model_type}, {_count_text(plan.parameters)} parameters), {plan.stage} stage",
         f"  {len(plan.tracked_modules)} tracked modules ({plan.modules}), {plan.num_processes} process(es), "
         f"{plan.module_partitions} module partition(s), {plan.accumulate_dtype} accumulation, model "
         f"{plan.model_dtype} (compute {plan.compute_dtype}), batch {plan.batch_size} x {plan.max_length} tokens, "
