@@ -142,7 +142,8 @@ def resolve_adapter(model: str, revision: str | None = None, base_model: str | N
     return folder, base_folder, ModelRef(ref.id, ref.revision, base_ref)
 
 
-def load_model(model: str, revision: str | None = None, dtype=None, base_model: str | None = None):
+def load_model(model: str, revision: str | None = None, dtype=None, base_model: str | None = None,
+               base_revision: str | None = None):
     """``(model, tokenizer, ModelRef)`` for a Hub id or folder, in eval mode.
 
     A PEFT adapter (``adapter_config.json``) is loaded on its base model (``base_model``, else the
@@ -151,7 +152,7 @@ def load_model(model: str, revision: str | None = None, dtype=None, base_model: 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, base_folder, ref = resolve_adapter(model, revision, base_model)
+    folder, base_folder, ref = resolve_adapter(model, revision, base_model, base_revision)
     weights_folder = base_folder if base_folder is not None else folder
     has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer or base_folder is None else base_folder)

@@ -214,6 +214,25 @@ def truncate(w: torch.Tensor, rank: int, factors: ModuleFactors | None = None) -
     return u, q_a @ v
 
 
+def stack_queries(weights: Sequence[Mapping[str, torch.Tensor] | LowRankQueries]) -> dict[str, torch.Tensor] | LowRankQueries:
+    """Several sets of preconditioned queries (say, one per method and damping) as one, queries
+    in order. Low-rank sets of different ranks are padded with zero columns to the largest."""
+    if not all(isinstance(w, LowRankQueries) for w in weights):
+        if any(isinstance(w, LowRankQueries) for w in weights):
+            raise MsifValueError("cannot stack low-rank and full-rank queries")
+        return {name: torch.cat([w[name] for w in weights]) for name in weights[0]}
+
+    def padded(x: torch.Tensor, r: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, r - x.shape[-1]))
+
+    u, v = {}, {}
+    for name in weights[0].u:
+        r = max(w.u[name].shape[-1] for w in weights)
+        u[name] = torch.cat([padded(w.u[name], r) for w in weights])
+        v[name] = torch.cat([padded(w.v[name], r) for w in weights])
+    return LowRankQueries(u, v)
+
+
 @dataclass
 class CandidateScores:
     """Scores of C candidates against Q queries: ``per_module[name]`` is ``[C, Q]``; ``total`` their sum.

@@ -351,8 +351,10 @@ def fit_stage(
     accelerator=None,
     show_progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
+    base_model: str | None = None,
 ) -> StageFactors:
     """Loads ``model`` (Hub id or folder) and the corpus ``data``, fits, saves into ``out_dir``.
+    A PEFT adapter is merged into its base (``base_model``, else its config's; hub_msif.models).
 
     ``corpus`` is a ``CorpusSpec`` for columns, template and lengths (``data`` fills its
     ``data`` field). This is what ``hub-msif fit`` runs.
@@ -365,7 +367,7 @@ def fit_stage(
     corpus = corpus or CorpusSpec(data=data)
     corpus.data = data
     corpus.validate()
-    lm, tokenizer, ref = load_model(model, revision)
+    lm, tokenizer, ref = load_model(model, revision, base_model=base_model)
     sequences, data_fingerprint = tokenize_corpus(load_rows(corpus), tokenizer, corpus, show_progress)
     info = {
         "model": {**ref.to_json(), "class": type(lm).__name__},
