@@ -6,6 +6,7 @@ fine-tuned model, each with EK-FAC factors fitted by ``fit_factors``, as in test
 """
 
 import dataclasses
+import json
 import statistics
 
 import pytest
@@ -98,13 +99,16 @@ def test_low_rank_scores_are_those_of_the_dense_truncation(pair, path, monkeypat
 
 
 def test_truncation_is_the_metric_weighted_svd(pair, monkeypatch):
-    """``truncate`` against a dense float64 reference written out here: rotate into the candidate
+    """``truncate`` and ``precondition_queries(rank=...)`` (pre-trained metric) against a dense float64 reference written out here: rotate into the candidate
     stage's eigenbasis, scale rows and columns by the square roots of Lambda's (floored) row and
     column means, exact SVD, keep r, undo the scaling and rotation. Exact SVD forced (oversampling
     past every width); with the default randomized SVD, the truncation error in the metric is
     within 2% of the optimal one."""
     method, rank = "ms-if", 3
     w = precondition_queries(pair["grads"], method, pair["ft"], pair["pt"], 0.1)
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "_OVERSAMPLE", 10_000)
+        direct = precondition_queries(pair["grads"], method, pair["ft"], pair["pt"], 0.1, rank=rank).dense()
     for spec in pair["specs"]:
         factors = pair["pt"].modules[spec.name]
         q_a = factors.q_a.double()
@@ -121,6 +125,7 @@ def test_truncation_is_the_metric_weighted_svd(pair, monkeypatch):
                 patch.setattr(scoring, "_OVERSAMPLE", 10_000)
                 u, v = truncate(w[spec.name][q : q + 1], rank, factors)
             assert _rel_err(u[0] @ v[0].T, expected) < 1e-8, spec.name
+            assert _rel_err(direct[spec.name][q], expected) < 1e-8, spec.name  # without forming W_q
             u, v = truncate(w[spec.name][q : q + 1], rank, factors)
             weighted = torch.diag(rows) @ q_s.T @ (u[0] @ v[0].T) @ q_a @ torch.diag(cols)
             assert (x - weighted).norm() <= 1.02 * (x - kept).norm(), spec.name
@@ -181,3 +186,58 @@ def test_spearman_at_small_rank_on_the_fact_world(fact_world):
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
     assert low.bytes_per_query() < sum(s.d_out * s.d_in for s in att.specs) * 4 < parameters  # less than dense
     assert statistics.fmean(rho) < 1.0  # a real truncation: not the same scores
+
+
+@pytest.fixture(scope="module")
+def demo_attributors(fact_world):
+    """Attributors on the demo pair (models in float64): default, full-rank factors, rank 2 and
+    unit-normalised."""
+    from hub_msif.attribution.attributor import Attributor
+
+    models = fact_world["models"]
+    args = (fact_world["factors"], str(models / "pretrained"), str(models / "finetuned"))
+    float64 = {"dtype": torch.float64}  # the models in float64: full rank agrees to rounding
+    return {"default": Attributor(*args, **float64), "full_rank": Attributor(*args, query_rank=10_000, **float64),
+            "normalized": Attributor(*args, normalize=True, **float64), "low": Attributor(*args, query_rank=2, **float64)}
+
+
+def test_attributor_query_rank_and_normalize(fact_world, demo_attributors):
+    """Through ``Attributor.score_methods`` (all gradient methods and two dampings in one pass):
+    full rank reproduces the default scores; ``normalize`` divides each score by the norms the
+    same pass reports; a bad rank is refused at construction."""
+    from hub_msif.attribution.attributor import Attributor
+
+    world = fact_world["world"]
+    queries = [(q.prompt, q.answer) for q in world.queries[:2]]
+    documents = [d["text"] for d in world.documents[:12]]
+    methods, dampings = ["ms-if", "ss-if", "gdp"], [0.1, 1e-3]
+    default = demo_attributors["default"].score_methods(queries, documents, methods, dampings)
+    full = demo_attributors["full_rank"].score_methods(queries, documents, methods, dampings)
+    low = demo_attributors["low"].score_methods(queries, documents, methods, dampings)
+    normalized = demo_attributors["normalized"].score_methods(queries, documents, methods, dampings)
+    for d, f, lo, n in zip(default, full, low, normalized, strict=True):
+        assert (d.method, d.damping) == (f.method, f.damping) == (n.method, n.damping)
+        assert _rel_err(f.total, d.total) < 1e-6, (d.method, d.damping)
+        assert _rel_err(lo.total, d.total) > 1e-3  # rank 2 is a real truncation
+        assert float(n.total.abs().max()) <= 1.0 + 1e-6
+        # the ranking of one query's candidates by cosine = by score / ||G_c|| (||W_q|| is one number)
+        assert not torch.allclose(n.total / n.total.norm(dim=0), d.total / d.total.norm(dim=0), atol=1e-3)
+    with pytest.raises(ValueError, match="query rank must be a whole number"):
+        Attributor(fact_world["factors"], query_rank=0)
+
+
+def test_cli_attribute_with_query_rank_and_normalize(fact_world, capsys):
+    """``hub-msif attribute --query-rank R --normalize`` runs end to end; scores are cosines."""
+    from hub_msif.apps import cli
+
+    models, query = fact_world["models"], fact_world["examples"][0]
+    base = ["attribute", "--factors", str(fact_world["factors"]), "--index", str(fact_world["index_folder"]),
+            "--pretrained", str(models / "pretrained"), "--finetuned", str(models / "finetuned"),
+            "--prompt", query.prompt, "--answer", query.answer, "--candidates", "20", "--top", "5", "--json"]
+    assert cli.main(base + ["--query-rank", "16", "--normalize"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["rows"]) == 5 and all(abs(row["score"]) <= 1.0 for row in result["rows"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main(base + ["--query-rank", "0"])
+    assert ended.value.code == 2
+    assert "--query-rank: must be at least 1" in capsys.readouterr().err
