@@ -6,8 +6,9 @@ first ``--documents`` pre-training documents under MS-IF (relative damping 0.1 a
 (0.1) and GDP, at full rank and at each ``--ranks`` value. Reports, per method and rank, the
 minimum and mean over queries of the Spearman correlation with the full-rank scores, the overlap
 of the top 10, and the query memory per query as a share of the model's parameter bytes.
-Writes ``bench/out/query_rank_accuracy.json``. Run with
-``OMP_NUM_THREADS=1 .venv/bin/python bench/query_rank_accuracy.py``.
+``--plain`` truncates in the plain Frobenius norm instead of the candidates' metric, for
+comparison. Writes ``bench/out/query_rank_accuracy.json`` (``--out``). Run with
+``OMP_NUM_THREADS=1 .venv/bin/python bench/query_rank_accuracy.py [--plain]``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import torch
 from scipy.stats import spearmanr
 
 from hub_msif.attribution.attributor import Attributor
-from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates
+from hub_msif.attribution.scoring import (
+    LowRankQueries,
+    per_example_gradients,
+    precondition_queries,
+    score_candidates,
+    truncate,
+)
 from hub_msif.toy.demo import default_cache, prepare
 
 SETTINGS = (("ms-if", 0.1), ("ms-if", 1e-3), ("ss-if", 0.1), ("gdp", None))
@@ -33,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--documents", type=int, default=200)
     parser.add_argument("--ranks", default="4,8,16,32,48,64")
+    parser.add_argument("--plain", action="store_true",
+                        help="truncate in the plain Frobenius norm instead of the candidates' metric (for comparison)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "query_rank_accuracy.json"))
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -45,7 +54,7 @@ def main(argv=None) -> int:
     candidates = [att.document_sequence(d["text"]) for d in world.documents[: args.documents]]
     grads = per_example_gradients(att.models["finetuned"], att.specs, queries, att.pad_id)
     parameter_bytes = sum(p.numel() * p.element_size() for p in att.models["pretrained"].parameters())
-    report = {"setup": {"queries": len(queries), "documents": len(candidates), "parameter_bytes": parameter_bytes,
+    report = {"setup": {"truncation": "plain" if args.plain else "metric", "queries": len(queries), "documents": len(candidates), "parameter_bytes": parameter_bytes,
                         "modules": {s.name: [s.d_out, s.d_in] for s in att.specs}}, "results": {}}
     for method, damping in SETTINGS:
         key = f"{method}@{damping:g}" if damping is not None else method
@@ -54,7 +63,12 @@ def main(argv=None) -> int:
         full = score_candidates(model, att.specs, precondition_queries(grads, *args_), candidates, att.pad_id).total
         rows = {}
         for rank in ranks:
-            low_rank = precondition_queries(grads, *args_, rank=rank)
+            if args.plain:
+                dense = precondition_queries(grads, *args_)
+                factors = {name: truncate(w, rank) for name, w in dense.items()}
+                low_rank = LowRankQueries({n: f[0] for n, f in factors.items()}, {n: f[1] for n, f in factors.items()})
+            else:
+                low_rank = precondition_queries(grads, *args_, rank=rank)
             scores = score_candidates(model, att.specs, low_rank, candidates, att.pad_id).total
             rho = [float(spearmanr(full[:, q], scores[:, q])[0]) for q in range(full.shape[1])]
             top = [len(set(full[:, q].topk(10).indices.tolist()) & set(scores[:, q].topk(10).indices.tolist())) / 10

@@ -353,11 +353,20 @@ def test_normalised_scores_are_cosines(pair, method, rank):
     expected = torch.tensor([[float(flat(c) @ flat(q) / (flat(c).norm() * flat(q).norm())) for q in left]
                              for c in gc], dtype=torch.float64)
     model = pair.finetuned if method == "ss-if" else pair.pretrained
+    if rank is not None:  # both low-rank paths: norms from T x T Gram matrices, and from G_c itself
+        from hub_msif.attribution import scoring
+
+        for path in ("factors", "gradient"):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(scoring, "_PATH", path)
+                cosines = score_candidates(model, pair.specs, weights, pair.candidates[:n], PAD, batch_size=4,
+                                           normalize=True)
+            assert _rel_err(cosines.total, expected) < 1e-9, path
     got = score_candidates(model, pair.specs, weights, pair.candidates[:n], PAD, batch_size=4, normalize=True,
                            token_shares=True)
     assert _rel_err(got.total, expected) < 1e-9
     assert float(got.total.abs().max()) <= 1.0
-    assert _rel_err(got.candidate_norms, torch.tensor([float(flat(c).norm()) for c in gc])) < 1e-9
+    assert _rel_err(got.candidate_norms, torch.stack([flat(c).norm() for c in gc])) < 1e-9
     shares = torch.stack([t.sum(0) for t in got.tokens])
     assert _rel_err(shares, got.total) < 1e-9
     plain = score_candidates(model, pair.specs, weights, pair.candidates[:n], PAD, batch_size=4)
