@@ -130,8 +130,9 @@ def precondition_queries(
         for name, grad in query_grads.items():
             target = metric.modules.get(name) if metric is not None else None
             source = finetuned.modules.get(name) if finetuned is not None and method != "gdp" else None
-            if target is not None and (method == "gdp" or source is not None) and \
-                    (source is None or source.spec.block_labels == target.spec.block_labels):
+            direct = pretrained is not None and target is not None and (
+                method == "gdp" or (source is not None and source.spec.block_labels == target.spec.block_labels))
+            if direct:
                 coefficients = _metric_coefficients(method, grad, source, target, damping, relative)
                 u[name], v[name] = _truncate_coefficients(coefficients, rank, target)
             else:

@@ -157,6 +157,10 @@ def test_bad_ranks(pair):
     for rank in (0, -1, 2.5, True, "4"):
         with pytest.raises(ValueError, match="query rank must be a whole number"):
             precondition_queries(pair["grads"], "ms-if", pair["ft"], pair["pt"], 0.1, rank=rank)
+    with pytest.raises(ValueError, match="ms-if needs the pre-trained stage"):
+        precondition_queries(pair["grads"], "ms-if", pair["ft"], None, 0.1, rank=2)
+    with pytest.raises(ValueError, match="ss-if needs the fine-tuned stage"):
+        precondition_queries(pair["grads"], "ss-if", None, pair["pt"], 0.1, rank=2)
 
 
 # Measured with bench/query_rank_accuracy.py on the demo's fact world (hidden 128): the smallest
