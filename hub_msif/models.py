@@ -169,7 +169,8 @@ def load_model(model: str, revision: str | None = None, dtype=None, base_model: 
         if base_folder is not None:
             lm = _merge_adapter(lm, folder, model)
     except SafetensorError as err:  # a truncated or damaged weights file
-        raise MsifValueError(f"model {model}: a weights file in {weights_folder} or {folder} is damaged or truncated "
+        where = f"{weights_folder} or {folder}" if base_folder is not None else f"{folder}"
+        raise MsifValueError(f"model {model}: a weights file in {where} is damaged or truncated "
                              f"(safetensors: {str(err).splitlines()[0] if str(err) else 'unreadable'})") from err
     lm.eval()
     return lm, tokenizer, ref
