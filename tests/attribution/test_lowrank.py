@@ -245,3 +245,35 @@ def test_cli_attribute_with_query_rank_and_normalize(fact_world, capsys):
         cli.main(base + ["--query-rank", "0"])
     assert ended.value.code == 2
     assert "--query-rank: must be at least 1" in capsys.readouterr().err
+
+
+# On the tiny pair (hidden 32) every question keeps Spearman >= 0.99 from rank 14 (min 0.991;
+# rank 16: 0.990, rank 20: 0.998); the test uses 20 to stay clear of ties between swapped neighbours.
+TINY_PAIR_RANK = 20
+
+
+def test_spearman_at_small_rank_on_the_tiny_pair(tmp_path):
+    """The same measure on ``save_tiny_pair`` (hidden 32, trained briefly on the example corpus and
+    Q&A rows, float64): MS-IF at rank 20 of 32 ranks 40 pre-training texts like full rank,
+    Spearman >= 0.99 for each of 4 questions."""
+    from conftest import QA_TEMPLATE, qa_rows, save_tiny_pair
+
+    from hub_msif.attribution.attributor import Attributor
+    from hub_msif.data import CorpusSpec
+    from hub_msif.factors.fit import fit_stage
+    from hub_msif.toy.examples import example_texts
+
+    pair = save_tiny_pair(tmp_path)
+    factors = tmp_path / "factors"
+    for stage, data, corpus in (("pretrained", pair["pretrain"], {}),
+                                ("finetuned", pair["finetune"], {"prompt_column": "prompt", "response_column": "response",
+                                                                 "template": QA_TEMPLATE})):
+        fit_stage(str(pair[stage]), str(data), factors, FitConfig(stage=stage, batch_size=8, checkpoint_every=0),
+                  corpus=CorpusSpec(data=str(data), max_length=64, **corpus), show_progress=False)
+    queries = [(r["prompt"], r["response"]) for r in qa_rows(4)]
+    documents = example_texts(40, seed=7)
+    full, low = (Attributor(factors, dtype=torch.float64, query_rank=rank).score(queries, documents)[0]
+                 for rank in (None, TINY_PAIR_RANK))
+    rho = [spearmanr(full[:, q], low[:, q])[0] for q in range(len(queries))]
+    assert min(rho) >= 0.99, rho
+    assert _rel_err(low, full) > 1e-6  # a real truncation
