@@ -116,3 +116,27 @@ def test_adapter_without_its_base_fails_before_any_data_pass(adapter, tmp_path, 
         _fit(str(lost), adapter["corpus"], tmp_path / "out")
     with pytest.raises(MsifValueError, match="--base-model .* given, but .* is not a PEFT adapter"):
         _fit(str(adapter["merged"]), adapter["corpus"], tmp_path / "out", base_model=str(adapter["base"]))
+
+
+def test_cli_fit_and_attributor_through_an_adapter(adapter, tmp_path, capsys):
+    """``hub-msif fit --model ADAPTER --base-model BASE`` records both; the ``Attributor`` then
+    loads the recorded adapter on the recorded base by itself and scores like the merged model."""
+    from hub_msif.attribution.attributor import Attributor
+
+    factors = tmp_path / "factors"
+    for stage, model in (("pretrained", adapter["base"]), ("finetuned", adapter["adapter"])):
+        extra = ["--base-model", str(adapter["base"])] if stage == "finetuned" else []
+        status = cli.main(["fit", "--model", str(model), "--stage", stage, "--data", str(adapter["corpus"]),
+                           "--out", str(factors), "--dtype", "float32", "--checkpoint-every", "0", "--json", *extra])
+        assert status == 0, capsys.readouterr().err
+    stored = json.loads((factors / "msif.json").read_text())
+    assert json.dumps({"id": str(adapter["base"].resolve()), "revision": folder_revision(adapter["base"])}) in \
+        json.dumps(stored)
+    documents = ["the cat sees the river", "a dog runs to the house", "the bird sings at night"]
+    queries = [("what does the cat see ?", "the river")]
+    through_adapter = Attributor(factors, dtype=torch.float64)
+    assert through_adapter.refs["finetuned"].base is not None
+    merged = Attributor(factors, finetuned=str(adapter["merged"]), dtype=torch.float64, allow_revision_mismatch=True)
+    got, _ = through_adapter.score(queries, documents)
+    expected, _ = merged.score(queries, documents)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=0)
