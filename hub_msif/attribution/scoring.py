@@ -16,8 +16,8 @@ candidate; it is used only when token-level shares are asked for.)
 
 Low-rank queries (``rank=r``, docs/design.md "Scores and their sign", "Low-rank queries"): each
 module's ``W_q`` is kept as ``U_q V_q^T`` (``[d_out, r]``, ``[d_in, r]``), a truncated SVD taken in
-the metric of the candidates' model (EK-FAC eigenbasis, scaled by the square roots of Lambda's
-row and column means), and candidates are scored from the factors:
+the metric of the candidates' gradients (the pre-trained stage's EK-FAC eigenbasis, scaled by the
+square roots of Lambda's row and column means), and candidates are scored from the factors:
 ``<W_q, G_c> = sum_t sum_r (g_t . u_r)(a_t . v_r)``, or through ``G_c`` where that is cheaper.
 
 Normalised scores (``normalize=True``, "Unit-normalised scores"): the cosine
