@@ -23,6 +23,14 @@ and C candidate sequences (default 256 x 128 tokens):
    serve, as Linux carries the parent's peak into the child. Target: flat (4C / C <= 1.2;
    anything that kept per-candidate data would grow about 4x).
 
+4. Low-rank queries (``--query-ranks``, default 2, 8, 32) at the largest Q: MS-IF
+   ``precondition_queries(..., rank=r)`` (the factors straight from the query gradients, no
+   dense ``W_q``) and ``score_candidates`` from the factors, their sum over the floor (target
+   <= 1.3), the query memory per query over the model's parameter bytes (target <= 1%), and the
+   mean per-query Spearman of the scores with the full-rank ones (random models and sequences: a
+   check that the path scores the same thing, not the accuracy measurement, which is
+   bench/query_rank_accuracy.py's on a trained pair).
+
 Times are the median of ``--repeats`` runs, interleaved (floor, MS-IF for each Q, SS-IF,
 kronfluence in every round) so that drift of a shared machine hits all alike. Prints a table and
 writes the same to ``bench/out/score_bench.json``. Run with
@@ -74,6 +82,8 @@ TARGETS = {
     "kronfluence_over_hub_msif": 3.0,  # SS-IF at the largest Q, like for like: at least
     "memory_4c_over_c": 1.2,  # peak RSS increase at 4C over that at C: at most
     "matched_correlation": 0.99,  # sanity: same factor recipe, scores must agree: at least
+    "low_rank_over_floor": 1.3,  # MS-IF with low-rank queries at the largest Q, (precondition + score) / floor: at most
+    "low_rank_query_memory": 0.01,  # one low-rank query's bytes / the model's parameter bytes: at most
 }
 FULL = dict(candidates=256, seq_len=128, vocab=1024, hidden=256, layers=2, heads=2, ffn=1024, fit_sequences=64,
             query_len=128, answer_len=32, repeats=3, queries="1,8,32")
@@ -101,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--damping", type=float, default=0.1,
                         help="relative damping (times mean Lambda per module; kronfluence's heuristic is the same 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pre-trained model; the fine-tuned one uses seed+1")
+    parser.add_argument("--query-ranks", default="2,8,32",
+                        help="ranks of the low-rank query measurement at the largest Q, comma-separated ('' skips it)")
     parser.add_argument("--no-kronfluence", action="store_true", help="skip the kronfluence comparison")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--out", default=None, help="JSON report (default bench/out/score_bench.json, "
@@ -117,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--queries must list positive counts, got {args.queries!r}")
     if not 1 <= args.answer_len < args.query_len:
         parser.error(f"--answer-len must be in [1, query length {args.query_len}), got {args.answer_len}")
+    args.query_ranks = sorted({int(r) for r in str(args.query_ranks).split(",") if r.strip()})
+    if args.query_ranks and min(args.query_ranks) < 1:
+        parser.error(f"--query-ranks must list positive ranks, got {args.query_ranks!r}")
     if args.out is None:
         name = "score_bench_quick.json" if args.quick else "score_bench.json"
         args.out = str(Path(__file__).resolve().parent / "out" / name)
@@ -398,6 +413,9 @@ def main(argv=None) -> int:
     warm_grads = per_example_gradients(finetuned, specs, queries[: args.batch_size], PAD_ID, args.batch_size)
     warm_w = precondition_queries(warm_grads, "ms-if", ft_factors, pt_factors, args.damping)
     score_candidates(pretrained, specs, warm_w, warm, PAD_ID, args.batch_size)
+    for r in args.query_ranks:
+        score_candidates(pretrained, specs, precondition_queries(warm_grads, "ms-if", ft_factors, pt_factors,
+                                                                 args.damping, rank=r), warm, PAD_ID, args.batch_size)
     if analyzer is not None:
         kronfluence_scores(analyzer, loader, "warmup", queries[:q_max], candidates, args.batch_size,
                            train_indices=list(range(min(args.batch_size, len(candidates)))))
@@ -419,6 +437,17 @@ def main(argv=None) -> int:
                 runs.setdefault(f"ms_if_q{q}_{key}", []).append(t)
             if q == MEMORY_QUERIES:
                 last["memory_weights"] = w
+            if q == q_max and args.query_ranks:
+                full_scores, _ = timed(score_candidates, pretrained, specs, w, candidates, PAD_ID, args.batch_size)
+                last["full_rank"] = full_scores.total
+                for r in args.query_ranks:
+                    low, t_pre = timed(precondition_queries, grads, "ms-if", ft_factors, pt_factors, args.damping,
+                                       rank=r)
+                    low_scores, t_score = timed(score_candidates, pretrained, specs, low, candidates, PAD_ID,
+                                                args.batch_size)
+                    for key, t in (("precondition", t_pre), ("score", t_score)):
+                        runs.setdefault(f"low_rank_r{r}_q{q}_{key}", []).append(t)
+                    last[f"low_rank_r{r}"] = (low.bytes_per_query(), low_scores.total)
             del grads, w
         grads, t_grad = timed(per_example_gradients, finetuned, specs, queries[:q_max], PAD_ID, args.batch_size)
         w, t_pre = timed(precondition_queries, grads, "ss-if", ft_factors, None, args.damping)
@@ -491,6 +520,28 @@ def main(argv=None) -> int:
         met["matched_correlation"] = agreement["matched_factors"]["pearson"] >= TARGETS["matched_correlation"]
         rows.append((f"SS-IF Q={q_max} kronfluence compute_pairwise_scores (factors not timed)", kron,
                      kron["seconds"] / floor["seconds"], ""))
+    low_rank = {}
+    parameter_bytes = sum(p.numel() * p.element_size() for p in pretrained.parameters())
+    for r in args.query_ranks:
+        pre, score = (times[f"low_rank_r{r}_q{q_max}_{k}"] for k in ("precondition", "score"))
+        total = added(pre, score)
+        times[f"low_rank_r{r}_q{q_max}_total"] = total
+        query_bytes, scores = last[f"low_rank_r{r}"]
+        full = last["full_rank"]
+        rho = correlations(scores.T, full.T)["spearman_mean"]
+        low_rank[r] = {"over_floor": total["seconds"] / floor["seconds"], "query_bytes": query_bytes,
+                       "query_bytes_over_parameter_bytes": query_bytes / parameter_bytes,
+                       "spearman_mean_with_full_rank": rho}
+        ratios[f"low_rank_r{r}_q{q_max}_over_floor"] = low_rank[r]["over_floor"]
+        met[f"low_rank_r{r}_over_floor"] = low_rank[r]["over_floor"] <= TARGETS["low_rank_over_floor"]
+        met[f"low_rank_r{r}_query_memory"] = (low_rank[r]["query_bytes_over_parameter_bytes"]
+                                              <= TARGETS["low_rank_query_memory"])
+        rows += [(f"MS-IF Q={q_max} rank {r}: precondition_queries (low-rank factors)", pre,
+                  pre["seconds"] / floor["seconds"], ""),
+                 (f"MS-IF Q={q_max} rank {r}: score_candidates from the factors", score,
+                  score["seconds"] / floor["seconds"], ""),
+                 (f"MS-IF Q={q_max} rank {r}: precondition + score", total, low_rank[r]["over_floor"],
+                  f"<= {TARGETS['low_rank_over_floor']:.1f}: {verdict(met[f'low_rank_r{r}_over_floor'])}")]
     if memory is not None:
         ratios["memory_4c_over_c"] = memory["ratio_4c_over_c"]
         met["memory_4c_over_c"] = memory["ratio_4c_over_c"] <= TARGETS["memory_4c_over_c"]
@@ -521,6 +572,12 @@ def main(argv=None) -> int:
                   f"scoring, peak {r['peak_mib']:.1f} MiB; scoring took {r['seconds']:.2f} s)")
         print(f"  4C / C: {memory['ratio_4c_over_c']:.3f}   target <= {TARGETS['memory_4c_over_c']}: "
               f"{verdict(met['memory_4c_over_c'])}")
+    for r, row in low_rank.items():
+        print(f"low-rank queries, rank {r}: {row['query_bytes'] / 1024:.1f} KiB per query = "
+              f"{100 * row['query_bytes_over_parameter_bytes']:.2f}% of the model's {parameter_bytes / 2**20:.1f} MiB "
+              f"of parameters (target <= {100 * TARGETS['low_rank_query_memory']:.0f}%: "
+              f"{verdict(met[f'low_rank_r{r}_query_memory'])}); mean Spearman with full rank "
+              f"{row['spearman_mean_with_full_rank']:.4f}")
     floors = ", ".join(f"{r['seconds']:.3f}" for r in runs["floor"])
     print(f"\nfloor runs: {floors} s (last one after all rounds, drift check); torch threads {info['torch_threads']}, "
           f"{info['cpu_count']} CPUs, load average {info['load_average_start'][0]:.1f} at the start and "
@@ -537,9 +594,10 @@ def main(argv=None) -> int:
                   "candidates": args.candidates, "seq_len": args.seq_len, "query_counts": args.query_counts,
                   "query_len": args.query_len, "answer_len": args.answer_len, "fit_sequences": args.fit_sequences,
                   "batch_size": args.batch_size, "repeats": args.repeats, "damping_relative": args.damping,
-                  "quick": args.quick, "modules": module_names, "seeds": {"pretrained": args.seed,
+                  "quick": args.quick, "query_ranks": args.query_ranks, "modules": module_names, "seeds": {"pretrained": args.seed,
                                                                          "finetuned": args.seed + 1}},
         "machine": info, "times": times, "ratios": ratios, "agreement": agreement, "memory": memory,
+        "low_rank": {"queries": q_max, "parameter_bytes": parameter_bytes, "ranks": low_rank},
         "targets": TARGETS, "targets_met": met,
     }
     out = Path(args.out)

@@ -2,6 +2,12 @@
 
 A Hub model is recorded by repo id and resolved commit sha (the snapshot folder's name); a local
 folder by ``sha256:`` over its weight files, so factors can always be matched to the weights.
+
+A LoRA (PEFT) adapter, a repo or folder holding ``adapter_config.json``, is a model too: it is
+loaded on its base model (``base_model`` if given, else the adapter config's
+``base_model_name_or_path``) with ``peft`` and merged (``merge_and_unload``), so scoring and
+fitting see one plain model. Its ``ModelRef`` is the adapter's, with the base's in ``base``
+(docs/design.md, "Pipeline and package layout").
 """
 
 from __future__ import annotations
@@ -13,17 +19,25 @@ from pathlib import Path
 from hub_msif.errors import MsifValueError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a model came from: ``id`` (repo id or folder path) and its exact ``revision``."""
+    """Where a model came from: ``id`` (repo id or folder path) and its exact ``revision``; for a
+    PEFT adapter, ``base`` is the base model's ``ModelRef`` (the adapter's own id and revision
+    stay in ``id`` and ``revision``, so a merged adapter is matched to factors like any model)."""
 
     id: str
     revision: str
+    base: ModelRef | None = None
 
     def to_json(self) -> dict:
-        return {"id": self.id, "revision": self.revision}
+        out = {"id": self.id, "revision": self.revision}
+        if self.base is not None:
+            out["adapter"] = "peft"
+            out["base"] = self.base.to_json()
+        return out
 
 
 def is_commit_sha(revision) -> bool:
@@ -88,12 +102,60 @@ def _looks_like_repo_id(model: str) -> bool:
     return True
 
 
-def load_model(model: str, revision: str | None = None, dtype=None):
-    """``(model, tokenizer, ModelRef)`` for a Hub id or folder, in eval mode."""
+def adapter_base(folder: str | Path, model: str = "") -> str:
+    """The base model named by the PEFT adapter in ``folder`` (``base_model_name_or_path``)."""
+    import json
+
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MsifValueError(f"adapter {model or folder}: {ADAPTER_CONFIG} is unreadable ({err})") from err
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise MsifValueError(f"adapter {model or folder} names no base model (no base_model_name_or_path in "
+                             f"{ADAPTER_CONFIG}); give one with --base-model")
+    return base
+
+
+def resolve_adapter(model: str, revision: str | None = None, base_model: str | None = None,
+                    base_revision: str | None = None) -> tuple[Path, Path | None, ModelRef]:
+    """``(folder, base_folder, ref)``: ``base_folder`` is None for a plain model; for a PEFT adapter
+    it is the base model's folder and ``ref.base`` its ``ModelRef``.
+
+    The base is resolved here, before any weights or data are read, so that a base that cannot be
+    found is a one-line error up front.
+    """
+    folder, ref = resolve_model(model, revision)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        if base_model is not None:
+            raise MsifValueError(f"--base-model {base_model} given, but {model} is not a PEFT adapter "
+                                 f"(no {ADAPTER_CONFIG})")
+        return folder, None, ref
+    base = base_model or adapter_base(folder, model)
+    try:
+        base_folder, base_ref = resolve_model(base, base_revision)
+    except (FileNotFoundError, MsifValueError) as err:
+        raise MsifValueError(f"the base model of adapter {model} cannot be found: {str(err).splitlines()[0]}") from err
+    if (base_folder / ADAPTER_CONFIG).is_file():
+        raise MsifValueError(f"the base model {base} of adapter {model} is itself an adapter; give a plain model")
+    return folder, base_folder, ModelRef(ref.id, ref.revision, base_ref)
+
+
+def load_model(model: str, revision: str | None = None, dtype=None, base_model: str | None = None,
+               base_revision: str | None = None):
+    """``(model, tokenizer, ModelRef)`` for a Hub id or folder, in eval mode.
+
+    A PEFT adapter (``adapter_config.json``) is loaded on its base model (``base_model``, else the
+    one its config names) and merged; the tokenizer comes from the adapter when it has one, else
+    from the base.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, ref = resolve_model(model, revision)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder, base_folder, ref = resolve_adapter(model, revision, base_model, base_revision)
+    weights_folder = base_folder if base_folder is not None else folder
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer or base_folder is None else base_folder)
     if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
         # transformers builds an empty tokenizer when the folder has no tokenizer files.
         raise FileNotFoundError(
@@ -103,12 +165,27 @@ def load_model(model: str, revision: str | None = None, dtype=None):
     from safetensors import SafetensorError
 
     try:
-        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
+        lm = AutoModelForCausalLM.from_pretrained(weights_folder, dtype=dtype if dtype is not None else "auto")
+        if base_folder is not None:
+            lm = _merge_adapter(lm, folder, model)
     except SafetensorError as err:  # a truncated or damaged weights file
-        raise MsifValueError(f"model {model}: a weights file in {folder} is damaged or truncated "
+        where = f"{weights_folder} or {folder}" if base_folder is not None else f"{folder}"
+        raise MsifValueError(f"model {model}: a weights file in {where} is damaged or truncated "
                              f"(safetensors: {str(err).splitlines()[0] if str(err) else 'unreadable'})") from err
     lm.eval()
     return lm, tokenizer, ref
+
+
+def _merge_adapter(base, folder: Path, model: str):
+    """``base`` with the PEFT adapter in ``folder`` merged into its weights (a plain model again)."""
+    from peft import PeftModel
+
+    try:
+        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    except (RuntimeError, KeyError, ValueError) as err:  # shapes or target modules of another base
+        raise MsifValueError(f"adapter {model} does not fit its base model {type(base).__name__}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    return merged
 
 
 def pad_token_id(tokenizer) -> int:

@@ -78,6 +78,8 @@ def _add_fit(sub) -> None:
         "them into a factor folder. Run under `accelerate launch` for several processes or GPUs."))
     p.add_argument("--model", required=True, type=non_empty, help="Hub model id or local model folder")
     p.add_argument("--revision", type=non_empty, help="Hub revision (branch, tag or commit sha) of the model")
+    p.add_argument("--base-model", type=non_empty,
+                   help="when --model is a PEFT (LoRA) adapter: its base model id or folder (default: the adapter's)")
     p.add_argument("--stage", required=True, choices=["pretrained", "finetuned"], help="which stage these factors are")
     p.add_argument("--data", required=True, nargs="+", type=non_empty,
                    help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
@@ -231,7 +233,7 @@ def _run_fit(args) -> int:
                        model_dtype=args.model_dtype, samples_per_sequence=args.samples_per_sequence)
     # Not loaded back whole: each process holds only its own modules; the summary reads one at a time.
     factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision,
-                        load_result=False, show_progress=show_progress(args.json))
+                        load_result=False, show_progress=show_progress(args.json), base_model=args.base_model)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -337,6 +339,12 @@ def _add_attribute(sub) -> None:
     p.add_argument("--damping", type=positive_finite_float, default=0.1,
                    help="damping, relative to mean(Lambda) per module (default 0.1)")
     p.add_argument("--absolute-damping", action="store_true", help="treat --damping as an absolute value")
+    p.add_argument("--query-rank", type=positive_int,
+                   help="keep each module's preconditioned query at this rank (default: full rank)")
+    p.add_argument("--normalize", action="store_true",
+                   help="gradient methods: cosine of the preconditioned query and the candidate's gradient")
+    p.add_argument("--base-model", type=non_empty,
+                   help="base model of a PEFT adapter used as the fine-tuned model (default: the adapter's)")
     p.add_argument("--modules", default="all", choices=["all", "mlp"], help="use all tracked modules or MLP only")
     p.add_argument("--allow-revision-mismatch", action="store_true",
                    help="warn instead of failing when a model's revision differs from the factors'")
@@ -358,12 +366,14 @@ def _run_attribute(args) -> int:
     check_model(args.pretrained)  # loaded only after the index and both stages' factors
     check_model(args.finetuned)
     use_threads(args.threads)
+    check_model(args.base_model)
     from hub_msif.attribution.attributor import Attributor
     from hub_msif.attribution.retrieval import DocumentIndex
 
     index = DocumentIndex.load(args.index, token=args.token) if args.index is not None else None
     attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch,
-                            token=args.token, index=index)
+                            token=args.token, index=index, query_rank=args.query_rank, normalize=args.normalize,
+                            base_model=args.base_model)
     settings = {"candidates": args.candidates, "top": args.top, "method": args.method, "damping": args.damping,
                 "relative": not args.absolute_damping}
     if queries is not None:

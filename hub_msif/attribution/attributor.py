@@ -25,9 +25,11 @@ from hub_msif.attribution import baselines
 from hub_msif.attribution.results import Attribution, TokenShare, make_row
 from hub_msif.attribution.scoring import (
     GRADIENT_METHODS,
+    check_rank,
     per_example_gradients,
     precondition_queries,
     score_candidates,
+    stack_queries,
 )
 from hub_msif.data import DEFAULT_TEMPLATE
 from hub_msif.errors import FactorError, MsifValueError
@@ -64,13 +66,20 @@ class Attributor:
     or folders; by default the ones the manifest records, at the recorded revision.
     ``modules``: ``all`` or ``mlp``. ``token``: for pulling private factors. ``index``: the
     ``DocumentIndex`` that ``candidates`` searches when none is passed to it.
+    ``query_rank``: keep each module's preconditioned query as a rank-r factorization (None: full
+    rank, the default; docs/design.md, "Low-rank queries"). ``normalize``: gradient-method scores
+    are cosines ``<W_q, G_c> / (||W_q|| ||G_c||)`` ("Unit-normalised scores"). ``base_model``: the
+    base of a PEFT adapter given (or recorded) as the fine-tuned model, instead of the one its
+    adapter config names.
     """
 
     def __init__(self, factors: str | Path, pretrained: str | None = None, finetuned: str | None = None,
                  modules: str = "all", allow_revision_mismatch: bool = False, dtype=None, token: str | None = None,
-                 index=None):
+                 index=None, query_rank: int | None = None, normalize: bool = False, base_model: str | None = None):
         if modules not in ("all", "mlp"):
             raise MsifValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
+        self.query_rank = check_rank(query_rank) if query_rank is not None else None
+        self.normalize = bool(normalize)
         self.modules = modules
         self.location = str(factors)
         self.index = index
@@ -85,8 +94,10 @@ class Attributor:
             recorded = self.factors[stage].info["model"]
             # The recorded Hub model is loaded at the recorded commit, not whatever main is now.
             pinned = recorded.get("revision") if given is None and is_commit_sha(recorded.get("revision")) else None
-            model, tok, ref = load_model(given or recorded["id"], pinned, dtype)
+            base, base_pinned = _base_model(recorded, given, base_model if stage == "finetuned" else None)
+            model, tok, ref = load_model(given or recorded["id"], pinned, dtype, base, base_pinned)
             self.factors[stage].check_model(model, ref.revision, allow_revision_mismatch, model_id=ref.id)
+            _check_base(stage, recorded, ref, allow_revision_mismatch)
             self.models[stage], self.refs[stage] = model, ref
             tokenizer = tokenizer or tok
         self.tokenizer = tokenizer
@@ -244,12 +255,13 @@ class Attributor:
                     candidate_hidden = baselines.mean_hidden_states(model, candidates, self.pad_id)
                 else:
                     weights = [precondition_queries(grads, m, self.factors["finetuned"], self.factors["pretrained"],
-                                                    d if d is not None else DEFAULT_DAMPING, relative)
+                                                    d if d is not None else DEFAULT_DAMPING, relative,
+                                                    rank=self.query_rank)
                                for m, d in mine]
-                    stacked = {name: torch.cat([w[name] for w in weights]) for name in weights[0]}  # [S*Q, ...]
+                    stacked = stack_queries(weights)  # [S*Q, ...]
                     result = score_candidates(model, self.specs, stacked, candidates, self.pad_id, batch_size,
                                               token_shares=token_shares, show_progress=show_progress,
-                                              representations=hidden_here)
+                                              representations=hidden_here, normalize=self.normalize)
                     candidate_hidden = result.representations
                     q = len(queries)
                     for i, (m, d) in enumerate(mine):
@@ -441,6 +453,30 @@ def _reordered(scores: MethodScores, inverse: torch.Tensor) -> MethodScores:
     per_module = {n: v[inverse] for n, v in scores.per_module.items()} if scores.per_module is not None else None
     tokens = [scores.tokens[i] for i in inverse.tolist()] if scores.tokens is not None else None
     return MethodScores(scores.method, scores.damping, scores.total[inverse], per_module, tokens)
+
+
+def _base_model(recorded: dict, given: str | None, base_model: str | None) -> tuple[str | None, str | None]:
+    """The base model (and pinned revision) for a stage's model: ``base_model`` when given; else,
+    for the recorded model of a PEFT adapter, the recorded base at its recorded commit."""
+    if base_model is not None:
+        return base_model, None
+    base = recorded.get("base") if given is None else None
+    if not isinstance(base, dict) or not base.get("id"):
+        return None, None
+    return base["id"], base.get("revision") if is_commit_sha(base.get("revision")) else None
+
+
+def _check_base(stage: str, recorded: dict, ref, allow_revision_mismatch: bool) -> None:
+    """A PEFT adapter merged on another base revision than the factors were fitted with is another
+    model: refused like a revision mismatch of the model itself."""
+    fitted = (recorded.get("base") or {}).get("revision")
+    loaded = ref.base.revision if ref.base is not None else None
+    if fitted and loaded and fitted != loaded:
+        message = (f"{stage} factors were fitted on the adapter merged into base revision {fitted} "
+                   f"({recorded['base'].get('id')}) but the loaded base ({ref.base.id}) has revision {loaded}")
+        if not allow_revision_mismatch:
+            raise FactorError(message + "; pass allow_revision_mismatch to use them anyway")
+        logger.warning(message)
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

@@ -14,6 +14,15 @@ inside the backward hook, so memory does not grow with the number of candidates.
 per-token form ``sum_t g_t^T W_q a_t`` costs ``T*Q`` instead of ``T+Q`` matrix products per
 candidate; it is used only when token-level shares are asked for.)
 
+Low-rank queries (``rank=r``, docs/design.md "Scores and their sign", "Low-rank queries"): each
+module's ``W_q`` is kept as ``U_q V_q^T`` (``[d_out, r]``, ``[d_in, r]``), a truncated SVD taken in
+the metric of the candidates' gradients (the pre-trained stage's EK-FAC eigenbasis, scaled by the
+square roots of Lambda's row and column means), and candidates are scored from the factors:
+``<W_q, G_c> = sum_t sum_r (g_t . u_r)(a_t . v_r)``, or through ``G_c`` where that is cheaper.
+
+Normalised scores (``normalize=True``, "Unit-normalised scores"): the cosine
+``<W_q, G_c> / (||W_q|| ||G_c||)`` with Frobenius norms over all scored modules together.
+
 Sign: a positive score means that training more on the candidate lowers the query's answer
 loss, i.e. the candidate supports the answer.
 """
@@ -29,13 +38,46 @@ from hub_msif.attribution.baselines import mean_last_hidden
 from hub_msif.data import collate
 from hub_msif.errors import MsifValueError
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
-from hub_msif.factors.ekfac import precondition_twice
+from hub_msif.factors.ekfac import ModuleFactors, precondition_twice
 from hub_msif.factors.objectives import lm_loss
 from hub_msif.factors.storage import StageFactors
 from hub_msif.factors.tracking import TrackedModule
 
 GRADIENT_METHODS = ("ms-if", "ss-if", "gdp")
 _MAX_CHUNK_ELEMENTS = 32 * 1024 * 1024
+_OVERSAMPLE = 8  # extra columns of the randomized range finder (truncated SVD)
+_POWER_ITERATIONS = 2
+_METRIC_FLOOR = 1e-3  # Lambda's row and column means are floored at this fraction of their mean
+_PATH: str | None = None  # low-rank scoring path: None picks the cheaper; tests force "factors" or "gradient"
+
+
+@dataclass
+class LowRankQueries:
+    """Rank-r preconditioned queries: ``W_q ~ u[name][q] @ v[name][q].T`` per module.
+
+    ``u[name]``: ``[Q, d_out, r]`` (singular values folded in), ``v[name]``: ``[Q, d_in, r]``;
+    ``r`` is at most ``min(d_out, d_in)`` of the module.
+    """
+
+    u: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+
+    @property
+    def num_queries(self) -> int:
+        return next(iter(self.u.values())).shape[0]
+
+    def dense(self) -> dict[str, torch.Tensor]:
+        """The full ``W_q`` ``[Q, d_out, d_in]`` per module (for checks; memory as today's queries)."""
+        return {name: self.u[name] @ self.v[name].transpose(-1, -2) for name in self.u}
+
+    def bytes_per_query(self) -> int:
+        """Memory of one query's factors over all modules."""
+        return sum((self.u[n][0].numel() + self.v[n][0].numel()) * self.u[n].element_size() for n in self.u)
+
+    def square_norms(self) -> torch.Tensor:
+        """``||W_q||_F^2`` over all modules, ``[Q]``: ``trace((U^T U)(V^T V))`` per module."""
+        return sum(((u.transpose(-1, -2) @ u) * (v.transpose(-1, -2) @ v)).sum((-2, -1))
+                   for u, v in zip(self.u.values(), self.v.values()))
 
 
 def per_example_gradients(
@@ -71,11 +113,32 @@ def per_example_gradients(
 
 def precondition_queries(
     query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
-    pretrained: StageFactors | None, damping: float, relative: bool = True,
-) -> dict[str, torch.Tensor]:
-    """``W_q`` per module for ``method``: ``P_pt(P_ft(G_q))`` (MS-IF), ``P_ft(G_q)`` (SS-IF) or ``G_q`` (GDP)."""
+    pretrained: StageFactors | None, damping: float, relative: bool = True, rank: int | None = None,
+) -> dict[str, torch.Tensor] | LowRankQueries:
+    """``W_q`` per module for ``method``: ``P_pt(P_ft(G_q))`` (MS-IF), ``P_ft(G_q)`` (SS-IF) or ``G_q`` (GDP).
+
+    With ``rank`` (an int >= 1), ``LowRankQueries`` of at most that rank per module (see
+    ``truncate``), one module's dense ``W_q`` at a time; its metric is that of the pre-trained
+    stage (the candidates are pre-training documents), else the fine-tuned one.
+    """
     if method not in GRADIENT_METHODS:
         raise MsifValueError(f"unknown gradient method {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
+    if rank is not None:
+        check_rank(rank)
+        metric = pretrained if pretrained is not None else finetuned
+        u, v = {}, {}
+        for name, grad in query_grads.items():
+            target = metric.modules.get(name) if metric is not None else None
+            source = finetuned.modules.get(name) if finetuned is not None and method != "gdp" else None
+            direct = pretrained is not None and target is not None and (
+                method == "gdp" or (source is not None and source.spec.block_labels == target.spec.block_labels))
+            if direct:
+                coefficients = _metric_coefficients(method, grad, source, target, damping, relative)
+                u[name], v[name] = _truncate_coefficients(coefficients, rank, target)
+            else:
+                (w,) = precondition_queries({name: grad}, method, finetuned, pretrained, damping, relative).values()
+                u[name], v[name] = truncate(w, rank, target)
+        return LowRankQueries(u, v)
     if method == "gdp":
         return dict(query_grads)
     if finetuned is None:
@@ -93,6 +156,113 @@ def precondition_queries(
     }
 
 
+def check_rank(rank) -> int:
+    """A query rank must be a whole number of at least 1 (None, not 0, means full rank)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MsifValueError(f"the query rank must be a whole number of at least 1 (or none for full rank), got {rank!r}")
+    return rank
+
+
+def _metric_scales(factors: ModuleFactors, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square roots of Lambda's row and column means (``[d_out]``, ``[d_in]``), floored: their
+    outer product approximates Lambda, the candidates' second moment in the eigenbasis."""
+    lam = factors.lam.double().reshape(-1, factors.lam.shape[-1]).clamp_min(0)  # [d_out, d_in]
+    rows, cols = lam.mean(1), lam.mean(0) / lam.mean().clamp_min(torch.finfo(torch.float64).tiny)
+    rows = rows + _METRIC_FLOOR * rows.mean() + torch.finfo(torch.float64).tiny
+    cols = cols + _METRIC_FLOOR * cols.mean() + torch.finfo(torch.float64).tiny
+    return rows.sqrt().to(device=device, dtype=dtype), cols.sqrt().to(device=device, dtype=dtype)
+
+
+def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, V)`` of the best rank-``rank`` approximation of each ``x`` (``[Q, m, n]``):
+    ``U [Q, m, r]``, ``S [Q, r]``, ``V [Q, n, r]``, ``r = min(rank, m, n)``.
+
+    Exact SVD when ``rank + oversampling`` reaches ``min(m, n)``; otherwise a randomized range
+    finder with power iterations (Halko, Martinsson and Tropp 2011) from a fixed seed, so the
+    result is deterministic.
+    """
+    m, n = x.shape[-2:]
+    r = min(rank, m, n)
+    k = min(r + _OVERSAMPLE, m, n)
+    if k == min(m, n):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u[..., :r], s[..., :r], vh[..., :r, :].transpose(-1, -2)
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    probe = torch.randn(n, k, generator=generator, dtype=x.dtype, device=x.device)
+    basis = torch.linalg.qr(x @ probe).Q  # [Q, m, k]
+    for _ in range(_POWER_ITERATIONS):
+        basis = torch.linalg.qr(x @ torch.linalg.qr(x.transpose(-1, -2) @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.transpose(-1, -2) @ x, full_matrices=False)  # [Q, k, n]
+    return (basis @ u)[..., :r], s[..., :r], vh[..., :r, :].transpose(-1, -2)
+
+
+def _metric_coefficients(method: str, grad: torch.Tensor, finetuned: ModuleFactors | None, metric: ModuleFactors,
+                         damping: float, relative: bool) -> torch.Tensor:
+    """``Q_S^T W_q Q_A`` (``[Q, d_out, d_in]``) in the eigenbasis of ``metric`` (the pre-trained
+    stage for MS-IF), formed without ``W_q``: the rotation out of the fine-tuned eigenbasis and
+    into the metric's is one change of basis, as in ``precondition_twice`` (4 full-size matrix
+    products per query for MS-IF and SS-IF instead of 6 + 2)."""
+    qa2, qs2, den2 = metric.operands(grad, damping, relative)
+    if method == "gdp":
+        return (qs2.transpose(-1, -2) @ metric.blocks(grad) @ qa2).reshape(grad.shape)
+    qa1, qs1, den1 = finetuned.operands(grad, damping, relative)
+    inner = qs1.transpose(-1, -2) @ finetuned.blocks(grad) @ qa1 / den1
+    inner = (qs2.transpose(-1, -2) @ qs1) @ inner @ (qa1.transpose(-1, -2) @ qa2)
+    if method == "ms-if":
+        inner = inner / den2
+    return inner.reshape(grad.shape)
+
+
+def _truncate_coefficients(coefficients: torch.Tensor, rank: int, factors: ModuleFactors
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, V)`` from ``W``'s coefficients ``Q_S^T W Q_A`` in the eigenbasis of ``factors``: see ``truncate``."""
+    rows, cols = _metric_scales(factors, coefficients.dtype, coefficients.device)
+    u, s, v = truncated_svd(rows.unsqueeze(-1) * coefficients * cols, rank)
+    u = u * s.unsqueeze(-2) / rows.unsqueeze(-1)  # [Q, d_out, r], back out of the metric
+    v = v / cols.unsqueeze(-1)
+    q_a, q_s, _ = factors.operands(coefficients, 0.0)
+    spec = factors.spec
+    u = (q_s @ u.reshape(*u.shape[:-2], spec.num_blocks, spec.block_size, u.shape[-1])).reshape(u.shape)
+    return u, q_a @ v
+
+
+def truncate(w: torch.Tensor, rank: int, factors: ModuleFactors | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, V)`` with ``U @ V^T`` the rank-``rank`` truncation of ``w`` (``[Q, d_out, d_in]``).
+
+    With the candidates' stage ``factors``, the truncation is optimal in their metric rather than
+    the plain Frobenius one: the expected squared score error over candidates whose gradients have
+    second moment ``(Q_S (x) Q_A) diag(Lambda) (Q_S (x) Q_A)^T`` is ``||sqrt(Lambda) * (Q_S^T E Q_A)||^2``
+    for an error ``E``; with Lambda approximated by the outer product of its row and column means
+    ``s_row s_col^T``, the best ``E`` comes from the SVD of ``diag(sqrt s_row) Q_S^T w Q_A diag(sqrt s_col)``
+    (see docs/design.md, "Low-rank queries"). At full rank both give ``w`` exactly.
+    """
+    if factors is None:
+        u, s, v = truncated_svd(w, rank)
+        return u * s.unsqueeze(-2), v
+    q_a, q_s, _ = factors.operands(w, 0.0)
+    rotated = (q_s.transpose(-1, -2) @ factors.blocks(w) @ q_a).reshape(w.shape)
+    return _truncate_coefficients(rotated, rank, factors)
+
+
+def stack_queries(weights: Sequence[Mapping[str, torch.Tensor] | LowRankQueries]) -> dict[str, torch.Tensor] | LowRankQueries:
+    """Several sets of preconditioned queries (say, one per method and damping) as one, queries
+    in order. Low-rank sets of different ranks are padded with zero columns to the largest."""
+    if not all(isinstance(w, LowRankQueries) for w in weights):
+        if any(isinstance(w, LowRankQueries) for w in weights):
+            raise MsifValueError("cannot stack low-rank and full-rank queries")
+        return {name: torch.cat([w[name] for w in weights]) for name in weights[0]}
+
+    def padded(x: torch.Tensor, r: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, r - x.shape[-1]))
+
+    u, v = {}, {}
+    for name in weights[0].u:
+        r = max(w.u[name].shape[-1] for w in weights)
+        u[name] = torch.cat([padded(w.u[name], r) for w in weights])
+        v[name] = torch.cat([padded(w.v[name], r) for w in weights])
+    return LowRankQueries(u, v)
+
+
 @dataclass
 class CandidateScores:
     """Scores of C candidates against Q queries: ``per_module[name]`` is ``[C, Q]``; ``total`` their sum.
@@ -100,11 +270,15 @@ class CandidateScores:
     ``tokens[c]`` (when asked for) is ``[T_c, Q]``: each candidate token's share ``g_t^T W_q a_t``,
     summed over modules; it sums to the candidate's total. ``representations`` (when asked for)
     is ``[C, hidden]``: each candidate's mean last hidden state, from the same pass (RepSim).
+    With ``normalize``, every score and share is divided by ``||W_q|| ||G_c||`` (all modules), so
+    ``total`` is the cosine; ``candidate_norms`` ``[C]`` and ``query_norms`` ``[Q]`` are those norms.
     """
 
     per_module: dict[str, torch.Tensor]
     tokens: list[torch.Tensor] | None = None
     representations: torch.Tensor | None = None
+    candidate_norms: torch.Tensor | None = None
+    query_norms: torch.Tensor | None = None
 
     @property
     def total(self) -> torch.Tensor:
@@ -112,37 +286,52 @@ class CandidateScores:
 
 
 def score_candidates(
-    model: torch.nn.Module, specs: Sequence[TrackedModule], weights: Mapping[str, torch.Tensor],
+    model: torch.nn.Module, specs: Sequence[TrackedModule], weights: Mapping[str, torch.Tensor] | LowRankQueries,
     candidates: Sequence[dict], pad_id: int, batch_size: int = 8, token_shares: bool = False,
-    show_progress: bool = False, representations: bool = False,
+    show_progress: bool = False, representations: bool = False, normalize: bool = False,
 ) -> CandidateScores:
     """``<W_q, G_c>`` for every candidate c and query q, streaming candidates in batches.
 
-    ``weights[name]`` is ``[Q, d_out, d_in]``; ``candidates`` are token sequences whose summed
-    loss defines ``G_c`` (true labels).
+    ``weights[name]`` is ``[Q, d_out, d_in]``, or ``weights`` is ``LowRankQueries``; ``candidates``
+    are token sequences whose summed loss defines ``G_c`` (true labels). ``normalize``: the
+    cosine ``<W_q, G_c> / (||W_q|| ||G_c||)`` instead (0 for a candidate whose gradient is 0).
     """
     from tqdm.auto import tqdm
 
     if not candidates:
         raise MsifValueError("no candidates to score")
+    low_rank = isinstance(weights, LowRankQueries)
     by_name = {s.name: s for s in specs}
-    missing = [name for name in by_name if name not in weights]
+    missing = [name for name in by_name if name not in (weights.u if low_rank else weights)]
     if missing:
         raise MsifValueError(f"no query weights for module(s) {', '.join(missing)}")
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
-    w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
-    num_queries = next(iter(w.values())).shape[0]
-    w_flat = {name: wq.reshape(num_queries, -1).double() for name, wq in w.items()}  # [Q, d_out * d_in]
+    if low_rank:
+        # [d_out, Q*r] and [d_in, Q*r]: query q's factors are columns q*r .. q*r + r - 1.
+        u = {n: weights.u[n].to(device=device, dtype=dtype) for n in by_name}
+        v = {n: weights.v[n].to(device=device, dtype=dtype) for n in by_name}
+        num_queries = next(iter(u.values())).shape[0]
+        ranks = {n: u[n].shape[-1] for n in by_name}
+        u_cols = {n: u[n].permute(1, 0, 2).reshape(by_name[n].d_out, -1) for n in by_name}
+        v_cols = {n: v[n].permute(1, 0, 2).reshape(by_name[n].d_in, -1) for n in by_name}
+        query_sq = LowRankQueries(u, v).square_norms() if normalize else None
+        del u, v
+    else:
+        w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
+        num_queries = next(iter(w.values())).shape[0]
+        w_flat = {name: wq.reshape(num_queries, -1).double() for name, wq in w.items()}  # [Q, d_out * d_in]
+        query_sq = sum(wf.square().sum(1) for wf in w_flat.values()).to(dtype) if normalize else None
     # Preallocated outputs, filled batch by batch: many small score tensors kept alive between the
     # large transient per-batch gradients fragment the CPU heap, and RSS then grew with C.
     per_module = {name: torch.zeros(len(candidates), num_queries, dtype=dtype, device=device) for name in by_name}
+    candidate_sq = torch.zeros(len(candidates), dtype=dtype, device=device) if normalize else None
     batch_start = 0
     token_parts: list[torch.Tensor] = []
     hidden_parts: list[torch.Tensor] = []
     batch_tokens: dict[str, torch.Tensor] = {}
 
-    def consume(spec, a, g):  # a: [B, T, d_in], g: [B, T, d_out]
+    def consume_dense(spec, a, g):  # a: [B, T, d_in], g: [B, T, d_out]
         wq, wq_flat = w[spec.name], w_flat[spec.name]  # [Q, d_out, d_in], [Q, d_out * d_in]
         out = per_module[spec.name]  # [C, Q]
         chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
@@ -153,11 +342,36 @@ def score_candidates(
             # a float32 sum over d_out * d_in terms moved by ~1e-6 of the scale with the batch's shape
             # (candidates per batch, queries per pass), so one query alone and many together disagreed.
             out[rows] += (grad.reshape(grad.shape[0], -1).double() @ wq_flat.T).to(out.dtype)  # += : module used twice
+            if normalize:
+                candidate_sq[rows] += grad.square().sum((1, 2))
         if token_shares:
             share = torch.einsum("bto,qoi,bti->btq", g, wq, a)
             batch_tokens[spec.name] = share
 
-    capture = GradientCapture(model, specs, consume)
+    def consume_low_rank(spec, a, g):
+        uc, vc, r = u_cols[spec.name], v_cols[spec.name], ranks[spec.name]
+        out = per_module[spec.name]
+        b, t = a.shape[:2]
+        rows = slice(batch_start, batch_start + b)
+        factored = t * num_queries * r * (spec.d_in + spec.d_out)
+        through_gradient = t * spec.d_out * spec.d_in + spec.d_out * spec.d_in * num_queries * r
+        if (factored <= through_gradient if _PATH is None else _PATH == "factors") or token_shares:
+            per_token = (g @ uc) * (a @ vc)  # [B, T, Q*r]: (g_t . u_qr)(a_t . v_qr)
+            out[rows] += per_token.sum(1).reshape(b, num_queries, r).sum(-1)
+            if token_shares:
+                batch_tokens[spec.name] = per_token.reshape(b, t, num_queries, r).sum(-1)
+            if normalize:  # ||sum_t g_t a_t^T||^2 = sum_{t,t'} (g_t . g_t')(a_t . a_t')
+                candidate_sq[rows] += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
+        else:
+            chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
+            for start in range(0, b, chunk):
+                grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
+                part = slice(batch_start + start, batch_start + start + grad.shape[0])
+                out[part] += ((grad @ vc) * uc).sum(1).reshape(grad.shape[0], num_queries, r).sum(-1)
+                if normalize:
+                    candidate_sq[part] += grad.square().sum((1, 2))
+
+    capture = GradientCapture(model, specs, consume_low_rank if low_rank else consume_dense)
     with input_gradients_only(model), capture:
         for start in tqdm(range(0, len(candidates), batch_size), desc="scoring candidates", disable=not show_progress,
                           leave=False):
@@ -173,6 +387,13 @@ def score_candidates(
             if token_shares:
                 summed = torch.stack(list(batch_tokens.values())).sum(0)  # [B, T, Q]
                 token_parts.extend(summed[i, : len(seq["input_ids"])].cpu() for i, seq in enumerate(chunk))
+    candidate_norms = query_norms = None
+    if normalize:
+        candidate_norms, query_norms = candidate_sq.clamp_min(0).sqrt(), query_sq.clamp_min(0).sqrt()
+        scale = candidate_norms.unsqueeze(1) * query_norms.unsqueeze(0)  # [C, Q]
+        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))  # a zero vector: cosine 0
+        per_module = {name: v * inverse for name, v in per_module.items()}
+        token_parts = [t * inverse[i].cpu() for i, t in enumerate(token_parts)]
+        candidate_norms, query_norms = candidate_norms.cpu(), query_norms.cpu()
     return CandidateScores({k: v.cpu() for k, v in per_module.items()}, token_parts if token_shares else None,
-                           torch.cat(hidden_parts) if representations else None)
-
+                           torch.cat(hidden_parts) if representations else None, candidate_norms, query_norms)

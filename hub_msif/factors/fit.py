@@ -588,8 +588,10 @@ def fit_stage(
     on_checkpoint: Callable[[int], None] | None = None,
     on_reduce: Callable[[int, dict], None] | None = None,
     load_result: bool = True,
+    base_model: str | None = None,
 ) -> StageFactors | None:
     """Loads ``model`` (Hub id or folder) and the corpus ``data``, fits, saves into ``out_dir``.
+    A PEFT adapter is merged into its base (``base_model``, else its config's; hub_msif.models).
 
     ``corpus`` is a ``CorpusSpec`` for columns, template and lengths (``data`` fills its
     ``data`` field). This is what ``hub-msif fit`` runs. The corpus is streamed: read once to
@@ -603,7 +605,7 @@ def fit_stage(
     corpus = corpus or CorpusSpec(data=data)
     corpus.data = data
     corpus.validate()
-    lm, tokenizer, ref = load_model(model, revision)
+    lm, tokenizer, ref = load_model(model, revision, base_model=base_model)
     sequences = TokenStream(load_rows(corpus), tokenizer, corpus)
     _, _, data_fingerprint = sequences.survey(show_progress)
     info = {

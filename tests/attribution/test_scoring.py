@@ -318,3 +318,56 @@ def test_scoring_argument_errors(pair):
     del missing[name]
     with pytest.raises(ValueError, match=f"no query weights for module.*{name}"):
         score_candidates(pair.pretrained, pair.specs, missing, pair.candidates[:1], PAD)
+
+
+# -- unit-normalised scores ---------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [None, 2])
+@pytest.mark.parametrize("method", ["ms-if", "ss-if", "gdp"])
+def test_normalised_scores_are_cosines(pair, method, rank):
+    """``normalize=True`` gives ``<W_q, G_c> / (||W_q|| ||G_c||)`` over all modules, against
+    per-example gradients from autograd one sequence at a time (float64); W_q is the query's
+    preconditioned gradient written out here, or at rank 2 the dense form of its factors; the
+    per-module scores still sum to the total and the token shares to each candidate's."""
+    from hub_msif.attribution.scoring import LowRankQueries
+
+    n = 10
+    gq = _cached_grads(pair, "finetuned", "queries")
+    gc = _cached_grads(pair, "finetuned" if method == "ss-if" else "pretrained", "candidates")[:n]
+    if method == "gdp":
+        left = gq
+    elif method == "ss-if":
+        left = [pair.ft.precondition(g, DAMPING, True) for g in gq]
+    else:
+        left = [pair.pt.precondition(pair.ft.precondition(g, DAMPING, True), DAMPING, True) for g in gq]
+    grads = per_example_gradients(pair.finetuned, pair.specs, pair.queries, PAD)
+    weights = precondition_queries(grads, method, pair.ft, pair.pt, DAMPING, True, rank=rank)
+    if rank is not None:
+        assert isinstance(weights, LowRankQueries)
+        dense = weights.dense()
+        left = [{name: dense[name][q] for name in dense} for q in range(len(gq))]
+    names = [s.name for s in pair.specs]
+
+    def flat(g):
+        return torch.cat([g[name].reshape(-1) for name in names])
+
+    expected = torch.tensor([[float(flat(c) @ flat(q) / (flat(c).norm() * flat(q).norm())) for q in left]
+                             for c in gc], dtype=torch.float64)
+    model = pair.finetuned if method == "ss-if" else pair.pretrained
+    if rank is not None:  # both low-rank paths: norms from T x T Gram matrices, and from G_c itself
+        from hub_msif.attribution import scoring
+
+        for path in ("factors", "gradient"):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(scoring, "_PATH", path)
+                cosines = score_candidates(model, pair.specs, weights, pair.candidates[:n], PAD, batch_size=4,
+                                           normalize=True)
+            assert _rel_err(cosines.total, expected) < 1e-9, path
+    got = score_candidates(model, pair.specs, weights, pair.candidates[:n], PAD, batch_size=4, normalize=True,
+                           token_shares=True)
+    assert _rel_err(got.total, expected) < 1e-9
+    assert float(got.total.abs().max()) <= 1.0
+    assert _rel_err(got.candidate_norms, torch.stack([flat(c).norm() for c in gc])) < 1e-9
+    shares = torch.stack([t.sum(0) for t in got.tokens])
+    assert _rel_err(shares, got.total) < 1e-9
+    plain = score_candidates(model, pair.specs, weights, pair.candidates[:n], PAD, batch_size=4)
+    assert _rel_err(plain.total / (got.candidate_norms[:, None] * got.query_norms[None, :]), got.total) < 1e-12
