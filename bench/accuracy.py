@@ -49,6 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from hub_msif.attribution.refine import GGNProduct, refine  # noqa: E402
 from hub_msif.attribution.scoring import per_example_gradients  # noqa: E402
 from hub_msif.data import collate  # noqa: E402
 from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
@@ -77,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cg-time-limit", type=float, default=420.0, help="stop CG after this many seconds (default 420)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine-steps", default="0,2,5,10,20",
+                   help="CG steps of the refined queries to report, comma-separated (default 0,2,5,10,20)")
+    p.add_argument("--refine-samples", default="25,50,100,200",
+                   help="curvature sample sizes (sequences of the fitting set) for the refined queries (default 25,50,100,200)")
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "accuracy.json"))
     return p.parse_args(argv)
@@ -312,6 +317,37 @@ def flat(grads: dict, names) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def refined_name(size: int, steps: int) -> str:
+    return f"EK-FAC refined, {steps} CG steps, curvature sample {size}"
+
+
+def refined_query_scores(args, model, stage, fit_seqs, q_grads, c_flat, names, pad_id, damping) -> dict:
+    """Scores of the refined queries for every curvature sample size and number of steps.
+
+    One CG run per sample size; the iterate after k steps is the k-step refinement (CG is
+    deterministic), read through ``refine``'s ``on_step``. A sample of size M is a seeded random
+    subset of the fitting set (all of it when M >= N: then the sample GGN is the ground truth's).
+    """
+    t0 = time.perf_counter()
+    steps = sorted({int(k) for k in args.refine_steps.split(",")})
+    sizes = sorted({min(int(m), len(fit_seqs)) for m in args.refine_samples.split(",")})
+    out, seconds = {}, {}
+    for size in sizes:
+        order = torch.randperm(len(fit_seqs), generator=torch.Generator().manual_seed(args.seed + 2))
+        sample = [fit_seqs[i] for i in sorted(order[:size].tolist())]
+        product = GGNProduct(copy.deepcopy(model), stage.specs, sample, pad_id, batch_size=32)
+        started = time.perf_counter()
+
+        def keep(k, x, size=size):
+            if k in steps:
+                out[(size, k)] = flat(x, names) @ c_flat.T
+
+        refine(stage, product, q_grads, damping, relative=False, steps=max(steps), on_step=keep)
+        seconds[size] = round(time.perf_counter() - started, 2)
+        print(f"  refined queries, curvature sample {size}: {max(steps)} steps in {seconds[size]:.1f}s", flush=True)
+    return {"scores": out, "steps": steps, "sizes": sizes, "seconds": seconds, "t0": t0}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -418,6 +454,13 @@ def main(argv=None) -> int:
     scores["K-FAC (hub_msif, no head split)"] = ekfac_scores(factors[False], "kfac")
     scores["gradient dot product"] = q_flat @ c_flat.T
     tick("hub_msif and GDP scores", t0)
+
+    # --- refined queries (hub_msif.attribution.refine): EK-FAC-preconditioned CG on exact GGN
+    # products over a curvature sample of the fitting set, same absolute damping ---------------
+    refined = refined_query_scores(args, model, factors[True], fit_seqs, q_grads, c_flat, names, pad_id, damping)
+    for (size, steps), s in refined["scores"].items():
+        scores[refined_name(size, steps)] = s
+    tick("refined queries", refined["t0"])
     if not args.no_kronfluence:
         t0 = time.perf_counter()
         scores["EK-FAC (kronfluence 1.0.1, no head split)"] = kronfluence_scores(

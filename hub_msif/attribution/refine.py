@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
 from hub_msif.attribution.scoring import GRADIENT_METHODS, precondition_queries
-from hub_msif.data import collate
+from hub_msif.data import DEFAULT_TEMPLATE, collate
 from hub_msif.errors import MsifValueError
 from hub_msif.factors.objectives import shifted_targets
 from hub_msif.factors.storage import StageFactors
@@ -228,3 +229,47 @@ def refine_queries(query_grads: Mapping[str, torch.Tensor], method: str, finetun
     for stage in stages:
         out = refine(factors[stage], products[stage], out, damping, relative, steps)
     return out
+
+
+DEFAULT_CURVATURE_SEQUENCES = 64
+
+
+def curvature_sequences(stage: StageFactors, tokenizer, given=None, size: int = DEFAULT_CURVATURE_SEQUENCES,
+                        seed: int = 0) -> list[dict]:
+    """The curvature sample of one stage: at most ``size`` sequences of its fitting data.
+
+    ``given``: token sequences (dicts with ``input_ids`` and ``labels``) used as they are, or
+    local file(s) read and tokenized as the stage's fit recorded (columns, template, maximum
+    length); None: the files the stage's manifest ``data`` names, when they are local and still
+    exist. Files are sampled at random (``seed``) among the rows the fit read, before
+    tokenization. docs/design.md, "Refined queries".
+    """
+    from hub_msif.data import CorpusSpec, load_rows, tokenize_corpus
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise MsifValueError(f"the curvature sample size must be a positive integer, got {size!r}")
+    if isinstance(given, (list, tuple)) and given and all(isinstance(s, Mapping) for s in given):
+        bad = [i for i, s in enumerate(given) if len(s.get("input_ids", ())) < 2 or
+               len(s.get("labels", ())) != len(s["input_ids"])]
+        if bad:
+            raise MsifValueError(f"curvature sequence {bad[0]} needs input_ids of at least 2 tokens and labels "
+                                 "of the same length")
+        return list(given)[:size]
+    recorded = dict(stage.info.get("data") or {})
+    files = given if given is not None else recorded.get("data")
+    items = [files] if isinstance(files, (str, Path)) else list(files or [])
+    if not items or not all(Path(str(f)).exists() for f in items):
+        where = "the given curvature data" if given is not None else \
+            f"the {stage.stage} factors record no local data file ({recorded.get('data')!r})"
+        raise MsifValueError(f"no curvature sample for the {stage.stage} stage: {where} does not exist; give a local "
+                             f"file of its fitting data (curvature_data={{{stage.stage!r}: FILE}}, "
+                             f"--refine-data {stage.stage}=FILE)")
+    spec = CorpusSpec(data=[str(f) for f in items], text_column=recorded.get("text_column"),
+                      prompt_column=recorded.get("prompt_column"), response_column=recorded.get("response_column"),
+                      template=recorded.get("template") or DEFAULT_TEMPLATE,
+                      max_length=recorded.get("max_length") or 512)
+    rows = load_rows(spec)
+    available = min(len(rows), recorded.get("max_sequences") or len(rows))
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:size]
+    sequences, _ = tokenize_corpus(rows.select(sorted(order.tolist())), tokenizer, spec)
+    return sequences

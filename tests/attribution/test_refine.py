@@ -210,3 +210,90 @@ def test_bad_input(pair):
                        {"finetuned": _product(ft)})
     with pytest.raises(MsifValueError, match="curvature sample is empty"):
         GGNProduct(ft.model, ft.factors.specs, [], PAD)
+
+
+# -- the Attributor ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair_folder(tmp_path_factory):
+    from conftest import QA_TEMPLATE, save_tiny_pair
+
+    from hub_msif.data import CorpusSpec
+    from hub_msif.factors.fit import fit_stage
+
+    root = tmp_path_factory.mktemp("refine-pair")
+    pair = save_tiny_pair(root)
+    for stage, data, corpus in (("pretrained", pair["pretrain"], {}),
+                                ("finetuned", pair["finetune"], {"prompt_column": "prompt", "response_column": "response",
+                                                                 "template": QA_TEMPLATE})):
+        fit_stage(str(pair[stage]), str(data), root / "factors", FitConfig(stage=stage, batch_size=8, checkpoint_every=0),
+                  corpus=CorpusSpec(data=str(data), max_length=64, **corpus), show_progress=False)
+    return {"root": root, **pair}
+
+
+QUERIES = [("what does the cat see ?", "the river"), ("what does the dog hear ?", "a bird")]
+DOCS = ["the cat sees the river", "the dog hears a bird", "a bird sees the dog", "the river hears the cat"]
+
+
+def test_attributor_refines_with_the_recorded_fitting_data(pair_folder):
+    """Default curvature samples: the files the manifest records, tokenized as the fit did (prompts
+    of the fine-tuning rows carry no loss); the scores are those of ``refine_queries`` by hand."""
+    from hub_msif.attribution.attributor import Attributor
+    from hub_msif.attribution.refine import curvature_sequences
+    from hub_msif.attribution.scoring import score_candidates
+    from hub_msif.data import CorpusSpec, load_rows, tokenize_corpus
+
+    from conftest import QA_TEMPLATE
+
+    plain = Attributor(pair_folder["root"] / "factors")
+    refined = Attributor(pair_folder["root"] / "factors", refine_steps=3)
+    spec = CorpusSpec(data=str(pair_folder["finetune"]), prompt_column="prompt", response_column="response",
+                      template=QA_TEMPLATE, max_length=64)
+    recorded, _ = tokenize_corpus(load_rows(spec), refined.tokenizer, spec)
+    sample = curvature_sequences(refined.factors["finetuned"], refined.tokenizer)
+    assert sample == recorded  # 16 rows, fewer than the default sample size: all of them, in order
+    assert any(label == -100 for seq in sample for label in seq["labels"])
+
+    grads = per_example_gradients(refined.models["finetuned"], refined.specs,
+                                  [refined.query_sequence(p, a) for p, a in QUERIES], refined.pad_id)
+    products = {stage: GGNProduct(refined.models[stage], refined.specs,
+                                  curvature_sequences(refined.factors[stage], refined.tokenizer), refined.pad_id)
+                for stage in ("pretrained", "finetuned")}
+    candidates = [refined.document_sequence(t) for t in DOCS]
+    for method, model in (("ms-if", "pretrained"), ("ss-if", "finetuned")):
+        weights = refine_queries(grads, method, refined.factors["finetuned"], refined.factors["pretrained"], DAMPING,
+                                 True, 3, products)
+        want = score_candidates(refined.models[model], refined.specs, weights, candidates, refined.pad_id).total
+        got, _ = refined.score(QUERIES, DOCS, method)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        before, _ = plain.score(QUERIES, DOCS, method)
+        assert not torch.allclose(got, before, rtol=1e-3)  # refinement changes the scores
+    gdp = [a.score(QUERIES, DOCS, "gdp")[0] for a in (plain, refined)]
+    assert torch.equal(*gdp)
+
+
+def test_attributor_takes_given_curvature_sequences_and_checks_them(pair_folder, tmp_path):
+    from hub_msif.attribution.attributor import Attributor
+
+    folder = pair_folder["root"] / "factors"
+    given = random_sequences(4, 10, min_len=3, max_len=6, seed=9)
+    attributor = Attributor(folder, refine_steps=1, curvature_data={"finetuned": given, "pretrained": given})
+    attributor.score(QUERIES[:1], DOCS, "ss-if")
+    assert attributor._curvature["finetuned"] == given
+    with pytest.raises(MsifValueError, match="unknown stage 'base'"):
+        Attributor(folder, refine_steps=1, curvature_data={"base": given})
+    with pytest.raises(MsifValueError, match="non-negative integer"):
+        Attributor(folder, refine_steps=-2)
+    missing = Attributor(folder, refine_steps=1, curvature_data={"finetuned": str(tmp_path / "gone.jsonl")})
+    with pytest.raises(MsifValueError, match="--refine-data finetuned=FILE"):
+        missing.score(QUERIES[:1], DOCS, "ss-if")
+
+
+def test_cli_refine_data_must_name_a_stage_and_a_file(tmp_path, capsys):
+    from hub_msif.apps.cli import main
+
+    for value in ("corpus.jsonl", f"base={tmp_path}", f"finetuned={tmp_path / 'gone.jsonl'}"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["attribute", "--factors", str(tmp_path), "--index", str(tmp_path), "--prompt", "p",
+                  "--refine-data", value])
+        assert exit_info.value.code == 2
+        assert "--refine-data" in capsys.readouterr().err
