@@ -12,12 +12,15 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import random_sequences
+from conftest import QA_TEMPLATE, random_sequences, save_tiny_pair
 
-from hub_msif.attribution.refine import GGNProduct, refine, refine_queries
-from hub_msif.attribution.scoring import per_example_gradients, precondition_queries
+from hub_msif.apps.cli import main
+from hub_msif.attribution.attributor import Attributor
+from hub_msif.attribution.refine import GGNProduct, curvature_sequences, refine, refine_queries
+from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates
+from hub_msif.data import CorpusSpec, load_rows, tokenize_corpus
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.fit import FitConfig, fit_factors
+from hub_msif.factors.fit import FitConfig, fit_factors, fit_stage
 from hub_msif.factors.storage import load_stage
 from hub_msif.toy.examples import tiny_model
 
@@ -133,13 +136,12 @@ def test_ggn_product_matches_dense_ggn(pair, batch_size):
         got = _flat(_product(stage, batch_size)(_unflat(v, specs)), specs)
         want = v @ stage.ggn  # G is symmetric
         assert _rel(got, want) < PRODUCT_TOLERANCE[pair["arch"]]
-    assert torch.allclose(stage.ggn, stage.ggn.T, atol=1e-12 * float(stage.ggn.abs().max()))
+        assert torch.allclose(stage.ggn, stage.ggn.T, atol=1e-12 * float(stage.ggn.abs().max()))
 
 
 def test_ggn_product_restores_requires_grad(pair):
     stage = pair["pretrained"]
-    before = [p.requires_grad for p in stage.model.parameters()]
-    stage.model.get_input_embeddings().weight.requires_grad_(False)
+    stage.model.get_input_embeddings().weight.requires_grad_(False)  # a mix of frozen and trainable
     before = [p.requires_grad for p in stage.model.parameters()]
     _product(stage)(_unflat(torch.ones(1, stage.ggn.shape[0], dtype=torch.float64), stage.factors.specs))
     assert [p.requires_grad for p in stage.model.parameters()] == before
@@ -215,11 +217,6 @@ def test_bad_input(pair):
 # -- the Attributor ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair_folder(tmp_path_factory):
-    from conftest import QA_TEMPLATE, save_tiny_pair
-
-    from hub_msif.data import CorpusSpec
-    from hub_msif.factors.fit import fit_stage
-
     root = tmp_path_factory.mktemp("refine-pair")
     pair = save_tiny_pair(root)
     for stage, data, corpus in (("pretrained", pair["pretrain"], {}),
@@ -237,13 +234,6 @@ DOCS = ["the cat sees the river", "the dog hears a bird", "a bird sees the dog",
 def test_attributor_refines_with_the_recorded_fitting_data(pair_folder):
     """Default curvature samples: the files the manifest records, tokenized as the fit did (prompts
     of the fine-tuning rows carry no loss); the scores are those of ``refine_queries`` by hand."""
-    from hub_msif.attribution.attributor import Attributor
-    from hub_msif.attribution.refine import curvature_sequences
-    from hub_msif.attribution.scoring import score_candidates
-    from hub_msif.data import CorpusSpec, load_rows, tokenize_corpus
-
-    from conftest import QA_TEMPLATE
-
     plain = Attributor(pair_folder["root"] / "factors")
     refined = Attributor(pair_folder["root"] / "factors", refine_steps=3)
     spec = CorpusSpec(data=str(pair_folder["finetune"]), prompt_column="prompt", response_column="response",
@@ -272,8 +262,6 @@ def test_attributor_refines_with_the_recorded_fitting_data(pair_folder):
 
 
 def test_attributor_takes_given_curvature_sequences_and_checks_them(pair_folder, tmp_path):
-    from hub_msif.attribution.attributor import Attributor
-
     folder = pair_folder["root"] / "factors"
     given = random_sequences(4, 10, min_len=3, max_len=6, seed=9)
     attributor = Attributor(folder, refine_steps=1, curvature_data={"finetuned": given, "pretrained": given})
@@ -289,8 +277,6 @@ def test_attributor_takes_given_curvature_sequences_and_checks_them(pair_folder,
 
 
 def test_cli_refine_data_must_name_a_stage_and_a_file(tmp_path, capsys):
-    from hub_msif.apps.cli import main
-
     for value in ("corpus.jsonl", f"base={tmp_path}", f"finetuned={tmp_path / 'gone.jsonl'}"):
         with pytest.raises(SystemExit) as exit_info:
             main(["attribute", "--factors", str(tmp_path), "--index", str(tmp_path), "--prompt", "p",
