@@ -351,6 +351,23 @@ def _add_attribute(sub) -> None:
     p.add_argument("--token", type=non_empty, help="Hugging Face token for private factor or index repos (default: HF_TOKEN)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_threads(p)
+    p.add_argument("--refine-steps", type=non_negative_int, default=0, help=(
+        "refine the query's EK-FAC iHVPs by N conjugate-gradient steps on the exact Gauss-Newton matrix of each "
+        "stage's curvature sample (default 0: plain EK-FAC)"))
+    p.add_argument("--refine-data", type=_stage_file, action="append", default=[], metavar="STAGE=FILE", help=(
+        "curvature sample of a stage's fitting data (pretrained=FILE, finetuned=FILE; repeatable; default: the "
+        "local data file the stage's factors record)"))
+    p.add_argument("--refine-sequences", type=positive_int, default=64,
+                   help="sequences drawn from each stage's curvature data (default 64)")
+
+
+def _stage_file(text: str) -> tuple[str, str]:
+    stage, sep, path = text.partition("=")
+    if not sep or stage not in ("pretrained", "finetuned") or not path.strip():
+        raise argparse.ArgumentTypeError(f"must be pretrained=FILE or finetuned=FILE, got {text!r}")
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return stage, path
 
 
 def _run_attribute(args) -> int:
@@ -373,7 +390,8 @@ def _run_attribute(args) -> int:
     index = DocumentIndex.load(args.index, token=args.token) if args.index is not None else None
     attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch,
                             token=args.token, index=index, query_rank=args.query_rank, normalize=args.normalize,
-                            base_model=args.base_model)
+                            base_model=args.base_model, refine_steps=args.refine_steps,
+                            curvature_data=dict(args.refine_data), curvature_size=args.refine_sequences)
     settings = {"candidates": args.candidates, "top": args.top, "method": args.method, "damping": args.damping,
                 "relative": not args.absolute_damping}
     if queries is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 
 from hub_msif.artifacts.manifest import FACTORS, STAGES, check_stage_pair, read_manifest
 from hub_msif.attribution import baselines
+from hub_msif.attribution.refine import DEFAULT_CURVATURE_SEQUENCES, GGNProduct, curvature_sequences, refine_queries
 from hub_msif.attribution.results import Attribution, TokenShare, make_row
 from hub_msif.attribution.scoring import (
     GRADIENT_METHODS,
@@ -70,15 +71,22 @@ class Attributor:
     rank, the default; docs/design.md, "Low-rank queries"). ``normalize``: gradient-method scores
     are cosines ``<W_q, G_c> / (||W_q|| ||G_c||)`` ("Unit-normalised scores"). ``base_model``: the
     base of a PEFT adapter given (or recorded) as the fine-tuned model, instead of the one its
-    adapter config names.
+    adapter config names. ``refine_steps`` (default 0: plain EK-FAC; not with ``query_rank``) refines MS-IF and SS-IF query iHVPs by that many CG steps on exact
+    GGN products over each stage's curvature sample: ``curvature_data`` ``{stage: file(s) or
+    token sequences}``, by default the stage's recorded local data file, at most
+    ``curvature_size`` sequences (docs/design.md, "Refined queries").
     """
 
     def __init__(self, factors: str | Path, pretrained: str | None = None, finetuned: str | None = None,
                  modules: str = "all", allow_revision_mismatch: bool = False, dtype=None, token: str | None = None,
-                 index=None, query_rank: int | None = None, normalize: bool = False, base_model: str | None = None):
+                 index=None, query_rank: int | None = None, normalize: bool = False, base_model: str | None = None,
+                 refine_steps: int = 0, curvature_data: Mapping | None = None,
+                 curvature_size: int = DEFAULT_CURVATURE_SEQUENCES):
         if modules not in ("all", "mlp"):
             raise MsifValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
         self.query_rank = check_rank(query_rank) if query_rank is not None else None
+        if self.query_rank is not None and refine_steps:
+            raise MsifValueError("refined queries are kept dense: use query_rank or refine_steps, not both")
         self.normalize = bool(normalize)
         self.modules = modules
         self.location = str(factors)
@@ -107,6 +115,14 @@ class Attributor:
         self.max_length = getattr(self.models["finetuned"].config, "max_position_embeddings", None) or 2048
         self._views: dict[tuple[str, ...], Attributor] = {}
         self._checked_indexes: set[int] = set()  # indexes whose corpus was compared with the factors'
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+            raise MsifValueError(f"refinement steps must be a non-negative integer, got {refine_steps!r}")
+        unknown = sorted(set(curvature_data or {}) - set(STAGES))
+        if unknown:
+            raise MsifValueError(f"curvature data for unknown stage {unknown[0]!r}; use {' or '.join(STAGES)}")
+        # Refined queries (docs/design.md, "Refined queries"): samples are loaded on first use.
+        self.refine_steps, self.curvature_data, self.curvature_size = refine_steps, dict(curvature_data or {}), curvature_size
+        self._curvature: dict[str, list[dict]] = {}
 
 
     @property
@@ -254,9 +270,7 @@ class Attributor:
                 if not mine:
                     candidate_hidden = baselines.mean_hidden_states(model, candidates, self.pad_id)
                 else:
-                    weights = [precondition_queries(grads, m, self.factors["finetuned"], self.factors["pretrained"],
-                                                    d if d is not None else DEFAULT_DAMPING, relative,
-                                                    rank=self.query_rank)
+                    weights = [self._query_weights(grads, m, d if d is not None else DEFAULT_DAMPING, relative)
                                for m, d in mine]
                     stacked = stack_queries(weights)  # [S*Q, ...]
                     result = score_candidates(model, self.specs, stacked, candidates, self.pad_id, batch_size,
@@ -274,6 +288,21 @@ class Attributor:
                     scores = baselines.repsim_scores(torch.cat(query_hidden), candidate_hidden)
                     out[("repsim", None)] = MethodScores("repsim", None, scores)
         return [_reordered(out[key], inverse) for key in settings]
+
+    def _query_weights(self, grads: dict, method: str, damping: float, relative: bool) -> dict:
+        """``W_q`` of ``method``: plain EK-FAC, or refined by ``refine_steps`` CG steps on the exact GGN
+        of each stage's curvature sample (docs/design.md, "Refined queries")."""
+        if not self.refine_steps or method == "gdp":
+            return precondition_queries(grads, method, self.factors["finetuned"], self.factors["pretrained"],
+                                        damping, relative, rank=self.query_rank)
+        products = {}
+        for stage in ("finetuned",) + (("pretrained",) if method == "ms-if" else ()):
+            if stage not in self._curvature:
+                self._curvature[stage] = curvature_sequences(self.factors[stage], self.tokenizer,
+                                                             self.curvature_data.get(stage), self.curvature_size)
+            products[stage] = GGNProduct(self.models[stage], self.specs, self._curvature[stage], self.pad_id)
+        return refine_queries(grads, method, self.factors["finetuned"], self.factors["pretrained"], damping,
+                              relative, self.refine_steps, products)
 
     def score(self, queries: Sequence[tuple[str, str]], documents: Sequence[str], method: str = "ms-if",
               damping: float = DEFAULT_DAMPING, relative: bool = True, batch_size: int = 8,
