@@ -209,6 +209,17 @@ class Attributor:
         hits = index.search([f"{prompt} {answer}"], k)[0]
         return [index.documents[i] for i, _ in hits]
 
+    def _answered(self, prompt: str, answer: str | None) -> tuple[str, bool]:
+        """``(answer, generated)``: the given answer, or the fine-tuned model's greedy one when it is
+        None or blank; the query sequence is checked (length) either way."""
+        generated = answer is None or not answer.strip()
+        if generated:
+            answer = self.generate(prompt)
+            if not answer:
+                raise MsifValueError("the fine-tuned model generated an empty answer; give one with --answer")
+        self.query_sequence(prompt, answer)
+        return answer, generated
+
     def _check_corpus(self, index) -> None:
         """Warns once per index when it was built on another corpus than the pre-trained stage's
         factors were fitted on (both manifests record ``source_sha256``; older ones do not)."""
@@ -332,12 +343,7 @@ class Attributor:
             raise MsifValueError(f"the number of candidates must be at least 1, got {candidates}")
         if top < 1:
             raise MsifValueError(f"top must be at least 1, got {top}")
-        generated = answer is None or not answer.strip()
-        if generated:
-            answer = self.generate(prompt)
-            if not answer:
-                raise MsifValueError("the fine-tuned model generated an empty answer; give one with --answer")
-        self.query_sequence(prompt, answer)  # validates length before any retrieval work
+        answer, generated = self._answered(prompt, answer)  # before any retrieval work
         if documents is None:
             documents = self.candidates(prompt, answer, candidates, index)
         if not documents:
@@ -388,13 +394,8 @@ class Attributor:
         answered, generated = [], []
         for number, (prompt, answer) in enumerate(tqdm(queries, desc="generating answers", leave=False, disable=(
                 not show_progress or all(a and a.strip() for _, a in queries))), start=1):
-            blank = answer is None or not answer.strip()
             try:
-                if blank:
-                    answer = self.generate(prompt)
-                    if not answer:
-                        raise MsifValueError("the fine-tuned model generated an empty answer; give one")
-                self.query_sequence(prompt, answer)  # validates length before any scoring work
+                answer, blank = self._answered(prompt, answer)  # before any scoring work
             except MsifValueError as err:
                 raise MsifValueError(f"query {number} of {len(queries)}: {err}") from err
             answered.append((prompt, answer))
