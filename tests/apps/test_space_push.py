@@ -217,8 +217,9 @@ def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
     assert Path(where).is_relative_to(target), f"hub_msif imported from {where}, not from the wheel"
     # The checkout is not on the Space's path (the test environment's own site-packages may lie
     # inside it, as .venv does in CI: those entries are the dependencies, not hub_msif).
-    leaks = [entry for entry in ast.literal_eval(path) if entry and Path(entry).resolve().is_relative_to(ROOT)
-             and not Path(entry).resolve().is_relative_to(Path(sys.prefix).resolve())]
+    # Relative entries (and setuptools' editable path-hook marker) are relative to the Space's folder.
+    entries = [(space / entry).resolve() for entry in ast.literal_eval(path) if entry]
+    leaks = [str(e) for e in entries if e.is_relative_to(ROOT) and not e.is_relative_to(Path(sys.prefix).resolve())]
     assert not leaks, f"the checkout is on the Space's path: {leaks}"
 
     log = tmp_path / "space.log"
