@@ -215,10 +215,14 @@ def _worker_init() -> None:
     os.environ["TQDM_DISABLE"] = "1"
 
 
-def run_jobs(jobs: list[dict], workers: int, label: str) -> dict[str, dict]:
-    """Runs the jobs not cached yet (``workers`` processes), returns ``{path: result}`` for all."""
+def run_jobs(jobs: list[dict], workers: int, label: str, cached_only: bool = False) -> dict[str, dict]:
+    """Runs the jobs not cached yet (``workers`` processes), returns ``{path: result}`` for all;
+    with ``cached_only`` trains nothing and returns the cached ones only."""
     todo = [j for j in jobs if not Path(j["path"]).is_file()]
     todo = list({j["path"]: j for j in todo}.values())  # identical pairs (same kept set) train once
+    if cached_only:
+        print(f"{label}: {len(jobs)} pairs, {len(jobs) - len(todo)} cached (--cached-only: training none)", flush=True)
+        return {j["path"]: json.loads(Path(j["path"]).read_text()) for j in jobs if Path(j["path"]).is_file()}
     started = time.perf_counter()
     print(f"{label}: {len(jobs)} pairs, {len(jobs) - len(todo)} cached, training {len(todo)} on {workers} worker(s)",
           flush=True)
@@ -316,7 +320,9 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
     full_job = job(spec, folder, whash, None, seed, save=full_models)
     if not (full_models / "finetuned" / "config.json").is_file():
         Path(full_job["path"]).unlink(missing_ok=True)
-    full = run_jobs([full_job], 1, f"{spec.name}: full pair")[full_job["path"]]
+    full = run_jobs([full_job], 1, f"{spec.name}: full pair", args.cached_only).get(full_job["path"])
+    if full is None:
+        raise SystemExit(f"{spec.name}: the full pair is not in the cache {folder}; run without --cached-only")
     timings["full_pair_training"] = full["seconds"]
     (full_models / "training.json").write_text(json.dumps({"test_accuracy": float(np.mean(full["correct"]))}))
     accuracy = float(np.mean(full["correct"]))
@@ -330,8 +336,12 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
     masks = subset_masks(num_docs, args.subsets, seed=1000 + seed)
     lds_jobs = [job(spec, folder, whash, np.flatnonzero(m).tolist(), seed) for m in masks]
     t0 = time.perf_counter()
-    results = run_jobs(lds_jobs, args.workers, f"{spec.name}: LDS subsets")
+    results = run_jobs(lds_jobs, args.workers, f"{spec.name}: LDS subsets", args.cached_only)
     timings["lds_training"] = time.perf_counter() - t0
+    have = [m for m, j in enumerate(lds_jobs) if j["path"] in results]  # all of them unless --cached-only
+    if len(have) < 3:
+        raise SystemExit(f"{spec.name}: only {len(have)} of {len(lds_jobs)} subset pairs are trained; need 3 for an LDS")
+    masks, lds_jobs = masks[have], [lds_jobs[m] for m in have]
     measured = -np.array([results[j["path"]]["loss"] for j in lds_jobs])  # [M, Q] answer log-probabilities
     lds_out, per_query_lds = {}, {}
     for s in SETTINGS:
@@ -366,8 +376,14 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
         random_job = job(spec, folder, whash, [i for i in range(num_docs) if i not in gone], seed)
         removal_jobs[f"random#{draw}"] = [(q, random_job) for q in chosen]
     t0 = time.perf_counter()
-    done = run_jobs([j for pairs in removal_jobs.values() for _, j in pairs], args.workers, f"{spec.name}: removals")
+    # Query-major order (the random draws first): an interrupted run has every method on its first queries.
+    randoms = [pairs[0][1] for family, pairs in removal_jobs.items() if family.startswith("random#")]
+    per_query_jobs = [pairs[i][1] for i in range(len(chosen)) for family, pairs in removal_jobs.items()
+                      if not family.startswith("random#")]
+    done = run_jobs(randoms + per_query_jobs, args.workers, f"{spec.name}: removals", args.cached_only)
     timings["removal_training"] = time.perf_counter() - t0
+    removal_jobs = {family: [(q, j) for q, j in pairs if j["path"] in done] for family, pairs in removal_jobs.items()}
+    removal_jobs = {family: pairs for family, pairs in removal_jobs.items() if pairs}
 
     def summary(pairs):
         qs = [q for q, _ in pairs]
@@ -376,14 +392,16 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
 
     removal = {family: summary(pairs) for family, pairs in removal_jobs.items() if not family.startswith("random#")}
     random_pairs = [p for family, pairs in removal_jobs.items() if family.startswith("random#") for p in pairs]
-    removal["random"] = summary(random_pairs)
-    draws = [summary(pairs)["loss_increase"] for family, pairs in removal_jobs.items() if family.startswith("random#")]
-    removal["random"]["per_draw_loss_increase"] = draws
+    if random_pairs:
+        removal["random"] = summary(random_pairs)
+        removal["random"]["per_draw_loss_increase"] = [
+            summary(pairs)["loss_increase"] for family, pairs in removal_jobs.items() if family.startswith("random#")]
     per_query_increase = {family: [done[j["path"]]["loss"][q] - full["loss"][q] for q, j in pairs]
                           for family, pairs in removal_jobs.items()}
     # Retraining noise: how much two random removals of k documents disagree on the same query.
-    if args.random_draws >= 2:
-        spread = np.array([per_query_increase[f"random#{d}"] for d in range(args.random_draws)])  # [R, queries]
+    draws_done = [f"random#{d}" for d in range(args.random_draws) if f"random#{d}" in per_query_increase]
+    if len(draws_done) >= 2:
+        spread = np.array([per_query_increase[d] for d in draws_done])  # [R, queries]
         removal["random"]["seed_noise_std"] = float(np.sqrt(spread.var(axis=0, ddof=1).mean()))
     proponent_hits = {family: float(np.mean([
         len(set(lds.top_k(scores[best[family]][:, q], args.top_k))
@@ -401,7 +419,10 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
                "best_settings": best, "lds": lds_out, "lds_per_query": per_query_lds, "removal": removal,
                "removal_queries": [world.queries[q].prompt for q in chosen],
                "removal_per_query_increase": per_query_increase, "top_k_proponent_recall": proponent_hits,
-               "subsets": args.subsets, "top_k": args.top_k, "random_draws": args.random_draws,
+               "subsets": len(have), "subsets_planned": args.subsets, "top_k": args.top_k,
+               "random_draws": len(draws_done),
+               "removal_pairs": {family: len(pairs) for family, pairs in removal_jobs.items()},
+               "complete": len(have) == args.subsets and len(done) == len({j["path"] for j in randoms + per_query_jobs}),
                "pairs_trained": len(pair_seconds) + 1,
                "pair_seconds": {"mean": float(np.mean(pair_seconds)), "max": float(np.max(pair_seconds)),
                                 "cpu_mean": float(np.mean(pair_cpu)) if pair_cpu else None},
@@ -461,6 +482,8 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--pretrain-steps", type=int, default=0, help="override every world's (0: keep)")
     parser.add_argument("--finetune-steps", type=int, default=0, help="override every world's (0: keep)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: report from the pairs already in the cache (a partial run says so)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE / "bench" / "counterfactual"))
     parser.add_argument("--out", default="bench/out/counterfactual.json")
     args = parser.parse_args(argv)

@@ -410,6 +410,11 @@ def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, 
                      f"{spec['train']['layers']} layers, {spec['train']['pretrain_steps']} + "
                      f"{spec['train']['finetune_steps']} steps; M = {info['subsets']}; {info['pairs_trained']} pairs "
                      f"trained, {info['pair_seconds']['mean']:.1f} s per pair on average.\n\n")
+            if not info.get("complete", True):
+                pairs = ", ".join(f"{k} {v}" for k, v in info.get("removal_pairs", {}).items())
+                text += (f"**Partial run** (reported from the cache before every pair was trained): LDS over "
+                         f"{info['subsets']} of the {info.get('subsets_planned')} planned subsets; removal queries per "
+                         f"method: {pairs or 'none yet'}. `{COMMANDS['counterfactual']}` resumes it.\n\n")
         else:
             text += f"The full pair answers {w['accuracy']:.0%} of the held-out queries.\n\n"
         best = info.get("best_settings", {})
