@@ -155,6 +155,13 @@ def _tokenized(kind: str, params_json: str):
     return world, tokenizer, docs, qa_sequences(tokenizer, world.finetune, world.template)
 
 
+def query_tokens(tokenizer, world, query) -> tuple[list[int], list[int]]:
+    """Prompt (templated, with BOS) and answer token ids, as ``Attributor.query_sequence`` makes them
+    (``score_all`` checks that they agree, so the measured loss is the scored one)."""
+    prompt = tokenizer(world.template.format(prompt=query.prompt), add_special_tokens=True)["input_ids"]
+    return prompt, tokenizer(query.answer, add_special_tokens=False)["input_ids"]
+
+
 def answer_losses(model, tokenizer, world) -> list[float]:
     """-log p(answer | templated prompt) of every held-out query (answer tokens only, summed)."""
     import torch
@@ -162,8 +169,7 @@ def answer_losses(model, tokenizer, world) -> list[float]:
     out = []
     with torch.no_grad():
         for q in world.queries:
-            prompt = tokenizer(world.template.format(prompt=q.prompt), add_special_tokens=True)["input_ids"]
-            answer = tokenizer(q.answer, add_special_tokens=False)["input_ids"]
+            prompt, answer = query_tokens(tokenizer, world, q)
             ids = torch.tensor([prompt + answer])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
             positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(answer))
@@ -262,6 +268,10 @@ def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[d
     paths = save_world(world, folder / "world")
     factors = fitted_factors(folder / "full", paths, world, folder)
     att = Attributor(factors)
+    for q in world.queries:  # the scored query is the measured one
+        prompt, answer = query_tokens(att.tokenizer, world, q)
+        if att.query_sequence(q.prompt, q.answer) != {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}:
+            raise AssertionError(f"{spec.name}: the scored query {q.prompt!r} is tokenized unlike the measured one")
     texts = [d["text"] for d in world.documents]
     queries = [(q.prompt, q.answer) for q in world.queries]
     out: dict[str, list] = {}
@@ -512,7 +522,7 @@ def main(argv=None) -> None:
         print(f"{name}: best {d['best_settings']}; " + ", ".join(
             f"{k} LDS {v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for k, v in result["public"]["lds"].items()
             if k in FAMILIES), flush=True)
-        print(f"{name}: removal " + ", ".join(f"{k} +{v['loss_increase']:.3f} nats, flips {v['flip_rate']}"
+        print(f"{name}: removal " + ", ".join(f"{k} {v['loss_increase']:+.3f} nats, flips {v['flip_rate']}"
                                              for k, v in result["public"]["removal"].items()), flush=True)
     out = Path(args.out)
     atomic_write_json(out, {"worlds": public})
