@@ -59,6 +59,10 @@ FAMILIES = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
 REMOVAL_FAMILIES = ("ms-if", "ss-if", "bm25", "gdp")
 
 
+class NotReady(Exception):
+    """--cached-only: a world has too few trained pairs to report anything."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One method setting: ``name`` in the output, the ``Attributor.score_methods`` method and
@@ -332,7 +336,7 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
         Path(full_job["path"]).unlink(missing_ok=True)
     full = run_jobs([full_job], 1, f"{spec.name}: full pair", args.cached_only).get(full_job["path"])
     if full is None:
-        raise SystemExit(f"{spec.name}: the full pair is not in the cache {folder}; run without --cached-only")
+        raise NotReady(f"{spec.name}: the full pair is not in the cache {folder}; run without --cached-only")
     timings["full_pair_training"] = full["seconds"]
     (full_models / "training.json").write_text(json.dumps({"test_accuracy": float(np.mean(full["correct"]))}))
     accuracy = float(np.mean(full["correct"]))
@@ -350,7 +354,7 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
     timings["lds_training"] = time.perf_counter() - t0
     have = [m for m, j in enumerate(lds_jobs) if j["path"] in results]  # all of them unless --cached-only
     if len(have) < 3:
-        raise SystemExit(f"{spec.name}: only {len(have)} of {len(lds_jobs)} subset pairs are trained; need 3 for an LDS")
+        raise NotReady(f"{spec.name}: only {len(have)} of {len(lds_jobs)} subset pairs are trained; need 3 for an LDS")
     masks, lds_jobs = masks[have], [lds_jobs[m] for m in have]
     measured = -np.array([results[j["path"]]["loss"] for j in lds_jobs])  # [M, Q] answer log-probabilities
     lds_out, per_query_lds = {}, {}
@@ -516,7 +520,11 @@ def main(argv=None) -> None:
             train.update({k: v for k, v in (("pretrain_steps", args.pretrain_steps),
                                             ("finetune_steps", args.finetune_steps)) if v})
             spec = WorldSpec(spec.name, spec.kind, spec.params, TrainConfig(**train))
-        result = run_world(spec, args, Path(args.cache))
+        try:
+            result = run_world(spec, args, Path(args.cache))
+        except NotReady as err:
+            print(f"{err}; leaving this world out", flush=True)
+            continue
         public[name], details[name] = result["public"], result["details"]
         d = result["details"]
         print(f"{name}: best {d['best_settings']}; " + ", ".join(
@@ -524,6 +532,8 @@ def main(argv=None) -> None:
             if k in FAMILIES), flush=True)
         print(f"{name}: removal " + ", ".join(f"{k} {v['loss_increase']:+.3f} nats, flips {v['flip_rate']}"
                                              for k, v in result["public"]["removal"].items()), flush=True)
+    if not public:
+        raise SystemExit("no world has enough trained pairs to report")
     out = Path(args.out)
     atomic_write_json(out, {"worlds": public})
     seconds = time.perf_counter() - started
