@@ -228,8 +228,8 @@ def _worker_init() -> None:
 def run_jobs(jobs: list[dict], workers: int, label: str, cached_only: bool = False) -> dict[str, dict]:
     """Runs the jobs not cached yet (``workers`` processes), returns ``{path: result}`` for all;
     with ``cached_only`` trains nothing and returns the cached ones only."""
+    jobs = list({j["path"]: j for j in jobs}.values())  # identical pairs (same kept set) train once
     todo = [j for j in jobs if not Path(j["path"]).is_file()]
-    todo = list({j["path"]: j for j in todo}.values())  # identical pairs (same kept set) train once
     if cached_only:
         print(f"{label}: {len(jobs)} pairs, {len(jobs) - len(todo)} cached (--cached-only: training none)", flush=True)
         return {j["path"]: json.loads(Path(j["path"]).read_text()) for j in jobs if Path(j["path"]).is_file()}
