@@ -538,7 +538,7 @@ def main(argv=None) -> None:
     atomic_write_json(out, {"worlds": public})
     seconds = time.perf_counter() - started
     atomic_write_json(out.with_name("counterfactual_details.json"),
-                      {"worlds": details, "seconds": seconds, "workers": args.workers,
+                      {"worlds": details, "seconds": seconds, "workers": args.workers, "cached_only": args.cached_only,
                        "command": "make bench-counterfactual",
                        "settings": [asdict(s) for s in SETTINGS]})
     plot(details, out.with_name("counterfactual.png"))

@@ -388,8 +388,11 @@ def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, 
     details = details or {"worlds": {}}
     secs = details.get("seconds")
     text = head + (
-        f"Command: `{COMMANDS['counterfactual']}` (`bench/counterfactual.py`; {details.get('workers', '?')} worker "
-        f"process(es); {f2(secs, 0)} s for this run, counting only the pairs not already in the cache). Per world, "
+        f"Command: `{COMMANDS['counterfactual']}` (`bench/counterfactual.py`; "
+        + (f"{details.get('workers', '?')} worker " if not details.get("cached_only") else "")
+        + ("reported from the cached pairs with `--cached-only`). " if details.get("cached_only") else
+           f"process(es); {f2(secs, 0)} s for this run, counting only the pairs not already in the cache). ")
+        + "Per world, "
         "every pair is a tiny GPT-NeoX pre-trained from the same initialisation and seed on a subset of the "
         "pre-training corpus, then fine-tuned identically; the attribution scores come from the full-corpus pair "
         "with both stages' factors (`fit_stage`). **LDS**: Spearman, over M half-corpus pairs, between a method's "
