@@ -2,9 +2,12 @@
 
 Reads ``fit_bench.json``, ``score_bench.json``, ``retrieval_bench.json``, ``scale.json`` and, when
 present, ``accuracy.json``, ``fact_tracing.json`` (+ ``fact_tracing_mrr.png``) and
-``fact_tracing_demo.json``. A missing JSON becomes a line naming the command that produces it.
+``fact_tracing_demo.json`` and ``counterfactual.json`` (+ ``counterfactual_details.json``,
+``counterfactual.png``). A missing JSON becomes a line naming the command that produces it.
+``--only counterfactual`` rewrites that one section of an existing page in place (the others
+keep what they say), for a machine that ran only that benchmark.
 
-    .venv/bin/python bench/report.py [--out-dir bench/out] [--doc docs/benchmarks.md]
+    .venv/bin/python bench/report.py [--out-dir bench/out] [--doc docs/benchmarks.md] [--only counterfactual]
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ COMMANDS = {
     "accuracy": f"{PY} bench/accuracy.py",
     "fact_tracing": f"{PY} bench/fact_tracing.py",
     "fact_tracing_demo": f"{PY} bench/fact_tracing_demo.py",
+    "counterfactual": "make bench-counterfactual",
 }
+COUNTERFACTUAL_HEAD = "## Counterfactual benchmarks: multi-stage LDS and top-k removal (`counterfactual.json`)"
 
 
 def load(out_dir: Path, name: str) -> dict | None:
@@ -357,12 +362,123 @@ def fact_tracing_demo_section(d: dict | None) -> str:
     return text + table(["method", "damping (relative)", "MRR", "Recall@10"], _method_rows(d["rows"]))
 
 
+def _ci(v: dict, key: str = "mean", ci: str = "ci") -> str:
+    return f"{v[key]:+.3f} [{v[ci][0]:+.3f}, {v[ci][1]:+.3f}]"
+
+
+FAMILY_ORDER = ("ms-if", "ss-if", "gdp", "repsim", "bm25", "true-proponents", "random")
+
+
+def _setting_order(key: str) -> tuple:
+    """Methods in FAMILY_ORDER first, then each family's settings by damping."""
+    family, _, damping = key.partition("@")
+    base = family.split("+")[0]
+    rank = FAMILY_ORDER.index(base) if base in FAMILY_ORDER else len(FAMILY_ORDER)
+    try:
+        value = float(damping) if damping else -1.0
+    except ValueError:
+        value = 0.0
+    return (bool(damping), rank, family, value)
+
+
+def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, doc: Path) -> str:
+    head = COUNTERFACTUAL_HEAD + "\n\n"
+    if not d:
+        return head + missing("counterfactual")
+    details = details or {"worlds": {}}
+    secs = details.get("seconds")
+    text = head + (
+        f"Command: `{COMMANDS['counterfactual']}` (`bench/counterfactual.py`; "
+        + (f"{details.get('workers', '?')} worker " if not details.get("cached_only") else "")
+        + ("reported from the cached pairs with `--cached-only`). " if details.get("cached_only") else
+           f"process(es); {f2(secs, 0)} s for this run, counting only the pairs not already in the cache). ")
+        + "Per world, "
+        "every pair is a tiny GPT-NeoX pre-trained from the same initialisation and seed on a subset of the "
+        "pre-training corpus, then fine-tuned identically; the attribution scores come from the full-corpus pair "
+        "with both stages' factors (`fit_stage`). **LDS**: Spearman, over M half-corpus pairs, between a method's "
+        "predicted effect (sum of its scores over the kept documents) and the measured answer log-probability, "
+        "per held-out query; mean over queries [bootstrap 95% CI]. **Removal**: each method's top-k documents for a "
+        "query (best setting by LDS, scored over the whole corpus) are removed and the pair retrained; answer-loss "
+        "increase over the full pair (nats, mean [95% CI] over queries) and the share of right answers that flip. "
+        "`random`: k random documents, the same draws for every query (their spread is the retraining noise); "
+        "`true-proponents`: the fact's own proponents.\n\n")
+    for name, w in d["worlds"].items():
+        info = details["worlds"].get(name, {})
+        text += f"### {name}\n\n"
+        if info:
+            spec = info["spec"]
+            text += (f"{info['documents']} pre-training documents, {info['finetune_pairs']} fine-tuning pairs, "
+                     f"{info['queries']} held-out queries; the full pair answers **{w['accuracy']:.0%}** of the held-out "
+                     f"queries (facts seen only in pre-training). Model: hidden {spec['train']['hidden']}, "
+                     f"{spec['train']['layers']} layers, {spec['train']['pretrain_steps']} + "
+                     f"{spec['train']['finetune_steps']} steps; M = {info['subsets']}; {info['pairs_trained']} pairs "
+                     f"trained, {info['pair_seconds']['mean']:.1f} s per pair on average.\n\n")
+            if not info.get("complete", True):
+                pairs = ", ".join(f"{k} {v}" for k, v in info.get("removal_pairs", {}).items())
+                text += (f"**Partial run** (reported from the cache before every pair was trained): LDS over "
+                         f"{info['subsets']} of the {info.get('subsets_planned')} planned subsets; removal queries per "
+                         f"method: {pairs or 'none yet'}. `{COMMANDS['counterfactual']}` resumes it.\n\n")
+        else:
+            text += f"The full pair answers {w['accuracy']:.0%} of the held-out queries.\n\n"
+        best = info.get("best_settings", {})
+        rows = []
+        for key, v in sorted(w["lds"].items(), key=lambda kv: _setting_order(kv[0])):
+            setting = best.get(key, key)
+            rows.append([f"**{key}**" if key in best else key, setting if key in best else "",
+                         _ci(v)])
+        text += table(["method", "best setting (by LDS)", "LDS mean [95% CI]"], rows) + "\n"
+        rem = info.get("removal", {})
+        rows = []
+        for key, v in sorted(w["removal"].items(), key=lambda kv: _setting_order(kv[0])):
+            r = rem.get(key, {})
+            inc = _ci(r, "loss_increase", "loss_increase_ci") if r.get("loss_increase_ci") else f"{v['loss_increase']:+.3f}"
+            flips = "-" if v["flip_rate"] is None else f"{v['flip_rate']:.2f}"
+            if r.get("right_before") is not None:
+                flips += f" ({r['flips']}/{r['right_before']})"
+            recall = info.get("top_k_proponent_recall", {}).get(key)
+            rows.append([key, best.get(key, ""), inc, flips, "-" if recall is None else f"{recall:.2f}"])
+        k = info.get("top_k", 10)
+        text += table(["removed", "setting", "answer-loss increase, nats [95% CI]", "flip rate (flips/right)",
+                       f"share of proponents in the top {k}"], rows)
+        noise = rem.get("random", {}).get("seed_noise_std")
+        if noise is not None:
+            text += (f"\nRetraining noise: the answer-loss change of one query differs between random removals by "
+                     f"{noise:.3f} nats (standard deviation over {info.get('random_draws')} draws).\n")
+        text += "\n"
+    png = out_dir / "counterfactual.png"
+    if png.is_file():
+        shutil.copyfile(png, doc.parent / png.name)
+        text += f"![LDS per setting and answer-loss increase per removal]({png.name})\n"
+    return text
+
+
+def replace_section(page: str, head: str, section: str) -> str:
+    """``page`` with the section starting at ``head`` (up to the next ``## `` heading) replaced by
+    ``section``, or ``section`` appended when the page has none."""
+    start = page.find(head)
+    if start < 0:
+        return page.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    end = page.find("\n## ", start + len(head))
+    rest = "" if end < 0 else page[end + 1 :]
+    return page[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--only", choices=["counterfactual"], help="rewrite only this section of an existing page")
     args = parser.parse_args(argv)
     out_dir, doc = Path(args.out_dir), Path(args.doc)
+    counterfactual = counterfactual_section(load(out_dir, "counterfactual"), load(out_dir, "counterfactual_details"),
+                                            out_dir, doc)
+    if args.only:
+        if not doc.is_file():
+            print(f"report: {doc} does not exist; run without --only first", file=sys.stderr)
+            return 1
+        doc.write_text(replace_section(doc.read_text(), COUNTERFACTUAL_HEAD, counterfactual))
+        print(f"rewrote the counterfactual section of {doc}")
+        return 0
     data = {name: load(out_dir, name) for name in COMMANDS}
     parts = [
         "# Benchmarks\n\nGenerated by `bench/report.py` from the JSON files in `bench/out/`; do not edit by hand. "
@@ -377,6 +493,7 @@ def main(argv=None) -> int:
         accuracy_section(data["accuracy"]),
         fact_tracing_section(data["fact_tracing"], out_dir, doc),
         fact_tracing_demo_section(data["fact_tracing_demo"]),
+        counterfactual,
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts))
