@@ -26,8 +26,9 @@ resumes; the full pair's models and factors are kept there too. Subset and remov
 their measurements, not their weights. Writes ``--out`` (the issue's format) and
 ``counterfactual_details.json`` + ``counterfactual.png`` beside it.
 
-A method setting is one entry of ``SETTINGS`` (name -> a ``score_methods`` call); a new variant
-(say ``Setting("ms-if+norm@1e-3", "ms-if", 1e-3, (("normalize", True),))``) is one more line.
+A method setting is one entry of ``SETTINGS`` (name -> a ``score_methods`` call of an Attributor
+built with the setting's options); a new variant (say ``Setting("ms-if+norm@1e-3", "ms-if", 1e-3,
+(("normalize", True),), "ms-if+norm")``) is one more line.
 
     .venv/bin/python bench/counterfactual.py [--workers 2] [--subsets 32] [--removal-queries 20]
         [--worlds factworld,hardworld] [--cache DIR] [--out bench/out/counterfactual.json]
@@ -84,6 +85,16 @@ SETTINGS: list[Setting] = (
     [Setting(f"ms-if@{d}", "ms-if", float(d)) for d in DAMPINGS]
     + [Setting(f"ss-if@{d}", "ss-if", float(d)) for d in DAMPINGS]
     + [Setting("gdp", "gdp"), Setting("repsim", "repsim"), Setting("bm25", "bm25")]
+    # Issue 11's levers, at the plain methods' best damping (0.1 on both worlds): unit-normalised
+    # scores, refined query iHVPs (5 CG steps on 64 sequences of each stage's data), and factors
+    # fitted with 4 label samples per sequence in the Lambda pass. Each is a family of its own, so
+    # the plain methods' best settings (and their removal runs) stay those of the plain methods.
+    + [Setting("ms-if+norm@1e-1", "ms-if", 0.1, (("normalize", True),), "ms-if+norm"),
+       Setting("ss-if+norm@1e-1", "ss-if", 0.1, (("normalize", True),), "ss-if+norm"),
+       Setting("ms-if+refine5@1e-1", "ms-if", 0.1, (("refine_steps", 5),), "ms-if+refine5"),
+       Setting("ss-if+refine5@1e-1", "ss-if", 0.1, (("refine_steps", 5),), "ss-if+refine5"),
+       Setting("ms-if+samples4@1e-1", "ms-if", 0.1, (("samples_per_sequence", 4),), "ms-if+samples4"),
+       Setting("ss-if+samples4@1e-1", "ss-if", 0.1, (("samples_per_sequence", 4),), "ss-if+samples4")]
 )
 
 
@@ -272,6 +283,17 @@ def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[d
     paths = save_world(world, folder / "world")
     factors = fitted_factors(folder / "full", paths, world, folder)
     att = Attributor(factors)
+    attributors = {(): att}
+
+    def attributor(options: tuple) -> Attributor:
+        """Options are Attributor settings, except ``samples_per_sequence``, which selects factors
+        fitted with that many label samples per sequence."""
+        if options not in attributors:
+            settings = dict(options)
+            samples = settings.pop("samples_per_sequence", 1)
+            attributors[options] = Attributor(fitted_factors(folder / "full", paths, world, folder, samples),
+                                              **settings)
+        return attributors[options]
     for q in world.queries:  # the scored query is the measured one
         prompt, answer = query_tokens(att.tokenizer, world, q)
         if att.query_sequence(q.prompt, q.answer) != {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}:
@@ -288,7 +310,7 @@ def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[d
         for start in range(0, len(queries), 8):
             chunk = queries[start : start + 8]
             got = {(r.method, r.damping): r.total
-                   for r in att.score_methods(chunk, texts, methods, dampings, batch_size=16, **dict(options))}
+                   for r in attributor(options).score_methods(chunk, texts, methods, dampings, batch_size=16)}
             for s in members:
                 out.setdefault(s.name, []).append(got[(s.method, s.damping)].double())
     scores = {name: torch.cat(parts, dim=1).contiguous() for name, parts in out.items()}

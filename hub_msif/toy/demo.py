@@ -121,10 +121,11 @@ def trained_pair(world: FactWorld, cache: Path, seed: int = DEMO_SEED) -> Path:
     return folder
 
 
-def fitted_factors(models: Path, paths: dict, world: FactWorld, cache: Path) -> Path:
+def fitted_factors(models: Path, paths: dict, world: FactWorld, cache: Path, samples_per_sequence: int = 1) -> Path:
     """Both stages' factors of the pair in ``models`` under ``cache/factors``, fitted as the demo
-    does; refitted when missing or stale (fitted on other weights)."""
-    folder = cache / "factors"
+    does; refitted when missing or stale (fitted on other weights). ``samples_per_sequence`` S > 1
+    (label samples per sequence in the Lambda pass) fits into ``cache/factors-sS`` instead."""
+    folder = cache / ("factors" if samples_per_sequence == 1 else f"factors-s{samples_per_sequence}")
     try:
         manifest = read_manifest(folder)
         check_stage_pair(manifest)
@@ -135,9 +136,10 @@ def fitted_factors(models: Path, paths: dict, world: FactWorld, cache: Path) -> 
     except FactorError:
         pass
     shown = sys.stderr.isatty()  # one bar per fit, on a terminal only
-    fit_stage(str(models / "pretrained"), str(paths["pretrain"]), folder, FitConfig(stage="pretrained", batch_size=32),
+    samples = {"batch_size": 32, "samples_per_sequence": samples_per_sequence}
+    fit_stage(str(models / "pretrained"), str(paths["pretrain"]), folder, FitConfig(stage="pretrained", **samples),
               corpus=CorpusSpec(data=str(paths["pretrain"]), max_length=64), show_progress=shown)
-    fit_stage(str(models / "finetuned"), str(paths["finetune"]), folder, FitConfig(stage="finetuned", batch_size=32),
+    fit_stage(str(models / "finetuned"), str(paths["finetune"]), folder, FitConfig(stage="finetuned", **samples),
               corpus=CorpusSpec(data=str(paths["finetune"]), prompt_column="prompt", response_column="response",
                                 template=world.template, max_length=64), show_progress=shown)
     return folder
