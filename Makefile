@@ -30,16 +30,20 @@ test: $(STAMP) $(CHROMIUM)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
 
-BENCH_SCRIPTS := fit_bench score_bench retrieval_bench scale accuracy fact_tracing fact_tracing_demo counterfactual report
+BENCH_SCRIPTS := fit_bench fit_memory score_bench query_rank_accuracy queries_bench retrieval_bench scale accuracy fact_tracing fact_tracing_demo counterfactual report
 
 # Every benchmark writes bench/out/<name>.json; report.py turns them into docs/benchmarks.md.
+# (bench/gpu_check.py is not here: it needs a CUDA machine.)
 bench: $(STAMP)
 	@for s in $(BENCH_SCRIPTS); do test -f bench/$$s.py || { echo "make bench: bench/$$s.py is missing" >&2; exit 1; }; done
 	$(BIN)/python bench/fit_bench.py
-	$(BIN)/python bench/score_bench.py
+	$(BIN)/python bench/fit_memory.py
+	$(BIN)/python bench/score_bench.py --query-ranks 2,8,32
+	$(BIN)/python bench/query_rank_accuracy.py
+	$(BIN)/python bench/queries_bench.py
 	$(BIN)/python bench/retrieval_bench.py
 	$(BIN)/python bench/scale.py
-	$(BIN)/python bench/accuracy.py --hidden 32 --ffn 128 --fit-sequences 200 --candidates 500 --queries 10 --damping-ratio 1.0 --cg-time-limit 240
+	$(BIN)/python bench/accuracy.py --hidden 32 --ffn 128 --fit-sequences 200 --candidates 500 --queries 10 --damping-ratio 1.0 --cg-time-limit 1500 --cg-max-iter 1000
 	$(BIN)/python bench/fact_tracing.py
 	$(BIN)/python bench/fact_tracing_demo.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/counterfactual.py --workers 2

@@ -274,7 +274,24 @@ def scale_section(d: dict | None) -> str:
                         + ["yes" if m["fits_on"][g] else "no" for g in gpus])
     text += table(["model", "modules", "model dtype"] + [c.replace("_", " ") for c in comps] + ["total"]
                   + [f"fits {g}" for g in gpus], rows)
-    text += "\nMulti-GPU fit (each process holds all accumulators, so per-GPU memory is as above):\n\n"
+    if d.get("on_paper"):
+        text += (f"\nThe memory plan (`hub_msif.factors.plan`, `hub-msif fit --plan`) of each pair on 1 and 8 processes, "
+                 f"batch {d['batch_size']} x {d['seq_len']} tokens, float64 sums, each stage with the fewest module "
+                 "partitions K that fit the budget (2K passes over the data per stage). Processes divide the time; "
+                 "partitions (and float32 sums) lower the peak:\n\n")
+        rows = []
+        for r in d["on_paper"]:
+            ks = "/".join(str(st["module_partitions"]) for st in r["stages"].values())
+            rows.append([r["pair"], r["processes"], gb(r["budget_bytes"]), ks, r["passes"],
+                         f"**{gb(r['per_process_peak_bytes'])}**", gb(r["pair_artifact_bytes"]),
+                         "yes" if r["fits"] else "**no**"])
+        text += table(["pair", "processes", "budget", "K (pt/ft)", "passes", "peak per process", "pair artifact",
+                       "fits"], rows)
+        targets = d.get("targets_bytes") or {}
+        if targets:
+            text += "\nTargets: " + "; ".join(f"{name} <= {gb(v)} per process on 8 processes"
+                                               for name, v in targets.items()) + ".\n"
+    text += "\nMulti-GPU fit launch commands (add `--max-memory` to pick the partitions):\n\n"
     for model_id, r in d["models"].items():
         text += f"- {model_id}: `{r['launch']['all']}`\n"
     return text
@@ -467,7 +484,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
-    parser.add_argument("--only", choices=["counterfactual"], help="rewrite only this section of an existing page")
+    parser.add_argument("--only", choices=["counterfactual", "scale"], help="rewrite only this section of an existing page")
     args = parser.parse_args(argv)
     out_dir, doc = Path(args.out_dir), Path(args.doc)
     counterfactual = counterfactual_section(load(out_dir, "counterfactual"), load(out_dir, "counterfactual_details"),
@@ -476,8 +493,11 @@ def main(argv=None) -> int:
         if not doc.is_file():
             print(f"report: {doc} does not exist; run without --only first", file=sys.stderr)
             return 1
-        doc.write_text(replace_section(doc.read_text(), COUNTERFACTUAL_HEAD, counterfactual))
-        print(f"rewrote the counterfactual section of {doc}")
+        if args.only == "scale":
+            doc.write_text(replace_section(doc.read_text(), "## Scale on paper", scale_section(load(out_dir, "scale"))))
+        else:
+            doc.write_text(replace_section(doc.read_text(), COUNTERFACTUAL_HEAD, counterfactual))
+        print(f"rewrote the {args.only} section of {doc}")
         return 0
     data = {name: load(out_dir, name) for name in COMMANDS}
     parts = [
