@@ -388,6 +388,11 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
     for family in dict.fromkeys(s.key for s in SETTINGS):
         mine = [s for s in SETTINGS if s.key == family]
         best[family] = max(mine, key=lambda s: lds_out[s.name]["mean"]).name
+    # Fact tracing over the whole pre-training corpus: reciprocal rank of a query's best-ranked
+    # true proponent under each setting (the documents that state the fact the query asks for).
+    proponent_sets = [{i for i, d in enumerate(world.documents) if d["fact_id"] == q.fact_id} for q in world.queries]
+    mrr = {s.name: float(np.mean([lds.reciprocal_rank(scores[s.name][:, q], proponent_sets[q])
+                                  for q in range(len(world.queries))])) for s in SETTINGS}
     lds_table = {family: lds_out[name] for family, name in best.items()}
     lds_table.update({s.name: lds_out[s.name] for s in SETTINGS if s.name != s.key})
 
@@ -448,11 +453,12 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
     timings["total"] = time.perf_counter() - started
     public = {"accuracy": accuracy,
               "lds": {k: {"mean": v["mean"], "ci": v["ci"]} for k, v in lds_table.items()},
+              "mrr": {k: mrr[best.get(k, k)] for k in lds_table},
               "removal": {k: {"loss_increase": v["loss_increase"], "flip_rate": v["flip_rate"]} for k, v in removal.items()}}
     details = {"hash": whash, "spec": {"kind": spec.kind, "params": spec.params, "train": asdict(spec.train)},
                "documents": num_docs, "finetune_pairs": len(world.finetune), "queries": len(world.queries),
                "finetune_accuracy_note": "accuracy = greedy answer of the full pair on held-out queries",
-               "best_settings": best, "lds": lds_out, "lds_per_query": per_query_lds, "removal": removal,
+               "best_settings": best, "lds": lds_out, "fact_tracing_mrr": mrr, "lds_per_query": per_query_lds, "removal": removal,
                "removal_queries": [world.queries[q].prompt for q in chosen],
                "removal_per_query_increase": per_query_increase, "top_k_proponent_recall": proponent_hits,
                "subsets": len(have), "subsets_planned": args.subsets, "top_k": args.top_k,

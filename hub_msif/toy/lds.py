@@ -101,6 +101,19 @@ def top_k(scores: Sequence[float], k: int) -> list[int]:
     return [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
 
 
+def reciprocal_rank(scores: Sequence[float], relevant: set[int]) -> float:
+    """1 / the rank (1 = best) of the best-ranked ``relevant`` index under ``scores`` (ties: lower
+    index first, as in ``top_k``); 0 when nothing is relevant. Fact tracing's MRR is its mean."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise MsifValueError("reciprocal_rank got non-finite scores")
+    if not relevant:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    first = next(r for r, i in enumerate(order) if int(i) in relevant)
+    return 1.0 / (first + 1)
+
+
 def removal_summary(base_loss: Sequence[float], removed_loss: Sequence[float], base_correct: Sequence[bool],
                     removed_correct: Sequence[bool]) -> dict:
     """Per removal (one per query): ``loss_increase`` = mean of removed - base answer loss;

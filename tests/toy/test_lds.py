@@ -101,3 +101,13 @@ def test_top_k_and_removal_summary():
     assert summary["loss_increase"] == pytest.approx((2.0 + 0.5 + 0.0 - 0.1) / 4)
     assert summary["flip_rate"] == pytest.approx(2 / 3) and summary["right_before"] == 3
     assert lds.removal_summary([1.0], [2.0], [False], [False])["flip_rate"] is None  # nothing right to flip
+
+
+def test_reciprocal_rank_of_the_best_ranked_relevant_document():
+    scores = [0.1, 0.9, 0.5, 0.9, -1.0]
+    assert lds.reciprocal_rank(scores, {2}) == pytest.approx(1 / 3)  # order 1, 3, 2, 0, 4
+    assert lds.reciprocal_rank(scores, {3, 4}) == pytest.approx(1 / 2)  # tie 0.9: index 1 first
+    assert lds.reciprocal_rank(scores, {4, 0}) == pytest.approx(1 / 4)
+    assert lds.reciprocal_rank(scores, set()) == 0.0
+    with pytest.raises(MsifValueError):
+        lds.reciprocal_rank([0.0, float("nan")], {0})
