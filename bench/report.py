@@ -438,12 +438,14 @@ def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, 
         else:
             text += f"The full pair answers {w['accuracy']:.0%} of the held-out queries.\n\n"
         best = info.get("best_settings", {})
+        mrr = info.get("fact_tracing_mrr", {})
         rows = []
         for key, v in sorted(w["lds"].items(), key=lambda kv: _setting_order(kv[0])):
             setting = best.get(key, key)
             rows.append([f"**{key}**" if key in best else key, setting if key in best else "",
-                         _ci(v)])
-        text += table(["method", "best setting (by LDS)", "LDS mean [95% CI]"], rows) + "\n"
+                         _ci(v), f2(mrr[setting], 3) if setting in mrr else "-"])
+        text += table(["method", "best setting (by LDS)", "LDS mean [95% CI]",
+                       "fact-tracing MRR (whole corpus)"], rows) + "\n"
         rem = info.get("removal", {})
         rows = []
         for key, v in sorted(w["removal"].items(), key=lambda kv: _setting_order(kv[0])):
