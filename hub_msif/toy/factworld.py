@@ -97,6 +97,17 @@ def _names(rng: random.Random, n: int) -> list[str]:
     return sorted(names)
 
 
+def number_documents(texts: list[tuple[str, str]]) -> tuple[list[dict], dict[str, list[str]]]:
+    """Documents ``doc-00000``, ... from shuffled ``(text, fact id or "")`` pairs, and each fact's
+    proponent document ids."""
+    documents = [{"id": f"doc-{i:05d}", "text": text, "fact_id": fid} for i, (text, fid) in enumerate(texts)]
+    by_fact: dict[str, list[str]] = {}
+    for d in documents:
+        if d["fact_id"]:
+            by_fact.setdefault(d["fact_id"], []).append(d["id"])
+    return documents, by_fact
+
+
 def generate(seed: int = 0, num_subjects: int = 60, proponents_per_fact: int = 3, distractors_per_subject: int = 2,
              test_fraction: float = 0.25) -> FactWorld:
     """Builds the world: every subject has one fact per relation, stated by ``proponents_per_fact``
@@ -119,11 +130,7 @@ def generate(seed: int = 0, num_subjects: int = 60, proponents_per_fact: int = 3
     for rel, templates in OBJECT_DISTRACTORS.items():
         texts.extend((t.format(o=o), "") for o in RELATIONS[rel]["objects"] for t in templates)
     rng.shuffle(texts)
-    documents = [{"id": f"doc-{i:05d}", "text": text, "fact_id": fid} for i, (text, fid) in enumerate(texts)]
-    by_fact: dict[str, list[str]] = {}
-    for d in documents:
-        if d["fact_id"]:
-            by_fact.setdefault(d["fact_id"], []).append(d["id"])
+    documents, by_fact = number_documents(texts)
     finetune, queries = [], []
     for fact in facts:
         question = RELATIONS[fact.relation]["question"].format(s=fact.subject)

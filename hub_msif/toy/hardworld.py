@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 
 from hub_msif.errors import MsifValueError
-from hub_msif.toy.factworld import QA_TEMPLATE, Fact, FactWorld, Query, _names
+from hub_msif.toy.factworld import QA_TEMPLATE, Fact, FactWorld, Query, _names, number_documents
 
 CITIES = ["paris", "lisbon", "cairo", "oslo", "lima", "kyoto"]
 JOBS = ["baker", "pilot", "nurse", "farmer", "lawyer", "sailor"]
@@ -103,11 +103,7 @@ def generate_hard(seed: int = 0, num_subjects: int = 36, proponents_per_fact: in
             texts.append((rng.choice(DECOYS).format(s=alias, c=rng.choice(CITIES), j=rng.choice(JOBS)), ""))
     texts.extend((t.format(c=c, j=j), "") for t in FILLER for c, j in zip(CITIES, JOBS))
     rng.shuffle(texts)
-    documents = [{"id": f"doc-{i:05d}", "text": text, "fact_id": fid} for i, (text, fid) in enumerate(texts)]
-    by_fact: dict[str, list[str]] = {}
-    for d in documents:
-        if d["fact_id"]:
-            by_fact.setdefault(d["fact_id"], []).append(d["id"])
+    documents, by_fact = number_documents(texts)
     finetune, queries = [], []
     for fact in facts:
         question = HARD_RELATIONS[fact.relation]["question"].format(s=question_alias[fact.id])
