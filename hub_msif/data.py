@@ -57,8 +57,9 @@ class CorpusSpec:
             raise CorpusError(f"the template {self.template!r} has no {{prompt}} placeholder")
 
     def describe(self) -> dict:
-        """JSON-ready description for the manifest."""
-        data = self.data if isinstance(self.data, str) else list(self.data)
+        """JSON-ready description for the manifest: local files and folders by their names only
+        (``source_sha256`` beside it names their content; docs/design.md, "No machine paths")."""
+        data = public_data(self.data)
         return {
             "data": data, "split": self.split, "revision": self.revision,
             "text_column": self.text_column, "prompt_column": self.prompt_column,
@@ -66,6 +67,26 @@ class CorpusSpec:
             "template": self.template if self.prompt_column else None,
             "max_length": self.max_length, "max_sequences": self.max_sequences,
         } | ({"max_tokens": self.max_tokens} if self.max_tokens is not None else {})
+
+
+def public_data(data: str | Sequence[str]) -> str | list[str]:
+    """``data`` as an artifact records it: Hub dataset ids unchanged, local files and folders by
+    their last path component (never a path of this machine)."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    names = [Path(str(item)).resolve().name if Path(str(item)).exists() else str(item) for item in items]
+    return names[0] if isinstance(data, (str, Path)) else names
+
+
+def remember_source(spec: CorpusSpec) -> str:
+    """``source_sha256(spec)``; local files are also remembered under it for this machine
+    (``hub_msif.artifacts.local_folders``), so that a recorded corpus can be found again by content."""
+    from hub_msif.artifacts.local_folders import remember
+
+    digest = source_sha256(spec)
+    files = _local_files(spec.data)
+    if files is not None:
+        remember(digest, files)
+    return digest
 
 
 def _local_files(data: str | Sequence[str]) -> list[Path] | None:

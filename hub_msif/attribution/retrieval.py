@@ -41,9 +41,10 @@ from hub_msif.attribution.embeddings import (
     normalise,
     one_line,
 )
-from hub_msif.data import CorpusSpec, load_rows, report_skipped, row_text, source_sha256
-from hub_msif.errors import CorpusError, IndexIntegrityError, RetrievalError
+from hub_msif.data import CorpusSpec, load_rows, public_data, remember_source, report_skipped, row_text
+from hub_msif.errors import CorpusError, IndexIntegrityError, MsifValueError, RetrievalError
 from hub_msif.hub.pull import pull_index
+from hub_msif.models import recorded_model
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class DocumentIndex:
     metadata: dict
     _faiss_index: Any = field(default=None, init=False, repr=False, compare=False)
     _encoder: Any = field(default=None, init=False, repr=False, compare=False)
+    # {name: folder} for a local embedding model that this machine does not know by its sha256
+    model_paths: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.metadata = copy.deepcopy(dict(self.metadata))
@@ -231,7 +234,11 @@ class DocumentIndex:
         encoder = self._encoder
         if encoder is None:
             recorded = self.metadata["embedding_model"]
-            encoder, ref = load_embedding_model(recorded["id"])
+            try:
+                where, _ = recorded_model(recorded, "embedding model", self.model_paths)
+            except MsifValueError as err:
+                raise RetrievalError(str(err)) from None
+            encoder, ref = load_embedding_model(where)
             if recorded.get("revision") and ref.revision != recorded["revision"]:
                 raise RetrievalError(
                     f"embedding model mismatch: the index was built with {recorded['id']} at {recorded['revision']}, "
@@ -416,10 +423,9 @@ def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type
                 break
             seen.add(i)
         raise CorpusError(f"ids in column {id_column!r} must be unique; {dup!r} appears more than once")
-    data = spec.data if isinstance(spec.data, str) else list(spec.data)
-    corpus = {"data": data, "split": spec.split, "revision": spec.revision, "text_column": text_column,
+    corpus = {"data": public_data(spec.data), "split": spec.split, "revision": spec.revision, "text_column": text_column,
               "id_column": id_column, "num_rows": len(texts_in), "skipped_empty": skipped,
-              "source_sha256": source_sha256(spec)}
+              "source_sha256": remember_source(spec)}
     index = DocumentIndex.build(texts, ids, model=embedding_model, batch_size=batch_size,
                                 show_progress=show_progress, index_type=index_type, corpus=corpus)
     if out is not None:

@@ -589,15 +589,19 @@ def fit_stage(
     on_reduce: Callable[[int, dict], None] | None = None,
     load_result: bool = True,
     base_model: str | None = None,
+    model_name: str | None = None,
 ) -> StageFactors | None:
     """Loads ``model`` (Hub id or folder) and the corpus ``data``, fits, saves into ``out_dir``.
     A PEFT adapter is merged into its base (``base_model``, else its config's; hub_msif.models).
+    A local model folder is recorded as ``model_name`` (default: the folder's name) and the sha256
+    of its weights, local data files by their names and content sha256: the manifest holds no path
+    of this machine (docs/design.md, "No machine paths").
 
     ``corpus`` is a ``CorpusSpec`` for columns, template and lengths (``data`` fills its
     ``data`` field). This is what ``hub-msif fit`` runs. The corpus is streamed: read once to
     count and fingerprint it, then tokenized again on every pass, never held in memory.
     """
-    from hub_msif.data import CorpusSpec, TokenStream, load_rows, source_sha256
+    from hub_msif.data import CorpusSpec, TokenStream, load_rows, remember_source
     from hub_msif.models import load_model, pad_token_id
 
     config = config or FitConfig()
@@ -605,13 +609,13 @@ def fit_stage(
     corpus = corpus or CorpusSpec(data=data)
     corpus.data = data
     corpus.validate()
-    lm, tokenizer, ref = load_model(model, revision, base_model=base_model)
+    lm, tokenizer, ref = load_model(model, revision, base_model=base_model, name=model_name)
     sequences = TokenStream(load_rows(corpus), tokenizer, corpus)
     _, _, data_fingerprint = sequences.survey(show_progress)
     info = {
         "model": {**ref.to_json(), "class": type(lm).__name__},
         "tokenizer": {"id": ref.id, "revision": ref.revision, "class": type(tokenizer).__name__},
-        "data": {**corpus.describe(), "fingerprint": data_fingerprint, "source_sha256": source_sha256(corpus)},
+        "data": {**corpus.describe(), "fingerprint": data_fingerprint, "source_sha256": remember_source(corpus)},
     }
     return fit_factors(lm, sequences, out_dir, config, pad_id=pad_token_id(tokenizer), info=info,
                        accelerator=accelerator, show_progress=show_progress, on_checkpoint=on_checkpoint,
