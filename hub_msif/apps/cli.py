@@ -118,7 +118,18 @@ def _add_fit(sub) -> None:
     p.add_argument("--out", required=True, type=non_empty, help="factor folder to write (a stage already there is replaced)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_threads(p)
+    _add_fit_sources(p)
     _add_plan_options(p)
+
+
+def _add_fit_sources(p) -> None:
+    """``fit`` options that say where things come from and what they are called, not how to fit."""
+    p.add_argument("--model-name", type=model_name, metavar="NAME",
+                   help="when --model is a local folder: the name the manifest records it by, with its weights' "
+                        "sha256 (default: the folder's name; never its path)")
+    p.add_argument("--reuse-pretrained", type=non_empty, metavar="REPO@REV",
+                   help="with --stage finetuned: take the pre-trained stage from these published factors (a Hub "
+                        "REPO@REV or a folder, pulled and copied into --out) instead of fitting it")
 
 
 # --- fit --plan: the memory plan (docs/design.md, "Memory plan") --------------------------------
@@ -214,7 +225,13 @@ def _run_plan(args) -> int:
 
 def _run_fit(args) -> int:
     check_target_folder(args.out, "--out")  # found out only when the fitted factors are saved, otherwise
+    if args.reuse_pretrained is not None:
+        if args.stage != "finetuned":
+            raise MsifValueError("--reuse-pretrained goes with --stage finetuned: it supplies the pre-trained stage")
+        check_location(args.reuse_pretrained, "factor folder")
     use_threads(args.threads)
+    if args.reuse_pretrained is not None:
+        _reuse_pretrained(args)
     from hub_msif.data import DEFAULT_TEMPLATE, CorpusSpec
     from hub_msif.factors.fit import FitConfig, fit_stage
     from hub_msif.factors.tracking import parse_module_specs
@@ -233,12 +250,32 @@ def _run_fit(args) -> int:
                        model_dtype=args.model_dtype, samples_per_sequence=args.samples_per_sequence)
     # Not loaded back whole: each process holds only its own modules; the summary reads one at a time.
     factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision,
-                        load_result=False, show_progress=show_progress(args.json), base_model=args.base_model)
+                        load_result=False, show_progress=show_progress(args.json), base_model=args.base_model,
+                        model_name=args.model_name)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         _print_summary(factors if factors is not None else _StageOnDisk(Path(args.out), args.stage), args.out, args.json)
     return 0
+
+
+def _reuse_pretrained(args) -> None:
+    """``fit --reuse-pretrained LOC``: the published pre-trained stage copied into --out before the
+    fine-tuned fit (which then checks that both stages track the same modules). A PEFT adapter
+    whose base is not the model that stage was fitted for is refused before anything is copied."""
+    from hub_msif.artifacts.manifest import FACTORS, read_manifest
+    from hub_msif.attribution.attributor import stage_info
+    from hub_msif.hub.pull import pull_factors, reuse_stage
+    from hub_msif.models import resolve_adapter
+
+    source = pull_factors(args.reuse_pretrained, stages=["pretrained"])
+    recorded = stage_info(read_manifest(source, FACTORS), "pretrained", args.reuse_pretrained)["model"]
+    ref = resolve_adapter(args.model, args.revision, args.base_model)[2]
+    if ref.base is not None and recorded.get("revision") not in (None, ref.base.revision):
+        raise MsifValueError(f"the pre-trained stage at {args.reuse_pretrained} was fitted for "
+                             f"{recorded.get('id')}@{recorded.get('revision')}, but the adapter {args.model} sits on "
+                             f"{ref.base.id}@{ref.base.revision}")
+    reuse_stage(args.reuse_pretrained, args.out, "pretrained")
 
 
 class _StageOnDisk:
@@ -320,7 +357,15 @@ def _add_attribute(sub) -> None:
     p = sub.add_parser("attribute", help="rank pre-training documents by their influence on an answer", description=(
         "Retrieve candidate documents for a prompt and answer from an index and rank them by multi-stage influence "
         "(or a baseline). Positive scores support the answer; relative scores divide by the largest |score|."))
-    p.add_argument("--factors", required=True, type=non_empty, help="pair factor folder (both stages) or Hub REPO[@REV]")
+    p.add_argument("--factors", type=non_empty, help="pair factor folder (both stages) or Hub REPO[@REV]")
+    p.add_argument("--factors-pretrained", type=non_empty, metavar="LOC",
+                   help="the pre-trained stage's factors from their own place (folder or REPO[@REV]; replaces "
+                        "that stage of --factors): one published base stage serves every fine-tune of it")
+    p.add_argument("--factors-finetuned", type=non_empty, metavar="LOC",
+                   help="the fine-tuned stage's factors from their own place (folder or REPO[@REV])")
+    p.add_argument("--model-path", type=_name_folder, action="append", default=[], metavar="NAME=FOLDER",
+                   help="where a model that the factors record as a local folder (by NAME and its weights' sha256) "
+                        "lies on this machine (repeatable; default: a folder this machine has seen with those weights)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--index", type=non_empty, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
     where.add_argument("--documents", type=non_empty, metavar="FILE.jsonl",
@@ -361,6 +406,15 @@ def _add_attribute(sub) -> None:
                    help="sequences drawn from each stage's curvature data (default 64)")
 
 
+def _name_folder(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"must be NAME=FOLDER, got {text!r}")
+    if not Path(folder).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"no such model folder: {folder}")
+    return name, str(Path(folder).expanduser())
+
+
 def _stage_file(text: str) -> tuple[str, str]:
     stage, sep, path = text.partition("=")
     if not sep or stage not in ("pretrained", "finetuned") or not path.strip():
@@ -379,7 +433,11 @@ def _run_attribute(args) -> int:
     documents = read_documents(args.documents) if args.documents is not None else None
     if args.index is not None:
         check_location(args.index, "index folder")
-    check_location(args.factors, "factor folder")
+    if args.factors is None and (args.factors_pretrained is None or args.factors_finetuned is None):
+        raise MsifValueError("give --factors (a pair of stages), or --factors-pretrained and --factors-finetuned")
+    for location in (args.factors, args.factors_pretrained, args.factors_finetuned):
+        if location is not None:
+            check_location(location, "factor folder")
     check_model(args.pretrained)  # loaded only after the index and both stages' factors
     check_model(args.finetuned)
     use_threads(args.threads)
@@ -388,10 +446,14 @@ def _run_attribute(args) -> int:
     from hub_msif.attribution.retrieval import DocumentIndex
 
     index = DocumentIndex.load(args.index, token=args.token) if args.index is not None else None
+    if index is not None:
+        index.model_paths = dict(args.model_path)  # a local embedding model, too
     attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch,
                             token=args.token, index=index, query_rank=args.query_rank, normalize=args.normalize,
                             base_model=args.base_model, refine_steps=args.refine_steps,
-                            curvature_data=dict(args.refine_data), curvature_size=args.refine_sequences)
+                            curvature_data=dict(args.refine_data), curvature_size=args.refine_sequences,
+                            factors_pretrained=args.factors_pretrained, factors_finetuned=args.factors_finetuned,
+                            model_paths=dict(args.model_path))
     settings = {"candidates": args.candidates, "top": args.top, "method": args.method, "damping": args.damping,
                 "relative": not args.absolute_damping}
     if queries is not None:
@@ -477,7 +539,7 @@ def _add_push(sub) -> None:
         "version vN (or --tag). The repo is created when missing. `push space` publishes a Gradio Space serving "
         "published ones. Needs a token with write access (HF_TOKEN)."))
     psub = p.add_subparsers(dest="artifact", required=True, metavar="ARTIFACT")
-    for kind, what in (("factors", "pair factor folder (both stages)"), ("index", "document index folder")):
+    for kind, what in (("factors", "factor folder (one stage or both)"), ("index", "document index folder")):
         q = psub.add_parser(kind, help=f"push a {what}", description=f"Push a {what} as one commit plus a version tag.")
         q.add_argument("folder", type=non_empty, help=what)
         q.add_argument("--repo", required=True, type=non_empty, help="dataset repo id, namespace/name (created when missing)")
@@ -489,6 +551,9 @@ def _add_push(sub) -> None:
         q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
         q.add_argument("--json", action="store_true", help="print a JSON summary")
         if kind == "factors":
+            q.add_argument("--stage", choices=["pretrained", "finetuned", "both"],
+                           help="publish this stage alone (a pre-trained stage serves every fine-tune of its base) "
+                                "or both (default: every stage the folder holds)")
             q.add_argument("--model-name", action="append", default=[], type=stage_model_name, metavar="STAGE=NAME",
                            help="what the card calls a stage's model when it is a local folder (repeatable; default: "
                                 "the folder's name and its weights' short sha256, never its path)")
@@ -505,7 +570,11 @@ def _add_push_space(psub) -> None:
         "space repo (created when missing): app.py, README.md, requirements.txt pinned to the tested versions, "
         "msif_space.json (what it serves) and a wheel of this hub_msif. The factor repo's card then links it."))
     q.add_argument("--repo", required=True, type=non_empty, help="space repo id, namespace/name (created when missing)")
-    q.add_argument("--factors", required=True, type=non_empty, help="published factors, REPO@REV (e.g. a tag v1)")
+    q.add_argument("--factors", type=non_empty, help="published pair factors, REPO@REV (e.g. a tag v1)")
+    q.add_argument("--factors-pretrained", type=non_empty, metavar="REPO@REV",
+                   help="the published pre-trained stage (its own repo, or a pair's; replaces that stage of --factors)")
+    q.add_argument("--factors-finetuned", type=non_empty, metavar="REPO@REV",
+                   help="the published fine-tuned stage (its own repo, or a pair's)")
     q.add_argument("--index", required=True, type=non_empty, help="published document index, REPO@REV")
     q.add_argument("--private", action="store_true", help="create the Space private (when it does not exist)")
     q.add_argument("--hardware", type=non_empty, help="Space hardware to request (cpu-basic, t4-small, a10g-small, "
@@ -522,13 +591,17 @@ def _run_push_space(args) -> int:
 
     pushed = push_space(args.repo, args.factors, args.index, private=args.private, hardware=args.hardware,
                         token=args.token, wheel=args.wheel, commit_message=args.message,
-                        link_card=not args.no_card_link)
-    summary = {"repo": args.repo, "commit": pushed.commit, "url": pushed.url, "factors": args.factors,
+                        link_card=not args.no_card_link, factors_pretrained=args.factors_pretrained,
+                        factors_finetuned=args.factors_finetuned)
+    factors = args.factors if not (args.factors_pretrained or args.factors_finetuned) else {
+        "pretrained": args.factors_pretrained or args.factors, "finetuned": args.factors_finetuned or args.factors}
+    summary = {"repo": args.repo, "commit": pushed.commit, "url": pushed.url, "factors": factors,
                "index": args.index, "card_linked": pushed.card_linked}
     if args.json:
         print_json(summary)
     else:
-        print(f"pushed the Space {args.repo} (commit {pushed.commit}) serving {printable(args.factors)} and "
+        shown = factors if isinstance(factors, str) else f"{factors['pretrained']} + {factors['finetuned']}"
+        print(f"pushed the Space {args.repo} (commit {pushed.commit}) serving {printable(shown)} and "
               f"{printable(args.index)}: {pushed.url}" + ("" if pushed.card_linked or args.no_card_link else
                                                           "; the factor card does not link it (see the warning)"))
     return 0
@@ -549,7 +622,7 @@ def _run_push(args) -> int:
             if stage in names:
                 raise MsifValueError(f"--model-name {stage}= is given twice")
             names[stage] = name
-        push, naming = push_factors, {"model_names": names or None}
+        push, naming = push_factors, {"model_names": names or None, "stages": args.stage}
     else:
         push, naming = push_index, {"model_name": args.model_name}
     pushed = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
@@ -595,21 +668,55 @@ def _run_pull(args) -> int:
 
 
 def _add_find_factors(sub) -> None:
-    p = sub.add_parser("find-factors", help="find published factors for a model pair", description=(
-        "Search the Hub for factor repos (tags hub-msif, ekfac) and print REPO@TAG of the newest version fitted on "
+    p = sub.add_parser("find-factors", help="find published factors for a model or a model pair", description=(
+        "Search the Hub for factor repos (tags hub-msif, ekfac). With --model: list every published stage of that "
+        "model, newest first, with what it was fitted on and how (a pre-trained stage serves every fine-tune of its "
+        "base). With --pretrained and --finetuned: print REPO@TAG of the newest version holding both stages of "
         "exactly these two models (same revisions)."))
-    p.add_argument("--pretrained", required=True, type=non_empty, help="pre-trained model: Hub ID[@REV] or local folder")
-    p.add_argument("--finetuned", required=True, type=non_empty, help="fine-tuned model: Hub ID[@REV] or local folder")
+    p.add_argument("--model", type=non_empty, help="Hub ID[@REV] or local folder: list its published stages")
+    p.add_argument("--revision", type=non_empty, help="with --model: only factors of this revision (branch, tag, sha)")
+    p.add_argument("--stage", choices=["pretrained", "finetuned"], help="with --model: only this stage")
+    p.add_argument("--pretrained", type=non_empty, help="pre-trained model of a pair: Hub ID[@REV] or local folder")
+    p.add_argument("--finetuned", type=non_empty, help="fine-tuned model of a pair: Hub ID[@REV] or local folder")
     p.add_argument("--author", type=non_empty, help="only repos of this user or organization")
     p.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--json", action="store_true", help="print JSON (with --model: a list of stages)")
 
 
 def _run_find_factors(args) -> int:
-    check_model(args.pretrained)
-    check_model(args.finetuned)
+    pair = args.pretrained is not None or args.finetuned is not None
+    if pair == (args.model is not None):
+        raise MsifValueError("give --model (its published stages), or --pretrained and --finetuned (a pair)")
+    if pair and (args.pretrained is None or args.finetuned is None):
+        raise MsifValueError("a pair needs both --pretrained and --finetuned")
+    if pair and (args.revision is not None or args.stage is not None):
+        raise MsifValueError("--revision and --stage go with --model; for a pair, write ID@REV")
+    for model in (args.model, args.pretrained, args.finetuned):
+        check_model(model)
     from hub_msif.hub import find_factors
+    from hub_msif.hub.find import find_stages
 
-    print(printable(find_factors(args.pretrained, args.finetuned, token=args.token, author=args.author)))
+    if pair:
+        location = find_factors(args.pretrained, args.finetuned, token=args.token, author=args.author)
+        print_json({"location": location}) if args.json else print(printable(location))
+        return 0
+    found = find_stages(args.model, revision=args.revision, stage=args.stage, token=args.token, author=args.author)
+    if args.json:
+        print_json(found)
+        return 0
+    if not found:
+        print(f"no published factors of {printable(args.model)}" + (f" ({args.stage} stage)" if args.stage else ""))
+        return 0
+    for entry in found:
+        model, fit = entry["model"], entry["settings"]
+        config = fit.get("config") or fit
+        data = entry["data"].get("data")
+        data = ", ".join(map(str, data)) if isinstance(data, list) else data
+        settings = ", ".join(f"{k} {config[k]}" for k in ("label_mode", "seed", "storage_dtype", "samples_per_sequence")
+                             if config.get(k) is not None)
+        print(f"{printable(entry['location'])}  {entry['stage']}  {printable(model['id'])}@{str(model['revision'])[:19]}  "
+              f"fitted on {printable(data)}: {entry['num_sequences']} sequences, {entry['num_tokens']} tokens"
+              + (f"; {settings}" if settings else "") + (f"  ({entry['date'][:10]})" if entry.get("date") else ""))
     return 0
 
 

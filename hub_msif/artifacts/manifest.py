@@ -82,6 +82,23 @@ def safe_relative(path: str, manifest: str) -> str:
     return path
 
 
+def write_stage_manifest(folder: str | Path, stage: str, entries: list[dict], info: dict) -> dict:
+    """Records one stage's module ``entries`` (written before) in the factor manifest, written
+    atomically; other stages already there are kept."""
+    from hub_msif import __version__
+    from hub_msif.artifacts.atomic import atomic_write_json
+
+    folder = Path(folder)
+    manifest_path = folder / FACTORS.manifest_name
+    manifest = read_manifest(folder) if manifest_path.is_file() else {
+        "format": FACTORS.format_name, "format_version": FACTORS.format_version, "stages": {},
+    }
+    manifest["library_version"] = __version__
+    manifest["stages"][stage] = {**info, "modules": entries}
+    atomic_write_json(manifest_path, manifest)
+    return manifest
+
+
 def select_modules(entries: list[dict], modules) -> list[dict]:
     """The manifest entries of ``modules``: ``all``, ``mlp`` or a list of module names."""
     if modules is None or modules == "all":

@@ -25,10 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from hub_msif import __version__
-from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
+from hub_msif.artifacts.atomic import atomic_write_bytes, sha256_bytes
 from hub_msif.artifacts.integrity import read_verified
-from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, select_modules
+from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, select_modules, write_stage_manifest
 from hub_msif.errors import FactorError, FactorIntegrityError, MsifValueError
 from hub_msif.factors.ekfac import ModuleFactors
 from hub_msif.factors.tracking import TrackedModule, linear_shape
@@ -99,19 +98,6 @@ def save_module_file(folder: str | Path, stage: str, module_factors: ModuleFacto
     relative = module_path(stage, module_factors.spec)
     atomic_write_bytes(Path(folder) / relative, data)
     return {**spec_to_json(module_factors.spec), "file": relative, "sha256": sha256_bytes(data), "dtype": dtype}
-
-
-def write_stage_manifest(folder: str | Path, stage: str, entries: list[dict], info: dict) -> dict:
-    """Records one stage's module ``entries`` (written before) in the manifest; other stages are kept."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST_NAME
-    manifest = read_manifest(folder) if manifest_path.is_file() else {
-        "format": FACTORS.format_name, "format_version": FACTORS.format_version, "stages": {},
-    }
-    manifest["library_version"] = __version__
-    manifest["stages"][stage] = {**info, "modules": entries}
-    atomic_write_json(manifest_path, manifest)
-    return manifest
 
 
 @dataclass

@@ -64,10 +64,10 @@ def _looks_local(source) -> bool:
 
 
 def is_local_model(model: dict) -> bool:
-    """Whether a recorded model (``{"id", "revision"}``) was loaded from a local folder named by
-    its path (``hub_msif.models`` records a folder by its resolved path and the ``sha256:`` of its
-    weights; a bundled copy of a Hub model keeps its Hub id)."""
-    return _is_path(str(model.get("id") or ""))
+    """Whether a recorded model (``{"id", "revision"}``) was loaded from a local folder: recorded as
+    ``"local": true`` with a name (older manifests: by its path) and the ``sha256:`` of its weights;
+    a bundled copy of a Hub model keeps its Hub id."""
+    return bool(model.get("local")) or _is_path(str(model.get("id") or ""))
 
 
 def _is_path(text: str) -> bool:
@@ -99,8 +99,32 @@ def model_name(model: dict, given: str | None = None) -> str:
     if given is not None:
         return check_model_name(given)
     revision = str(model.get("revision") or "")
-    last = Path(ident.replace("\\", "/").rstrip("/")).name or "local model"
+    last = (Path(ident.replace("\\", "/").rstrip("/")).name if _is_path(ident) else ident) or "local model"
     return f"{last} (sha256:{revision[7:19]})" if revision.startswith("sha256:") else last
+
+
+def public_manifest(manifest: dict, stages) -> dict:
+    """The factor manifest as published: only ``stages``, and no path of this machine (a local
+    model recorded by its path in older manifests becomes its folder's name, marked local; local
+    data paths become file names). Newer fits record no paths at all (docs/design.md, "No machine paths")."""
+    out = {**manifest, "stages": {}}
+    for stage in stages:
+        info = dict(manifest["stages"][stage])
+        for key in ("model", "tokenizer"):
+            record = dict(info.get(key) or {})
+            if _is_path(str(record.get("id") or "")):
+                record["id"] = Path(str(record["id"]).replace("\\", "/").rstrip("/")).name or "local model"
+                record["local"] = True
+            base = record.get("base")
+            if isinstance(base, dict) and _is_path(str(base.get("id") or "")):
+                record["base"] = {**base, "id": Path(str(base["id"])).name, "local": True}
+            info[key] = record
+        data = dict(info.get("data") or {})
+        if "data" in data:
+            data["data"] = public_source(data["data"])
+        info["data"] = data
+        out["stages"][stage] = info
+    return out
 
 
 def public_source(source):
@@ -125,6 +149,20 @@ def public_stage(info: dict, name: str | None = None) -> dict:
         data["data"] = public_source(data["data"])
     info["data"] = data
     return info
+
+
+def public_index_manifest(manifest: dict) -> dict:
+    """An index manifest as published: no path of this machine (older builds recorded local data and
+    a local embedding model by their paths: cut to their names, the model marked local)."""
+    out = dict(manifest)
+    corpus = dict(out.get("corpus") or {})
+    if "data" in corpus:
+        corpus["data"] = public_source(corpus["data"])
+    out["corpus"] = corpus
+    embedding = out.get("embedding_model")
+    if isinstance(embedding, dict) and _is_path(str(embedding.get("id") or "")):
+        out["embedding_model"] = {**embedding, "id": Path(str(embedding["id"])).name, "local": True}
+    return out
 
 
 def fit_command(stage: str, info: dict, dtype: str = "float32") -> str:
@@ -178,8 +216,12 @@ def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], 
     unknown = sorted(set(model_names or {}) - set(STAGES))
     if unknown:
         raise MsifValueError(f"model names are given per stage ({', '.join(STAGES)}), not for {', '.join(unknown)}")
+    present = [name for name in STAGES if name in manifest["stages"]]
+    unused = sorted(set(model_names or {}) - set(present))
+    if unused:
+        raise MsifValueError(f"a model name is given for the {unused[0]} stage, which these factors do not hold")
     stages = []
-    for name in STAGES:
+    for name in present:
         info = public_stage(manifest["stages"][name], (model_names or {}).get(name))
         fit, data = info.get("fit", {}), info.get("data", {})
         dtype = info["modules"][0].get("dtype", "float32") if info["modules"] else "float32"
@@ -193,7 +235,7 @@ def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], 
             "dtype": dtype, "data_text": _data_text(data), "command": fit_command(name, info, dtype),
         })
     modules = [{"name": m["name"], "role": m["role"], "blocks": len(m.get("blocks") or []) or 1,
-                "d_out": m["d_out"], "d_in": m["d_in"]} for m in manifest["stages"]["pretrained"]["modules"]]
+                "d_out": m["d_out"], "d_in": m["d_in"]} for m in manifest["stages"][present[0]]["modules"]]
     num_mlp = sum(m["role"] == "mlp" for m in modules)
     size = sum(sizes.values())
     meta = {
@@ -201,6 +243,7 @@ def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], 
         "format_version": manifest.get("format_version"),
         "library_version": manifest.get("library_version") or __version__,
         "pushed_with": __version__,
+        "stages": present,
         **{s["name"]: {k: s[k] for k in ("model", "data", "num_sequences", "num_tokens", "seed", "label_mode",
                                          "num_processes", "dtype")} for s in stages},
         "modules": [{k: m[k] for k in ("name", "role", "blocks", "d_out", "d_in")} for m in modules],
@@ -208,15 +251,19 @@ def factors_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], 
         "size_bytes": size,
         "num_files": len(sizes),
     }
+    by_name = {s["name"]: s for s in stages}
+    title = (f"hub_msif EK-FAC factors for {by_name['finetuned']['model']['id']}" if len(stages) == 2 else
+             f"hub_msif EK-FAC factors of {stages[0]['model']['id']} ({stages[0]['name']} stage)")
     card_data = DatasetCardData(
         license=license,
-        pretty_name=f"hub_msif EK-FAC factors for {stages[1]['model']['id']}",
+        pretty_name=title,
         tags=list(FACTOR_TAGS),
         hub_msif=meta,
     )
     return DatasetCard.from_template(
         card_data, template_path=str(card_template("factors")), repo_id=repo_id, tag=tag,
-        library_version=meta["library_version"], stages=stages, pretrained=stages[0], finetuned=stages[1],
+        library_version=meta["library_version"], stages=stages, pretrained=by_name.get("pretrained"),
+        finetuned=by_name.get("finetuned"),
         modules=modules, num_modules=len(modules), num_mlp=num_mlp, num_attn=len(modules) - num_mlp,
         num_files=len(sizes), size_text=_size_text(size),
     )

@@ -1,8 +1,10 @@
-"""Finding published factors for a model pair (docs/design.md, "Hub artifacts").
+"""Finding published factors: a pair of stages, or one stage of a model (docs/design.md, "Hub artifacts").
 
 A model is identified by its revision: a Hub commit sha, or a sha256 over a local folder's
-weights (which identifies the weights wherever the folder lies). ``find_factors`` searches the
-dataset repos tagged ``hub-msif`` and ``ekfac`` for the newest version recorded on both models.
+weights (which identifies the weights wherever the folder lies). Both searches read the dataset
+repos tagged ``hub-msif`` and ``ekfac`` and their version tags ``vN``: ``find_factors`` returns the
+newest version recorded on both models of a pair; ``find_stages`` lists every published stage of
+one model (a pre-trained stage serves every fine-tune of its base), newest first.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from pathlib import Path
 
 from hub_msif.artifacts.manifest import FACTORS, STAGES
 from hub_msif.errors import HubError, RepositoryNotFoundError
-from hub_msif.hub.cards import FACTOR_TAGS
+from hub_msif.hub.cards import FACTOR_TAGS, public_source
 from hub_msif.hub.failures import endpoint, first_line, hub_failures
 from hub_msif.hub.location import REPO_TYPE
 from hub_msif.hub.push import version_number
 from hub_msif.hub.reach import require_hub
-from hub_msif.models import ModelRef, folder_revision, is_commit_sha
+from hub_msif.models import ModelRef, folder_revision, is_commit_sha, local_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ def model_ref(model: str | Path | ModelRef, token: str | None = None) -> ModelRe
         return model
     path = Path(model)
     if path.is_dir():
-        return ModelRef(str(path.resolve()), folder_revision(path))
+        return ModelRef(local_name(path), folder_revision(path), folder=str(path.resolve()))
     model = str(model)
     model_id, _, revision = model.partition("@")
     if revision and is_commit_sha(revision):
@@ -56,45 +58,125 @@ def same_model(recorded: dict, ref: ModelRef) -> bool:
     return str(revision).startswith("sha256:") or recorded.get("id") == ref.id
 
 
+def _published_versions(api, author: str | None, token: str | None, what: str):
+    """``(repos searched, iterator of (repo id, tag, commit, date, manifest))`` over every version
+    ``vN`` of every factor repo, each repo's newest first; unreadable ones are skipped (logged)."""
+    with hub_failures("(search)", None, what, token):
+        candidates = list(api.list_datasets(filter=FACTOR_TAGS[:2], author=author))
+
+    def versions():
+        for dataset in candidates:
+            repo_id = dataset.id
+            try:
+                tags = api.list_repo_refs(repo_id, repo_type=REPO_TYPE).tags
+                dates = {c.commit_id: c.created_at for c in api.list_repo_commits(repo_id, repo_type=REPO_TYPE)}
+            except Exception as err:
+                logger.info("skipping %s: %s", repo_id, first_line(err))
+                continue
+            numbered = sorted(((n, t) for t in tags if (n := version_number(t.name)) is not None), reverse=True,
+                              key=lambda item: item[0])
+            for _, tag in numbered:
+                try:
+                    path = api.hf_hub_download(repo_id, FACTORS.manifest_name, repo_type=REPO_TYPE,
+                                               revision=tag.target_commit)
+                    manifest = json.loads(Path(path).read_text())
+                    if not isinstance(manifest.get("stages"), dict):
+                        raise ValueError("the manifest has no stages")
+                except Exception as err:
+                    logger.info("skipping %s@%s: %s", repo_id, tag.name, first_line(err))
+                    continue
+                yield repo_id, tag.name, tag.target_commit, dates.get(tag.target_commit), manifest
+
+    return len(candidates), versions()
+
+
+def _stage_summary(repo_id: str, tag: str, commit: str, date, stage: str, manifest: dict) -> dict:
+    """One published stage as ``find_stages`` lists it: where, which model, fitted on what, how."""
+    info = manifest["stages"][stage]
+    model, data, fit = dict(info.get("model") or {}), dict(info.get("data") or {}), dict(info.get("fit") or {})
+    measured = ("num_sequences", "num_tokens", "num_processes", "seconds", "hub_msif_version", "torch_version")
+    return {
+        "location": f"{repo_id}@{tag}", "repo": repo_id, "tag": tag, "commit": commit,
+        "date": date.isoformat() if hasattr(date, "isoformat") else date, "stage": stage,
+        "stages_in_version": [s for s in STAGES if s in manifest["stages"]],
+        "model": {k: model[k] for k in ("id", "revision", "local", "base") if k in model},
+        "data": {**{k: data.get(k) for k in ("data", "split", "revision", "source_sha256") if data.get(k) is not None},
+                 "data": public_source(data.get("data"))},
+        "num_sequences": fit.get("num_sequences"), "num_tokens": fit.get("num_tokens"),
+        "settings": {k: v for k, v in fit.items() if k not in measured},
+        "num_modules": len(info.get("modules") or []),
+    }
+
+
+def find_stages(model: str | Path | ModelRef, revision: str | None = None, stage: str | None = None,
+                token: str | None = None, author: str | None = None) -> list[dict]:
+    """Every published stage of ``model``, newest first (by the date of the tagged commit).
+
+    ``model``: a Hub id (every revision, unless ``revision`` or ``ID@REV`` is given: then that
+    commit only), a local folder (matched by its weights' sha256), or a ``ModelRef``. ``stage``:
+    ``pretrained`` or ``finetuned`` only. Each entry (``_stage_summary``) says where it is
+    (``REPO@TAG``), the model id and revision, the data it was fitted on and its settings.
+    """
+    from huggingface_hub import HfApi
+
+    if stage is not None and stage not in STAGES:
+        raise HubError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    require_hub("cannot search the Hub for factors")
+    text = str(model) if not isinstance(model, ModelRef) else model.id
+    exact = isinstance(model, ModelRef) or Path(text).is_dir() or "@" in text or revision is not None
+    ref = model_ref(f"{text}@{revision}" if revision is not None and not Path(text).is_dir() else model, token) \
+        if exact else None
+    wanted_id = ref.id if ref is not None else text
+    api = HfApi(token=token)
+    _, versions = _published_versions(api, author, token, "cannot search the Hub for factors")
+    found = []
+    for repo_id, tag, commit, date, manifest in versions:
+        for name in STAGES if stage is None else [stage]:
+            recorded = (manifest["stages"].get(name) or {}).get("model") or {}
+            if not recorded:
+                continue
+            matches = same_model(recorded, ref) if ref is not None else recorded.get("id") == wanted_id
+            if matches:
+                found.append(_stage_summary(repo_id, tag, commit, date, name, manifest))
+    found.sort(key=lambda e: (e["date"] is not None, e["date"] or "", e["location"]), reverse=True)
+    return found
+
+
 def find_factors(pretrained: str | Path | ModelRef, finetuned: str | Path | ModelRef, token: str | None = None,
                  author: str | None = None) -> str:
-    """``REPO@TAG`` of the newest published factors for this model pair.
+    """``REPO@TAG`` of the newest published factors holding both stages of this model pair.
 
     Candidates are the dataset repos tagged ``hub-msif`` and ``ekfac`` (of ``author``, when
     given); in each, versions ``vN`` are read newest first, and the first whose manifest records
-    both models (same revisions) is the repo's match. Among repos, the most recently modified wins.
+    both models (same revisions) is the repo's match. Among repos, the newest tagged commit wins.
+    When no version holds the pair but each stage is published on its own, the error names both
+    (``--factors-pretrained``, ``--factors-finetuned``).
     """
     from huggingface_hub import HfApi
 
     require_hub("cannot search the Hub for factors")  # one line at once, rather than retries for half a minute
     refs = {"pretrained": model_ref(pretrained, token), "finetuned": model_ref(finetuned, token)}
     api = HfApi(token=token)
-    with hub_failures("(search)", None, "cannot search the Hub for factors", token):
-        candidates = list(api.list_datasets(filter=FACTOR_TAGS[:2], author=author))
-    matches = []
-    for dataset in candidates:
-        repo_id = dataset.id
-        try:
-            tags = api.list_repo_refs(repo_id, repo_type=REPO_TYPE).tags
-        except Exception as err:
-            logger.info("skipping %s: %s", repo_id, first_line(err))
-            continue
-        versions = sorted(((n, t) for t in tags if (n := version_number(t.name)) is not None), reverse=True,
-                          key=lambda item: item[0])
-        for _, tag in versions:
-            try:
-                path = api.hf_hub_download(repo_id, FACTORS.manifest_name, repo_type=REPO_TYPE, revision=tag.target_commit)
-                manifest = json.loads(Path(path).read_text())
-                stages = manifest["stages"]
-                if all(same_model(stages[s]["model"], refs[s]) for s in STAGES):
-                    matches.append((getattr(dataset, "last_modified", None), repo_id, tag.name))
-                    break
-            except Exception as err:
-                logger.info("skipping %s@%s: %s", repo_id, tag.name, first_line(err))
+    searched, versions = _published_versions(api, author, token, "cannot search the Hub for factors")
+    matches, seen, stages = [], set(), {}
+    for repo_id, tag, _, date, manifest in versions:
+        for stage in STAGES:
+            recorded = (manifest["stages"].get(stage) or {}).get("model") or {}
+            if recorded and same_model(recorded, refs[stage]):
+                stages.setdefault(stage, (date, f"{repo_id}@{tag}"))
+                stages[stage] = max(stages[stage], (date, f"{repo_id}@{tag}"), key=lambda d: (d[0] is not None, d[0] or 0))
+        if repo_id not in seen and all(s in manifest["stages"] and same_model(manifest["stages"][s].get("model") or {},
+                                                                              refs[s]) for s in STAGES):
+            seen.add(repo_id)
+            matches.append((date, repo_id, tag))
     if not matches:
         described = "; ".join(f"{s} {refs[s].id} at {refs[s].revision}" for s in STAGES)
-        raise HubError(f"no published factors match {described} (searched {len(candidates)} dataset repo(s) "
-                       f"tagged {' and '.join(FACTOR_TAGS[:2])} on {endpoint()})")
+        hint = ""
+        if len(stages) == len(STAGES):
+            hint = (f"; each stage is published on its own: --factors-pretrained {stages['pretrained'][1]} "
+                    f"--factors-finetuned {stages['finetuned'][1]}")
+        raise HubError(f"no published factors match {described} (searched {searched} dataset repo(s) "
+                       f"tagged {' and '.join(FACTOR_TAGS[:2])} on {endpoint()}){hint}")
     matches.sort(key=lambda m: (m[0] is not None, m[0] or 0), reverse=True)
     _, repo_id, tag = matches[0]
     return f"{repo_id}@{tag}"

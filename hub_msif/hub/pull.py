@@ -173,3 +173,35 @@ def pull_index(location: str | Path, token: str | None = None, cache_dir: str | 
         return where.folder
     return _pull(where, INDEX.manifest_name, lambda folder: index_files(read_manifest(folder, INDEX)), "index", token,
                  cache_dir)
+
+
+def reuse_stage(location: str | Path, out: str | Path, stage: str = "pretrained", token: str | None = None,
+                cache_dir: str | Path | None = None) -> dict:
+    """Copies the ``stage`` factors published at ``location`` (``REPO[@REV]`` or a folder, holding
+    that stage alone or in a pair) into the factor folder ``out``, as if fitted there: each module
+    file verified against its sha256 and written atomically, then the stage's manifest entry, with
+    ``reused_from`` naming the Hub repo and commit it came from (``hub-msif fit --reuse-pretrained``;
+    a pre-trained stage serves every fine-tune of its base). Returns the stage's manifest entry."""
+    from hub_msif.artifacts.atomic import atomic_write_bytes
+    from hub_msif.artifacts.integrity import read_verified
+    from hub_msif.artifacts.manifest import safe_relative, write_stage_manifest
+    from hub_msif.errors import FactorError, FactorIntegrityError
+
+    where = parse_location(location)
+    folder = pull_factors(location, stages=[stage], token=token, cache_dir=cache_dir)
+    stages = read_manifest(folder, FACTORS).get("stages", {})
+    if stage not in stages:
+        raise FactorError(f"{location} holds no {stage} stage to reuse (stages present: {', '.join(stages) or 'none'})")
+    info = stages[stage]
+    out = Path(out)
+    for entry in info["modules"]:
+        relative = safe_relative(entry["file"], FACTORS.manifest_name)
+        atomic_write_bytes(out / relative, read_verified(folder / relative, entry["sha256"], FactorIntegrityError))
+    reused = None if where.is_local else {
+        "repo": where.repo_id, "revision": where.revision or "main",
+        "commit": folder.name if is_commit_sha(folder.name) else None,
+    }
+    extra = {k: v for k, v in info.items() if k not in ("modules", "reused_from")}
+    write_stage_manifest(out, stage, info["modules"], {**extra, "reused_from": reused or info.get("reused_from")})
+    logger.info("reused the %s stage of %s in %s", stage, location, out)
+    return info

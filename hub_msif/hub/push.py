@@ -23,9 +23,24 @@ from typing import NamedTuple
 from hub_msif import __version__
 from hub_msif.artifacts.atomic import sha256_bytes
 from hub_msif.artifacts.integrity import verify_file
-from hub_msif.artifacts.manifest import FACTORS, INDEX, check_stage_pair, factor_files, index_files, read_manifest
+from hub_msif.artifacts.manifest import (
+    FACTORS,
+    INDEX,
+    STAGES,
+    check_stage_pair,
+    factor_files,
+    index_files,
+    read_manifest,
+)
 from hub_msif.errors import HubValueError, IntegrityError, Interrupted, TokenRefusedError
-from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, factors_card, index_card
+from hub_msif.hub.cards import (
+    CARD_NAME,
+    DEFAULT_LICENSE,
+    factors_card,
+    index_card,
+    public_index_manifest,
+    public_manifest,
+)
 from hub_msif.hub.failures import NO_TOKEN, hub_failures
 from hub_msif.hub.location import REPO_TYPE, check_repo_id
 from hub_msif.hub.reach import require_hub
@@ -137,7 +152,8 @@ class _Progress:
 
 
 def _push(folder: Path, repo_id: str, manifest_name: str, files: dict[str, str], render: Callable,
-          what: str, tag: str | None, private: bool, token: str | None, commit_message: str | None) -> Pushed:
+          what: str, tag: str | None, private: bool, token: str | None, commit_message: str | None,
+          manifest: bytes | None = None) -> Pushed:
     check_repo_id(repo_id)
     if tag is not None and (not _TAG_NAME.fullmatch(tag) or is_commit_sha(tag) or tag == "main"):
         raise HubValueError(f"tag {tag!r} is not a usable version name (letters, digits, '.', '_', '-'; not 'main', "
@@ -145,7 +161,7 @@ def _push(folder: Path, repo_id: str, manifest_name: str, files: dict[str, str],
     progress = _Progress(repo_id)
     try:
         return _publish(folder, repo_id, manifest_name, files, render, what, tag, private, token, commit_message,
-                        progress)
+                        progress, manifest if manifest is not None else (folder / manifest_name).read_bytes())
     except Interrupted:
         raise
     except KeyboardInterrupt as err:
@@ -154,13 +170,14 @@ def _push(folder: Path, repo_id: str, manifest_name: str, files: dict[str, str],
 
 def _publish(folder: Path, repo_id: str, manifest_name: str, files: dict[str, str], render: Callable, what: str,
              tag: str | None, private: bool, token: str | None, commit_message: str | None,
-             progress: _Progress) -> Pushed:
-    """The steps of ``_push``, recording in ``progress`` what has reached the Hub."""
+             progress: _Progress, manifest: bytes) -> Pushed:
+    """The steps of ``_push``, recording in ``progress`` what has reached the Hub; ``manifest`` is
+    the manifest as published (it may differ from the folder's: one stage of two, no paths)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.utils import get_token
 
     sizes = _verify_local(folder, files, what)  # never push a broken artifact
-    sizes[manifest_name] = (folder / manifest_name).stat().st_size
+    sizes[manifest_name] = len(manifest)
     token = token or get_token()
     doing = f"cannot push to {repo_id}"
     if not token:
@@ -178,12 +195,13 @@ def _publish(folder: Path, repo_id: str, manifest_name: str, files: dict[str, st
                             f"another tag, or leave --tag out for the next version v{max(versions, default=0) + 1}")
     if tag is None and versions:
         latest = versions[max(versions)]
-        if _same_manifest(api, repo_id, latest, manifest_name, folder / manifest_name):
+        if _same_manifest(api, repo_id, latest, manifest_name, manifest):
             logger.info("%s is unchanged since %s@%s: nothing written", folder, repo_id, latest)
             return Pushed(tags[latest], latest, created=False)
     tag = progress.tag = tag or f"v{max(versions, default=0) + 1}"
     card = str(render(repo_id, tag, sizes)).encode("utf-8")
-    local: dict[str, Path | bytes] = {p: folder / p for p in [*files, manifest_name]}
+    local: dict[str, Path | bytes] = {p: folder / p for p in files}
+    local[manifest_name] = manifest
     local[CARD_NAME] = card
     head = progress.base = next((b.target_commit for b in refs.branches if b.name == "main"), None)
     with hub_failures(repo_id, None, doing, token):
@@ -251,36 +269,61 @@ def _holds_exactly(remote: dict, local: dict[str, Path | bytes], sha256s: dict[s
     return True
 
 
-def _same_manifest(api, repo_id: str, revision: str, manifest_name: str, local: Path) -> bool:
-    """Whether the manifest at ``revision`` equals the local one (then the push would add nothing)."""
+def _same_manifest(api, repo_id: str, revision: str, manifest_name: str, local: bytes) -> bool:
+    """Whether the manifest at ``revision`` equals the one to publish (then the push would add nothing)."""
     try:
         remote = api.hf_hub_download(repo_id, manifest_name, repo_type=REPO_TYPE, revision=revision)
-        return json.loads(Path(remote).read_text()) == json.loads(local.read_text())
+        return json.loads(Path(remote).read_text()) == json.loads(local)
     except Exception:  # no manifest there, or unreadable: a new version it is
         return False
 def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, private: bool = False,
                  token: str | None = None, commit_message: str | None = None,
-                 license: str = DEFAULT_LICENSE, model_names: dict[str, str] | None = None) -> Pushed:
-    """Publishes a pair factor folder as one commit to the dataset repo ``repo_id``, then tags it.
+                 license: str = DEFAULT_LICENSE, model_names: dict[str, str] | None = None,
+                 stages: str | list[str] | None = None) -> Pushed:
+    """Publishes a factor folder's stages as one commit to the dataset repo ``repo_id``, then tags it.
 
-    The folder is checked first (manifest, both stages over the same modules, every file's
-    sha256); only the manifest's files are pushed (no temporary files or checkpoints), with a
-    card rendered from ``model_cards/factors.md``. The repo is created when missing. ``tag``
-    defaults to the next ``vN``; a tag that exists is refused before anything is uploaded.
-    Pushing a folder identical to the latest version returns that version. Returns
-    ``(commit sha, tag)``. ``model_names`` (``{stage: name}``) is what the card calls local model
-    folders (default: the folder's name and its weights' short sha256; never its path).
+    ``stages``: ``pretrained``, ``finetuned``, ``both`` or None (every stage the folder holds). One
+    stage alone is an artifact of its own (a pre-trained stage serves every fine-tune of its base):
+    its manifest lists that stage only. The folder is checked first (manifest, two stages over the
+    same modules, every file's sha256); only the chosen stages' files are pushed (no temporary files
+    or checkpoints), with a manifest holding no path of this machine (``cards.public_manifest``)
+    and a card rendered from ``templates/factors.md``. The repo is created when missing. ``tag``
+    defaults to the next ``vN``; a tag that exists is refused before anything is uploaded. Pushing
+    what the latest version holds returns that version. Returns ``(commit sha, tag)``.
+    ``model_names`` (``{stage: name}``) is what the card calls local model folders (default: the
+    recorded name and its weights' short sha256; never a path).
     """
     folder = Path(folder)
     manifest = read_manifest(folder, FACTORS)
-    check_stage_pair(manifest)
-    factors_card(manifest, repo_id, "v1", {}, license, model_names)  # bad names refused before any upload
-    files = factor_files(manifest)
+    chosen = _chosen_stages(folder, manifest, stages)
+    if len(chosen) == len(STAGES):
+        check_stage_pair(manifest)
+    published = public_manifest(manifest, chosen)
+    factors_card(published, repo_id, "v1", {}, license, model_names)  # bad names refused before any upload
+    files = factor_files(published, stages=chosen)
+    data = (json.dumps(published, indent=2, sort_keys=True) + "\n").encode()
 
     def render(repo, version, sizes):
-        return factors_card(manifest, repo, version, sizes, license, model_names)
+        return factors_card(published, repo, version, sizes, license, model_names)
 
-    return _push(folder, repo_id, FACTORS.manifest_name, files, render, "factors", tag, private, token, commit_message)
+    return _push(folder, repo_id, FACTORS.manifest_name, files, render, "factors", tag, private, token, commit_message,
+                 manifest=data)
+
+
+def _chosen_stages(folder: Path, manifest: dict, stages) -> list[str]:
+    present = [s for s in STAGES if s in manifest.get("stages", {})]
+    if stages is None or stages == "both":
+        wanted = list(STAGES) if stages == "both" else present
+    else:
+        wanted = [stages] if isinstance(stages, str) else list(stages)
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise HubValueError(f"unknown stage {unknown[0]!r}: use pretrained, finetuned or both")
+    missing = [s for s in wanted if s not in present]
+    if missing or not wanted:
+        raise HubValueError(f"refusing to push factor folder {folder}: it holds no {' or '.join(missing) or 'fitted'} "
+                            f"stage (stages present: {', '.join(present) or 'none'})")
+    return [s for s in STAGES if s in wanted]
 
 
 def push_index(folder: str | Path, repo_id: str, tag: str | None = None, private: bool = False,
@@ -290,11 +333,13 @@ def push_index(folder: str | Path, repo_id: str, tag: str | None = None, private
     ``datasets.load_dataset(repo_id)``. ``model_name`` names a local embedding model on the card.
     Returns ``(commit sha, tag)``."""
     folder = Path(folder)
-    manifest = read_manifest(folder, INDEX)
+    manifest = public_index_manifest(read_manifest(folder, INDEX))
     index_card(manifest, repo_id, "v1", {}, license, model_name)  # a bad name is refused before any upload
     files = index_files(manifest)
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
     def render(repo, version, sizes):
         return index_card(manifest, repo, version, sizes, license, model_name)
 
-    return _push(folder, repo_id, INDEX.manifest_name, files, render, "index", tag, private, token, commit_message)
+    return _push(folder, repo_id, INDEX.manifest_name, files, render, "index", tag, private, token, commit_message,
+                 manifest=data)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hub_msif import __version__
-from hub_msif.artifacts.manifest import FACTORS, INDEX, STAGES
+from hub_msif.artifacts.manifest import FACTORS, INDEX, STAGES, factor_files, stage_differences
 from hub_msif.errors import HubError, HubValueError, TokenRefusedError
 from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, card_template, with_space_link
 from hub_msif.hub.failures import NO_TOKEN, hub_failures
@@ -172,7 +172,8 @@ def _params_text(n: int) -> str:
 
 def space_card(repo_id: str, factors: str, index: str, manifest: dict, factor_bytes: int, wheel: str,
                endpoint: str, hardware: str | None = None, license: str = DEFAULT_LICENSE) -> str:
-    """The README of the Space: front matter the Hub reads, and the body of ``templates/space.md``."""
+    """The README of the Space: front matter the Hub reads, and the body of ``templates/space.md``.
+    ``factors``: the pair's ``REPO@REV``, or ``pretrained REPO@REV + finetuned REPO@REV``."""
     from huggingface_hub import SpaceCard, SpaceCardData
 
     gradio_version, _ = space_requirements()
@@ -184,7 +185,8 @@ def space_card(repo_id: str, factors: str, index: str, manifest: dict, factor_by
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
         # local model folders are no Hub ids: the Hub would refuse them (and they name the pusher's paths)
         models=[m for m in dict.fromkeys(models.values()) if is_repo_id(m)] or None,
-        datasets=[factors.split("@")[0], index.split("@")[0]], license=license, tags=list(SPACE_TAGS),
+        datasets=list(dict.fromkeys([*_repos_of(factors), index.split("@")[0]])), license=license,
+        tags=list(SPACE_TAGS),
         short_description="Which pre-training documents made it say that?", emoji="🔎",
         colorFrom="blue", colorTo="indigo", pinned=False, **extra,
     )
@@ -193,47 +195,64 @@ def space_card(repo_id: str, factors: str, index: str, manifest: dict, factor_by
     shown = {stage: m if is_repo_id(m) else f"{Path(m).name} (a local model folder)" for stage, m in models.items()}
     return str(SpaceCard.from_template(
         card_data, template_path=str(card_template("space")), repo_id=repo_id, factors=factors, index=index,
-        factors_url=f"{base}/datasets/{factors.split('@')[0]}", index_url=f"{base}/datasets/{index.split('@')[0]}",
+        factors_url=f"{base}/datasets/{_repos_of(factors)[-1]}", index_url=f"{base}/datasets/{index.split('@')[0]}",
         pretrained=shown["pretrained"], finetuned=shown["finetuned"], library_version=__version__,
         wheel_name=wheel, factor_size=_size_text(factor_bytes), tracked_params=_params_text(tracked),
         hardware=hardware,
     ))
 
 
-def space_files(repo_id: str, factors: str, index: str, manifest: dict, factor_bytes: int, endpoint: str,
+def _repos_of(factors: str) -> list[str]:
+    """The factor repo ids in a pair location ``REPO@REV`` or ``pretrained REPO@REV + finetuned REPO@REV``."""
+    return list(dict.fromkeys(part.split()[-1].split("@")[0] for part in factors.split(" + ")))
+
+
+def space_files(repo_id: str, factors: str | dict, index: str, manifest: dict, factor_bytes: int, endpoint: str,
                 hardware: str | None = None, wheel: str | Path | None = None) -> dict[str, bytes]:
-    """``{path: content}`` of every file of the Space (see the module docstring)."""
+    """``{path: content}`` of every file of the Space (see the module docstring); ``factors`` is a pair
+    location or ``{stage: location}``."""
     name, data = _given_wheel(wheel) if wheel is not None else pack_wheel()
     _, pins = space_requirements()
     requirements = ("# Pinned to the versions hub_msif is tested with; gradio comes from README.md's sdk_version.\n"
                     + "".join(f"{p}\n" for p in pins) + f"# hub_msif {__version__} itself, shipped in this repo\n./{name}\n")
-    config = {"factors": factors, "index": index}
+    config = ({f"factors_{stage}": location for stage, location in factors.items()} if isinstance(factors, dict)
+              else {"factors": factors}) | {"index": index}
+    shown = (" + ".join(f"{stage} {location}" for stage, location in factors.items()) if isinstance(factors, dict)
+             else factors)
     return {
         APP_FILE: app_source(),
         name: data,
         REQUIREMENTS_NAME: requirements.encode(),
         CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
-        CARD_NAME: space_card(repo_id, factors, index, manifest, factor_bytes, name, endpoint, hardware).encode(),
+        CARD_NAME: space_card(repo_id, shown, index, manifest, factor_bytes, name, endpoint, hardware).encode(),
     }
 
 
 # -- the push -------------------------------------------------------------------------------------
 
 
-def push_space(repo_id: str, factors: str, index: str, private: bool = False, hardware: str | None = None,
+def push_space(repo_id: str, factors: str | None, index: str, private: bool = False, hardware: str | None = None,
                token: str | None = None, wheel: str | Path | None = None, commit_message: str | None = None,
-               link_card: bool = True) -> SpacePushed:
-    """Publishes a Gradio Space that serves ``factors`` and ``index`` (both ``REPO@REV`` of
-    published artifacts) as one commit to the space repo ``repo_id`` (created when missing, private
-    with ``private``, on ``hardware`` when given). Both artifacts are checked first (their
-    manifests are read at the given revisions). Then the factor repo's card links the Space, when
+               link_card: bool = True, factors_pretrained: str | None = None,
+               factors_finetuned: str | None = None) -> SpacePushed:
+    """Publishes a Gradio Space that serves ``factors`` (a pair) or ``factors_pretrained`` and
+    ``factors_finetuned`` (each stage from its own repo; either replaces that stage of ``factors``)
+    and ``index``, all ``REPO@REV`` of published artifacts, as one commit to the space repo
+    ``repo_id`` (created when missing, private with ``private``, on ``hardware`` when given). The
+    artifacts are checked first (their manifests are read at the given revisions, each must hold its
+    stage, both stages the same modules). Then each factor repo's card links the Space, when
     ``link_card`` and the token may write there. Returns ``(commit, url, card_linked)``."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import get_token
 
     check_repo_id(repo_id)
-    factor_location, index_location = _hub_location(factors, "--factors"), _hub_location(index, "--index")
+    given = {"pretrained": factors_pretrained or factors, "finetuned": factors_finetuned or factors}
+    if not all(given.values()):
+        raise HubValueError("give --factors (a pair), or --factors-pretrained and --factors-finetuned")
+    locations = {stage: _hub_location(value, f"--factors-{stage}" if value != factors else "--factors")
+                 for stage, value in given.items()}
+    index_location = _hub_location(index, "--index")
     if hardware is not None and hardware not in hardware_flavors():
         raise HubValueError(f"--hardware {hardware!r} is not a Space hardware flavour; use one of "
                             f"{', '.join(hardware_flavors())}")
@@ -243,23 +262,24 @@ def push_space(repo_id: str, factors: str, index: str, private: bool = False, ha
         raise TokenRefusedError(f"{doing}: {NO_TOKEN}")
     require_hub(doing)
     api = HfApi(token=token)
-    with hub_failures(factor_location.repo_id, factor_location.revision, f"{doing}: reading the factors"):
-        manifest_path = api.hf_hub_download(factor_location.repo_id, FACTORS.manifest_name, repo_type=REPO_TYPE,
-                                            revision=factor_location.revision)
-        info = api.dataset_info(factor_location.repo_id, revision=factor_location.revision, files_metadata=True)
+    manifest, factor_bytes = {"stages": {}}, 0
+    for stage, location in locations.items():
+        stage_manifest, sizes = _read_factors(api, location, stage, doing)
+        manifest["stages"][stage] = stage_manifest["stages"][stage]
+        factor_bytes += sum(sizes.get(path, 0) for path in factor_files(stage_manifest, stages=[stage]))
+        if stage == "pretrained" or locations["pretrained"] != location:
+            factor_bytes += sizes.get(FACTORS.manifest_name, 0)
+    problems = stage_differences(*(manifest["stages"][s]["modules"] for s in STAGES))
+    if problems:
+        raise HubValueError(f"{doing}: the pretrained and finetuned factors track different modules: "
+                            f"{'; '.join(problems[:3])}")
     with hub_failures(index_location.repo_id, index_location.revision, f"{doing}: reading the index"):
         api.hf_hub_download(index_location.repo_id, INDEX.manifest_name, repo_type=REPO_TYPE,
                             revision=index_location.revision)
-    try:
-        manifest = json.loads(Path(manifest_path).read_text())
-        if not all(isinstance(manifest["stages"][stage]["model"]["id"], str) for stage in STAGES):
-            raise TypeError("a stage's model id is not a string")
-    except (ValueError, KeyError, TypeError) as err:
-        raise HubValueError(f"{doing}: {factors} holds no pair factor manifest ({FACTORS.manifest_name}): "
-                            f"{err}") from err
-    factor_bytes = sum(s.size or 0 for s in info.siblings or [])
-    content = space_files(repo_id, str(factor_location), str(index_location), manifest, factor_bytes, api.endpoint,
-                          hardware, wheel)
+    pair = locations["pretrained"] == locations["finetuned"]
+    served = str(locations["pretrained"]) if pair else {stage: str(loc) for stage, loc in locations.items()}
+    described = served if pair else " + ".join(f"{stage} {loc}" for stage, loc in served.items())
+    content = space_files(repo_id, served, str(index_location), manifest, factor_bytes, api.endpoint, hardware, wheel)
     with hub_failures(repo_id, None, doing, token):
         require_write_access(api, repo_id, doing)
         existed = api.repo_exists(repo_id, repo_type=SPACE_TYPE)
@@ -276,13 +296,32 @@ def push_space(repo_id: str, factors: str, index: str, private: bool = False, ha
                        if p not in content and p not in _KEPT]
         commit = api.create_commit(
             repo_id, operations, repo_type=SPACE_TYPE, parent_commit=head,
-            commit_message=commit_message or f"hub_msif Space serving {factor_location}",
+            commit_message=commit_message or f"hub_msif Space serving {described}",
             commit_description=f"app.py, README.md, requirements.txt, {CONFIG_NAME} and the hub_msif {__version__} "
-                               f"wheel; factors {factor_location}, index {index_location}.",
+                               f"wheel; factors {described}, index {index_location}.",
         ).oid
-    linked = link_card and _link_factor_card(api, factor_location.repo_id, repo_id, url, str(factor_location))
-    logger.info("pushed the Space %s (commit %s) serving %s and %s", repo_id, commit, factor_location, index_location)
+    linked = True
+    for location in dict.fromkeys(locations.values()):
+        linked = (link_card and _link_factor_card(api, location.repo_id, repo_id, url, str(location))) and linked
+    logger.info("pushed the Space %s (commit %s) serving %s and %s", repo_id, commit, described, index_location)
     return SpacePushed(commit, url, linked)
+
+
+def _read_factors(api, location, stage: str, doing: str) -> tuple[dict, dict[str, int]]:
+    """The factor manifest at ``location`` (checked to hold ``stage`` with a string model id) and the
+    sizes of the files there."""
+    with hub_failures(location.repo_id, location.revision, f"{doing}: reading the factors"):
+        manifest_path = api.hf_hub_download(location.repo_id, FACTORS.manifest_name, repo_type=REPO_TYPE,
+                                            revision=location.revision)
+        info = api.dataset_info(location.repo_id, revision=location.revision, files_metadata=True)
+    try:
+        manifest = json.loads(Path(manifest_path).read_text())
+        if not isinstance(manifest["stages"][stage]["model"]["id"], str):
+            raise TypeError(f"the {stage} stage's model id is not a string")
+    except (ValueError, KeyError, TypeError) as err:
+        raise HubValueError(f"{doing}: {location} holds no {stage} factors in its manifest ({FACTORS.manifest_name}): "
+                            f"{type(err).__name__}: {err}") from err
+    return manifest, {s.rfilename: s.size or 0 for s in info.siblings or []}
 
 
 def _link_factor_card(api, factor_repo: str, space_id: str, url: str, served: str) -> bool:

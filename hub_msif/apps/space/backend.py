@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 class Backend:
     """The attributor and index behind the page, loaded on first use and shared by requests.
 
-    ``factors``: a location (``REPO[@REV]`` or folder) or a ready ``Attributor``; ``index``: a
+    ``factors``: a pair location (``REPO[@REV]`` or folder), ``{stage: location}`` of two stages, or a
+    ready ``Attributor``; ``index``: a
     location or a ready ``DocumentIndex``. Locations are resolved by the attributor and the index
     themselves (``hub_msif.hub.pull``). A failed load is not remembered: the next request tries
     again. Model computations run one at a time (gradient capture hooks the models).
@@ -36,7 +37,7 @@ class Backend:
             if self._attributor is None:
                 report_progress(progress, 0.05, f"Getting factors from {self.factors_location} and loading the model pair")
                 try:
-                    self._attributor = on_device(Attributor(self.factors_location))
+                    self._attributor = on_device(Attributor(**factor_arguments(self.factors_location)))
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the factors from {str(self.factors_location)!r}: "
                                      f"{one_line(err)}") from err
@@ -60,6 +61,13 @@ class Backend:
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the index from {str(self.index_location)!r}: {one_line(err)}") from err
             return self._index
+
+
+def factor_arguments(factors) -> dict:
+    """The ``Attributor`` arguments for a pair location, or ``{stage: location}`` of two stages."""
+    if isinstance(factors, dict):
+        return {"factors_pretrained": factors["pretrained"], "factors_finetuned": factors["finetuned"]}
+    return {"factors": factors}
 
 
 def on_device(attributor: Attributor) -> Attributor:

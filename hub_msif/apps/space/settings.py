@@ -50,22 +50,40 @@ class SpaceSettings:
         return cls(**values)
 
 
-def space_locations(environ: dict | None = None, config: str | Path | None = None) -> tuple[str, str]:
-    """``(factors, index)`` the Space serves: ``MSIF_FACTORS`` and ``MSIF_INDEX``, else the
-    ``factors`` and ``index`` of the JSON file ``config`` (``msif_space.json``, written by
-    ``hub-msif push space``), else ``("", "")`` (the demo). ``SpaceError`` when only one of the
-    variables is set or the file is not such a JSON object."""
+def space_locations(environ: dict | None = None, config: str | Path | None = None) -> tuple[str | dict, str]:
+    """``(factors, index)`` the Space serves. ``factors`` is a pair location (a string), or
+    ``{"pretrained": LOC, "finetuned": LOC}`` for two stages from two places. From the variables
+    ``MSIF_FACTORS`` (or ``MSIF_FACTORS_PRETRAINED`` and ``MSIF_FACTORS_FINETUNED``) and
+    ``MSIF_INDEX``, else from the JSON file ``config`` (``msif_space.json``, written by ``hub-msif
+    push space``: the same keys in lower case, without ``msif_``), else ``("", "")`` (the demo).
+    ``SpaceError`` when the variables or the file give only some of what is needed."""
     environ = os.environ if environ is None else environ
-    factors, index = environ.get("MSIF_FACTORS", "").strip(), environ.get("MSIF_INDEX", "").strip()
-    if bool(factors) != bool(index):
-        raise SpaceError("set both MSIF_FACTORS and MSIF_INDEX (REPO[@REV] or a folder), or neither")
-    if factors or config is None or not Path(config).is_file():
-        return factors, index
+    given = {key: environ.get(var, "").strip() for key, var in
+             (("factors", "MSIF_FACTORS"), ("factors_pretrained", "MSIF_FACTORS_PRETRAINED"),
+              ("factors_finetuned", "MSIF_FACTORS_FINETUNED"), ("index", "MSIF_INDEX"))}
+    if any(given.values()):
+        return _factors_and_index(given, "set MSIF_FACTORS (or MSIF_FACTORS_PRETRAINED and MSIF_FACTORS_FINETUNED) "
+                                         "and MSIF_INDEX (REPO[@REV] or a folder), or none of them")
+    if config is None or not Path(config).is_file():
+        return "", ""
     try:
         data = json.loads(Path(config).read_text())
-        factors, index = data["factors"], data["index"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, ValueError, TypeError) as err:
         raise SpaceError(f"{config} must be a JSON object with the strings 'factors' and 'index': {err}") from None
-    if not (isinstance(factors, str) and factors.strip() and isinstance(index, str) and index.strip()):
+    given = {k: data.get(k) for k in ("factors", "factors_pretrained", "factors_finetuned", "index")}
+    if any(v is not None and not (isinstance(v, str) and v.strip()) for v in given.values()):
         raise SpaceError(f"{config} must give 'factors' and 'index' as non-empty strings (REPO@REV)")
-    return factors.strip(), index.strip()
+    return _factors_and_index({k: (v or "").strip() for k, v in given.items()},
+                              f"{config} must give 'factors' (or 'factors_pretrained' and 'factors_finetuned') and "
+                              "'index' as non-empty strings (REPO@REV)")
+
+
+def _factors_and_index(given: dict, problem: str) -> tuple[str | dict, str]:
+    stages = {"pretrained": given["factors_pretrained"] or given["factors"],
+              "finetuned": given["factors_finetuned"] or given["factors"]}
+    if not all(stages.values()) or not given["index"]:
+        raise SpaceError(problem)
+    factors = given["factors"] if stages["pretrained"] == stages["finetuned"] == given["factors"] else stages
+    return factors, given["index"]
