@@ -540,7 +540,7 @@ def _check_recorded(stage: str, location: str, recorded: dict, ref, allow_revisi
     if fitted is None or fitted == ref.revision:
         return
     message = (f"the {stage} factors ({location}) were fitted for {recorded.get('id')}@{fitted} but the {stage} "
-               f"model is {ref.id}@{ref.revision}")
+               f"model is {ref.id}@{ref.revision}" + (f" (folder {ref.folder})" if ref.folder else ""))
     if not allow_revision_mismatch:
         raise FactorError(message + "; give the model they were fitted for, or factors of this one (hub-msif "
                           "find-factors --model), or --allow-revision-mismatch (allow_revision_mismatch=True) to "

@@ -72,7 +72,10 @@ def test_cards_of_local_folders_name_models_without_paths(local_artifacts, hub_s
     card = _card("alice/cli-card-local")
     _assert_no_local_path(card, root)
     manifest = read_manifest(local_artifacts["factors"])
-    assert manifest["stages"]["pretrained"]["model"]["id"] == str((root / "my-models" / "pretrained").resolve())
+    # The manifest itself names the folder by its name and weights (no path of this machine, issue 17).
+    assert manifest["stages"]["pretrained"]["model"]["id"] == "pretrained"
+    assert manifest["stages"]["pretrained"]["model"]["local"] is True
+    assert str(root) not in (local_artifacts["factors"] / "msif.json").read_text()
     short = {stage: folder_revision(root / "my-models" / stage)[7:19] for stage in ("pretrained", "finetuned")}
     title = f"# EK-FAC factors: pretrained (sha256:{short['pretrained']}) → finetuned (sha256:{short['finetuned']})"
     assert title in card
