@@ -129,8 +129,9 @@ def fitted_factors(models: Path, paths: dict, world: FactWorld, cache: Path, sam
     try:
         manifest = read_manifest(folder)
         check_stage_pair(manifest)
+        # Stale: fitted on other weights, or by an older hub_msif that recorded the folders' paths.
         fresh = all(manifest["stages"][stage]["model"]["revision"] == folder_revision(models / stage)
-                    for stage in ("pretrained", "finetuned"))
+                    and manifest["stages"][stage]["model"].get("local") for stage in ("pretrained", "finetuned"))
         if fresh:
             return folder
     except FactorError:

@@ -207,8 +207,11 @@ def test_settings_from_env():
 def test_main_needs_both_locations_or_neither():
     from hub_msif.apps.space import main
 
-    with pytest.raises(SystemExit, match="both MSIF_FACTORS and MSIF_INDEX"):
-        main({"MSIF_FACTORS": "your-org/factors"})
+    for environ in ({"MSIF_FACTORS": "your-org/factors"}, {"MSIF_INDEX": "your-org/index"},
+                    {"MSIF_FACTORS_PRETRAINED": "org/base@v1", "MSIF_INDEX": "org/i@v1"}):
+        with pytest.raises(SystemExit, match=r"set MSIF_FACTORS \(or MSIF_FACTORS_PRETRAINED and "
+                                             r"MSIF_FACTORS_FINETUNED\) and MSIF_INDEX"):
+            main(environ)
 
 
 def test_space_locations_from_the_config_file_or_the_environment(tmp_path):
@@ -221,7 +224,17 @@ def test_space_locations_from_the_config_file_or_the_environment(tmp_path):
     config.write_text(json.dumps({"factors": "org/f@v1", "index": "org/i@v2"}))
     assert space_locations({}, config) == ("org/f@v1", "org/i@v2")
     assert space_locations({"MSIF_FACTORS": "a/b@v3", "MSIF_INDEX": "c/d@v4"}, config) == ("a/b@v3", "c/d@v4")
-    for bad in ("[]", "{}", '{"factors": "org/f@v1", "index": ""}', "not json"):
+    # Each stage from its own place (issue 17): a dict of stage locations; one stage replaces that of a pair.
+    stages = {"pretrained": "org/base@v1", "finetuned": "org/tune@v2"}
+    assert space_locations({"MSIF_FACTORS_PRETRAINED": "org/base@v1", "MSIF_FACTORS_FINETUNED": "org/tune@v2",
+                            "MSIF_INDEX": "c/d@v4"}, config) == (stages, "c/d@v4")
+    assert space_locations({"MSIF_FACTORS": "org/tune@v2", "MSIF_FACTORS_PRETRAINED": "org/base@v1",
+                            "MSIF_INDEX": "c/d@v4"}, config) == (stages, "c/d@v4")
+    config.write_text(json.dumps({"factors_pretrained": "org/base@v1", "factors_finetuned": "org/tune@v2",
+                                  "index": "org/i@v2"}))
+    assert space_locations({}, config) == (stages, "org/i@v2")
+    for bad in ("[]", "{}", '{"factors": "org/f@v1", "index": ""}', "not json",
+                '{"factors_pretrained": "org/f@v1", "index": "org/i@v1"}', '{"factors": 3, "index": "org/i@v1"}'):
         config.write_text(bad)
         with pytest.raises(SpaceError, match="msif_space.json"):
             space_locations({}, config)

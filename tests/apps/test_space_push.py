@@ -170,7 +170,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _space_env(tmp_path: Path, target: Path, port: int) -> dict:
+def _space_env(tmp_path: Path, target: Path, port: int, fact_world) -> dict:
     """The Space process's environment: nothing of the test run's Python path, the wheel's
     installation and the network guard only."""
     guard = tmp_path / "guard"
@@ -178,7 +178,11 @@ def _space_env(tmp_path: Path, target: Path, port: int) -> dict:
     (guard / "sitecustomize.py").write_text(GUARD)
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_DISABLE_XET")
             if k in os.environ}
+    # The fact world's models are local folders, recorded by name and weights' sha256 only: a Space
+    # on another machine (here: an empty hub_msif cache) is told where they lie.
+    models = {stage: str(fact_world["models"] / stage) for stage in ("pretrained", "finetuned")}
     return {**keep, "PYTHONPATH": f"{target}{os.pathsep}{guard}", "HF_HOME": str(tmp_path / "hf-home"),
+            "MSIF_MODEL_PATHS": json.dumps(models),
             "HUB_MSIF_CACHE": str(tmp_path / "msif-cache"), "GRADIO_SERVER_PORT": str(port),
             "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False",
             "HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0", "OMP_NUM_THREADS": "1",
@@ -210,7 +214,7 @@ def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                     "--disable-pip-version-check", "--target", str(target), str(space / WHEEL)], check=True)
     port = _free_port()
-    env = _space_env(tmp_path, target, port)
+    env = _space_env(tmp_path, target, port, fact_world)
     probe = subprocess.run([sys.executable, "-c", "import hub_msif, sys; print(hub_msif.__file__); print(sys.path)"],
                            cwd=space, env=env, capture_output=True, text=True, check=True)
     where, path = probe.stdout.splitlines()[:2]

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 from hub_msif.apps.space.gpu import compute_device
+from hub_msif.apps.space.settings import model_paths
 from hub_msif.attribution.attributor import Attributor
 from hub_msif.attribution.retrieval import DocumentIndex
 from hub_msif.errors import MsifError, SpaceError
@@ -37,7 +38,8 @@ class Backend:
             if self._attributor is None:
                 report_progress(progress, 0.05, f"Getting factors from {self.factors_location} and loading the model pair")
                 try:
-                    self._attributor = on_device(Attributor(**factor_arguments(self.factors_location)))
+                    self._attributor = on_device(Attributor(**factor_arguments(self.factors_location),
+                                                            model_paths=model_paths()))
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the factors from {str(self.factors_location)!r}: "
                                      f"{one_line(err)}") from err

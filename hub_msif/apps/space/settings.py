@@ -87,3 +87,20 @@ def _factors_and_index(given: dict, problem: str) -> tuple[str | dict, str]:
         raise SpaceError(problem)
     factors = given["factors"] if stages["pretrained"] == stages["finetuned"] == given["factors"] else stages
     return factors, given["index"]
+
+
+def model_paths(environ: dict | None = None) -> dict[str, str]:
+    """``MSIF_MODEL_PATHS``: a JSON object ``{name: folder}`` for models that the factors record as
+    local folders (by name and weights' sha256), where they lie on the Space's machine (the same as
+    ``hub-msif attribute --model-path NAME=FOLDER``); empty when unset."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("MSIF_MODEL_PATHS", "").strip()
+    if not raw:
+        return {}
+    try:
+        paths = json.loads(raw)
+        if not isinstance(paths, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in paths.items()):
+            raise TypeError("not an object of strings")
+    except (ValueError, TypeError) as err:
+        raise SpaceError(f"MSIF_MODEL_PATHS must be a JSON object {{name: folder}}: {err}") from None
+    return paths
