@@ -277,7 +277,7 @@ def test_cli_index_build_writes_a_loadable_index(tmp_path, capsys, encoder):
     assert summary["num_documents"] == len(TOPIC_DOCS) and summary["dimension"] == 384
     index = DocumentIndex.load(out)
     assert index.ids == [str(100 + n) for n in range(len(TOPIC_DOCS))]
-    assert index.metadata["corpus"]["data"] == str(data)
+    assert index.metadata["corpus"]["data"] == "docs.jsonl"  # the file name: no path of this machine
     assert index.metadata["corpus"]["skipped_empty"] == 1
     hit = index.search([TOPIC_QUERIES["whale"]], k=1)[0][0][0]
     assert index.documents[hit]["text"] == TOPIC_DOCS["whale"]

@@ -63,10 +63,10 @@ def test_adapter_fits_like_the_merged_model(adapter, tmp_path):
             other = through_adapter.modules[name].tensors()[key]
             assert torch.allclose(other, tensor, rtol=1e-10, atol=1e-12 * float(tensor.abs().max())), (name, key)
     recorded = through_adapter.info["model"]
-    assert recorded["id"] == str(adapter["adapter"].resolve())
+    assert recorded["id"] == "adapter" and recorded["local"] is True  # a name, never a path
     assert recorded["revision"] == folder_revision(adapter["adapter"])
     assert recorded["adapter"] == "peft"
-    assert recorded["base"] == {"id": str(adapter["base"].resolve()), "revision": folder_revision(adapter["base"])}
+    assert recorded["base"] == {"id": adapter["base"].name, "revision": folder_revision(adapter["base"]), "local": True}
     assert "base" not in plain.info["model"]
     stored = json.loads((tmp_path / "a" / "msif.json").read_text())
     assert json.dumps(recorded["base"]) in json.dumps(stored)  # the manifest on disk records the base too
@@ -85,7 +85,7 @@ def test_base_model_option_overrides_the_adapter_config(adapter, tmp_path):
     merged, _, _ = load_model(str(adapter["merged"]))
     for (name, p), (_, q) in zip(model.state_dict().items(), merged.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
-    assert ref.base.id == str(adapter["base"].resolve())
+    assert ref.base.id == adapter["base"].name and ref.base.folder == str(adapter["base"].resolve())
 
 
 def test_adapter_without_its_base_fails_before_any_data_pass(adapter, tmp_path, monkeypatch, capsys):
@@ -130,8 +130,8 @@ def test_cli_fit_and_attributor_through_an_adapter(adapter, tmp_path, capsys):
                            "--out", str(factors), "--dtype", "float32", "--checkpoint-every", "0", "--json", *extra])
         assert status == 0, capsys.readouterr().err
     stored = json.loads((factors / "msif.json").read_text())
-    assert json.dumps({"id": str(adapter["base"].resolve()), "revision": folder_revision(adapter["base"])}) in \
-        json.dumps(stored)
+    assert stored["stages"]["finetuned"]["model"]["base"] == {
+        "id": adapter["base"].name, "revision": folder_revision(adapter["base"]), "local": True}
     documents = ["the cat sees the river", "a dog runs to the house", "the bird sings at night"]
     queries = [("what does the cat see ?", "the river")]
     through_adapter = Attributor(factors, dtype=torch.float64)
