@@ -120,10 +120,11 @@ def _is_switch(field: dataclasses.Field, option: Option) -> bool:
     return isinstance(default_of(field), bool)
 
 
-def add_options(parser, cls, skip: Sequence[str] = ()) -> None:
-    """Adds an option for every field of ``cls`` that has one (but those named in ``skip``)."""
+def add_options(parser, cls, skip: Sequence[str] = (), only: Sequence[str] | None = None) -> None:
+    """Adds an option for every field of ``cls`` that has one (only those named in ``only`` when
+    given, and not those in ``skip``), in field order."""
     for field, option in option_fields(cls):
-        if field.name in skip:
+        if field.name in skip or (only is not None and field.name not in only):
             continue
         if option.add is not None:
             option.add(parser, option)

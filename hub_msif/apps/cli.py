@@ -83,12 +83,13 @@ def _add_fit(sub) -> None:
     p.add_argument("--revision", type=non_empty, help="Hub revision (branch, tag or commit sha) of the model")
     p.add_argument("--base-model", type=non_empty,
                    help="when --model is a PEFT (LoRA) adapter: its base model id or folder (default: the adapter's)")
+    # The settings that change the factors are generated from the fields of FitConfig and CorpusSpec
+    # (help text, flag, type in their metadata), so the card's reproduce command knows them all.
+    add_options(p, FitConfig, only=["stage"])
     p.add_argument("--data", required=True, nargs="+", type=non_empty,
                    help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
-    # The settings that change the factors: generated from the fields of CorpusSpec and FitConfig
-    # (help text, flag, type in their metadata), so the card's reproduce command knows them all.
     add_options(p, CorpusSpec)
-    add_options(p, FitConfig)
+    add_options(p, FitConfig, skip=["stage"])
     p.add_argument("--out", required=True, type=non_empty, help="factor folder to write (a stage already there is replaced)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_threads(p)
