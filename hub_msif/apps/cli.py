@@ -185,11 +185,11 @@ def _run_plan(args) -> int:
             print(format_plan(plan))
         return 0
     use_threads(args.threads)
-    _, corpus = _fit_settings(args)
+    config, corpus = _fit_settings(args)
     tokens = corpus.max_tokens
     if tokens is None and corpus.max_sequences is not None:
         tokens = corpus.max_sequences * corpus.max_length
-    timing = measure_fit(args.model, plan, tokens=tokens, revision=args.revision)
+    timing = measure_fit(args.model, config, plan, tokens=tokens, revision=args.revision)
     if args.json:
         print_json(plan.to_json() | {"measured": timing.to_json()})
     else:

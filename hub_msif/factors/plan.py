@@ -754,8 +754,8 @@ def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: in
     The model is built from its config (only ``config.json`` is read) with random weights, in the
     plan's model dtype, on ``device`` (default: CUDA when available, else the CPU); the batch is
     ``plan.batch_size x plan.max_length`` random tokens, the loss the fit's (``config.label_mode``),
-    with the fit's capture hooks (``GradientCapture``) on the tracked modules. ``tokens`` (to fit)
-    gives ``estimated_seconds``.
+    with the fit's capture hooks (``GradientCapture``) on the tracked modules, after an untimed
+    warm-up on a short batch. ``tokens`` (to fit) gives ``estimated_seconds``.
     """
     import time
 
@@ -801,6 +801,13 @@ def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: in
 
     capture = GradientCapture(model, tracked, keep)
     with input_gradients_only(model), capture:
+        # A short warm-up first (lazy initialisation, first allocations), not timed.
+        short = {k: v[:1, : min(n, 16)] if v.dim() == 2 else v[:1] for k, v in batch.items()}
+        capture.mask = short["attention_mask"]
+        lm_loss(model(input_ids=short["input_ids"], attention_mask=short["attention_mask"], use_cache=False).logits,
+                short, config.label_mode, config.seed).backward()
+        for entry in shapes.values():
+            entry["captured"] = None
         capture.mask = batch["attention_mask"]
         sync()
         started = time.perf_counter()

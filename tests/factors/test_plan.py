@@ -391,3 +391,36 @@ def test_cli_plan_needs_no_data_or_out_but_a_fit_does(capsys, big_folders):
     assert code == 0
     data = json.loads(out)
     assert data["stage"] == "finetuned" and data["tracked_modules"] == 3 * 32 and data["modules"] == "mlp"
+
+
+def test_fit_plan_measure_times_the_planned_batch_and_estimates_the_fit(tmp_path, capsys):
+    """``fit --plan --measure``: one timed forward and backward of the planned batch (random weights
+    from the config), the estimate = seconds per token x tokens to fit, and --json carries it."""
+    folder = tmp_path / "tiny"
+    _tiny("gpt_neox").save_pretrained(folder)
+    base = ["fit", "--plan", "--measure", "--model", str(folder), "--stage", "pretrained", "--batch-size", "2",
+            "--max-length", "16", "--threads", "1"]
+    assert cli.main(base + ["--max-sequences", "100", "--module-partitions", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    measured = data["measured"]
+    assert measured["batch_size"] == 2 and measured["max_length"] == 16 and measured["tokens"] == 100 * 16
+    assert measured["forward_seconds"] > 0 and measured["backward_seconds"] > 0
+    assert measured["covariance_update_seconds"] > 0 and measured["lambda_update_seconds"] > 0
+    per_batch = (2 * (2 * measured["forward_seconds"] + 2 * measured["backward_seconds"])
+                 + measured["covariance_update_seconds"] + measured["lambda_update_seconds"])
+    assert measured["seconds_per_batch"] == pytest.approx(per_batch)
+    assert measured["estimated_seconds"] == pytest.approx(per_batch / 32 * 1600)
+    assert data["module_partitions"] == 2 and data["per_process_peak_bytes"] > 0
+    assert cli.main(base) == 0
+    text = capsys.readouterr().out
+    assert "(sizes in GB = 10^9 bytes)" in text and "per million tokens" in text and "measured on cpu" in text
+    assert cli.main(base + ["--max-tokens", "5000"]) == 0
+    assert "estimated fit time for 5,000 tokens:" in capsys.readouterr().out
+
+
+def test_measure_without_plan_is_refused_in_one_line(tmp_path, capsys):
+    status = cli.main(["fit", "--measure", "--model", str(tmp_path), "--stage", "pretrained", "--data", "x.txt",
+                       "--out", str(tmp_path / "o")])
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--measure goes with --plan" in err
