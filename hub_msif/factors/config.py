@@ -43,12 +43,26 @@ def _render_modules(value) -> list[str]:
 
 @dataclass
 class FitConfig:
-    """Settings of one fit (each field's help text is its option's, in the field metadata).
+    """Settings of one fit; each field's metadata holds its option's help text and flag.
 
-    Attributes: ``stage``, ``batch_size``, ``modules`` (``all``, ``mlp`` or ``{name: role}``),
-    ``split_heads``, ``label_mode``, ``seed``, ``storage_dtype``, ``checkpoint_every`` (does not
-    change the factors), ``module_partitions``, ``accumulate_dtype``, ``model_dtype`` (None keeps
-    the model's dtype), ``samples_per_sequence``.
+    Attributes:
+        stage: ``pretrained`` or ``finetuned``: where the factors go in the folder.
+        batch_size: sequences per forward/backward on each process.
+        modules: ``all``, ``mlp`` or an explicit ``{module name: role}`` mapping.
+        split_heads: one block per head and q/k/v for attention input projections.
+        label_mode: ``sampled`` (true Fisher = GGN) or ``empirical`` (true labels).
+        seed: seed of the label samples (per sequence, so independent of batching).
+        storage_dtype: ``float32``, ``bfloat16`` or ``float64`` for the saved tensors.
+        checkpoint_every: batches per process between checkpoints; 0 turns them off. The only
+            setting that does not change the factors (left out of the card's reproduce command).
+        module_partitions: K groups of modules fitted one after the other (2K passes over the
+            data); only one group's accumulators live at a time (docs/design.md, "Module partitions and owners").
+        accumulate_dtype: ``float64`` (default) or ``float32`` for the covariance and Lambda sums;
+            eigendecompositions are float64 either way (docs/design.md, "Precision").
+        model_dtype: ``bfloat16``, ``float16`` or ``float32`` to cast the model to for the forward
+            and backward passes (meant for GPUs); None keeps the model's dtype.
+        samples_per_sequence: label samples drawn per sequence in the Lambda pass and averaged
+            (``sampled`` labels only).
     """
 
     stage: str = setting("pretrained", "which stage these factors are", choices=STAGES, required=True)

@@ -39,7 +39,7 @@ from hub_msif.artifacts.manifest import FACTORS, read_manifest, stage_difference
 from hub_msif.data import collate
 from hub_msif.errors import FactorError, MsifError, MsifValueError
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
-from hub_msif.factors.config import ACCUMULATE_DTYPE_NAMES, MODEL_DTYPE_NAMES, FitConfig
+from hub_msif.factors.config import ACCUMULATE_DTYPE_NAMES, MODEL_DTYPE_NAMES, FitConfig  # FitConfig: re-exported
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator, ModuleFactors
 from hub_msif.factors.objectives import lm_loss
 from hub_msif.factors.partition import module_groups, module_owners
