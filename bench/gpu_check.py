@@ -128,8 +128,7 @@ def big_check(args, device: torch.device, work: Path) -> dict:
     config = config_of(args.shape)
     fit_config = dict(batch_size=args.batch_size, checkpoint_every=0, model_dtype="bfloat16",
                       accumulate_dtype="float32")
-    plan = plan_fit(config, "pretrained", model_dtype="bfloat16", accumulate_dtype="float32",
-                    batch_size=args.batch_size, max_length=args.length)
+    plan = plan_fit(config, FitConfig(**fit_config), max_length=args.length)
     print(f"plan: peak {format_bytes(plan.per_process_peak_bytes)} per process", flush=True)
     model = random_model(config, seed=0).to(device)
     data = sequences(args.sequences, args.length, config.vocab_size, seed=1)

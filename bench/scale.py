@@ -150,7 +150,7 @@ def cross_check() -> list[dict]:
                     files = [p for p in (folder / "pretrained").rglob("*.safetensors")
                              if which == "all" or p.parent.name == "mlp"]
                     actual = sum(safetensors_data_bytes(p) for p in files)
-                    predicted = plan_fit(model, modules=which, storage_dtype=dtype).artifact_bytes
+                    predicted = plan_fit(model, FitConfig(modules=which, storage_dtype=dtype)).artifact_bytes
                     assert actual == predicted, f"{arch} {dtype} {which}: plan {predicted} B, files {actual} B"
                     rows.append({"arch": arch, "dtype": dtype, "modules": which, "files": len(files),
                                  "formula_bytes": predicted, "file_tensor_bytes": actual, "equal": actual == predicted})
@@ -163,6 +163,7 @@ def cross_check() -> list[dict]:
 def on_paper(root: Path, batch_size: int, seq_len: int) -> list[dict]:
     """Each pair on 1 and 8 processes of 80 GB (fewest partitions that fit), and at the issue's targets."""
     from hub_msif.errors import MsifValueError
+    from hub_msif.factors.config import FitConfig
     from hub_msif.factors.plan import plan_fit
 
     rows = []
@@ -174,8 +175,8 @@ def on_paper(root: Path, batch_size: int, seq_len: int) -> list[dict]:
             stages = {}
             for stage, model_id in (("pretrained", base), ("finetuned", tuned)):
                 try:
-                    plan = plan_fit(config_folder(root, model_id), stage, num_processes=processes, max_memory=budget,
-                                    batch_size=batch_size, max_length=seq_len)
+                    plan = plan_fit(config_folder(root, model_id), FitConfig(stage=stage, batch_size=batch_size),
+                                    num_processes=processes, max_memory=budget, max_length=seq_len)
                 except MsifValueError as err:
                     stages[stage] = {"fits": False, "message": str(err)}
                     continue
@@ -199,6 +200,7 @@ def on_paper(root: Path, batch_size: int, seq_len: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from hub_msif.factors.config import FitConfig
     from hub_msif.factors.plan import ASSUMPTIONS, plan_fit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -221,11 +223,12 @@ def main(argv=None) -> int:
         sizes, memory = {}, {}
         for which in ("all", "mlp"):
             for dtype in ("float32", "bfloat16"):
-                stage = plan_fit(folder, modules=which, storage_dtype=dtype).artifact_bytes
+                stage = plan_fit(folder, FitConfig(modules=which, storage_dtype=dtype)).artifact_bytes
                 sizes[f"{which}_{dtype}"] = {"stage_bytes": stage, "pair_bytes": 2 * stage,
                                              "stage_gb": round(stage / GB, 3), "pair_gb": round(2 * stage / GB, 3)}
-                memory[f"{which}_{dtype}"] = fit_memory(plan_fit(folder, modules=which, model_dtype=dtype,
-                                                                 batch_size=args.batch_size, max_length=args.seq_len))
+                memory[f"{which}_{dtype}"] = fit_memory(plan_fit(folder, FitConfig(modules=which, model_dtype=dtype,
+                                                                           batch_size=args.batch_size),
+                                                                 max_length=args.seq_len))
         plan = plan_fit(folder)
         c = CONFIGS[model_id]
         models[model_id] = {

@@ -15,9 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from hub_msif.errors import CorpusError
+from hub_msif.options import non_empty, positive_int, setting
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "{prompt}\n"
@@ -29,18 +28,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CorpusSpec:
-    """Where a corpus comes from and how its rows become token sequences."""
+    """Where a corpus comes from and how its rows become token sequences.
+
+    Every field but ``data`` is a setting of ``hub-msif fit`` (help text and option in the field
+    metadata, ``hub_msif.options``): the options are generated from it and the card's reproduce
+    command is rendered from the recorded values (``describe()``).
+    """
 
     data: str | Sequence[str]
-    split: str = "train"
-    revision: str | None = None
-    text_column: str | None = None
-    prompt_column: str | None = None
-    response_column: str | None = None
-    template: str = DEFAULT_TEMPLATE
-    max_length: int = 512
-    max_sequences: int | None = None
-    max_tokens: int | None = None
+    split: str = setting("train", "dataset split (Hub datasets; default: train)", type=non_empty)
+    revision: str | None = setting(None, "Hub revision of the dataset", flag="--data-revision", type=non_empty)
+    text_column: str | None = setting(None, "column holding the text (default: text)", type=non_empty)
+    prompt_column: str | None = setting(None, "instruction data: column holding the prompt (no loss)",
+                                        type=non_empty)
+    response_column: str | None = setting(None, "instruction data: column holding the response (carries the loss)",
+                                          type=non_empty)
+    template: str = setting(DEFAULT_TEMPLATE, "prompt template with {prompt}; default: '{prompt}\\n'",
+                            type=non_empty, cli_default=None)
+    # --max-length and --max-sequences are range-checked by validate(), which fit_stage runs before it
+    # loads the model; their messages are the library's.
+    max_length: int = setting(512, "tokens per sequence, longer ones are truncated (default 512)", type=int)
+    max_sequences: int | None = setting(None, "use at most this many sequences", type=int)
+    max_tokens: int | None = setting(None, "token budget: stop before the sequence that would exceed it",
+                                     type=positive_int)
 
     def validate(self) -> None:
         if self.max_length is None or self.max_length < 2:
@@ -234,6 +244,8 @@ def iter_sequences(rows, tokenizer, spec: CorpusSpec, show_progress: bool = Fals
 
 def sequence_digest(digest, sequence: dict) -> None:
     """Adds one sequence's length, token ids and labels to a sha256 ``digest`` (the data fingerprint)."""
+    import torch  # here, not at the top: CorpusSpec is imported by the card renderer, which needs no torch
+
     ids = sequence["input_ids"]
     digest.update(torch.tensor([len(ids)] + ids + sequence["labels"], dtype=torch.int64).numpy().tobytes())
 
@@ -284,6 +296,8 @@ class TokenStream:
 
 def collate(sequences: Sequence[dict], indices: Sequence[int], pad_id: int, device=None) -> dict:
     """Right-padded batch tensors plus each sequence's global index (for label sampling)."""
+    import torch
+
     length = max(len(s["input_ids"]) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     labels = torch.full((len(sequences), length), -100, dtype=torch.long)

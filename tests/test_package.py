@@ -85,8 +85,8 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 
 def test_subpackages_are_layered():
-    """Lower stages never import higher ones: artifacts < factors < hub < attribution < apps."""
-    order = ["errors", "artifacts", "models", "data", "factors", "hub", "attribution", "apps"]
+    """Lower stages never import higher ones: options < artifacts < factors < hub < attribution < apps."""
+    order = ["errors", "options", "artifacts", "models", "data", "factors", "hub", "attribution", "apps"]
     rank = {stage: i for i, stage in enumerate(order)}
 
     def stage(module: str) -> str | None:

@@ -14,30 +14,9 @@ from pathlib import Path
 from hub_msif.apps.output import printable
 from hub_msif.errors import ArtifactNotFoundError, MsifValueError
 
-
-def _whole_number(text: str, low: int, high: int | None = None) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-    if high is not None and value > high:
-        raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _whole_number(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return _whole_number(text, 0)
-
-
-def seed_int(text: str) -> int:
-    """Recorded in the manifest; bounded to what an int64 holds so any reader can take it."""
-    return _whole_number(text, 0, 2**63 - 1)
+# Defined with the settings they check (hub_msif/options.py); every command here uses them.
+from hub_msif.options import non_empty, non_negative_int, positive_int, seed_int  # noqa: F401
+from hub_msif.options import whole_number as _whole_number
 
 
 def port_number(text: str) -> int:
@@ -68,13 +47,6 @@ def positive_finite_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
-
-
-def non_empty(text: str) -> str:
-    """Paths, ids and tokens: an empty one would silently mean the current folder or the default."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
-    return text
 
 
 def token_spec(text: str) -> tuple[str, dict]:

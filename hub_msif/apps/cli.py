@@ -36,7 +36,6 @@ from hub_msif.apps.arguments import (
     port_number,
     positive_finite_float,
     positive_int,
-    seed_int,
     stage_model_name,
     token_spec,
 )
@@ -73,6 +72,10 @@ def use_threads(threads: int | None) -> None:
 
 
 def _add_fit(sub) -> None:
+    from hub_msif.data import CorpusSpec
+    from hub_msif.factors.config import FitConfig
+    from hub_msif.options import add_options
+
     p = sub.add_parser("fit", help="fit one stage's EK-FAC factors", description=(
         "Fit EK-FAC factors of one training stage (a model and the text it was trained on) and save "
         "them into a factor folder. Run under `accelerate launch` for several processes or GPUs."))
@@ -80,41 +83,13 @@ def _add_fit(sub) -> None:
     p.add_argument("--revision", type=non_empty, help="Hub revision (branch, tag or commit sha) of the model")
     p.add_argument("--base-model", type=non_empty,
                    help="when --model is a PEFT (LoRA) adapter: its base model id or folder (default: the adapter's)")
-    p.add_argument("--stage", required=True, choices=["pretrained", "finetuned"], help="which stage these factors are")
+    # The settings that change the factors are generated from the fields of FitConfig and CorpusSpec
+    # (help text, flag, type in their metadata), so the card's reproduce command knows them all.
+    add_options(p, FitConfig, only=["stage"])
     p.add_argument("--data", required=True, nargs="+", type=non_empty,
                    help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
-    p.add_argument("--data-revision", type=non_empty, help="Hub revision of the dataset")
-    p.add_argument("--split", default="train", type=non_empty, help="dataset split (Hub datasets; default: train)")
-    p.add_argument("--text-column", type=non_empty, help="column holding the text (default: text)")
-    p.add_argument("--prompt-column", type=non_empty, help="instruction data: column holding the prompt (no loss)")
-    p.add_argument("--response-column", type=non_empty,
-                   help="instruction data: column holding the response (carries the loss)")
-    p.add_argument("--template", default=None, type=non_empty, help="prompt template with {prompt}; default: '{prompt}\\n'")
-    # --max-length, --batch-size and --max-sequences are range-checked by CorpusSpec/FitConfig.validate(),
-    # which fit_stage runs before it loads the model; their messages are the library's.
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence, longer ones are truncated (default 512)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch and process (default 8)")
-    p.add_argument("--max-sequences", type=int, help="use at most this many sequences")
-    p.add_argument("--modules", default="all", choices=["all", "mlp"], help="track all linear modules or MLP only")
-    p.add_argument("--module", action="append", default=[], metavar="NAME=ROLE",
-                   help="explicit module and role (mlp, attn_qkv, attn_out), repeatable; for unmapped architectures")
-    p.add_argument("--no-split-heads", action="store_true", help="one block per q/k/v projection instead of per head")
-    p.add_argument("--labels", default="sampled", choices=["sampled", "empirical"],
-                   help="sampled labels (true Fisher = GGN, default) or the data's labels (empirical Fisher)")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the label samples, 0 to 2**63-1 (default 0)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
-                   help="storage dtype of the factors (default float32)")
-    p.add_argument("--checkpoint-every", type=non_negative_int, default=50,
-                   help="batches between resumable checkpoints (0: none)")
-    p.add_argument("--max-tokens", type=positive_int, help="token budget: stop before the sequence that would exceed it")
-    p.add_argument("--module-partitions", type=positive_int, default=1, metavar="K",
-                   help="fit the modules in K groups (2K passes over the data, about K times less accumulator memory)")
-    p.add_argument("--accumulate-dtype", default="float64", choices=["float64", "float32"],
-                   help="dtype of the covariance and Lambda sums (default float64; eigendecompositions are float64)")
-    p.add_argument("--model-dtype", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the model's forward and backward passes (default: as loaded; bfloat16 for GPUs)")
-    p.add_argument("--samples-per-sequence", type=positive_int, default=1, metavar="S",
-                   help="label samples per sequence in the Lambda pass, averaged (default 1)")
+    add_options(p, CorpusSpec)
+    add_options(p, FitConfig, skip=["stage"])
     p.add_argument("--out", required=True, type=non_empty, help="factor folder to write (a stage already there is replaced)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_threads(p)
@@ -130,6 +105,16 @@ def _add_fit_sources(p) -> None:
     p.add_argument("--reuse-pretrained", type=non_empty, metavar="REPO@REV",
                    help="with --stage finetuned: take the pre-trained stage from these published factors (a Hub "
                         "REPO@REV or a folder, pulled and copied into --out) instead of fitting it")
+
+
+def _fit_settings(args):
+    """``(FitConfig, CorpusSpec)`` of the parsed ``fit`` arguments (the corpus's data: None under --plan)."""
+    from hub_msif.data import CorpusSpec
+    from hub_msif.factors.config import FitConfig
+    from hub_msif.options import from_args
+
+    data = args.data[0] if args.data and len(args.data) == 1 else args.data
+    return from_args(FitConfig, args), from_args(CorpusSpec, args, data=data)
 
 
 # --- fit --plan: the memory plan (docs/design.md, "Memory plan") --------------------------------
@@ -158,11 +143,7 @@ class _PlanAction(argparse.Action):
 
 
 def _add_plan_options(p) -> None:
-    """``fit --plan`` and its options, added to the ``fit`` parser; with --plan, --data and --out are not needed.
-
-    --module-partitions, --accumulate-dtype and --model-dtype are options of real fits too; they are
-    added here only when the fit parser does not define them already.
-    """
+    """``fit --plan`` and its options, added to the ``fit`` parser; with --plan, --data and --out are not needed."""
     g = p.add_argument_group("memory plan (fit --plan: print the plan and exit; reads only the model's config)")
     g.add_argument("--plan", action=_PlanAction,
                    help="print the memory plan of this fit per process (no data or weights read) and exit")
@@ -172,17 +153,9 @@ def _add_plan_options(p) -> None:
                    help="memory per process, e.g. 70GB or 40GiB: the plan picks the fewest module partitions that fit")
     g.add_argument("--query-rank", dest="plan_query_rank", type=positive_int, metavar="R",
                    help="rank of the preconditioned query whose bytes the plan reports (default: full rank)")
-    known = p._option_string_actions
-    if "--module-partitions" not in known:
-        g.add_argument("--module-partitions", type=positive_int, default=None, metavar="K",
-                       help="fit the modules in K groups, one at a time (2K passes over the data)")
-    if "--accumulate-dtype" not in known:
-        g.add_argument("--accumulate-dtype", default="float64", choices=["float64", "float32"],
-                       help="dtype of the covariance and Lambda sums (default float64)")
-    if "--model-dtype" not in known:
-        g.add_argument("--model-dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                       help="dtype of the model's forward and backward (default: its published dtype)")
-    p.set_defaults(module_partitions=None)  # not given: 1, or with --max-memory the plan's choice
+    g.add_argument("--measure", action="store_true",
+                   help="with --plan: time one forward and backward of the planned batch (the model built from its "
+                        "config with random weights, on this machine) and estimate the fit's time")
 
 
 def _run_fit_or_plan(args) -> int:
@@ -191,6 +164,8 @@ def _run_fit_or_plan(args) -> int:
     real fit prints its plan once the model is loaded: ``fit_factors``.)"""
     if args.plan:
         return _run_plan(args)
+    if args.measure:
+        raise MsifValueError("--measure goes with --plan (it times the planned fit's batch)")
     if args.max_memory is not None:
         args.module_partitions = _plan_of(args).module_partitions
     elif args.module_partitions is None:
@@ -200,26 +175,37 @@ def _run_fit_or_plan(args) -> int:
 
 def _plan_of(args):
     from hub_msif.factors.plan import plan_fit
-    from hub_msif.factors.tracking import parse_module_specs
 
-    modules = parse_module_specs(args.module) if args.module else args.modules
+    config, corpus = _fit_settings(args)
     processes = args.num_processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
-    dtype = args.dtype if args.dtype in ("float32", "bfloat16", "float64") else "float32"
-    return plan_fit(args.model, args.stage, num_processes=processes, module_partitions=args.module_partitions,
-                    max_memory=args.max_memory, accumulate_dtype=args.accumulate_dtype, model_dtype=args.model_dtype,
-                    batch_size=args.batch_size, max_length=args.max_length, query_rank=args.plan_query_rank,
-                    modules=modules, split_heads=not args.no_split_heads, storage_dtype=dtype, revision=args.revision)
+    return plan_fit(args.model, config, num_processes=processes, max_memory=args.max_memory,
+                    choose_partitions=args.module_partitions is None, max_length=corpus.max_length,
+                    query_rank=args.plan_query_rank, revision=args.revision)
 
 
 def _run_plan(args) -> int:
-    """Prints the memory plan of the fit these arguments describe; reads no data and no weights."""
-    from hub_msif.factors.plan import format_plan
+    """Prints the memory plan of the fit these arguments describe; reads no data and no weights.
+    With ``--measure``, also one timed forward and backward of the planned batch (random weights)."""
+    from hub_msif.factors.plan import format_plan, format_timing, measure_fit
 
     plan = _plan_of(args)
+    if not args.measure:
+        if args.json:
+            print_json(plan.to_json())
+        else:
+            print(format_plan(plan))
+        return 0
+    use_threads(args.threads)
+    config, corpus = _fit_settings(args)
+    tokens = corpus.max_tokens
+    if tokens is None and corpus.max_sequences is not None:
+        tokens = corpus.max_sequences * corpus.max_length
+    timing = measure_fit(args.model, config, plan, tokens=tokens, revision=args.revision)
     if args.json:
-        print_json(plan.to_json())
+        print_json(plan.to_json() | {"measured": timing.to_json()})
     else:
         print(format_plan(plan))
+        print(format_timing(timing))
     return 0
 
 
@@ -232,22 +218,9 @@ def _run_fit(args) -> int:
     use_threads(args.threads)
     if args.reuse_pretrained is not None:
         _reuse_pretrained(args)
-    from hub_msif.data import DEFAULT_TEMPLATE, CorpusSpec
-    from hub_msif.factors.fit import FitConfig, fit_stage
-    from hub_msif.factors.tracking import parse_module_specs
+    from hub_msif.factors.fit import fit_stage
 
-    modules = parse_module_specs(args.module) if args.module else args.modules
-    corpus = CorpusSpec(
-        data=args.data[0] if len(args.data) == 1 else args.data, split=args.split, revision=args.data_revision,
-        text_column=args.text_column, prompt_column=args.prompt_column, response_column=args.response_column,
-        template=args.template or DEFAULT_TEMPLATE, max_length=args.max_length, max_sequences=args.max_sequences,
-        max_tokens=args.max_tokens,
-    )
-    config = FitConfig(stage=args.stage, batch_size=args.batch_size, modules=modules,
-                       split_heads=not args.no_split_heads, label_mode=args.labels, seed=args.seed,
-                       storage_dtype=args.dtype, checkpoint_every=args.checkpoint_every,
-                       module_partitions=args.module_partitions, accumulate_dtype=args.accumulate_dtype,
-                       model_dtype=args.model_dtype, samples_per_sequence=args.samples_per_sequence)
+    config, corpus = _fit_settings(args)
     # Not loaded back whole: each process holds only its own modules; the summary reads one at a time.
     factors = fit_stage(args.model, corpus.data, args.out, config, corpus=corpus, revision=args.revision,
                         load_result=False, show_progress=show_progress(args.json), base_model=args.base_model,

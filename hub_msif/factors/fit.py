@@ -25,8 +25,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,15 +35,15 @@ from safetensors.torch import load_file, save
 
 from hub_msif import __version__
 from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
-from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, stage_differences
+from hub_msif.artifacts.manifest import FACTORS, read_manifest, stage_differences
 from hub_msif.data import collate
 from hub_msif.errors import FactorError, MsifError, MsifValueError
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
+from hub_msif.factors.config import ACCUMULATE_DTYPE_NAMES, MODEL_DTYPE_NAMES, FitConfig  # FitConfig: re-exported
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator, ModuleFactors
-from hub_msif.factors.objectives import LABEL_MODES, lm_loss
+from hub_msif.factors.objectives import lm_loss
 from hub_msif.factors.partition import module_groups, module_owners
 from hub_msif.factors.storage import (
-    STORAGE_DTYPES,
     StageFactors,
     load_stage,
     module_path,
@@ -57,67 +57,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = ".msif-checkpoints"
 
 
-ACCUMULATE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class FitConfig:
-    """Settings of one fit.
-
-    Attributes:
-        stage: ``pretrained`` or ``finetuned``: where the factors go in the folder.
-        batch_size: sequences per forward/backward on each process.
-        modules: ``all``, ``mlp`` or an explicit ``{module name: role}`` mapping.
-        split_heads: one block per head and q/k/v for attention input projections.
-        label_mode: ``sampled`` (true Fisher = GGN) or ``empirical`` (true labels).
-        seed: seed of the label samples (per sequence, so independent of batching).
-        storage_dtype: ``float32``, ``bfloat16`` or ``float64`` for the saved tensors.
-        checkpoint_every: batches per process between checkpoints; 0 turns them off.
-        module_partitions: K groups of modules fitted one after the other (2K passes over the
-            data); only one group's accumulators live at a time (docs/design.md, "Module partitions and owners").
-        accumulate_dtype: ``float64`` (default) or ``float32`` for the covariance and Lambda sums;
-            eigendecompositions are float64 either way (docs/design.md, "Precision").
-        model_dtype: ``bfloat16``, ``float16`` or ``float32`` to cast the model to for the forward
-            and backward passes (meant for GPUs); None keeps the model's dtype.
-        samples_per_sequence: label samples drawn per sequence in the Lambda pass and averaged
-            (``sampled`` labels only).
-    """
-
-    stage: str = "pretrained"
-    batch_size: int = 8
-    modules: str | Mapping[str, str] = "all"
-    split_heads: bool = True
-    label_mode: str = "sampled"
-    seed: int = 0
-    storage_dtype: str = "float32"
-    checkpoint_every: int = 50
-    module_partitions: int = 1
-    accumulate_dtype: str = "float64"
-    model_dtype: str | None = None
-    samples_per_sequence: int = 1
-
-    def validate(self) -> None:
-        if self.stage not in STAGES:
-            raise MsifValueError(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
-        if self.batch_size < 1:
-            raise MsifValueError(f"batch size must be positive, got {self.batch_size}")
-        if self.label_mode not in LABEL_MODES:
-            raise MsifValueError(f"label mode must be one of {', '.join(LABEL_MODES)}, not {self.label_mode!r}")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise MsifValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {self.storage_dtype!r}")
-        if self.checkpoint_every < 0:
-            raise MsifValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if not isinstance(self.module_partitions, int) or self.module_partitions < 1:
-            raise MsifValueError(f"module partitions must be a positive integer, got {self.module_partitions!r}")
-        if self.accumulate_dtype not in ACCUMULATE_DTYPES:
-            raise MsifValueError(f"accumulate dtype must be one of {', '.join(ACCUMULATE_DTYPES)}, not {self.accumulate_dtype!r}")
-        if self.model_dtype is not None and self.model_dtype not in MODEL_DTYPES:
-            raise MsifValueError(f"model dtype must be one of {', '.join(MODEL_DTYPES)}, not {self.model_dtype!r}")
-        if not isinstance(self.samples_per_sequence, int) or self.samples_per_sequence < 1:
-            raise MsifValueError(f"samples per sequence must be a positive integer, got {self.samples_per_sequence!r}")
-        if self.samples_per_sequence > 1 and self.label_mode != "sampled":
-            raise MsifValueError("several samples per sequence need sampled labels; empirical labels are all the same")
+ACCUMULATE_DTYPES = {name: getattr(torch, name) for name in ACCUMULATE_DTYPE_NAMES}
+MODEL_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPE_NAMES}
 
 
 class _Distributed:
@@ -416,6 +357,9 @@ def fit_factors(
     stage_info = {
         **info,
         "fit": {
+            # The settings as given (docs/design.md, "Fitting EK-FAC"): the card's reproduce command is
+            # rendered from them. The keys beside it are what was measured, and (older readers) copies.
+            "config": asdict(config),
             "label_mode": config.label_mode, "seed": config.seed, "batch_size": config.batch_size,
             "split_heads": config.split_heads,
             "modules": config.modules if isinstance(config.modules, str) else "explicit",

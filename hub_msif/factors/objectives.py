@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hub_msif.errors import MsifValueError
-
-LABEL_MODES = ("sampled", "empirical")
+from hub_msif.factors.config import LABEL_MODES
 
 
 def sequence_seed(seed: int, pass_index: int, sequence_index: int) -> int:

@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hub_msif.errors import MsifValueError, UnsupportedArchitectureError
+from hub_msif.factors.config import ACCUMULATE_DTYPE_NAMES, STORAGE_DTYPE_NAMES, FitConfig
 
-GB = 10**9
+GB = 10**9  # sizes print in GB (10**9 bytes) and say so; --max-memory also takes GiB
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-ACCUMULATE_DTYPES = ("float64", "float32")
-MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
-STORAGE_DTYPES = ("float32", "bfloat16", "float64")
+ACCUMULATE_DTYPES = ACCUMULATE_DTYPE_NAMES
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: a config may publish it
+STORAGE_DTYPES = STORAGE_DTYPE_NAMES
 # ekfac.py's _MAX_CHUNK_ELEMENTS: per-sequence rotated gradients formed at once in the Lambda pass.
 LAMBDA_CHUNK_ELEMENTS = 64 * 1024 * 1024
 # LAPACK's symmetric eigensolver (syevd, what torch.linalg.eigh runs) needs a workspace of about
@@ -452,33 +453,39 @@ def _plan_once(base: dict, k: int) -> FitPlan:
 
 def plan_fit(
     model_or_config,
-    stage: str = "pretrained",
+    config: FitConfig | None = None,
+    *,
     num_processes: int = 1,
-    module_partitions: int | None = None,
     max_memory: int | str | None = None,
-    accumulate_dtype: str = "float64",
-    model_dtype: str | None = None,
-    batch_size: int = 8,
+    choose_partitions: bool = True,
     max_length: int = 512,
     query_rank: int | None = None,
-    modules: str | Mapping[str, str] = "all",
-    split_heads: bool = True,
-    storage_dtype: str = "float32",
     attention: str | None = None,
     revision: str | None = None,
 ) -> FitPlan:
-    """The memory plan of fitting one stage of ``model_or_config`` (docs/design.md, "Memory plan").
+    """The memory plan of fitting one stage of ``model_or_config`` with ``config`` (a ``FitConfig``,
+    default ``FitConfig()``; docs/design.md, "Memory plan").
 
     ``model_or_config`` is a Hub id or a folder (only ``config.json`` is read), a transformers
-    config, a dict of config values with ``model_type``, or a model. ``model_dtype`` defaults to
-    the config's published dtype (what ``hub-msif fit`` loads), else float32; ``attention`` to the
-    config's attention implementation (``eager`` keeps the softmax probabilities, ``sdpa`` and
-    flash kernels do not). ``query_rank`` ``None`` is a full-rank query.
+    config, a dict of config values with ``model_type``, or a model. The model dtype is
+    ``config.model_dtype``, else the config's published dtype (what ``hub-msif fit`` loads), else
+    float32; ``attention`` defaults to the config's attention implementation (``eager`` keeps the
+    softmax probabilities, ``sdpa`` and flash kernels do not). ``max_length`` is the corpus's
+    (``CorpusSpec.max_length``). ``query_rank`` ``None`` is a full-rank query.
 
-    ``module_partitions`` ``None`` means 1, or with ``max_memory`` (bytes or a string like
-    ``70GB``) the smallest number of partitions whose per-process peak fits; the plan's ``note``
-    says which. When nothing fits, ``MsifValueError`` says what would.
+    Without ``max_memory`` the plan has ``config.module_partitions`` partitions. With it (bytes or
+    a string like ``70GB``): ``choose_partitions`` takes the smallest number of partitions whose
+    per-process peak fits (the plan's ``note`` says which), otherwise ``config.module_partitions``
+    is checked against it. When nothing fits, ``MsifValueError`` says what would.
     """
+    config = FitConfig() if config is None else config
+    stage, batch_size, modules = config.stage, config.batch_size, config.modules
+    accumulate_dtype, model_dtype, storage_dtype = config.accumulate_dtype, config.model_dtype, config.storage_dtype
+    split_heads = config.split_heads
+    module_partitions = None if (max_memory is not None and choose_partitions) else config.module_partitions
+    if not isinstance(module_partitions, (int, type(None))) or isinstance(module_partitions, bool) or \
+            (module_partitions is not None and module_partitions < 1):
+        raise MsifValueError(f"module partitions must be a positive integer, got {module_partitions!r}")
     from hub_msif.artifacts.manifest import STAGES
     from hub_msif.factors.tracking import find_modules
 
@@ -544,18 +551,15 @@ def plan_fit(
                                      f"fits {format_bytes(budget)} per process ({plan.passes} passes over the data)")
 
 
-def plan_of_fit(model, config, num_processes: int, max_length: int) -> FitPlan:
-    """The plan of the fit ``fit_factors`` is about to run: ``model`` loaded, ``config`` a ``FitConfig``.
+def plan_of_fit(model, config: FitConfig, num_processes: int, max_length: int) -> FitPlan:
+    """The plan of the fit ``fit_factors`` is about to run: ``model`` loaded, ``config`` its ``FitConfig``.
 
-    Settings ``FitConfig`` may lack (older versions) take the plan's defaults; the model dtype is
-    ``config.model_dtype`` or else the loaded weights' dtype. Print it with ``format_plan``.
+    The model dtype is ``config.model_dtype`` or else the loaded weights' dtype. Print it with ``format_plan``.
     """
-    dtype = getattr(config, "model_dtype", None) or _dtype_name(next(model.parameters()).dtype) or "float32"
-    return plan_fit(model, config.stage, num_processes=num_processes,
-                    module_partitions=getattr(config, "module_partitions", 1) or 1,
-                    accumulate_dtype=getattr(config, "accumulate_dtype", "float64"), model_dtype=dtype,
-                    batch_size=config.batch_size, max_length=max_length, modules=config.modules,
-                    split_heads=config.split_heads, storage_dtype=config.storage_dtype)
+    from dataclasses import replace
+
+    dtype = config.model_dtype or _dtype_name(next(model.parameters()).dtype) or "float32"
+    return plan_fit(model, replace(config, model_dtype=dtype), num_processes=num_processes, max_length=max_length)
 
 
 def _with(plan: FitPlan, budget: int, fits: bool, note: str) -> FitPlan:
@@ -630,7 +634,8 @@ def format_plan(plan: FitPlan) -> str:
     """The plan as a human-readable table (printed by ``hub-msif fit --plan`` and at the start of a fit)."""
     rank_text = "full rank" if plan.query_rank is None else f"rank {plan.query_rank}"
     lines = [
-        f"memory plan: {plan.model} ({plan.model_type}, {_count_text(plan.parameters)} parameters), {plan.stage} stage",
+        f"memory plan: {plan.model} ({plan.model_type}, {_count_text(plan.parameters)} parameters), {plan.stage} stage "
+        "(sizes in GB = 10^9 bytes)",
         f"  {len(plan.tracked_modules)} tracked modules ({plan.modules}), {plan.num_processes} process(es), "
         f"{plan.module_partitions} module partition(s), {plan.accumulate_dtype} accumulation, model "
         f"{plan.model_dtype} (compute {plan.compute_dtype}), batch {plan.batch_size} x {plan.max_length} tokens, "
@@ -658,3 +663,187 @@ def format_plan(plan: FitPlan) -> str:
     if plan.note:
         lines.append(f"  {plan.note}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured time (fit --plan --measure)
+
+
+@dataclass(frozen=True)
+class FitTiming:
+    """Measured throughput of one planned fit on this machine, and the fit time it implies.
+
+    ``forward_seconds`` and ``backward_seconds``: one forward and one backward of the planned batch
+    (``batch_size x max_length`` random tokens, sampled labels) with the fit's capture hooks on every
+    tracked module. ``covariance_update_seconds`` and ``lambda_update_seconds``: the accumulator
+    updates of every tracked module for that batch (timed once per distinct module shape, on the
+    captured activations and gradients, and counted for every module of that shape). Per batch the
+    fit takes ``K (2 forward + (1 + S) backward) + covariance updates + S Lambda updates`` seconds
+    (K module partitions, S label samples per sequence); the eigendecompositions (a fixed cost,
+    independent of the tokens) are not included.
+    """
+
+    device: str
+    threads: int
+    batch_size: int
+    max_length: int
+    model_dtype: str
+    forward_seconds: float
+    backward_seconds: float
+    covariance_update_seconds: float
+    lambda_update_seconds: float
+    module_partitions: int
+    samples_per_sequence: int
+    tokens: int | None
+
+    @property
+    def seconds_per_batch(self) -> float:
+        k, s = self.module_partitions, self.samples_per_sequence
+        return (k * (2 * self.forward_seconds + (1 + s) * self.backward_seconds)
+                + self.covariance_update_seconds + s * self.lambda_update_seconds)
+
+    @property
+    def seconds_per_token(self) -> float:
+        return self.seconds_per_batch / (self.batch_size * self.max_length)
+
+    @property
+    def estimated_seconds(self) -> float | None:
+        """Seconds to fit ``tokens`` (full-length sequences), or None when the token count is not known."""
+        return None if self.tokens is None else self.seconds_per_token * self.tokens
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"seconds_per_batch": self.seconds_per_batch, "seconds_per_token": self.seconds_per_token,
+                               "seconds_per_million_tokens": self.seconds_per_token * 1e6,
+                               "estimated_seconds": self.estimated_seconds}
+
+
+def _duration_text(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_timing(timing: FitTiming) -> str:
+    """The measured throughput and the time estimate, under the plan (``hub-msif fit --plan --measure``)."""
+    lines = [
+        f"measured on {timing.device} ({timing.threads} thread(s)), random weights in {timing.model_dtype}, "
+        f"batch {timing.batch_size} x {timing.max_length} tokens:",
+        f"  forward {timing.forward_seconds:.3f} s, backward {timing.backward_seconds:.3f} s (capture hooks on), "
+        f"accumulator updates {timing.covariance_update_seconds:.3f} s (covariance) + "
+        f"{timing.lambda_update_seconds:.3f} s (Lambda)",
+        f"  {timing.seconds_per_batch:.3f} s per batch over both passes and {timing.module_partitions} partition(s): "
+        f"{timing.seconds_per_token * 1e6:.1f} s per million tokens",
+    ]
+    if timing.estimated_seconds is None:
+        lines.append("  estimated fit time: give --max-tokens, or --max-sequences (x --max-length), for a total; "
+                     f"{_duration_text(timing.seconds_per_token * 1e6)} per million tokens")
+    else:
+        lines.append(f"  estimated fit time for {timing.tokens:,} tokens: {_duration_text(timing.estimated_seconds)} "
+                     "(one process; eigendecompositions not included)")
+    return "\n".join(lines)
+
+
+def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: int | None = None,
+                revision: str | None = None, device: str | None = None) -> FitTiming:
+    """Times one forward and backward of ``plan``'s batch on this machine (docs/design.md, "Memory plan").
+
+    The model is built from its config (only ``config.json`` is read) with random weights, in the
+    plan's model dtype, on ``device`` (default: CUDA when available, else the CPU); the batch is
+    ``plan.batch_size x plan.max_length`` random tokens, the loss the fit's (``config.label_mode``),
+    with the fit's capture hooks (``GradientCapture``) on the tracked modules, after an untimed
+    warm-up on a short batch. ``tokens`` (to fit) gives ``estimated_seconds``.
+    """
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hub_msif.factors.capture import GradientCapture, input_gradients_only
+    from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator
+    from hub_msif.factors.objectives import lm_loss
+    from hub_msif.factors.tracking import find_modules
+
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise MsifValueError(f"tokens to fit must be a positive integer, got {tokens!r}")
+    hf_config = load_config(model_or_config, revision)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, plan.model_dtype)
+    try:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except (ValueError, KeyError) as err:
+        raise UnsupportedArchitectureError(f"{type(hf_config).__name__} has no causal LM class in transformers") from err
+    model.to(device).eval()
+    tracked = find_modules(model, config.modules, config.split_heads)
+    # One accumulator update is timed per distinct module shape, on the first such module's batch.
+    shapes: dict[tuple, dict] = {}
+    for t in tracked:
+        shapes.setdefault((t.d_in, t.d_out, t.num_blocks), {"count": 0, "spec": t, "captured": None})["count"] += 1
+
+    def keep(spec, a, g):
+        entry = shapes[(spec.d_in, spec.d_out, spec.num_blocks)]
+        if entry["spec"] is spec:
+            entry["captured"] = (a.detach().clone(), g.detach().clone())
+
+    b, n = plan.batch_size, plan.max_length
+    vocab = _text_config(hf_config).vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (b, n), generator=generator).to(device)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+             "sequence_index": torch.arange(b, device=device)}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    capture = GradientCapture(model, tracked, keep)
+    with input_gradients_only(model), capture:
+        # A short warm-up first (lazy initialisation, first allocations), not timed.
+        short = {k: v[:1, : min(n, 16)] if v.dim() == 2 else v[:1] for k, v in batch.items()}
+        capture.mask = short["attention_mask"]
+        lm_loss(model(input_ids=short["input_ids"], attention_mask=short["attention_mask"], use_cache=False).logits,
+                short, config.label_mode, config.seed).backward()
+        for entry in shapes.values():
+            entry["captured"] = None
+        capture.mask = batch["attention_mask"]
+        sync()
+        started = time.perf_counter()
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss = lm_loss(logits, batch, config.label_mode, config.seed)
+        sync()
+        forward = time.perf_counter() - started
+        loss.backward()
+        sync()
+        backward = time.perf_counter() - started - forward
+    del logits, loss
+    accumulate = getattr(torch, config.accumulate_dtype)
+    covariance = lam = 0.0
+    for entry in shapes.values():
+        if entry["captured"] is None:
+            continue
+        count, spec, (a, g) = entry["count"], entry["spec"], entry["captured"]
+        acc = CovarianceAccumulator(spec, device, accumulate)
+        sync()
+        started = time.perf_counter()
+        acc.update(a, g)
+        sync()
+        covariance += count * (time.perf_counter() - started)
+        del acc
+        q_a = torch.eye(spec.d_in, dtype=torch.float64, device=device)
+        q_s = torch.eye(spec.block_size, dtype=torch.float64, device=device).expand(spec.num_blocks, -1, -1)
+        acc = LambdaAccumulator(spec, q_a, q_s.contiguous(), a.dtype, accumulate)
+        sync()
+        started = time.perf_counter()
+        acc.update(a, g)
+        sync()
+        lam += count * (time.perf_counter() - started)
+        del acc, q_a, q_s
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return FitTiming(device=name, threads=torch.get_num_threads(), batch_size=b, max_length=n,
+                     model_dtype=plan.model_dtype, forward_seconds=forward, backward_seconds=backward,
+                     covariance_update_seconds=covariance, lambda_update_seconds=lam,
+                     module_partitions=plan.module_partitions, samples_per_sequence=config.samples_per_sequence,
+                     tokens=tokens)

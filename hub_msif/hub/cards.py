@@ -8,6 +8,7 @@ reproduces each fit); an index card declares ``documents.parquet`` as the datase
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -16,8 +17,11 @@ from pathlib import Path
 
 from hub_msif import __version__
 from hub_msif.artifacts.manifest import DOCUMENTS_NAME, MODULE_CHOICES, STAGES
+from hub_msif.data import CorpusSpec
 from hub_msif.errors import HubError, MsifValueError
+from hub_msif.factors.config import FitConfig
 from hub_msif.models import is_commit_sha
+from hub_msif.options import command_args, command_text
 
 CARD_NAME = "README.md"
 FACTOR_TAGS = ["hub-msif", "ekfac", "influence-functions"]
@@ -165,42 +169,37 @@ def public_index_manifest(manifest: dict) -> dict:
     return out
 
 
+def recorded_fit_config(info: dict, dtype: str = "float32") -> dict:
+    """The ``FitConfig`` values a stage's manifest entry records (``fit.config``, ``asdict`` of the
+    config). Manifests written before it have the settings as top-level keys of ``fit`` (some
+    missing, the storage dtype only on the module entries: ``dtype``); an explicit module mapping
+    was recorded as ``"explicit"`` there and cannot be recovered."""
+    fit = info.get("fit") or {}
+    if isinstance(fit.get("config"), dict):
+        return dict(fit["config"])
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    recorded = {k: v for k, v in fit.items() if k in names and k != "modules"}
+    if fit.get("modules") in MODULE_CHOICES:
+        recorded["modules"] = fit["modules"]
+    return recorded | {"storage_dtype": dtype}
+
+
 def fit_command(stage: str, info: dict, dtype: str = "float32") -> str:
-    """The ``hub-msif fit`` command line that reproduces one stage's fit (as recorded)."""
+    """The ``hub-msif fit`` command line that reproduces one stage's fit, from what the manifest
+    records: every ``FitConfig`` and ``CorpusSpec`` setting whose recorded value differs from its
+    default becomes its flag (``hub_msif.options.command_args``; ``checkpoint_every`` changes no
+    factor and is left out). ``dtype`` is the storage dtype of manifests without ``fit.config``."""
     model, data, fit = info.get("model", {}), info.get("data", {}), info.get("fit", {})
     q = shlex.quote
     parts = ["hub-msif fit", f"--model {q(str(model.get('id')))}"]
     if is_commit_sha(model.get("revision")):
         parts.append(f"--revision {model['revision']}")
-    parts.append(f"--stage {stage}")
     source = data.get("data")
     parts.append("--data " + " ".join(q(str(s)) for s in (source if isinstance(source, list) else [source])))
-    if data.get("revision"):
-        parts.append(f"--data-revision {q(str(data['revision']))}")
-    if data.get("split") and data["split"] != "train":
-        parts.append(f"--split {q(data['split'])}")
-    for key in ("text_column", "prompt_column", "response_column"):
-        if data.get(key):
-            parts.append(f"--{key.replace('_', '-')} {q(data[key])}")
-    if data.get("prompt_column") and data.get("template"):
-        parts.append(f"--template {q(data['template'])}")
-    for key in ("max_length", "max_sequences"):
-        if data.get(key) is not None:
-            parts.append(f"--{key.replace('_', '-')} {data[key]}")
-    if fit.get("batch_size"):
-        parts.append(f"--batch-size {fit['batch_size']}")
-    if fit.get("modules") in MODULE_CHOICES and fit["modules"] != "all":
-        parts.append(f"--modules {fit['modules']}")
-    if fit.get("split_heads") is False:
-        parts.append("--no-split-heads")
-    if fit.get("label_mode") and fit["label_mode"] != "sampled":
-        parts.append(f"--labels {fit['label_mode']}")
-    if fit.get("seed") is not None:
-        parts.append(f"--seed {fit['seed']}")
-    if dtype != "float32":
-        parts.append(f"--dtype {dtype}")
+    parts.append(command_text(command_args(CorpusSpec, data)))
+    parts.append(command_text(command_args(FitConfig, recorded_fit_config(info, dtype) | {"stage": stage})))
     parts.append("--out factors")
-    command = " ".join(parts)
+    command = " ".join(p for p in parts if p)
     if (fit.get("num_processes") or 1) > 1:
         command = command.replace("hub-msif fit", f"accelerate launch --num_processes {fit['num_processes']} "
                                   "-m hub_msif fit", 1)

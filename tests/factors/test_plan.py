@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_big_config_fits_70gb_on_8_processes(big_folders, name):
     assert plan.fits and plan.per_process_peak_bytes <= 70 * GB
     assert plan.passes == 2 * plan.module_partitions
     if plan.module_partitions > 1:  # the smallest K: one partition fewer does not fit
-        fewer = plan_fit(big_folders[name], num_processes=8, module_partitions=plan.module_partitions - 1)
+        fewer = plan_fit(big_folders[name], FitConfig(module_partitions=plan.module_partitions - 1), num_processes=8)
         assert fewer.per_process_peak_bytes > 70 * GB
 
 
@@ -126,9 +127,9 @@ def test_one_process_holds_everything(big_folders):
 
 def test_memory_falls_with_partitions_processes_and_float32(big_folders):
     folder = big_folders["pythia-2.8b"]
-    k1, k4 = plan_fit(folder, module_partitions=1), plan_fit(folder, module_partitions=4)
-    n8 = plan_fit(folder, module_partitions=4, num_processes=8)
-    f32 = plan_fit(folder, module_partitions=4, num_processes=8, accumulate_dtype="float32")
+    k1, k4 = plan_fit(folder, FitConfig(module_partitions=1)), plan_fit(folder, FitConfig(module_partitions=4))
+    n8 = plan_fit(folder, FitConfig(module_partitions=4), num_processes=8)
+    f32 = plan_fit(folder, FitConfig(module_partitions=4, accumulate_dtype="float32"), num_processes=8)
     acc = lambda plan: plan.peak_process.phases["covariance"]["covariance_accumulators"]  # noqa: E731
     assert acc(k4) < acc(k1) / 3.5  # about K-fold (balanced greedy)
     assert n8.per_process_peak_bytes < k4.per_process_peak_bytes
@@ -148,7 +149,7 @@ def _tiny(arch="gpt_neox"):
 def test_accumulator_bytes_equal_the_fits_accumulators(arch, k):
     model = _tiny(arch)
     tracked = find_modules(model)
-    plan = plan_fit(model, module_partitions=k, accumulate_dtype="float64")
+    plan = plan_fit(model, FitConfig(module_partitions=k, accumulate_dtype="float64"))
     groups = module_groups(tracked, k)
     by_name = {t.name: t for t in tracked}
     cov_bytes, lam_bytes, copy_bytes = [], [], []
@@ -169,7 +170,7 @@ def test_accumulator_bytes_equal_the_fits_accumulators(arch, k):
 def test_owners_follow_the_fit_partition_rules():
     model = _tiny("llama")
     tracked = find_modules(model)  # 14 modules
-    plan = plan_fit(model, num_processes=16, module_partitions=2)
+    plan = plan_fit(model, FitConfig(module_partitions=2), num_processes=16)
     owners = module_owners(tracked, 16)
     assert {m.name: m.owner for m in plan.tracked_modules} == owners
     assert [p.owned_modules for p in plan.processes] == [sum(1 for o in owners.values() if o == r) for r in range(16)]
@@ -212,8 +213,9 @@ def test_plan_of_a_fit_config():
     model = _tiny("llama").double()
     config = FitConfig(stage="finetuned", batch_size=3, modules="mlp", storage_dtype="bfloat16")
     plan = plan_of_fit(model, config, num_processes=2, max_length=40)
-    expected = plan_fit(model, "finetuned", num_processes=2, model_dtype="float64", batch_size=3, max_length=40,
-                        modules="mlp", storage_dtype="bfloat16")
+    expected = plan_fit(model, replace(config, model_dtype="float64"), num_processes=2, max_length=40)
+    assert (expected.stage, expected.model_dtype, expected.batch_size, expected.modules, expected.storage_dtype) == (
+        "finetuned", "float64", 3, "mlp", "bfloat16")
     assert plan == expected
     assert plan.compute_dtype == "float64" and plan.processes[0].phases["lambda"]["eigenbasis_copies"] == 0
     assert f"{len(plan.tracked_modules)} tracked modules (mlp), 2 process(es)" in format_plan(plan)
@@ -221,7 +223,7 @@ def test_plan_of_a_fit_config():
 
 def test_model_bytes_follow_the_model_dtype(big_folders):
     plan16 = plan_fit(big_folders["mistral-7b"])
-    plan32 = plan_fit(big_folders["mistral-7b"], model_dtype="float32")
+    plan32 = plan_fit(big_folders["mistral-7b"], FitConfig(model_dtype="float32"))
     assert plan16.model_dtype == "bfloat16"
     assert abs(plan32.model_bytes - 2 * plan16.model_bytes) < 10**6  # buffers are tiny
     assert plan16.model_bytes >= 2 * 7_241_732_096
@@ -286,7 +288,7 @@ def test_plan_within_25_percent_of_measured_peak(k, tmp_path):
     fit_bytes = measured["peak"] - measured["baseline"]
     model = tiny_model("gpt_neox", vocab_size=PAPER["vocab"], hidden=256, layers=2, heads=2, ffn=1024,
                        max_positions=PAPER["length"])
-    plan = plan_fit(model, module_partitions=k, batch_size=PAPER["batch"], max_length=PAPER["length"])
+    plan = plan_fit(model, FitConfig(module_partitions=k, batch_size=PAPER["batch"]), max_length=PAPER["length"])
     print(f"\nK={k}: plan {plan.per_process_peak_bytes / 1e6:.1f} MB ({plan.peak_process.peak_phase}), "
           f"measured {fit_bytes / 1e6:.1f} MB, plan/measured {plan.per_process_peak_bytes / fit_bytes:.3f}")
     assert abs(plan.per_process_peak_bytes - fit_bytes) <= 0.25 * fit_bytes
@@ -312,12 +314,13 @@ def test_nothing_fits_says_what_would(big_folders):
     message = str(err.value)
     assert "\n" not in message and "nothing fits 40.00 GB per process" in message
     assert "would fit: --batch-size 4 with" in message
-    smaller = plan_fit(big_folders["llama-3-8b"], num_processes=8, max_memory="40GB", batch_size=4)
+    smaller = plan_fit(big_folders["llama-3-8b"], FitConfig(batch_size=4), num_processes=8, max_memory="40GB")
     assert f"--batch-size 4 with {smaller.module_partitions} partition(s)" in message
     with pytest.raises(MsifValueError, match="no change tried fits"):
         plan_fit(big_folders["llama-3-8b"], num_processes=8, max_memory="10GB")  # the weights alone are 16 GB
     with pytest.raises(MsifValueError, match="partitions would fit"):
-        plan_fit(big_folders["pythia-2.8b"], num_processes=8, module_partitions=1, max_memory="40GB")
+        plan_fit(big_folders["pythia-2.8b"], FitConfig(module_partitions=1), num_processes=8, max_memory="40GB",
+                 choose_partitions=False)
 
 
 def test_unknown_architecture(tmp_path):
@@ -388,3 +391,36 @@ def test_cli_plan_needs_no_data_or_out_but_a_fit_does(capsys, big_folders):
     assert code == 0
     data = json.loads(out)
     assert data["stage"] == "finetuned" and data["tracked_modules"] == 3 * 32 and data["modules"] == "mlp"
+
+
+def test_fit_plan_measure_times_the_planned_batch_and_estimates_the_fit(tmp_path, capsys):
+    """``fit --plan --measure``: one timed forward and backward of the planned batch (random weights
+    from the config), the estimate = seconds per token x tokens to fit, and --json carries it."""
+    folder = tmp_path / "tiny"
+    _tiny("gpt_neox").save_pretrained(folder)
+    base = ["fit", "--plan", "--measure", "--model", str(folder), "--stage", "pretrained", "--batch-size", "2",
+            "--max-length", "16", "--threads", "1"]
+    assert cli.main(base + ["--max-sequences", "100", "--module-partitions", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    measured = data["measured"]
+    assert measured["batch_size"] == 2 and measured["max_length"] == 16 and measured["tokens"] == 100 * 16
+    assert measured["forward_seconds"] > 0 and measured["backward_seconds"] > 0
+    assert measured["covariance_update_seconds"] > 0 and measured["lambda_update_seconds"] > 0
+    per_batch = (2 * (2 * measured["forward_seconds"] + 2 * measured["backward_seconds"])
+                 + measured["covariance_update_seconds"] + measured["lambda_update_seconds"])
+    assert measured["seconds_per_batch"] == pytest.approx(per_batch)
+    assert measured["estimated_seconds"] == pytest.approx(per_batch / 32 * 1600)
+    assert data["module_partitions"] == 2 and data["per_process_peak_bytes"] > 0
+    assert cli.main(base) == 0
+    text = capsys.readouterr().out
+    assert "(sizes in GB = 10^9 bytes)" in text and "per million tokens" in text and "measured on cpu" in text
+    assert cli.main(base + ["--max-tokens", "5000"]) == 0
+    assert "estimated fit time for 5,000 tokens:" in capsys.readouterr().out
+
+
+def test_measure_without_plan_is_refused_in_one_line(tmp_path, capsys):
+    status = cli.main(["fit", "--measure", "--model", str(tmp_path), "--stage", "pretrained", "--data", "x.txt",
+                       "--out", str(tmp_path / "o")])
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--measure goes with --plan" in err
