@@ -317,7 +317,8 @@ def test_index_of_another_corpus_is_warned_about_once(pair_folder, caplog):
 
 
 def test_compare_scores_every_method_and_damping_in_one_pass_per_model(attributor):
-    """All five methods at two dampings: one query pass (fine-tuned) and one candidate pass per
+    """All five methods at two dampings: one query gradient pass (fine-tuned; plus one no-grad forward for
+    the answer's log-probability) and one candidate pass per
     model, with results equal to scoring each method and damping on its own."""
     dampings = [0.1, 1e-3]
     documents = DOCUMENTS[:6]  # batch size 8: one batch per pass
@@ -327,8 +328,9 @@ def test_compare_scores_every_method_and_damping_in_one_pass_per_model(attributo
     finally:
         for handle in handles:
             handle.remove()
-    # fine-tuned: the query pass and the SS-IF candidate pass; pre-trained: one candidate pass
-    assert counts == {"pretrained": 1, "finetuned": 2}
+    # fine-tuned: the query pass, the no-grad forward of the query for the answer's log-probability
+    # and the SS-IF candidate pass; pre-trained: one candidate pass
+    assert counts == {"pretrained": 1, "finetuned": 3}
     keys = [(r.method, r.damping) for r in results]
     assert keys == [("ms-if", 0.1), ("ms-if", 1e-3), ("ss-if", 0.1), ("ss-if", 1e-3), ("gdp", None),
                     ("repsim", None), ("bm25", None)]

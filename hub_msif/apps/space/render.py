@@ -115,7 +115,7 @@ def served_markdown(served: dict) -> str:
     def code(text) -> str:
         return f"`{str(text).replace('`', chr(39))}`"
 
-    lines = ["| | |", "|---|---|"]
+    lines = ["| | what this Space serves |", "|---|---|"]
     for stage, name in (("pretrained", "pre-trained"), ("finetuned", "fine-tuned")):
         lines.append(f"| {name} model | {code(served['models'][stage])} |")
     for stage, name in (("pretrained", "pre-trained"), ("finetuned", "fine-tuned")):
