@@ -32,8 +32,9 @@ from hub_msif.attribution.scoring import (
     score_candidates,
     stack_queries,
 )
-from hub_msif.data import DEFAULT_TEMPLATE
+from hub_msif.data import DEFAULT_TEMPLATE, collate
 from hub_msif.errors import FactorError, MsifValueError
+from hub_msif.factors.objectives import shifted_targets
 from hub_msif.factors.storage import StageFactors, load_stage
 from hub_msif.hub.pull import pull_factors
 from hub_msif.models import generate_answer, load_model, pad_token_id, recorded_model, resolve_adapter
@@ -371,7 +372,11 @@ class Attributor:
         texts = [d["text"] for d in documents]
         scored = self.score_methods([(prompt, answer)], texts, methods, dampings, relative,
                                     token_shares=token_shares, show_progress=show_progress)
-        return [self._rank(s, prompt, answer, generated, relative, documents, top) for s in scored]
+        (logprob,) = self.answer_logprobs([(prompt, answer)])
+        results = [self._rank(s, prompt, answer, generated, relative, documents, top) for s in scored]
+        for result in results:
+            result.answer_logprob = logprob
+        return results
 
     def attribute(self, prompt: str, answer: str | None = None, documents: Sequence[dict] | None = None,
                   index=None, candidates: int = 100, top: int = 10, method: str = "ms-if",
@@ -452,7 +457,28 @@ class Attributor:
                 prompt, answer = answered[q]
                 results.append(self._rank(mine, prompt, answer, generated[q], relative,
                                           [pool_docs[i] for i in pools[q]], top))
+        for result, logprob in zip(results, self.answer_logprobs(answered), strict=True):
+            result.answer_logprob = logprob
         return results
+
+    @torch.no_grad()
+    def answer_logprobs(self, queries: Sequence[tuple[str, str]], batch_size: int = 8) -> list[float]:
+        """``sum_t log p(answer_t | prompt, answer_<t)`` under the fine-tuned model for each (prompt,
+        answer): minus the query's loss, from no-grad forwards of the query sequences (right-padded
+        batches of ``batch_size``) on the model's device; log-softmax in at least float32."""
+        model = self.models["finetuned"]
+        device = next(model.parameters()).device
+        sequences = [self.query_sequence(p, a) for p, a in queries]
+        out: list[float] = []
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start:start + batch_size]
+            batch = collate(chunk, range(start, start + len(chunk)), self.pad_id, device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            targets, valid = shifted_targets(batch)
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out.extend(torch.where(valid, picked, 0.0).double().sum(dim=1).tolist())
+        return out
 
     def query_chunk(self, budget_bytes: int = 2 << 30) -> int:
         """How many queries ``attribute_many`` scores together: their gradients and preconditioned
@@ -470,11 +496,11 @@ class Attributor:
         if scores.method in GRADIENT_METHODS and not bool(total.any()):  # all zero: no ranking either
             raise MsifValueError(f"{scores.method}{damping} gave a score of exactly 0 to every candidate"
                                  f"{' (the damping drowns every curvature term; use a smaller one)' if damping else ''}")
-        order = torch.argsort(total, descending=True)[:top]
+        order = torch.argsort(total, descending=True).tolist()
         scale = float(total.abs().max()) or 1.0
         roles = self.roles
-        rows = []
-        for rank, i in enumerate(order.tolist(), start=1):
+
+        def row(rank: int, i: int):
             by_module = ({name: float(v[i, 0]) for name, v in scores.per_module.items()}
                          if scores.per_module is not None else None)
             tokens = None
@@ -482,9 +508,14 @@ class Attributor:
                 ids = self.document_sequence(documents[i]["text"])["input_ids"]
                 pieces = self.tokenizer.convert_ids_to_tokens(ids)
                 tokens = [TokenShare(str(p), float(s)) for p, s in zip(pieces, scores.tokens[i][:, 0].tolist())]
-            rows.append(make_row(rank, documents[i], float(total[i]), scale, by_module, roles, tokens))
+            return make_row(rank, documents[i], float(total[i]), scale, by_module, roles, tokens)
+
+        rows = [row(rank, i) for rank, i in enumerate(order[:top], start=1)]
+        # Opponents: the most negative first, each with its rank among all candidates from the top.
+        bottom = [(len(order) - k, i) for k, i in enumerate(reversed(order)) if float(total[i]) < 0][:top]
+        opponents = [row(rank, i) for rank, i in bottom]
         return Attribution(prompt, answer, generated, scores.method, self.modules, scores.damping,
-                           relative, len(documents), scale, rows)
+                           relative, len(documents), scale, rows, opponents)
 
 
 def _scoring_order(documents: Sequence[str]) -> tuple[list[int], torch.Tensor]:

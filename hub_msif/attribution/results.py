@@ -1,7 +1,7 @@
 """Typed results of an attribution, ready to present (docs/design.md, "Scores and their sign").
 
 ``Attribution`` is one query's ranking by one method (and damping); its ``rows`` are the top
-documents. Everything a table or chart shows is computed here once: raw and relative scores, the
+documents (the strongest proponents) and its ``opponents`` the most negative ones. Everything a table or chart shows is computed here once: raw and relative scores, the
 per-module / per-layer / per-role breakdowns (raw, and relative to the largest ``|score|`` among
 all candidates), and optional per-token shares. Presenters (CLI, Space, benchmarks) only format.
 """
@@ -69,6 +69,12 @@ class Attribution:
 
     ``damping`` is None for methods without one (RepSim, BM25); ``scale`` is the largest
     ``|score|`` among the ``num_candidates`` candidates (what ``relative_score`` divides by).
+    ``rows``: the top candidates, highest score first (the strongest proponents). ``opponents``:
+    the candidates with a score below 0, most negative first, at most as many as ``rows`` asked
+    for; each keeps its ``rank`` among all candidates from the top (the most negative of C
+    candidates has rank C), so a document has the same rank in both lists. ``answer_logprob``:
+    ``sum_t log p(answer_t | prompt, answer_<t)`` under the fine-tuned model (natural log; None
+    when not computed).
     """
 
     prompt: str
@@ -81,10 +87,13 @@ class Attribution:
     num_candidates: int
     scale: float = 1.0
     rows: list[ResultRow] = field(default_factory=list)
+    opponents: list[ResultRow] = field(default_factory=list)
+    answer_logprob: float | None = None
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "rows"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("rows", "opponents")}
         out["rows"] = [row.to_json() for row in self.rows]
+        out["opponents"] = [row.to_json() for row in self.opponents]
         return out
 
 

@@ -77,7 +77,9 @@ class DocumentIndex:
 
     ``metadata`` holds ``embedding_model`` (``{"id", "revision"}``), ``dimension``, ``metric``
     (``"inner_product"``), ``normalised`` (True), ``num_documents``, ``corpus`` (a description
-    of where the documents came from plus ``documents_sha256``) and ``index_type``.
+    of where the documents came from plus ``documents_sha256``) and ``index_type``; optionally
+    ``example_questions`` (questions worth asking of the models it serves, shown by the Space and
+    the index card).
     """
 
     documents: list[dict]
@@ -104,8 +106,10 @@ class DocumentIndex:
     @classmethod
     def build(cls, texts: Sequence[str], ids: Sequence[str] | None = None, model: str | None = None,
               batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = False, index_type: str = "flat",
-              corpus: dict | None = None, device: str | None = None) -> DocumentIndex:
-        """Embeds ``texts`` (ids default to the row numbers as strings) with ``model``."""
+              corpus: dict | None = None, device: str | None = None,
+              example_questions: Sequence[str] | None = None) -> DocumentIndex:
+        """Embeds ``texts`` (ids default to the row numbers as strings) with ``model``;
+        ``example_questions`` are recorded in the metadata when given."""
         texts = [str(t) for t in texts]
         if not texts:
             raise RetrievalError("the corpus is empty: no documents to index")
@@ -126,6 +130,8 @@ class DocumentIndex:
             "corpus": dict(corpus or {}) | {"documents_sha256": _documents_sha256(documents)},
             "index_type": index_type,
         }
+        if example_questions:
+            metadata["example_questions"] = [str(q).strip() for q in example_questions]
         if index_type == "hnsw":
             metadata["hnsw"] = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
         index = cls(documents, embeddings, metadata)
@@ -150,6 +156,9 @@ class DocumentIndex:
             raise RetrievalError(f"unsupported metric {self.metadata.get('metric')!r} / normalised={self.metadata.get('normalised')!r}; "
                                  f"hub_msif indexes use {METRIC} over normalised embeddings")
         _check_index_type(self.metadata.get("index_type"))
+        examples = self.metadata.get("example_questions", [])
+        if not isinstance(examples, list) or not all(isinstance(q, str) and q.strip() for q in examples):
+            raise RetrievalError("example_questions must be a list of non-empty strings")
         if not np.all(np.isfinite(self.embeddings)):
             raise RetrievalError("the embeddings contain NaN or infinite values")
         norms = np.linalg.norm(self.embeddings, axis=1)
@@ -169,6 +178,11 @@ class DocumentIndex:
     @property
     def dimension(self) -> int:
         return int(self.embeddings.shape[1])
+
+    @property
+    def example_questions(self) -> list[str]:
+        """The example questions the index records (``index build --example``); [] when none."""
+        return list(self.metadata.get("example_questions") or [])
 
     @property
     def ids(self) -> list[str]:
@@ -370,15 +384,18 @@ def _documents_from_parquet(data: bytes, path: Path) -> list[dict]:
 
 def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type: str = "flat",
                 out: str | Path | None = None, id_column: str | None = None,
-                batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = False) -> DocumentIndex:
+                batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = False,
+                example_questions: Sequence[str] | None = None) -> DocumentIndex:
     """Loads the corpus of ``spec`` (``hub_msif.data.load_rows``), embeds its text column and,
-    when ``out`` is given, saves the index there.
+    when ``out`` is given, saves the index there; ``example_questions`` go into its metadata.
 
     The text column is ``spec.text_column`` (default ``text``); ids come from ``id_column``,
     else from an ``id`` column when the data has one, else the row number. Rows with empty text
     are skipped (their row numbers stay unused); ``spec.max_sequences`` caps the documents.
     """
     _check_index_type(index_type)
+    if example_questions is not None and not all(isinstance(q, str) and q.strip() for q in example_questions):
+        raise RetrievalError("example questions must be non-empty strings")
     if batch_size < 1:
         raise RetrievalError(f"batch size must be positive, got {batch_size}")
     if spec.prompt_column or spec.response_column:
@@ -427,7 +444,8 @@ def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type
               "id_column": id_column, "num_rows": len(texts_in), "skipped_empty": skipped,
               "source_sha256": remember_source(spec)}
     index = DocumentIndex.build(texts, ids, model=embedding_model, batch_size=batch_size,
-                                show_progress=show_progress, index_type=index_type, corpus=corpus)
+                                show_progress=show_progress, index_type=index_type, corpus=corpus,
+                                example_questions=example_questions)
     if out is not None:
         index.save(out)
     return index

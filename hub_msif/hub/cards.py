@@ -305,6 +305,9 @@ def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], li
         "corpus": corpus,
         "size_bytes": size,
     }
+    examples = [str(q) for q in manifest.get("example_questions") or []]
+    if examples:
+        meta["example_questions"] = examples
     card_data = DatasetCardData(
         license=license,
         pretty_name=f"hub_msif document index of {corpus_text}",
@@ -321,6 +324,7 @@ def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], li
         num_documents=meta["num_documents"], corpus_text=corpus_text,
         corpus_revision=corpus.get("revision") or "not recorded (local files or the default branch)",
         documents_sha256=corpus.get("documents_sha256", ""), size_text=_size_text(size),
+        example_questions=examples, example_prompt=shlex.quote(examples[0]) if examples else '"your question"',
     )
 
 

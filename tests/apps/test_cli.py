@@ -99,7 +99,7 @@ def _attribution(score: float, text: str = "the cat sees the river .", prompt: s
 
     name = "gpt_neox.layers.0.mlp.dense_4h_to_h"
     row = make_row(1, {"id": "doc-7", "text": text}, score, 1.0, {name: score}, {name: "mlp"})
-    return Attribution(prompt, answer, False, "ms-if", "all", 0.1, True, 12, 1.0, [row])
+    return Attribution(prompt, answer, False, "ms-if", "all", 0.1, True, 12, 1.0, [row], answer_logprob=-1.25)
 
 
 @pytest.fixture
@@ -198,10 +198,11 @@ def test_control_characters_in_printed_text_are_escaped(fake_work, tmp_path, cap
     assert status == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert len(lines) == 6, out  # prompt, answer, method, header, one row, the legend of score and rel
-    assert lines[5].startswith("score: ms-if influence of the document on the answer")
+    assert len(lines) == 7, out  # prompt, answer, method, header, one row, no opponents, the legend
+    assert lines[5] == "opponents: none (no candidate has a score below 0)"
+    assert lines[6].startswith("score: ms-if influence of the document on the answer")
     assert lines[0] == "prompt: why\\x1b]0;title\\x07 ?\\u2028second"
-    assert lines[1] == "answer: a\\nb"
+    assert lines[1] == "answer: a\\nb   log p(answer) = -1.2500"
     assert lines[4].endswith("[doc-7] \\x1b[31mred\\x1b[0m and\\nforged row\\r\\u202eright to left\\x00 end\ttab")
     assert not any(c in out for c in "\x1b\r\x00\x07\u202e\u2028")
 

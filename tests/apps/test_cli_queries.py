@@ -218,10 +218,10 @@ def test_help_and_argument_errors_import_no_heavy_library(argv, tmp_path):
 # --- quiet, readable demo output (issue 10, item 6) -------------------------------------------------
 
 
-def test_demo_prints_no_progress_bars_and_ends_with_the_table_and_legend(fact_world):
+def test_demo_prints_no_progress_bars_and_ends_with_the_table_and_the_next_command(fact_world):
     """The cached demo as a process whose stderr is a pipe, not a terminal: no progress bar from
     any library (downloads, uploads, weight loading, embeddings) or of its own, and stdout ends with
-    the summary table under the legend of score and rel."""
+    the summary table under the legend of score and rel, then the folders it keeps and the next command."""
     import os
 
     from hub_msif.toy.demo import default_cache
@@ -242,7 +242,13 @@ def test_demo_prints_no_progress_bars_and_ends_with_the_table_and_legend(fact_wo
     header = next(i for i, line in enumerate(lines) if line.startswith("question "))
     assert lines[header - 3].startswith("score: influence of the document on the answer")
     assert lines[header - 2].startswith("rel: score / the largest |score|")
-    table = lines[header + 1:]
-    assert len(table) == 3 and all(row.split()[-1].startswith(("+", "-")) for row in table)
+    table = lines[header + 1:header + 4]
+    assert all(row.split()[-1].startswith(("+", "-")) for row in table)
     for example in fact_world["examples"]:
         assert any(row.startswith(example.prompt) for row in table)
+    # then the folders it keeps (its cache, not the pulled copies of the loopback Hub) and the next command
+    closing = lines[header + 4:]
+    assert closing[0] == "" and closing[1].startswith("The factors and the index stay in the demo's cache")
+    assert closing[2] == f"  factors  {default_cache().resolve() / 'factors'}"
+    assert closing[3] == f"  index    {default_cache().resolve() / 'index'}"
+    assert closing[4].startswith("  hub-msif attribute --factors ") and len(closing) == 5

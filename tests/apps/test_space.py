@@ -114,7 +114,7 @@ def artifacts(fact_world, network_guard):
 
 @pytest.fixture(scope="module")
 def served(artifacts):
-    app = build_app(artifacts["factors"], artifacts["index"], artifacts["examples"], SETTINGS)
+    app = build_app(artifacts["factors"], artifacts["index_folder"], artifacts["examples"], SETTINGS)
     app.launch(server_name="127.0.0.1", server_port=None, share=False, prevent_thread_lock=True, quiet=True)
     yield app, app.local_url
     app.close()
@@ -128,7 +128,20 @@ def client(served):
 
 
 def _attribute(client, prompt, answer="", method="ms-if", damping=0.1, candidates=100, mlp_only=False):
+    """``(answer, answer log-probability, proponents table, opponents table, chart, status, token
+    shading HTML, result JSON)``."""
     return client.predict(prompt, answer, method, damping, candidates, mlp_only, api_name="/attribute")
+
+
+def _served_expectation(artifacts) -> dict:
+    """What the page must name: both models as id@revision from the factors' manifest, the factor
+    location for each stage, the index location and its size."""
+    import json
+
+    stages = json.loads((Path(artifacts["factors"]) / "msif.json").read_text())["stages"]
+    return {"models": {stage: f"{info['model']['id']}@{info['model']['revision']}" for stage, info in stages.items()},
+            "factors": dict.fromkeys(stages, str(artifacts["factors"])), "index": str(artifacts["index_folder"]),
+            "documents": len(artifacts["world"].documents)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +311,14 @@ def test_highlight_bolds_query_words_and_escapes_markdown():
 def test_api_attribute_ranks_true_proponents(client, artifacts):
     hits = {}
     for query in artifacts["examples"]:
-        answer, table, _chart, status, shading, result = _attribute(client, query.prompt)
+        answer, logprob, table, opposing, _chart, status, shading, result = _attribute(client, query.prompt)
         assert answer == result["answer"] and answer.strip()
+        assert isinstance(logprob, float) and logprob == pytest.approx(result["answer_logprob"], rel=1e-5) and logprob < 0
+        opponents = result["opponents"]  # the most negative first, all below 0, ranked among all candidates
+        assert opponents and len(opponents) <= SETTINGS.top and all(row["score"] < 0 for row in opponents)
+        assert [row["score"] for row in opponents] == sorted(row["score"] for row in opponents)
+        assert opponents[0]["rank"] == 100 and len(opposing["data"]) == len(opponents)
+        assert [line[0] for line in opposing["data"]] == [row["rank"] for row in opponents]
         assert result["answer_generated"] is True and result["method"] == "ms-if"
         assert table["headers"][:3] == ["rank", "score", "relative score"]
         assert len(table["data"]) == len(result["rows"]) == SETTINGS.top
@@ -335,6 +354,22 @@ def test_api_generate_compare_and_mlp_only(client, artifacts):
     assert all(row["by_role"]["attention"] == 0 for row in result["rows"])
     *_, result = _attribute(client, query.prompt, answer, method="bm25", candidates=40)
     assert result["rows"] and "by_role" not in result["rows"][0]
+
+
+def test_api_describe_names_what_the_space_serves_and_outputs_are_labelled(client, artifacts):
+    served = client.predict(api_name="/describe")[1]
+    expected = _served_expectation(artifacts)
+    assert {k: served[k] for k in expected} == expected
+    assert served["corpus"] and "/" not in served["corpus"]  # a local file by its name only
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert [r["label"] for r in api["/attribute"]["returns"]] == [
+        "Answer", "Answer log-probability", "Proponents (the top documents)", "Opponents (the most negative scores)",
+        "Influence by layer and role", "Status", "Token shares of the top documents", "Result (JSON)"]
+    assert [r["label"] for r in api["/compare"]["returns"]] == [
+        "Answer", "Top documents per method", "Status", "Comparison summary (JSON)"]
+    assert [r["label"] for r in api["/generate"]["returns"]] == ["Answer", "Status"]
+    assert [p["label"] for p in api["/attribute"]["parameters"]][:2] == ["Prompt (a question for the fine-tuned model)",
+                                                                        "Answer"]
 
 
 def test_mlp_only_equals_an_mlp_attributor(artifacts):
@@ -374,7 +409,7 @@ def test_api_bad_input_gives_clear_errors_and_the_app_keeps_serving(client, arti
         client.predict("", api_name="/generate")
     with pytest.raises(AppError, match="at least 1"):
         client.predict(prompt, "", 0.1, 0, False, api_name="/compare")
-    _answer, table, *_ = _attribute(client, prompt, candidates=20)  # the next good request is answered
+    _answer, _logprob, table, *_ = _attribute(client, prompt, candidates=20)  # the next good request is answered
     assert len(table["data"]) == SETTINGS.top
 
 
@@ -488,7 +523,7 @@ def test_browser_page(served, artifacts):
     from playwright.sync_api import sync_playwright
 
     _app, url = served
-    base = url.rstrip("/")
+    bases = [url.rstrip("/")]
     outside: list[str] = []
     query = next(q for q in artifacts["examples"])
     OUTPUT.mkdir(exist_ok=True)
@@ -499,7 +534,7 @@ def test_browser_page(served, artifacts):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
             def refuse_outside(route):
-                if route.request.url.startswith(base) or route.request.url.startswith(("data:", "blob:")):
+                if route.request.url.startswith((*bases, "data:", "blob:")):
                     route.continue_()
                 else:
                     outside.append(route.request.url)
@@ -509,6 +544,13 @@ def test_browser_page(served, artifacts):
             page.goto(url)
             page.locator("#prompt textarea").wait_for(timeout=60_000)
             page.get_by_text(query.prompt).first.wait_for(state="visible", timeout=30_000)  # the examples
+            # What the page serves, filled in at page load: both models (id@revision), each stage's
+            # factor location, the index's location and its number of documents.
+            expected = _served_expectation(artifacts)
+            for text in [*expected["models"].values(), *expected["factors"].values(), expected["index"],
+                         f"{expected['documents']} documents"]:
+                _wait_for_text(page, "#served", text)
+            assert "pre-trained model" in page.locator("#served").inner_text()
 
             # A good question: ranked rows, a chart, the generated answer.
             page.locator("#prompt textarea").fill(query.prompt)
@@ -522,6 +564,13 @@ def test_browser_page(served, artifacts):
             page.locator("#chart svg, #chart canvas, #chart img").first.wait_for(timeout=30_000)
             page.locator("#chart .role-legend-entry").first.wait_for(timeout=30_000)
             assert page.locator("#answer textarea").input_value().strip()
+            logprob = float(page.locator("#answer-logprob input").input_value())  # next to the answer
+            assert logprob < 0 and "Answer log-probability" in page.locator("#answer-logprob").inner_text()
+            _wait_for_text(page, "#opponents", "doc-")  # the opponents under the proponents
+            opponents = page.locator("#opponents").inner_text()
+            assert "Opponents" in opponents and "rank" in opponents
+            box, under = page.locator("#results").bounding_box(), page.locator("#opponents").bounding_box()
+            assert under["y"] >= box["y"] + box["height"] - 1
             assert "relative score" in page.locator("#score-legend").inner_text()  # the legend by the table
             _assert_shaded_tokens(page)
             time.sleep(1)  # let the chart finish its transition
@@ -555,6 +604,9 @@ def test_browser_page(served, artifacts):
             page.wait_for_function("() => !document.querySelector('#chart').innerText.includes('layer 0')",
                                    timeout=10_000)  # no bars and no legend of the last run's parts
             page.wait_for_function("() => !document.querySelector('#token-shares .msif-token')", timeout=10_000)
+            page.wait_for_function("() => !document.querySelector('#opponents').innerText.includes('doc-')",
+                                   timeout=10_000)
+            assert page.locator("#answer-logprob input").input_value() == ""
             page.screenshot(path=str(OUTPUT / "space-error.png"))
             _dismiss_toasts(page)
             page.locator("#prompt textarea").fill(LONG_PROMPT)
@@ -575,6 +627,26 @@ def test_browser_page(served, artifacts):
             page.locator("#attribute").click()
             _wait_for_text(page, "#status", "ranked 100 candidates")
             _wait_for_text(page, "#results", "doc-")
+
+            # Given no examples, the page offers the index's own example questions (the loaded
+            # attributor is shared: nothing is loaded twice).
+            from hub_msif.attribution.retrieval import DocumentIndex
+
+            index = DocumentIndex.load(artifacts["index_folder"])
+            index.metadata["example_questions"] = [q.prompt for q in artifacts["examples"]]
+            other = build_app(_app.msif_backend.attributor("all"), index, None, SETTINGS)
+            other.launch(server_name="127.0.0.1", share=False, prevent_thread_lock=True, quiet=True)
+            try:
+                bases.append(other.local_url.rstrip("/"))
+                page.goto(other.local_url)
+                for number, example in enumerate(artifacts["examples"]):
+                    _wait_for_text(page, f"#example-{number}", example.prompt)
+                _wait_for_text(page, "#served", "a DocumentIndex given in Python")
+                page.locator("#example-1").click()
+                page.wait_for_function("q => document.querySelector('#prompt textarea').value === q",
+                                       arg=artifacts["examples"][1].prompt, timeout=10_000)
+            finally:
+                other.close()
         finally:
             browser.close()
     assert not outside, f"the page requested outside hosts: {outside}"

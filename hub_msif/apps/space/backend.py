@@ -32,8 +32,8 @@ class Backend:
         self._load_lock = threading.Lock()
         self.compute_lock = threading.Lock()
 
-    def attributor(self, modules: str = "all", progress: Callable | None = None) -> Attributor:
-        """The attributor over ``all`` modules, or its MLP-only view (``restrict("mlp")``)."""
+    def _loaded(self, progress: Callable | None = None) -> Attributor:
+        """The attributor as loaded (over the modules its factors track)."""
         with self._load_lock:
             if self._attributor is None:
                 report_progress(progress, 0.05, f"Getting factors from {self.factors_location} and loading the model pair")
@@ -43,6 +43,12 @@ class Backend:
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the factors from {str(self.factors_location)!r}: "
                                      f"{one_line(err)}") from err
+            return self._attributor
+
+    def attributor(self, modules: str = "all", progress: Callable | None = None) -> Attributor:
+        """The attributor over ``all`` modules, or its MLP-only view (``restrict("mlp")``)."""
+        self._loaded(progress)
+        with self._load_lock:
             if modules == self._attributor.modules:
                 return self._attributor
             if modules != "mlp":
@@ -63,6 +69,33 @@ class Backend:
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the index from {str(self.index_location)!r}: {one_line(err)}") from err
             return self._index
+
+
+    def describe(self, progress: Callable | None = None) -> dict:
+        """What this Space serves, from what is loaded (loading it first): ``models`` ``{stage:
+        "id@revision"}`` as the factors' manifest records them, ``factors`` ``{stage: location}``
+        (a pair's location serves both), ``index`` (its location), ``documents`` (how many the
+        index holds), ``corpus`` (where they came from; local files by their name only),
+        ``modules`` and the index's ``example_questions``."""
+        from hub_msif.hub.cards import public_source
+
+        attributor, index = self._loaded(progress), self.index(progress)
+        corpus = public_source((index.metadata.get("corpus") or {}).get("data"))
+        return {
+            "models": {stage: _model_ref(f.info.get("model") or {}) for stage, f in attributor.factors.items()},
+            "factors": dict(attributor.locations),
+            "index": "a DocumentIndex given in Python" if isinstance(self.index_location, DocumentIndex)
+            else str(self.index_location),
+            "documents": len(index),
+            "corpus": ", ".join(map(str, corpus)) if isinstance(corpus, list) else str(corpus or "not recorded"),
+            "modules": attributor.modules,
+            "example_questions": index.example_questions,
+        }
+
+
+def _model_ref(recorded: dict) -> str:
+    """``id@revision`` of a model as a stage's manifest records it."""
+    return f"{recorded.get('id', '?')}@{recorded.get('revision') or 'unknown revision'}"
 
 
 def factor_arguments(factors) -> dict:

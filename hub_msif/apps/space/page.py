@@ -20,26 +20,30 @@ import math
 import time
 
 import gradio as gr
-import pandas as pd
 
 from hub_msif.apps.space.backend import Backend, one_line, report_progress
 from hub_msif.apps.space.gpu import gpu_task
 from hub_msif.apps.space.render import (
     COMPARE_COLUMNS,
+    LOGPROB_INFO,
+    LOGPROB_LABEL,
     METHOD_CHOICES,
     METHOD_LABELS,
     PROPONENT_MARK,
     RESULT_COLUMNS,
     RESULT_TYPES,
     SCORE_LEGEND,
+    SERVED_PENDING,
+    answer_logprob_value,
     chart_update,
+    compare_table,
     empty_chart,
     empty_compare_table,
     empty_results_table,
     escape_markdown,
-    highlight,
     query_terms,
     results_table,
+    served_markdown,
     token_shading_html,
 )
 from hub_msif.apps.space.settings import SpaceSettings
@@ -69,6 +73,7 @@ def _examples(examples) -> tuple[list[str], dict[str, set[str]]]:
     return prompts, proponents
 
 
+EXAMPLE_BUTTONS = 3  # example questions taken from the index (when build_app is given none)
 INTRO = """# Which pre-training documents made the fine-tuned model say that?
 Ask a question. The **fine-tuned** model answers it (greedily; you can edit the answer), and
 **multi-stage influence functions (MS-IF)** rank candidate documents from the **pre-training**
@@ -76,6 +81,51 @@ corpus by how much training on each one supports that answer. Candidates are the
 to the question and answer in an embedding index. A positive score means the document supports the
 answer; *relative score* is the score over the largest absolute score among the candidates.
 """
+
+
+def check_prompt(prompt: str) -> str:
+    if not prompt or not prompt.strip():
+        raise SpaceError("The prompt is empty: type a question first.")
+    return prompt.strip()
+
+
+def check_candidates(candidates, settings: SpaceSettings) -> int:
+    try:
+        value = float(candidates)
+    except (TypeError, ValueError):
+        raise SpaceError(f"The number of candidates must be a whole number, got {candidates!r}.") from None
+    if not math.isfinite(value) or value != int(value):
+        raise SpaceError(f"The number of candidates must be a whole number, got {candidates!r}.")
+    if value < 1:
+        raise SpaceError(f"The number of candidates must be at least 1, got {int(value)}: "
+                         "zero candidates leave nothing to rank.")
+    if value > settings.max_candidates:
+        raise SpaceError(f"The number of candidates is {int(value)}; this Space scores at most "
+                         f"{settings.max_candidates} per request (MSIF_MAX_CANDIDATES).")
+    return int(value)
+
+
+def check_damping(damping) -> float:
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        raise SpaceError(f"Damping must be a positive number, got {damping!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SpaceError(f"Damping must be a positive number (relative to the mean eigenvalue), got {damping!r}.")
+    return value
+
+
+def check_method(method: str) -> str:
+    if method not in METHOD_LABELS:
+        raise SpaceError(f"Unknown method {method!r}; use one of {', '.join(METHOD_LABELS)}.")
+    return method
+
+
+def example_updates(served: dict, static: list[str]) -> list:
+    """The example buttons after loading: the index's example questions (at most
+    ``EXAMPLE_BUTTONS``) when no examples were given to ``build_app``; else unchanged."""
+    questions = [] if static else served.get("example_questions", [])[:EXAMPLE_BUTTONS]
+    return [gr.update(value=q, visible=True) for q in questions] + [gr.update()] * (EXAMPLE_BUTTONS - len(questions))
 
 
 def build_app(factors, index, examples=None, settings: SpaceSettings | None = None,
@@ -92,45 +142,11 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
     backend = Backend(factors, index)
     example_prompts, known_proponents = _examples(examples)
 
-    def check_prompt(prompt: str) -> str:
-        if not prompt or not prompt.strip():
-            raise SpaceError("The prompt is empty: type a question first.")
-        return prompt.strip()
-
     def check_length(attributor: Attributor, text: str, what: str) -> None:
         n = len(attributor.tokenizer(text, add_special_tokens=False)["input_ids"])
         if n > settings.max_prompt_tokens:
             raise SpaceError(f"The {what} is {n} tokens long; this Space accepts at most {settings.max_prompt_tokens} "
                              f"tokens (MSIF_MAX_PROMPT_TOKENS). Shorten it.")
-
-    def check_candidates(candidates) -> int:
-        try:
-            value = float(candidates)
-        except (TypeError, ValueError):
-            raise SpaceError(f"The number of candidates must be a whole number, got {candidates!r}.") from None
-        if not math.isfinite(value) or value != int(value):
-            raise SpaceError(f"The number of candidates must be a whole number, got {candidates!r}.")
-        if value < 1:
-            raise SpaceError(f"The number of candidates must be at least 1, got {int(value)}: "
-                             "zero candidates leave nothing to rank.")
-        if value > settings.max_candidates:
-            raise SpaceError(f"The number of candidates is {int(value)}; this Space scores at most "
-                             f"{settings.max_candidates} per request (MSIF_MAX_CANDIDATES).")
-        return int(value)
-
-    def check_damping(damping) -> float:
-        try:
-            value = float(damping)
-        except (TypeError, ValueError):
-            raise SpaceError(f"Damping must be a positive number, got {damping!r}.") from None
-        if not math.isfinite(value) or value <= 0:
-            raise SpaceError(f"Damping must be a positive number (relative to the mean eigenvalue), got {damping!r}.")
-        return value
-
-    def check_method(method: str) -> str:
-        if method not in METHOD_LABELS:
-            raise SpaceError(f"Unknown method {method!r}; use one of {', '.join(METHOD_LABELS)}.")
-        return method
 
     def answer_for(attributor: Attributor, prompt: str, answer: str | None, progress) -> tuple[str, bool]:
         check_length(attributor, prompt, "prompt")
@@ -165,6 +181,12 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         raise gr.Error(message, duration=None, print_exception=False)
 
 
+    def on_describe(progress):
+        try:
+            return run_guarded(None, describe, progress=progress)
+        except gr.Error as err:
+            return f"⚠️ **Cannot load what this Space serves:** {escape_markdown(err.message)}", None, *[gr.update()] * EXAMPLE_BUTTONS
+
     def show_error(request: gr.Request):
         message = last_errors.pop(request.session_hash, "the request failed") if request else "the request failed"
         return f"⚠️ **Error:** {escape_markdown(message)}"
@@ -182,7 +204,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
     def attribute(prompt: str, answer: str, method: str, damping: float, candidates: int, mlp: bool, progress=None):
         """Ranks candidate pre-training documents for the prompt and answer with one method."""
         prompt, method = check_prompt(prompt), check_method(method)
-        candidates, damping = check_candidates(candidates), check_damping(damping)
+        candidates, damping = check_candidates(candidates, settings), check_damping(damping)
         started = time.perf_counter()
         attributor = backend.attributor("mlp" if mlp else "all", progress)
         index = backend.index(progress)
@@ -192,8 +214,8 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
             report_progress(progress, 0.6, f"Retrieving {candidates} candidates and scoring them with {METHOD_LABELS[method]}")
             result = attributor.attribute(prompt, answer, index=index, candidates=candidates, top=settings.top,
                                           method=method, damping=damping, token_shares=method in GRADIENT_METHODS)
-        proponents = known_proponents.get(prompt, set())
-        table = results_table(result, query_terms(prompt, answer), proponents)
+        proponents, terms = known_proponents.get(prompt, set()), query_terms(prompt, answer)
+        table, opposing = results_table(result, terms, proponents), results_table(result, terms, proponents, True)
         status = (f"**{METHOD_LABELS[method]}** ranked {result.num_candidates} candidates for the answer "
                   f"“{escape_markdown(answer)}”{' (generated by the fine-tuned model)' if generated else ''} "
                   f"in {time.perf_counter() - started:.1f} s{', MLP modules only' if mlp else ''}.")
@@ -204,12 +226,18 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
             status += f" {METHOD_LABELS[method]} has no per-layer breakdown: the chart shows its relative scores."
         payload = result.to_json()
         payload["answer_generated"] = generated  # generated here (under the length limit), not by attribute()
-        return answer, table, chart_update(result), status, token_shading_html(result, settings.top), payload
+        return (answer, answer_logprob_value(result), table, opposing, chart_update(result), status,
+                token_shading_html(result, settings.top), payload)
+
+    def describe(progress=None):
+        """What this Space serves (``Backend.describe``), and the index's example questions."""
+        served = backend.describe(progress)
+        return served_markdown(served), served, *example_updates(served, example_prompts)
 
     def compare(prompt: str, answer: str, damping: float, candidates: int, mlp: bool, progress=None):
         """Ranks the same candidates with all five methods; returns the top documents side by side."""
         prompt = check_prompt(prompt)
-        candidates, damping = check_candidates(candidates), check_damping(damping)
+        candidates, damping = check_candidates(candidates, settings), check_damping(damping)
         started = time.perf_counter()
         attributor = backend.attributor("mlp" if mlp else "all", progress)
         index = backend.index(progress)
@@ -222,20 +250,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         num_candidates = results["ms-if"].num_candidates
         terms = query_terms(prompt, answer)
         proponents = known_proponents.get(prompt, set())
-        depth = max(len(r.rows) for r in results.values())
-        table = []
-        for rank in range(depth):
-            line = [rank + 1]
-            for method in METHOD_LABELS:
-                rows = results[method].rows
-                if rank < len(rows):
-                    row = rows[rank]
-                    mark = f" {PROPONENT_MARK}" if row.id in proponents else ""
-                    line.append(f"{escape_markdown(row.id)}{mark}: {highlight(row.text, terms, 80)}")
-                else:
-                    line.append("")
-            table.append(line)
-        frame = pd.DataFrame(table, columns=COMPARE_COLUMNS)
+        frame = compare_table(results, terms, proponents)
         top_ids = {m: [row.id for row in r.rows] for m, r in results.items()}
         reference = set(top_ids["ms-if"])
         overlaps = ", ".join(f"{METHOD_LABELS[m]} {len(reference & set(ids))}/{len(ids)}"
@@ -250,15 +265,25 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
 
     with gr.Blocks(analytics_enabled=False, title=title) as app:
         gr.Markdown(INTRO)
+        with gr.Accordion("What this Space serves", open=True, elem_id="served-panel"):
+            served_box = gr.Markdown(SERVED_PENDING, elem_id="served", label="What this Space serves")
+            served_json = gr.JSON(visible=False, label="What this Space serves (JSON)")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt_box = gr.Textbox(label="Prompt (a question for the fine-tuned model)", lines=2,
                                         elem_id="prompt", placeholder="Type a question …")
-                answer_box = gr.Textbox(label="Answer (generated by the fine-tuned model; you can edit it)", lines=2,
-                                        elem_id="answer", placeholder="Leave empty to use the model's greedy answer")
+                with gr.Row():
+                    answer_box = gr.Textbox(label="Answer", info="generated by the fine-tuned model; you can edit it",
+                                            lines=2, elem_id="answer", scale=3,
+                                            placeholder="Leave empty to use the model's greedy answer")
+                    logprob_box = gr.Number(label=LOGPROB_LABEL, info=LOGPROB_INFO, interactive=False,
+                                            elem_id="answer-logprob", scale=1)
                 with gr.Row():
                     generate_button = gr.Button("Generate answer", elem_id="generate")
                     attribute_button = gr.Button("Attribute", variant="primary", elem_id="attribute")
+                with gr.Row():  # filled at page load from the index's example questions when none are given
+                    example_buttons = [gr.Button("", visible=False, size="sm", elem_id=f"example-{i}")
+                                       for i in range(EXAMPLE_BUTTONS)]
                 if example_prompts:
                     gr.Examples(examples=[[p] for p in example_prompts], inputs=[prompt_box],
                                 label="Example questions" + (" (★ marks the true proponents in the results)"
@@ -276,25 +301,29 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                            label=f"Number of candidates (1 to {settings.max_candidates}, "
                                                  "retrieved from the index)")
                 mlp_box = gr.Checkbox(value=False, label="MLP modules only", elem_id="mlp-only")
-        status_box = gr.Markdown("", elem_id="status")
+        status_box = gr.Markdown("", elem_id="status", label="Status")
         with gr.Tabs():
             with gr.Tab("Ranked documents"):
                 results_box = gr.Dataframe(headers=RESULT_COLUMNS, datatype=RESULT_TYPES, interactive=False,
-                                           wrap=True, elem_id="results", label="Top documents",
+                                           wrap=True, elem_id="results", label="Proponents (the top documents)",
                                            column_widths=["6%", "10%", "9%", "8%", "9%", "12%", "46%"])
+                opponents_box = gr.Dataframe(headers=RESULT_COLUMNS, datatype=RESULT_TYPES, interactive=False,
+                                             wrap=True, elem_id="opponents", label="Opponents (the most negative scores)",
+                                             column_widths=["6%", "10%", "9%", "8%", "9%", "12%", "46%"])
                 gr.Markdown(SCORE_LEGEND, elem_id="score-legend")
                 gr.Markdown("**Where each top document's score sits.** Its tokens shaded by their share of its "
                             "score: green supports the answer, red opposes it, darker is a larger share.")
-                tokens_box = gr.HTML("", elem_id="token-shares")
+                tokens_box = gr.HTML("", elem_id="token-shares", label="Token shares of the top documents")
                 gr.Markdown("**Influence of the top documents by layer and role.** Each bar is a document's "
                             "relative score split into its parts (MLP in oranges, attention in blues; they sum "
                             "to the relative score).")
                 # No label: with one, gradio's fixed-height block clips the legend under the plot.
                 chart_box = gr.BarPlot(x="document", y="influence", color="part", elem_id="chart", show_label=False,
+                                       label="Influence by layer and role",
                                        x_title="document", y_title="relative influence", color_title="part",
                                        height=420)
                 with gr.Accordion("Full result (JSON)", open=False):
-                    json_box = gr.JSON(elem_id="result-json")
+                    json_box = gr.JSON(elem_id="result-json", label="Result (JSON)")
             with gr.Tab("Compare methods"):
                 gr.Markdown("Ranks the **same candidates** with all five methods; each column lists one method's "
                             "top documents.")
@@ -304,7 +333,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                            interactive=False, wrap=True, elem_id="compare-results",
                                            label="Top documents per method",
                                            column_widths=["6%"] + ["18.8%"] * len(METHOD_LABELS), max_height=900)
-                compare_json = gr.JSON(visible=False)
+                compare_json = gr.JSON(visible=False, label="Comparison summary (JSON)")
 
         # The model-bound handlers: on ZeroGPU hardware each runs inside spaces.GPU (gpu.py).
         @gpu_task
@@ -322,8 +351,13 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                        request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
             return run_guarded(request, compare, prompt, answer, damping, candidates, mlp_only, progress=progress)
 
-        # A new question makes the old answer stale.
-        prompt_box.change(lambda: "", None, answer_box, api_visibility="private", queue=False)
+        # A new question makes the old answer stale, and a new answer its log-probability.
+        prompt_box.change(lambda: ("", None), None, [answer_box, logprob_box], api_visibility="private", queue=False)
+        answer_box.input(lambda: None, None, logprob_box, api_visibility="private", queue=False)
+        for button in example_buttons:
+            button.click(lambda question: question, button, prompt_box, api_visibility="private", queue=False)
+        app.load(lambda progress=gr.Progress(): on_describe(progress), None,  # noqa: B008
+                 [served_box, served_json, *example_buttons], api_name="describe")
         # Progress (and gradio's "Error" badge) show on the main output only, never over the answer
         # box the visitor may want to edit; the message itself goes to a toast and the status line.
         events = [
@@ -331,7 +365,8 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                   show_progress_on=[answer_box]),
             attribute_button.click(on_attribute, [prompt_box, answer_box, method_box, damping_box, candidates_box,
                                                   mlp_box],
-                                   [answer_box, results_box, chart_box, status_box, tokens_box, json_box],
+                                   [answer_box, logprob_box, results_box, opponents_box, chart_box, status_box,
+                                    tokens_box, json_box],
                                    api_name="attribute",
                                    show_progress_on=[results_box]),
             compare_button.click(on_compare, [prompt_box, answer_box, damping_box, candidates_box, mlp_box],
@@ -342,14 +377,14 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         # stands under an error message.
         generate_event, attribute_event, compare_event = events
         def on_attribute_failure(request: gr.Request):
-            return show_error(request), empty_results_table(), empty_chart(), "", None
+            return show_error(request), None, empty_results_table(), empty_results_table(), empty_chart(), "", None
 
         def on_compare_failure(request: gr.Request):
             return show_error(request), empty_compare_table(), None
 
         generate_event.failure(show_error, None, status_box, api_visibility="private")
-        attribute_event.failure(on_attribute_failure, None, [status_box, results_box, chart_box, tokens_box, json_box],
-                                api_visibility="private")
+        attribute_event.failure(on_attribute_failure, None, [status_box, logprob_box, results_box, opponents_box,
+                                                             chart_box, tokens_box, json_box], api_visibility="private")
         compare_event.failure(on_compare_failure, None, [status_box, compare_box, compare_json],
                               api_visibility="private")
     app.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)

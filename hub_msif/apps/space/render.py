@@ -30,7 +30,12 @@ MAX_CHART_BANDS = 6  # layers are grouped into at most this many bands per role,
 PROPONENT_MARK = "★"
 SCORE_LEGEND = ("**score**: the raw influence, how much the answer's loss (in nats) falls per unit of a "
                 "(preconditioned) training step on the document; positive supports the answer, negative opposes it. "
-                "**relative score**: the score over the largest |score| among all candidates, in [-1, 1].")
+                "**relative score**: the score over the largest |score| among all candidates, in [-1, 1]. "
+                "**Opponents**: the candidates with the most negative scores, most negative first; their rank is "
+                "among all candidates from the top.")
+LOGPROB_LABEL = "Answer log-probability"
+LOGPROB_INFO = "log p(answer | prompt) under the fine-tuned model, summed over the answer's tokens (natural log)"
+SERVED_PENDING = "*Loading the factors, the model pair and the document index …*"
 _SUPPORT_RGB, _OPPOSE_RGB = "22, 163, 74", "220, 38, 38"  # green for positive shares, red for negative ones
 _WORD_START = ("Ġ", "▁")  # how byte-level BPE and SentencePiece pieces mark a space before a word
 STOPWORDS = frozenset(
@@ -74,15 +79,56 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return float(f"{value:.{digits}g}")
 
 
-def results_table(result: Attribution, terms: set[str], proponents: set[str] = frozenset()) -> pd.DataFrame:
-    """The ranked table: rank, score, relative score, MLP and attention parts, document id, snippet."""
+def results_table(result: Attribution, terms: set[str], proponents: set[str] = frozenset(),
+                  opponents: bool = False) -> pd.DataFrame:
+    """The ranked table: rank, score, relative score, MLP and attention parts, document id, snippet;
+    of the top documents, or with ``opponents`` of the most negative ones (most negative first)."""
     rows = []
-    for row in result.rows:
+    for row in (result.opponents if opponents else result.rows):
         parts = row.relative_by_role or {}
         mark = f" {PROPONENT_MARK}" if row.id in proponents else ""
         rows.append([row.rank, f"{row.score:.4g}", _round(row.relative_score, 3), _round(parts.get("mlp"), 3),
                      _round(parts.get("attention"), 3), f"{escape_markdown(row.id)}{mark}", highlight(row.text, terms)])
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def compare_table(results: dict[str, Attribution], terms: set[str], proponents: set[str]) -> pd.DataFrame:
+    """All methods' top documents side by side: one row per rank, one column per method."""
+    table = []
+    for rank in range(max(len(r.rows) for r in results.values())):
+        line = [rank + 1]
+        for method in METHOD_LABELS:
+            rows = results[method].rows
+            if rank < len(rows):
+                row = rows[rank]
+                mark = f" {PROPONENT_MARK}" if row.id in proponents else ""
+                line.append(f"{escape_markdown(row.id)}{mark}: {highlight(row.text, terms, 80)}")
+            else:
+                line.append("")
+        table.append(line)
+    return pd.DataFrame(table, columns=COMPARE_COLUMNS)
+
+
+def served_markdown(served: dict) -> str:
+    """The "what this Space serves" panel from ``Backend.describe()``: both models (id@revision),
+    each stage's factor location, the index's location and its corpus size."""
+    def code(text) -> str:
+        return f"`{str(text).replace('`', chr(39))}`"
+
+    lines = ["| | what this Space serves |", "|---|---|"]
+    for stage, name in (("pretrained", "pre-trained"), ("finetuned", "fine-tuned")):
+        lines.append(f"| {name} model | {code(served['models'][stage])} |")
+    for stage, name in (("pretrained", "pre-trained"), ("finetuned", "fine-tuned")):
+        lines.append(f"| {name} stage's factors | {code(served['factors'][stage])} |")
+    lines.append(f"| document index | {code(served['index'])}: {served['documents']} documents of "
+                 f"{code(served['corpus'])} |")
+    lines.append(f"| modules | {escape_markdown(str(served.get('modules', 'all')))} |")
+    return "\n".join(lines)
+
+
+def answer_logprob_value(result: Attribution) -> float | None:
+    """The answer's log-probability as the page's number box shows it (6 significant digits)."""
+    return _round(result.answer_logprob, 6)
 
 
 def _bands(layers: Sequence[int]) -> dict[int, str]:

@@ -29,7 +29,7 @@ def demo_app(cache: str | Path, settings: SpaceSettings | None = None) -> gr.Blo
     from hub_msif.toy.demo import example_queries, prepare
 
     artifacts = prepare(cache)
-    return build_app(artifacts["factors"], artifacts["index"], example_queries(artifacts["world"]), settings,
+    return build_app(artifacts["factors"], artifacts["index_folder"], example_queries(artifacts["world"]), settings,
                      title="MS-IF attribution: toy fact world")
 
 
