@@ -120,6 +120,20 @@ def _weights_digest(files: list[Path]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def check_model_name(name: str) -> str:
+    """A name given for a local model (``--model-name``): printable, one line, and not a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise MsifValueError("a model name must not be empty")
+    if any(not c.isprintable() for c in name):
+        raise MsifValueError(f"the model name {name!r} holds control characters")
+    if name.startswith(("/", "~", ".")) or name[1:3] in (":/", ":\\") or "\\" in name:
+        raise MsifValueError(f"the model name {name!r} is a path; give a name to show on the card instead "
+                             "(say, the model's name on the Hub, or what you call it)")
+    if len(name) > 200:
+        raise MsifValueError(f"the model name is {len(name)} characters long, more than 200")
+    return name
+
+
 def local_name(folder: str | Path) -> str:
     """What a local model folder is called when no name is given: the folder's own name."""
     return Path(folder).resolve().name or "local model"
@@ -135,6 +149,8 @@ def resolve_model(model: str, revision: str | None = None, name: str | None = No
     if path.is_dir():
         if revision is not None:
             raise MsifValueError(f"--revision {revision} given for the local folder {model}; revisions apply to Hub ids")
+        if name is not None:
+            check_model_name(name)
         return path, ModelRef(name or local_name(path), folder_revision(path), folder=str(path.resolve()))
     if not _looks_like_repo_id(model):
         raise FileNotFoundError(f"model folder {model} does not exist")

@@ -20,7 +20,7 @@ from hub_msif.artifacts.manifest import DOCUMENTS_NAME, MODULE_CHOICES, STAGES
 from hub_msif.data import CorpusSpec
 from hub_msif.errors import HubError, MsifValueError
 from hub_msif.factors.config import FitConfig
-from hub_msif.models import is_commit_sha
+from hub_msif.models import check_model_name, is_commit_sha
 from hub_msif.options import command_args, command_text
 
 CARD_NAME = "README.md"
@@ -76,20 +76,6 @@ def is_local_model(model: dict) -> bool:
 
 def _is_path(text: str) -> bool:
     return text.startswith(("/", "~", ".", "\\")) or (len(text) > 2 and text[1] == ":" and text[2] in "/\\")
-
-
-def check_model_name(name: str) -> str:
-    """A name given for a local model (``--model-name``): printable, one line, and not a path."""
-    if not isinstance(name, str) or not name.strip():
-        raise MsifValueError("a model name must not be empty")
-    if any(not c.isprintable() for c in name):
-        raise MsifValueError(f"the model name {name!r} holds control characters")
-    if _is_path(name) or "\\" in name:
-        raise MsifValueError(f"the model name {name!r} is a path; give a name to show on the card instead "
-                             "(say, the model's name on the Hub, or what you call it)")
-    if len(name) > 200:
-        raise MsifValueError(f"the model name is {len(name)} characters long, more than 200")
-    return name
 
 
 def model_name(model: dict, given: str | None = None) -> str:
