@@ -205,3 +205,17 @@ def test_nothing_published_names_a_path_of_this_machine(world, hub_server, tmp_p
                         / "msif_space.json").read_text())
     assert space == {"factors_pretrained": "alice/tiny-pathless-base@v1",
                      "factors_finetuned": "alice/tiny-pathless-pair@v1", "index": f"{INDEX_REPO}@v1"}
+
+
+def test_the_space_serves_and_names_two_stages_from_two_places(world, tmp_path):
+    from hub_msif.apps.space.backend import Backend
+    from hub_msif.attribution.retrieval import build_index
+    from hub_msif.data import CorpusSpec
+
+    build_index(CorpusSpec(data=str(world["pair"]["pretrain"])), out=tmp_path / "index")
+    stages = {"pretrained": str(world["base_stage"]), "finetuned": str(world["local_pairs"]["b"])}
+    served = Backend(stages, str(tmp_path / "index")).describe()
+    assert served["factors"] == stages
+    assert served["models"]["pretrained"].startswith("tiny-base@sha256:")
+    assert served["models"]["finetuned"].startswith("tune-b@sha256:")
+    assert served["documents"] > 0 and served["corpus"] == "pretrain.jsonl"
