@@ -6,7 +6,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-from hub_msif.apps.space.gpu import compute_device
 from hub_msif.attribution.attributor import Attributor
 from hub_msif.attribution.retrieval import DocumentIndex
 from hub_msif.errors import MsifError, SpaceError
@@ -20,11 +19,13 @@ class Backend:
     ``factors``: a location (``REPO[@REV]`` or folder) or a ready ``Attributor``; ``index``: a
     location or a ready ``DocumentIndex``. Locations are resolved by the attributor and the index
     themselves (``hub_msif.hub.pull``). A failed load is not remembered: the next request tries
-    again. Model computations run one at a time (gradient capture hooks the models).
+    again. Model computations run one at a time (gradient capture hooks the models). ``device``
+    (``MSIF_DEVICE``, default ``auto``: CUDA when there is one when the attributor loads, on ZeroGPU
+    inside a ``spaces.GPU`` call) is where the attributor puts both models and the factors.
     """
 
-    def __init__(self, factors, index):
-        self.factors_location, self.index_location = factors, index
+    def __init__(self, factors, index, device: str = "auto"):
+        self.factors_location, self.index_location, self.device = factors, index, device
         self._attributor = factors if isinstance(factors, Attributor) else None
         self._index = index if isinstance(index, DocumentIndex) else None
         self._load_lock = threading.Lock()
@@ -36,7 +37,7 @@ class Backend:
             if self._attributor is None:
                 report_progress(progress, 0.05, f"Getting factors from {self.factors_location} and loading the model pair")
                 try:
-                    self._attributor = on_device(Attributor(self.factors_location))
+                    self._attributor = Attributor(self.factors_location, device=self.device)
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the factors from {str(self.factors_location)!r}: "
                                      f"{one_line(err)}") from err
@@ -60,17 +61,6 @@ class Backend:
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the index from {str(self.index_location)!r}: {one_line(err)}") from err
             return self._index
-
-
-def on_device(attributor: Attributor) -> Attributor:
-    """The attributor with both models on the compute device (CUDA when there is one; the
-    factors follow the gradients' device when used)."""
-    device = compute_device()
-    if device != "cpu":
-        logger.info("moving both models to %s", device)
-        for model in attributor.models.values():
-            model.to(device)
-    return attributor
 
 
 def report_progress(progress: Callable | None, fraction: float, desc: str) -> None:
