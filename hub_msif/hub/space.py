@@ -200,6 +200,10 @@ def attribution_memory(manifest: dict) -> str:
     except Exception as err:  # noqa: BLE001 (any failure to read a config: the card says so, the push goes on)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         logger.warning("the Space card gives no memory plan: %s", first)
+        for stage in STAGES:  # a local model folder is named by its last part, never the pusher's path
+            model = str(((manifest.get("stages") or {}).get(stage) or {}).get("model", {}).get("id", ""))
+            if model and not is_repo_id(model):
+                first = first.replace(model, Path(model).name)
         return (f"The memory this Space needs could not be planned when it was pushed: {first}. Plan it with "
                 f"`hub-msif attribute --plan --factors <these factors> [--pretrained ID] [--finetuned ID]`.")
     total = plan.total_bytes

@@ -235,3 +235,4 @@ def test_space_card_holds_the_plan_or_says_why_not(pair, tmp_path):
     gone["stages"]["pretrained"]["model"]["id"] = str(tmp_path / "empty")
     text = attribution_memory(gone)
     assert "could not be planned" in text and "config.json" in text and "GB**" not in text
+    assert str(tmp_path) not in text  # the pusher's paths stay off the card
