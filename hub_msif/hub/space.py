@@ -180,11 +180,11 @@ CARD_PLAN_CANDIDATES = 100  # the Space's default number of candidates (MSIF_DEF
 
 
 def attribution_memory(manifest: dict) -> str:
-    """The card's memory paragraph: ``hub_msif.attribution.plan`` for one MS-IF query at full rank over
+    """The card's memory paragraph: ``hub_msif.factors.attribution_plan`` for one MS-IF query at full rank over
     100 candidates, from ``manifest`` (both stages' modules and storage dtypes) and the two recorded
     models' configs (Hub ids: ``config.json`` only, at the recorded commit); when a config cannot be
     had, a sentence saying so instead of a number."""
-    from hub_msif.attribution.plan import plan_stages
+    from hub_msif.factors.attribution_plan import plan_stages
     from hub_msif.factors.plan import load_config
     from hub_msif.models import is_commit_sha
 
