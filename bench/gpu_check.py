@@ -11,7 +11,11 @@ Prints, and writes to ``bench/out/gpu_check.json``:
   time, their ratio to one plain forward+backward over the candidates, and the peak GPU memory;
 - ``precision``: a small GPT-NeoX (hidden 64, 2 layers) fitted on the device in bf16 compute with float32
   sums and on the CPU in float64 throughout; the relative error of the device fit's preconditioned
-  gradients against the CPU float64 ones (damping 0.1, relative), and the Spearman of MS-IF scores.
+  gradients against the CPU float64 ones (damping 0.1, relative), and the Spearman of MS-IF scores;
+- ``attribution``: ``Attributor(..., device=...)`` on the device (float32, then bfloat16 models) against
+  ``device="cpu"`` on a small saved pair with fitted factors: the scores' largest difference relative to
+  the largest |score|, top-1 agreement, the seconds of each, and the device's peak memory next to
+  ``hub_msif.attribution.plan`` (``attribute --plan``). Never run on a GPU yet: untested there.
 
 Run on a CUDA machine: ``python bench/gpu_check.py`` (defaults: 64 fitting sequences of 512 tokens,
 batch 8, 8 queries, 64 candidates). ``--device cpu --shape tiny`` runs the same code on a CPU as a
@@ -205,6 +209,51 @@ def precision_check(args, device: torch.device, work: Path) -> dict:
     return {"model": "GPT-NeoX hidden 64, 2 layers", "relative_error": error, "damping": 0.1}
 
 
+def attribution_check(args, device: torch.device, work: Path) -> dict:
+    """``Attributor`` on the device against the CPU: the same tiny pair, factors fitted on the CPU."""
+    from hub_msif.artifacts.manifest import read_manifest
+    from hub_msif.attribution.attributor import Attributor
+    from hub_msif.attribution.plan import plan_stages
+    from hub_msif.data import CorpusSpec
+    from hub_msif.factors.fit import fit_stage
+    from hub_msif.toy.examples import example_texts, tiny_model, train_briefly, word_tokenizer
+
+    texts = example_texts(64, seed=0)
+    tokenizer = word_tokenizer(texts + ["what does the cat see ?"])
+    model = tiny_model("gpt_neox", vocab_size=len(tokenizer), seed=0)
+    train_briefly(model, tokenizer, texts, steps=8, batch_size=8)
+    folder, data = work / "pair", work / "pair" / "texts.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for stage in ("pretrained", "finetuned"):  # one model for both stages: the check is of devices, not meaning
+        model.save_pretrained(folder / stage)
+        tokenizer.save_pretrained(folder / stage)
+        fit_stage(str(folder / stage), str(data), folder / "factors", FitConfig(stage=stage, batch_size=8, checkpoint_every=0),
+                  corpus=CorpusSpec(data=str(data), max_length=64), show_progress=False)
+    documents = [{"id": i, "text": t} for i, t in enumerate(example_texts(args.candidates, seed=5))]
+    texts = [d["text"] for d in documents]
+    query = [("what does the cat see ?", "the river")]
+    with Clock(torch.device("cpu")) as cpu_clock:
+        reference, _ = Attributor(folder / "factors", device="cpu").score(query, texts)
+    out = {"candidates": len(texts), "cpu_seconds": cpu_clock.seconds}
+    for dtype in ("float32", "bfloat16"):
+        with Clock(device) as clock:
+            attributor = Attributor(folder / "factors", device=str(device), model_dtype=dtype)
+            scores, _ = attributor.score(query, texts)
+        placed = {p.device.type for m in attributor.models.values() for p in m.parameters()}
+        placed |= {t.device.type for f in attributor.factors.values() for m in f.modules.values() for t in m.tensors().values()}
+        error = float((scores - reference).abs().max() / reference.abs().max())
+        out[dtype] = {"relative_error": error, "top1_agrees": int(scores.argmax()) == int(reference.argmax()),
+                      "seconds": clock.seconds, "peak_bytes": clock.peak, "tensors_on": sorted(placed)}
+        print(f"attribution on {device} ({dtype} models) vs the CPU: max score difference {error:.2e} of the largest "
+              f"|score|, top-1 {'agrees' if out[dtype]['top1_agrees'] else 'differs'}, {clock.seconds:.2f} s", flush=True)
+    manifest = read_manifest(folder / "factors")
+    plan = plan_stages(manifest, {s: str(folder / s) for s in ("pretrained", "finetuned")}, candidates=len(texts),
+                       length=max(len(attributor.document_sequence(t)["input_ids"]) for t in texts))
+    out["plan_total_bytes"] = plan.total_bytes
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -218,6 +267,7 @@ def main(argv=None) -> int:
                   "batch_size": args.batch_size, "torch": torch.__version__}
         result.update(big_check(args, device, Path(tmp)))
         result["precision"] = precision_check(args, device, Path(tmp))
+        result["attribution"] = attribution_check(args, device, Path(tmp))
     result["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")

@@ -2,9 +2,9 @@
 
 Reads ``fit_bench.json``, ``score_bench.json``, ``retrieval_bench.json``, ``scale.json`` and, when
 present, ``accuracy.json``, ``fact_tracing.json`` (+ ``fact_tracing_mrr.png``) and
-``fact_tracing_demo.json`` and ``counterfactual.json`` (+ ``counterfactual_details.json``,
+``fact_tracing_demo.json``, ``attribute.json`` and ``counterfactual.json`` (+ ``counterfactual_details.json``,
 ``counterfactual.png``). A missing JSON becomes a line naming the command that produces it.
-``--only counterfactual|scale|speed`` rewrites those sections of an existing page in place (the
+``--only attribute|counterfactual|scale|speed`` rewrites those sections of an existing page in place (the
 others keep what they say), for a machine that ran only those benchmarks.
 
     .venv/bin/python bench/report.py [--out-dir bench/out] [--doc docs/benchmarks.md] [--only NAME]
@@ -29,7 +29,9 @@ COMMANDS = {
     "fact_tracing": f"{PY} bench/fact_tracing.py",
     "fact_tracing_demo": f"{PY} bench/fact_tracing_demo.py",
     "counterfactual": "make bench-counterfactual",
+    "attribute": f"{PY} bench/attribute_bench.py",
 }
+ATTRIBUTE_HEAD = "## Attribution memory and time (`attribute.json`)"
 COUNTERFACTUAL_HEAD = "## Counterfactual benchmarks: multi-stage LDS and top-k removal (`counterfactual.json`)"
 
 
@@ -471,10 +473,38 @@ def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, 
     return text
 
 
+def attribute_section(d: dict | None) -> str:
+    """``hub-msif attribute --plan`` next to the peak resident memory of a real attribution (one query, 100
+    candidates, CPU, a fresh process), and the time it took."""
+    text = ATTRIBUTE_HEAD + "\n\n"
+    if d is None:
+        return text + missing("attribute")
+    text += (f"`{command_of('attribute', d)}`; {d['threads']} thread(s). One query (answer given) over the candidates, "
+             "MS-IF, `Attributor(..., device=\"cpu\")` in a fresh process; peak = `ru_maxrss`; runtime = a fresh "
+             "process that imports the same libraries and loads the tokenizer, which the plan leaves out. "
+             "GB = 10^9 bytes.\n\n")
+    rows = []
+    for name, e in d["pairs"].items():
+        m, plan = e["measured"], e["plan"]
+        peak, base = m["maxrss_bytes"], e["runtime_maxrss_bytes"]
+        ratio = e["plan_over_peak_minus_runtime"]
+        size = (lambda n: gb(n) if n >= 1e8 else mb(n))  # noqa: E731
+        rows.append([name, e["modules"], f"{m['candidates']} x {m['document_tokens']}", size(plan["weight_bytes"]),
+                     size(plan["factor_bytes"]), size(plan["total_bytes"]), size(peak), size(base), f2(e["plan_over_peak"]),
+                     f2(ratio), verdict(abs(1 - ratio) if ratio is not None else None, 0.25),
+                     f"{m['load_seconds']:.1f}", f"{m['attribute_seconds']:.1f}",
+                     f"{e['load_average_before'][0]:.1f} / {e['load_average_after'][0]:.1f}"])
+    text += table(["pair", "modules", "candidates x tokens", "plan: weights", "plan: factors", "plan: total",
+                   "peak RSS", "runtime RSS", "plan / peak", "plan / (peak - runtime)", "distance from 1",
+                   "load s", "attribute s", "load avg (1 min) before / after"], rows)
+    return text
+
+
 # ``--only NAME``: the sections (by the start of their heading) that NAME rewrites in place.
 ONLY = {
     "counterfactual": [COUNTERFACTUAL_HEAD],
     "scale": ["## Scale on paper"],
+    "attribute": [ATTRIBUTE_HEAD],
     "speed": ["## Summary: speed and size", "## Fitting (", "## Scoring (", "## Retrieval latency"],
 }
 
@@ -508,6 +538,7 @@ def main(argv=None) -> int:
         "## Retrieval latency": lambda: retrieval_section(data["retrieval_bench"]),
         "## Scale on paper": lambda: scale_section(data["scale"]),
         COUNTERFACTUAL_HEAD: lambda: counterfactual,
+        ATTRIBUTE_HEAD: lambda: attribute_section(data["attribute"]),
     }
     if args.only:
         if not doc.is_file():
@@ -533,6 +564,7 @@ def main(argv=None) -> int:
         fact_tracing_section(data["fact_tracing"], out_dir, doc),
         fact_tracing_demo_section(data["fact_tracing_demo"]),
         counterfactual,
+        attribute_section(data["attribute"]),
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts))

@@ -303,17 +303,39 @@ def _add_demo(sub) -> None:
                    help="afterwards, serve the Gradio Space on the demo's fact world on 127.0.0.1 until Ctrl-C")
     p.add_argument("--port", type=fixed_port_number, help="port of the Space (default: the first free one from 7860)")
     _add_threads(p)
+    _add_device(p)
+
+
+def _add_device(p) -> None:
+    """``--device`` and ``--model-dtype`` of ``attribute`` and ``demo`` (docs/design.md, "Device and attribution plan")."""
+    p.add_argument("--device", type=_device_text, default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where both models and the factors live (default auto: CUDA when there is one, else the CPU)")
+    p.add_argument("--model-dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="dtype of both models' forward and backward (default: as loaded); gradients and "
+                        "preconditioning stay float32")
+
+
+def _device_text(text: str) -> str:
+    from hub_msif.attribution.device import check_device_text
+
+    try:
+        return check_device_text(text)
+    except MsifValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _run_demo(args) -> int:
     check_target_folder(args.cache, "--cache")
+    from hub_msif.attribution.device import resolve_device
+
+    resolve_device(args.device)  # a CUDA device this machine lacks: refused before the demo builds anything
     from hub_msif.toy.demo import local_hub_environment  # light: must run before huggingface_hub is imported
 
     local_hub_environment(args.cache)
     use_threads(args.threads)
     from hub_msif.toy.demo import run
 
-    run(args.cache, top=args.top, publish=not args.no_publish)
+    run(args.cache, top=args.top, publish=not args.no_publish, device=args.device, model_dtype=args.model_dtype)
     if args.space:
         from hub_msif.apps.space import serve_demo
 
@@ -377,6 +399,15 @@ def _add_attribute(sub) -> None:
         "local data file the stage's factors record)"))
     p.add_argument("--refine-sequences", type=positive_int, default=64,
                    help="sequences drawn from each stage's curvature data (default 64)")
+    _add_device(p)
+    g = p.add_argument_group("attribution plan (attribute --plan: print the memory plan and exit; reads only the "
+                             "factor manifest and the models' configs)")
+    g.add_argument("--plan", action=_AttributePlanAction, help=(
+        "print the bytes one attribution needs on its device (both models' weights, both stages' factors, one "
+        "query at --query-rank, the --candidates batch's working set; no weights or factor files read) and exit; "
+        "--index/--documents and --prompt/--queries are then not needed"))
+    g.add_argument("--plan-tokens", type=positive_int, metavar="T",
+                   help="tokens per candidate document and per query in the plan (default: the model's maximum)")
 
 
 def _name_folder(text: str) -> tuple[str, str]:
@@ -397,24 +428,79 @@ def _stage_file(text: str) -> tuple[str, str]:
     return stage, path
 
 
+class _AttributePlanAction(argparse.Action):
+    """``attribute --plan``: sets the flag and, for this parse, makes the candidate source (--index or
+    --documents) and the query (--prompt or --queries) optional: a plan reads neither."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        for group in parser._mutually_exclusive_groups:
+            if {a.dest for a in group._group_actions} & {"index", "documents", "prompt", "queries"}:
+                group.required = False
+
+
+def _run_attribute_plan(args) -> int:
+    """Prints the attribution plan: each stage's factor manifest (a folder's, or only the manifest of
+    Hub factors) and the two models' configs (the recorded ones, or --pretrained/--finetuned); no
+    weights read."""
+    from hub_msif.artifacts.manifest import FACTORS, read_manifest
+    from hub_msif.attribution.attributor import stage_info, stage_locations
+    from hub_msif.attribution.plan import format_attribution_plan, plan_stages
+    from hub_msif.factors.plan import load_config
+    from hub_msif.hub.pull import pull_factors
+    from hub_msif.models import recorded_model
+
+    locations = stage_locations(args.factors, args.factors_pretrained, args.factors_finetuned)
+    manifest = {"stages": {}}
+    configs, names = {}, {}
+    for stage, given in (("pretrained", args.pretrained), ("finetuned", args.finetuned)):
+        folder = pull_factors(locations[stage], modules=args.modules, stages=[], token=args.token)
+        info = manifest["stages"][stage] = stage_info(read_manifest(folder, FACTORS), stage, locations[stage])
+        recorded = info.get("model") or {}
+        if not recorded.get("id") and given is None:
+            raise MsifValueError(f"the factors record no {stage} model; give --{stage}")
+        model, revision = (given, None) if given is not None else recorded_model(recorded, f"{stage} model",
+                                                                                dict(args.model_path))
+        configs[stage], names[stage] = load_config(model, revision), given or recorded["id"]
+    plan = plan_stages(manifest, configs, query_rank=args.query_rank, candidates=args.candidates,
+                       model_dtype=args.model_dtype, modules=args.modules, length=args.plan_tokens, names=names)
+    if args.json:
+        print_json(plan.to_json())
+    else:
+        print(format_attribution_plan(plan))
+    return 0
+
+
 def _run_attribute(args) -> int:
     from hub_msif.apps.inputs import read_documents, read_queries
 
+    if args.factors is None and (args.factors_pretrained is None or args.factors_finetuned is None):
+        raise MsifValueError("give --factors (a pair of stages), or --factors-pretrained and --factors-finetuned")
+    for location in (args.factors, args.factors_pretrained, args.factors_finetuned):
+        if location is not None:
+            check_location(location, "factor folder")
+    if args.plan:
+        check_model(args.pretrained)
+        check_model(args.finetuned)
+        return _run_attribute_plan(args)
+    if args.plan_tokens is not None:
+        raise MsifValueError("--plan-tokens goes with --plan")
     if args.answer is not None and args.queries is not None:
         raise MsifValueError("--answer goes with --prompt; with --queries, give each query's answer in the file")
     queries = read_queries(args.queries) if args.queries is not None else None
     documents = read_documents(args.documents) if args.documents is not None else None
     if args.index is not None:
         check_location(args.index, "index folder")
-    if args.factors is None and (args.factors_pretrained is None or args.factors_finetuned is None):
-        raise MsifValueError("give --factors (a pair of stages), or --factors-pretrained and --factors-finetuned")
-    for location in (args.factors, args.factors_pretrained, args.factors_finetuned):
-        if location is not None:
-            check_location(location, "factor folder")
     check_model(args.pretrained)  # loaded only after the index and both stages' factors
     check_model(args.finetuned)
     use_threads(args.threads)
     check_model(args.base_model)
+    from hub_msif.attribution.device import resolve_device
+
+    resolve_device(args.device)  # a CUDA device this machine lacks: refused before anything loads
     from hub_msif.attribution.attributor import Attributor
     from hub_msif.attribution.retrieval import DocumentIndex
 
@@ -426,7 +512,7 @@ def _run_attribute(args) -> int:
                             base_model=args.base_model, refine_steps=args.refine_steps,
                             curvature_data=dict(args.refine_data), curvature_size=args.refine_sequences,
                             factors_pretrained=args.factors_pretrained, factors_finetuned=args.factors_finetuned,
-                            model_paths=dict(args.model_path))
+                            model_paths=dict(args.model_path), device=args.device, model_dtype=args.model_dtype)
     settings = {"candidates": args.candidates, "top": args.top, "method": args.method, "damping": args.damping,
                 "relative": not args.absolute_damping}
     if queries is not None:

@@ -22,6 +22,8 @@ import torch
 
 from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, select_modules, stage_differences
 from hub_msif.attribution import baselines
+from hub_msif.attribution.device import model_dtype as to_model_dtype
+from hub_msif.attribution.device import resolve_device
 from hub_msif.attribution.refine import DEFAULT_CURVATURE_SEQUENCES, GGNProduct, curvature_sequences, refine_queries
 from hub_msif.attribution.results import Attribution, TokenShare, make_row
 from hub_msif.attribution.scoring import (
@@ -82,6 +84,11 @@ class Attributor:
     GGN products over each stage's curvature sample: ``curvature_data`` ``{stage: file(s) or
     token sequences}``, by default the stage's recorded local data file, at most
     ``curvature_size`` sequences (docs/design.md, "Refined queries").
+    ``device``: ``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``:
+    both models and both stages' factors are put there once; query and candidate gradients and
+    their products stay there, scores come back to the CPU. ``model_dtype``: ``bfloat16``,
+    ``float16`` or ``float32`` for both models' forward and backward (None: as loaded); gradients
+    and preconditioning stay float32 (docs/design.md, "Device and attribution plan").
     """
 
     def __init__(self, factors: str | Path | None = None, pretrained: str | None = None,
@@ -90,7 +97,7 @@ class Attributor:
                  normalize: bool = False, base_model: str | None = None, refine_steps: int = 0,
                  curvature_data: Mapping | None = None, curvature_size: int = DEFAULT_CURVATURE_SEQUENCES,
                  factors_pretrained: str | Path | None = None, factors_finetuned: str | Path | None = None,
-                 model_paths: Mapping[str, str] | None = None):
+                 model_paths: Mapping[str, str] | None = None, device: str = "auto", model_dtype: str | None = None):
         if modules not in ("all", "mlp"):
             raise MsifValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
         self.query_rank = check_rank(query_rank) if query_rank is not None else None
@@ -144,7 +151,22 @@ class Attributor:
         # Refined queries (docs/design.md, "Refined queries"): samples are loaded on first use.
         self.refine_steps, self.curvature_data, self.curvature_size = refine_steps, dict(curvature_data or {}), curvature_size
         self._curvature: dict[str, list[dict]] = {}
+        self._place(device, model_dtype)
 
+    def _place(self, device: str, model_dtype: str | None) -> None:
+        """Both models (cast to ``model_dtype`` when given) and both stages' factors on ``device``
+        (docs/design.md, "Device and attribution plan"). The factors move once, in their storage
+        dtype; ``ModuleFactors.operands`` then finds them on the gradients' device and casts only
+        where the storage dtype differs from the compute dtype (float32, float64 for float64
+        models: bf16 and fp16 models' captured activations and gradients are upcast)."""
+        self.device = resolve_device(device)
+        dtype = to_model_dtype(model_dtype)
+        for model in self.models.values():
+            model.to(device=self.device, dtype=dtype)
+        if self.device.type != "cpu":
+            logger.info("both models and factors on %s", self.device)
+            self.factors = {stage: StageFactors(f.stage, f.info, {n: m.to(device=self.device) for n, m in f.modules.items()})
+                            for stage, f in self.factors.items()}
 
     @property
     def specs(self):
@@ -293,6 +315,16 @@ class Attributor:
             elif repsim:
                 query_hidden.append(baselines.mean_hidden_states(self.models["finetuned"], query_sequences, self.pad_id))
             candidates = [self.document_sequence(t) for t in documents]
+            # Every stage's preconditioned queries first, so that the query gradients are freed before
+            # the candidates are scored (docs/design.md, "Device and attribution plan").
+            stacked_by_stage = {}
+            for stage in STAGES:
+                mine = [(m, d) for m, d in gradient if CANDIDATE_STAGE[m] == stage]
+                if mine:
+                    stacked_by_stage[stage] = stack_queries(  # [S*Q, ...]
+                        [self._query_weights(grads, m, d if d is not None else DEFAULT_DAMPING, relative)
+                         for m, d in mine])
+            grads = None
             for stage in STAGES:
                 mine = [(m, d) for m, d in gradient if CANDIDATE_STAGE[m] == stage]
                 hidden_here = repsim and CANDIDATE_STAGE["repsim"] == stage
@@ -302,12 +334,11 @@ class Attributor:
                 if not mine:
                     candidate_hidden = baselines.mean_hidden_states(model, candidates, self.pad_id)
                 else:
-                    weights = [self._query_weights(grads, m, d if d is not None else DEFAULT_DAMPING, relative)
-                               for m, d in mine]
-                    stacked = stack_queries(weights)  # [S*Q, ...]
+                    stacked = stacked_by_stage.pop(stage)
                     result = score_candidates(model, self.specs, stacked, candidates, self.pad_id, batch_size,
                                               token_shares=token_shares, show_progress=show_progress,
                                               representations=hidden_here, normalize=self.normalize)
+                    del stacked
                     candidate_hidden = result.representations
                     q = len(queries)
                     for i, (m, d) in enumerate(mine):

@@ -108,7 +108,8 @@ def per_example_gradients(
             if want_hidden:
                 representations.append(mean_last_hidden(outputs, batch["attention_mask"]))
             lm_loss(outputs.logits, batch, "empirical").backward()
-    return {name: torch.cat(parts) for name, parts in grads.items()}
+    # One batch: its gradients as they are (a cat would hold a second copy of every query's gradients).
+    return {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in grads.items()}
 
 
 def precondition_queries(
@@ -246,7 +247,10 @@ def truncate(w: torch.Tensor, rank: int, factors: ModuleFactors | None = None) -
 
 def stack_queries(weights: Sequence[Mapping[str, torch.Tensor] | LowRankQueries]) -> dict[str, torch.Tensor] | LowRankQueries:
     """Several sets of preconditioned queries (say, one per method and damping) as one, queries
-    in order. Low-rank sets of different ranks are padded with zero columns to the largest."""
+    in order. Low-rank sets of different ranks are padded with zero columns to the largest. One set
+    is returned as it is (no copy: a full-rank query is as large as the tracked weights)."""
+    if len(weights) == 1:
+        return weights[0]
     if not all(isinstance(w, LowRankQueries) for w in weights):
         if any(isinstance(w, LowRankQueries) for w in weights):
             raise MsifValueError("cannot stack low-rank and full-rank queries")

@@ -170,6 +170,58 @@ def _params_text(n: int) -> str:
     return str(n)
 
 
+# Space hardware flavours and the memory each offers (GB = 10**9 bytes; the Hub's published sizes): the
+# card marks those that hold the attribution plan's total and a runtime margin.
+CARD_FLAVOURS = (("cpu-basic", 16, "RAM"), ("t4-small", 16, "GPU"), ("l4x1", 24, "GPU"), ("a10g-small", 24, "GPU"),
+                 ("a100-large", 80, "GPU"))
+CARD_RUNTIME_MARGIN = 10**9  # the runtime (Python, torch, a CUDA context) the plan leaves out
+CARD_PLAN_TOKENS = 512  # candidate documents (and the query) the card's plan assumes, at most the model's maximum
+CARD_PLAN_CANDIDATES = 100  # the Space's default number of candidates (MSIF_DEFAULT_CANDIDATES)
+
+
+def attribution_memory(manifest: dict) -> str:
+    """The card's memory paragraph: ``hub_msif.factors.attribution_plan`` for one MS-IF query at full rank over
+    100 candidates, from ``manifest`` (both stages' modules and storage dtypes) and the two recorded
+    models' configs (Hub ids: ``config.json`` only, at the recorded commit); when a config cannot be
+    had, a sentence saying so instead of a number."""
+    from hub_msif.factors.attribution_plan import plan_stages
+    from hub_msif.factors.plan import load_config
+    from hub_msif.models import is_commit_sha
+
+    configs = {}
+    try:
+        for stage in STAGES:
+            model = manifest["stages"][stage]["model"]
+            revision = model.get("revision") if is_commit_sha(model.get("revision")) else None
+            configs[stage] = load_config(model["id"], revision)
+        max_length = min(int(getattr(configs["pretrained"], "max_position_embeddings", 0) or CARD_PLAN_TOKENS),
+                         CARD_PLAN_TOKENS)
+        plan = plan_stages(manifest, configs, candidates=CARD_PLAN_CANDIDATES, length=max_length)
+    except Exception as err:  # noqa: BLE001 (any failure to read a config: the card says so, the push goes on)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        logger.warning("the Space card gives no memory plan: %s", first)
+        for stage in STAGES:  # a local model folder is named by its last part, never the pusher's path
+            model = str(((manifest.get("stages") or {}).get(stage) or {}).get("model", {}).get("id", ""))
+            if model and not is_repo_id(model):
+                first = first.replace(model, Path(model).name)
+        return (f"The memory this Space needs could not be planned when it was pushed: {first}. Plan it with "
+                f"`hub-msif attribute --plan --factors <these factors> [--pretrained ID] [--finetuned ID]`.")
+    total = plan.total_bytes
+    fitting = [f"`{name}`" for name, size, _ in CARD_FLAVOURS if total + CARD_RUNTIME_MARGIN <= size * 10**9]
+    return (
+        f"One attribution (MS-IF, one query at full rank, {plan.candidates} candidates of up to "
+        f"{plan.candidate_length} tokens, batches of {plan.batch_size}) needs **{total / 1e9:.2f} GB** on its device "
+        f"(`hub-msif attribute --plan`; GB = 10^9 bytes): both models' weights {plan.weight_bytes / 1e9:.2f} GB "
+        f"({plan.model_dtypes['pretrained']}), both stages' factors {plan.factor_bytes / 1e9:.2f} GB (as stored, "
+        f"{plan.tracked_modules} modules per stage), the preconditioned query "
+        f"{plan.parts['preconditioned query'] / 1e9:.2f} GB, and the rest for the {plan.peak_phase} phase's "
+        f"working set; add about 1 GB for the runtime. "
+        + (f"Hardware with room for it: {', '.join(fitting)}." if fitting else
+           "None of " + ", ".join(f"`{n}`" for n, _, _ in CARD_FLAVOURS) + " has room for it: push factors of MLP "
+           "modules only, or a smaller model.")
+    )
+
+
 def space_card(repo_id: str, factors: str, index: str, manifest: dict, factor_bytes: int, wheel: str,
                endpoint: str, hardware: str | None = None, license: str = DEFAULT_LICENSE) -> str:
     """The README of the Space: front matter the Hub reads, and the body of ``templates/space.md``.
@@ -198,7 +250,7 @@ def space_card(repo_id: str, factors: str, index: str, manifest: dict, factor_by
         factors_url=f"{base}/datasets/{_repos_of(factors)[-1]}", index_url=f"{base}/datasets/{index.split('@')[0]}",
         pretrained=shown["pretrained"], finetuned=shown["finetuned"], library_version=__version__,
         wheel_name=wheel, factor_size=_size_text(factor_bytes), tracked_params=_params_text(tracked),
-        hardware=hardware,
+        hardware=hardware, attribution_memory=attribution_memory(manifest),
     ))
 
 

@@ -186,13 +186,15 @@ def example_queries(world: FactWorld, n: int = 3):
     return picked
 
 
-def run(cache: str | Path, top: int = 5, candidates: int = 100, echo=print, publish: bool = True) -> list[dict]:
+def run(cache: str | Path, top: int = 5, candidates: int = 100, echo=print, publish: bool = True,
+        device: str = "auto", model_dtype: str | None = None) -> list[dict]:
     """The whole demo; prints each example's answer (with its log-probability) and top documents, then
     a summary table under a legend of what the scores mean, and ends with the factor and index
     folders it keeps and the ``hub-msif attribute`` command to run on them; returns the results.
 
     With ``publish`` the factors and index are pushed to a local Hub and attributed from the
-    copies pulled back by tag (see ``publish_and_pull``).
+    copies pulled back by tag (see ``publish_and_pull``). ``device`` and ``model_dtype``: where and
+    in which dtype the pair attributes (``Attributor``).
     """
     from hub_msif.attribution.attributor import Attributor
     from hub_msif.attribution.retrieval import DocumentIndex
@@ -204,7 +206,7 @@ def run(cache: str | Path, top: int = 5, candidates: int = 100, echo=print, publ
     pulled = publish_and_pull(artifacts, Path(cache), echo) if publish else None
     if pulled is not None:
         artifacts["factors"], artifacts["index"] = pulled[0], DocumentIndex.load(pulled[1])
-    attributor = Attributor(artifacts["factors"], index=artifacts["index"])
+    attributor = Attributor(artifacts["factors"], index=artifacts["index"], device=device, model_dtype=model_dtype)
     training = json.loads((artifacts["models"] / "training.json").read_text())
     echo(f"fact world: {len(world.documents)} pre-training documents, {len(world.finetune)} fine-tuning Q&A pairs, "
          f"{len(world.queries)} held-out questions; fine-tuned model answers {training['test_accuracy']:.0%} of them right")

@@ -6,7 +6,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-from hub_msif.apps.space.gpu import compute_device
 from hub_msif.apps.space.settings import model_paths
 from hub_msif.attribution.attributor import Attributor
 from hub_msif.attribution.retrieval import DocumentIndex
@@ -22,11 +21,13 @@ class Backend:
     ready ``Attributor``; ``index``: a
     location or a ready ``DocumentIndex``. Locations are resolved by the attributor and the index
     themselves (``hub_msif.hub.pull``). A failed load is not remembered: the next request tries
-    again. Model computations run one at a time (gradient capture hooks the models).
+    again. Model computations run one at a time (gradient capture hooks the models). ``device``
+    (``MSIF_DEVICE``, default ``auto``: CUDA when there is one when the attributor loads, on ZeroGPU
+    inside a ``spaces.GPU`` call) is where the attributor puts both models and the factors.
     """
 
-    def __init__(self, factors, index):
-        self.factors_location, self.index_location = factors, index
+    def __init__(self, factors, index, device: str = "auto"):
+        self.factors_location, self.index_location, self.device = factors, index, device
         self._attributor = factors if isinstance(factors, Attributor) else None
         self._index = index if isinstance(index, DocumentIndex) else None
         self._load_lock = threading.Lock()
@@ -38,8 +39,8 @@ class Backend:
             if self._attributor is None:
                 report_progress(progress, 0.05, f"Getting factors from {self.factors_location} and loading the model pair")
                 try:
-                    self._attributor = on_device(Attributor(**factor_arguments(self.factors_location),
-                                                            model_paths=model_paths()))
+                    self._attributor = Attributor(**factor_arguments(self.factors_location),
+                                                  model_paths=model_paths(), device=self.device)
                 except (MsifError, OSError, ValueError) as err:
                     raise SpaceError(f"cannot load the factors from {str(self.factors_location)!r}: "
                                      f"{one_line(err)}") from err
@@ -103,17 +104,6 @@ def factor_arguments(factors) -> dict:
     if isinstance(factors, dict):
         return {"factors_pretrained": factors["pretrained"], "factors_finetuned": factors["finetuned"]}
     return {"factors": factors}
-
-
-def on_device(attributor: Attributor) -> Attributor:
-    """The attributor with both models on the compute device (CUDA when there is one; the
-    factors follow the gradients' device when used)."""
-    device = compute_device()
-    if device != "cpu":
-        logger.info("moving both models to %s", device)
-        for model in attributor.models.values():
-            model.to(device)
-    return attributor
 
 
 def report_progress(progress: Callable | None, fraction: float, desc: str) -> None:

@@ -1,4 +1,5 @@
-"""Where the Space computes: CUDA when the hardware has it, ZeroGPU when it runs on such hardware.
+"""ZeroGPU: where the Space runs on such hardware, requests compute inside ``spaces.GPU``. (Which device
+the models and factors live on is the attributor's ``device``, ``MSIF_DEVICE``: ``hub_msif.apps.space.settings``.)
 
 On ZeroGPU hardware (the Hub sets ``SPACES_ZERO_GPU``), a GPU is lent to a request only inside a
 function decorated with ``spaces.GPU`` (the ``spaces`` package that such Spaces have installed);
@@ -41,10 +42,3 @@ def gpu_task(fn: Callable, environ: dict | None = None) -> Callable:
     """``fn`` decorated with ``spaces.GPU`` on ZeroGPU hardware, else ``fn`` itself."""
     decorator = zero_gpu_decorator(environ)
     return fn if decorator is None else decorator(fn)
-
-
-def compute_device() -> str:
-    """``cuda`` when a CUDA device is there (ZeroGPU's too, inside a ``spaces.GPU`` call), else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

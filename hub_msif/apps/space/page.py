@@ -139,7 +139,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
     ``settings.concurrency`` requests at a time and ``settings.queue_size`` waiting ones.
     """
     settings = settings or SpaceSettings()
-    backend = Backend(factors, index)
+    backend = Backend(factors, index, device=settings.device)
     example_prompts, known_proponents = _examples(examples)
 
     def check_length(attributor: Attributor, text: str, what: str) -> None:

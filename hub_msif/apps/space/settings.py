@@ -24,13 +24,25 @@ class SpaceSettings:
     default_candidates: int = 100  # MSIF_DEFAULT_CANDIDATES: the candidates slider's initial value
     top: int = 10  # MSIF_TOP: rows shown per method
     max_new_tokens: int = 32  # MSIF_MAX_NEW_TOKENS: longest generated answer
+    device: str = "auto"  # MSIF_DEVICE: auto (CUDA when there is one), cpu, cuda or cuda:N (Attributor's device)
 
     ENV = {"max_prompt_tokens": "MSIF_MAX_PROMPT_TOKENS", "max_candidates": "MSIF_MAX_CANDIDATES",
            "concurrency": "MSIF_CONCURRENCY", "queue_size": "MSIF_QUEUE_SIZE",
-           "default_candidates": "MSIF_DEFAULT_CANDIDATES", "top": "MSIF_TOP", "max_new_tokens": "MSIF_MAX_NEW_TOKENS"}
+           "default_candidates": "MSIF_DEFAULT_CANDIDATES", "top": "MSIF_TOP", "max_new_tokens": "MSIF_MAX_NEW_TOKENS",
+           "device": "MSIF_DEVICE"}
+    TEXT = ("device",)  # settings that are words, not whole numbers
 
     def __post_init__(self) -> None:
+        from hub_msif.attribution.device import check_device_text
+        from hub_msif.errors import MsifValueError
+
+        try:
+            self.device = check_device_text(self.device)
+        except MsifValueError as err:
+            raise SpaceError(f"MSIF_DEVICE: {err}") from None
         for f in fields(self):
+            if f.name in self.TEXT:
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpaceError(f"{self.ENV[f.name]} ({f.name}) must be a whole number of at least 1, got {value!r}")
@@ -42,7 +54,9 @@ class SpaceSettings:
         values = {}
         for name, var in cls.ENV.items():
             raw = environ.get(var, "").strip()
-            if raw:
+            if raw and name in cls.TEXT:
+                values[name] = raw
+            elif raw:
                 try:
                     values[name] = int(raw)
                 except ValueError:
