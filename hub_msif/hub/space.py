@@ -186,14 +186,12 @@ def attribution_memory(manifest: dict) -> str:
     had, a sentence saying so instead of a number."""
     from hub_msif.factors.attribution_plan import plan_stages
     from hub_msif.factors.plan import load_config
-    from hub_msif.models import is_commit_sha
+    from hub_msif.models import recorded_model
 
     configs = {}
     try:
-        for stage in STAGES:
-            model = manifest["stages"][stage]["model"]
-            revision = model.get("revision") if is_commit_sha(model.get("revision")) else None
-            configs[stage] = load_config(model["id"], revision)
+        for stage in STAGES:  # a local model folder: found on this machine by its weights' sha256, if at all
+            configs[stage] = load_config(*recorded_model(manifest["stages"][stage]["model"], f"{stage} model"))
         max_length = min(int(getattr(configs["pretrained"], "max_position_embeddings", 0) or CARD_PLAN_TOKENS),
                          CARD_PLAN_TOKENS)
         plan = plan_stages(manifest, configs, candidates=CARD_PLAN_CANDIDATES, length=max_length)

@@ -102,10 +102,10 @@ def test_the_space_repo_is_a_self_contained_gradio_app(pushed, tmp_path):
     for local in (str(Path.home()), str(ROOT), "/tmp/"):
         assert local not in readme
     assert "finetuned (a local model folder)" in readme
-    # the hardware paragraph: the attribution plan needs the recorded models' configs, which this pusher
-    # cannot read (relative local folders): the card says so rather than invent a number (the planned
-    # paragraph: tests/attribution/test_device_plan.py)
-    assert "could not be planned when it was pushed" in readme and "GB** on its device" not in readme
+    # the hardware paragraph: the attribution plan from the recorded models' configs (local folders this
+    # pushing machine knows by their weights' sha256; when it cannot, the card says so rather than invent
+    # a number: tests/attribution/test_device_plan.py)
+    assert "GB** on its device" in readme and "could not be planned" not in readme
     assert json.loads((space / CONFIG_NAME).read_text()) == {"factors": pushed["factors"], "index": pushed["index"]}
     assert (space / "app.py").read_bytes() == (ROOT / "hub_msif" / "apps" / "space" / "app.py").read_bytes()
 

@@ -232,7 +232,10 @@ def test_space_card_holds_the_plan_or_says_why_not(pair, tmp_path):
     assert f"**{plan.total_bytes / 1e9:.2f} GB**" in text and "`cpu-basic`" in text
     gone = json.loads(json.dumps(manifest))
     (tmp_path / "empty").mkdir()
-    gone["stages"]["pretrained"]["model"]["id"] = str(tmp_path / "empty")
-    text = attribution_memory(gone)
+    gone["stages"]["pretrained"]["model"] = {"id": str(tmp_path / "empty"), "revision": "sha256:" + "0" * 64}
+    text = attribution_memory(gone)  # an older manifest's path record: the folder is there, its config is not
     assert "could not be planned" in text and "config.json" in text and "GB**" not in text
     assert str(tmp_path) not in text  # the pusher's paths stay off the card
+    gone["stages"]["pretrained"]["model"] = {"id": "gone-model", "revision": "sha256:" + "0" * 64, "local": True}
+    text = attribution_memory(gone)  # a local model this machine does not know
+    assert "could not be planned" in text and "'gone-model'" in text and "GB**" not in text
