@@ -474,15 +474,19 @@ def _run_attribute_plan(args) -> int:
     return 0
 
 
+def _check_factor_locations(args) -> None:
+    for location in (args.factors, args.factors_pretrained, args.factors_finetuned):
+        if location is not None:
+            check_location(location, "factor folder")
+
+
 def _run_attribute(args) -> int:
     from hub_msif.apps.inputs import read_documents, read_queries
 
     if args.factors is None and (args.factors_pretrained is None or args.factors_finetuned is None):
         raise MsifValueError("give --factors (a pair of stages), or --factors-pretrained and --factors-finetuned")
-    for location in (args.factors, args.factors_pretrained, args.factors_finetuned):
-        if location is not None:
-            check_location(location, "factor folder")
     if args.plan:
+        _check_factor_locations(args)
         check_model(args.pretrained)
         check_model(args.finetuned)
         return _run_attribute_plan(args)
@@ -490,10 +494,11 @@ def _run_attribute(args) -> int:
         raise MsifValueError("--plan-tokens goes with --plan")
     if args.answer is not None and args.queries is not None:
         raise MsifValueError("--answer goes with --prompt; with --queries, give each query's answer in the file")
-    queries = read_queries(args.queries) if args.queries is not None else None
+    queries = read_queries(args.queries) if args.queries is not None else None  # no heavy import before these
     documents = read_documents(args.documents) if args.documents is not None else None
     if args.index is not None:
         check_location(args.index, "index folder")
+    _check_factor_locations(args)
     check_model(args.pretrained)  # loaded only after the index and both stages' factors
     check_model(args.finetuned)
     use_threads(args.threads)

@@ -92,9 +92,14 @@ def test_a_pretrained_stage_is_pushed_alone_found_reused_and_combined(world, hub
     # Found by model (a local folder: by its weights' sha256), as JSON and as text.
     assert cli_main(["find-factors", "--model", str(world["pair"]["pretrained"]), "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
-    assert [(f["location"], f["stage"]) for f in found] == [(f"{BASE_REPO}@v1", "pretrained")]
-    assert found[0]["model"]["id"] == "tiny-base" and found[0]["num_tokens"] > 0
-    assert found[0]["data"]["data"] == "pretrain.jsonl"
+    # (other tests publish factors of the same deterministic tiny base: every match has its weights)
+    from hub_msif.models import folder_revision
+
+    assert {f["model"]["revision"] for f in found} == {folder_revision(world["pair"]["pretrained"])}
+    mine = [f for f in found if f["location"] == f"{BASE_REPO}@v1"]
+    assert [f["stage"] for f in mine] == ["pretrained"] and mine == [found[0]]  # the newest first
+    assert mine[0]["model"]["id"] == "tiny-base" and mine[0]["num_tokens"] > 0
+    assert mine[0]["data"]["data"] == "pretrain.jsonl"
     assert cli_main(["find-factors", "--model", str(world["pair"]["pretrained"]), "--stage", "finetuned", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert cli_main(["find-factors", "--model", "tiny-base"]) == 0  # by recorded name, every revision
@@ -118,13 +123,13 @@ def test_a_pretrained_stage_is_pushed_alone_found_reused_and_combined(world, hub
         assert _close(_scores(factors=str(out)), expected)
         assert _close(_scores(factors=str(world["local_pairs"][name]), factors_pretrained=f"{BASE_REPO}@v1"), expected)
 
-    # The fine-tunes' stages differ, the base stage is shared: the pair search finds no pair repo but
-    # names both stage artifacts.
+    # No version holds the base with fine-tune b (its stage was pushed alone): the pair search names both
+    # stage artifacts. (Fine-tune a is the tiny pair other tests publish as pairs.)
     code = cli_main(["find-factors", "--pretrained", str(world["pair"]["pretrained"]),
-                     "--finetuned", str(world["tunes"]["a"])])
+                     "--finetuned", str(world["tunes"]["b"])])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert f"--factors-pretrained {BASE_REPO}@v1 --factors-finetuned {TUNE_REPOS[0]}@v1" in err
+    assert f"--factors-finetuned {TUNE_REPOS[1]}@v1" in err and "--factors-pretrained alice/" in err
 
 
 def test_a_stage_of_another_model_is_refused_from_the_manifests_alone(world, monkeypatch, tmp_path, capsys):
