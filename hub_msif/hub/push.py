@@ -26,13 +26,16 @@ from hub_msif.artifacts.integrity import verify_file
 from hub_msif.artifacts.manifest import (
     FACTORS,
     INDEX,
+    KINDS,
     STAGES,
+    artifact_path,
+    check_module_record,
     check_stage_pair,
     factor_files,
     index_files,
     read_manifest,
 )
-from hub_msif.errors import HubValueError, IntegrityError, Interrupted, TokenRefusedError
+from hub_msif.errors import FactorError, HubValueError, IntegrityError, Interrupted, MsifValueError, TokenRefusedError
 from hub_msif.hub.cards import (
     CARD_NAME,
     DEFAULT_LICENSE,
@@ -88,9 +91,14 @@ def version_number(tag: str) -> int | None:
 
 
 def _verify_local(folder: Path, files: dict[str, str], what: str) -> dict[str, int]:
-    """Checks every file against its sha256 before a push; returns the sizes."""
+    """Checks every file against its sha256 before a push (its path first: ``artifact_path``);
+    returns the sizes."""
     sizes = {}
     for relative, expected in files.items():
+        try:
+            artifact_path(folder, relative, KINDS[what])
+        except MsifValueError as err:
+            raise HubValueError(f"refusing to push {what} {folder}: {err}") from err
         if not (folder / relative).is_file():
             raise HubValueError(f"refusing to push {what} {folder}: {relative}, listed in the manifest, is missing")
         try:
@@ -301,6 +309,7 @@ def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, priva
     published = public_manifest(manifest, chosen)
     factors_card(published, repo_id, "v1", {}, license, model_names)  # bad names refused before any upload
     files = factor_files(published, stages=chosen)
+    _check_records(folder, published)
     data = (json.dumps(published, indent=2, sort_keys=True) + "\n").encode()
 
     def render(repo, version, sizes):
@@ -308,6 +317,19 @@ def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, priva
 
     return _push(folder, repo_id, FACTORS.manifest_name, files, render, "factors", tag, private, token, commit_message,
                  manifest=data)
+
+
+def _check_records(folder: Path, manifest: dict) -> None:
+    """Every module file to push records the module and stage its manifest entry names (read from
+    the safetensors header, no torch): a manifest whose module names were edited is never published."""
+    for stage, info in manifest["stages"].items():
+        for entry in info["modules"]:
+            try:
+                path = artifact_path(folder, entry["file"])
+                if path.is_file():  # a missing one is reported with the sha256 checks
+                    check_module_record(path, entry, stage)
+            except FactorError as err:
+                raise HubValueError(f"refusing to push factors {folder}: {err}") from err
 
 
 def _chosen_stages(folder: Path, manifest: dict, stages) -> list[str]:
