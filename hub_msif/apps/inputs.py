@@ -2,8 +2,8 @@ r"""Query and document files of ``hub-msif attribute`` (``--queries``, ``--docum
 checked whole before any model loads (docs/design.md, "Command line").
 
 Both are JSON Lines: one JSON object per line (lines end at ``\n`` only, a trailing ``\r``
-dropped: U+2028, U+2029, U+0085 and \x1c-\x1e are legal inside JSON strings), blank lines
-skipped. Every refusal is one ``MsifValueError`` naming the file and the line: a line that is not
+dropped: U+2028, U+2029 and U+0085 are legal unescaped inside JSON strings, and
+``str.splitlines()`` would break lines there), blank lines skipped. Every refusal is one ``MsifValueError`` naming the file and the line: a line that is not
 strict JSON (NaN and Infinity are not), not an object, a missing or blank required field, a field
 of the wrong type, a string holding a lone surrogate (``"\ud800"`` parses in Python but is no
 Unicode text: it would reach the tokenizer and the strict JSON output), an unknown field (a

@@ -304,12 +304,12 @@ def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, priva
     folder = Path(folder)
     manifest = read_manifest(folder, FACTORS)
     chosen = _chosen_stages(folder, manifest, stages)
+    _check_records(folder, manifest, chosen)  # paths and module records first: nothing edited by hand is published
     if len(chosen) == len(STAGES):
         check_stage_pair(manifest)
     published = public_manifest(manifest, chosen)
     factors_card(published, repo_id, "v1", {}, license, model_names)  # bad names refused before any upload
     files = factor_files(published, stages=chosen)
-    _check_records(folder, published)
     data = (json.dumps(published, indent=2, sort_keys=True) + "\n").encode()
 
     def render(repo, version, sizes):
@@ -319,11 +319,12 @@ def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, priva
                  manifest=data)
 
 
-def _check_records(folder: Path, manifest: dict) -> None:
-    """Every module file to push records the module and stage its manifest entry names (read from
-    the safetensors header, no torch): a manifest whose module names were edited is never published."""
-    for stage, info in manifest["stages"].items():
-        for entry in info["modules"]:
+def _check_records(folder: Path, manifest: dict, stages: list[str]) -> None:
+    """Every module file of ``stages`` lies in the folder (``artifact_path``) and records the module
+    and stage its manifest entry names (read from the safetensors header, no torch): a manifest
+    whose module names were edited is never published."""
+    for stage in stages:
+        for entry in manifest["stages"][stage]["modules"]:
             try:
                 path = artifact_path(folder, entry["file"])
                 if path.is_file():  # a missing one is reported with the sha256 checks
