@@ -262,6 +262,13 @@ CASES = [
      "argument --threads: must be at least 1, got 0"),
     ("index-threads-0", "index build --data d.jsonl --out {tmp}/i --threads 0", "argument --threads: must be at least 1"),
     ("demo-threads-0", "demo --cache {tmp}/c --threads 0", "argument --threads: must be at least 1, got 0"),
+    # push space --wheel: a file name pip would refuse in requirements.txt (issue 21, item 3a)
+    ("push-space-wheel-duplicate-download",
+     ["push", "space", "--repo", "alice/cli-space", "--factors", "alice/f@v1", "--index", "alice/i@v1", "--wheel",
+      "{tmp}/hub_msif-0.1.0-py3-none-any (1).whl"],
+     "--wheel 'hub_msif-0.1.0-py3-none-any (1).whl': not a hub_msif wheel file name"),
+    ("push-space-wheel-platform", "push space --repo alice/cli-space --factors alice/f@v1 --index alice/i@v1 --wheel "
+     "{tmp}/hub_msif-0.1.0-cp311-cp311-linux_x86_64.whl", "not a pure-Python wheel"),
     # push --model-name (what a card calls a local model)
     ("push-model-name-path", "push factors {dir} --repo alice/x --model-name pretrained=/home/me/model",
      "the model name '/home/me/model' is a path"),
@@ -616,3 +623,11 @@ def test_json_lines_split_at_newlines_only(tmp_path):
     documents = tmp_path / "documents.jsonl"
     documents.write_text(json.dumps({"id": "d\u2028", "text": odd}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_documents(documents) == [{"id": "d\u2028", "text": odd}]
+
+
+def test_a_wheel_file_name_is_written_in_its_canonical_form():
+    from hub_msif.hub.space import canonical_wheel_name
+
+    assert canonical_wheel_name("hub_msif-0.1.0-py3-none-any.whl") == "hub_msif-0.1.0-py3-none-any.whl"
+    assert canonical_wheel_name("Hub.MSIF-0.1.0-py3-none-any.whl") == "hub_msif-0.1.0-py3-none-any.whl"
+    assert canonical_wheel_name("hub_msif-0.2.0-1-py2.py3-none-any.whl") == "hub_msif-0.2.0-1-py2.py3-none-any.whl"
