@@ -69,6 +69,43 @@ class Parser(argparse.ArgumentParser):
 # --- checks that need more than one value, or the file system: run before any heavy import -------
 
 
+def check_unicode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every parsed argument must be Unicode text: a byte that is not UTF-8 (Python hands it over
+    as a surrogate, ``surrogateescape``) or a lone surrogate would reach the tokenizer (a
+    ``TypeError`` after the models load) or the strict JSON output. Refused naming the option."""
+    from hub_msif.apps.inputs import lone_surrogate
+
+    options: dict[str, str] = {}
+
+    def collect(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    collect(sub)
+            elif action.dest not in options:
+                names = action.option_strings
+                options[action.dest] = max(names, key=len) if names else (action.metavar or action.dest)
+
+    def strings(value):
+        if isinstance(value, (str, Path)):
+            yield str(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from strings(item)
+
+    for dest, value in vars(args).items():
+        for text in strings(value):
+            at = lone_surrogate(text)
+            if at is not None:
+                if not options:
+                    collect(parser)
+                char = ord(text[at])
+                what = (f"the byte 0x{char - 0xDC00:02x}, which is not UTF-8," if 0xDC80 <= char <= 0xDCFF
+                        else f"a lone surrogate \\u{char:04x}")
+                raise MsifValueError(f"argument {options.get(dest, dest)}: holds {what} at character {at}: "
+                                     "give UTF-8 text")
+
+
 def check_target_folder(path: str | Path, option: str) -> None:
     """A folder the command creates or writes into: refused when it, or a folder above it, is a file."""
     path = Path(path).expanduser()

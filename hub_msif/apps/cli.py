@@ -28,6 +28,7 @@ from hub_msif.apps.arguments import (
     check_location,
     check_model,
     check_target_folder,
+    check_unicode,
     fixed_port_number,
     model_name,
     non_empty,
@@ -264,7 +265,7 @@ class _StageOnDisk:
     def values(self):
         from hub_msif.factors.storage import load_module_file
 
-        return (load_module_file(self.folder, entry) for entry in self.info["modules"])
+        return (load_module_file(self.folder, entry, self.stage) for entry in self.info["modules"])
 
 
 def _print_summary(factors, out, as_json: bool) -> None:
@@ -665,8 +666,10 @@ def _add_push_space(psub) -> None:
 
 
 def _run_push_space(args) -> int:
-    from hub_msif.hub.space import push_space
+    from hub_msif.hub.space import _given_wheel, push_space
 
+    if args.wheel is not None:
+        _given_wheel(args.wheel)  # before any Hub traffic
     pushed = push_space(args.repo, args.factors, args.index, private=args.private, hardware=args.hardware,
                         token=args.token, wheel=args.wheel, commit_message=args.message,
                         link_card=not args.no_card_link, factors_pretrained=args.factors_pretrained,
@@ -893,7 +896,8 @@ RUNNERS["hub"] = _run_hub
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = os.environ.get("HUB_MSIF_DEBUG", "") not in ("", "0")
@@ -902,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C or kill -INT would then be lost instead of ending the command with status 130.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        check_unicode(parser, args)  # before any runner: text reaches tokenizers and JSON output
         return RUNNERS[args.command](args)
     except (MsifError, OSError) as err:  # anything else is a bug and shows its traceback
         if debug:

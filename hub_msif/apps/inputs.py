@@ -1,16 +1,20 @@
-"""Query and document files of ``hub-msif attribute`` (``--queries``, ``--documents``), read and
+r"""Query and document files of ``hub-msif attribute`` (``--queries``, ``--documents``), read and
 checked whole before any model loads (docs/design.md, "Command line").
 
-Both are JSON Lines: one JSON object per line, blank lines skipped. Every refusal is one
-``MsifValueError`` naming the file and the line: a line that is not strict JSON (NaN and
-Infinity are not), not an object, a missing or blank required field, a field of the wrong type,
-an unknown field (a misspelt ``answer`` would otherwise be silently generated), a repeated id, or
-a file with no entries at all.
+Both are JSON Lines: one JSON object per line (lines end at ``\n`` only, a trailing ``\r``
+dropped: U+2028, U+2029 and U+0085 are legal unescaped inside JSON strings, and
+``str.splitlines()`` would break lines there), blank lines skipped. Every refusal is one ``MsifValueError`` naming the file and the line: a line that is not
+strict JSON (NaN and Infinity are not), not an object, a missing or blank required field, a field
+of the wrong type, a string holding a lone surrogate (``"\ud800"`` parses in Python but is no
+Unicode text: it would reach the tokenizer and the strict JSON output), an unknown field (a
+misspelt ``answer`` would otherwise be silently generated), a repeated id, or a file with no
+entries at all.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,14 @@ from hub_msif.errors import ArtifactNotFoundError, MsifValueError
 
 QUERY_FIELDS = ("prompt", "answer", "id")
 DOCUMENT_FIELDS = ("id", "text")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate in ``text`` (a code point U+D800..U+DFFF: what
+    ``"\\ud800"`` in JSON or a non-UTF-8 byte of a command-line argument becomes), else None."""
+    match = _SURROGATE.search(text)
+    return match.start() if match else None
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,8 @@ def _objects(path: str | Path, what: str, fields: tuple[str, ...]):
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise MsifValueError(f"{path} line {line}: not UTF-8 text") from None
     found = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -64,6 +77,11 @@ def _objects(path: str | Path, what: str, fields: tuple[str, ...]):
         if unknown:
             raise MsifValueError(f"{path} line {number}: unknown field {printable(unknown[0])!r} "
                                  f"(fields: {', '.join(fields)})")
+        for key, field_value in value.items():
+            at = lone_surrogate(field_value) if isinstance(field_value, str) else None
+            if at is not None:
+                raise MsifValueError(f"{path} line {number}: {key!r} holds a lone surrogate "
+                                     f"(\\u{ord(field_value[at]):04x} at character {at}): not Unicode text")
         found.append((number, value))
     if not found:
         raise MsifValueError(f"{what} file {path} is empty: no {what} in it")

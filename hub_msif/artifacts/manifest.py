@@ -9,6 +9,7 @@ the Hub client and server can use it cheaply.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -71,15 +72,114 @@ def read_manifest(folder: str | Path, kind: ArtifactKind = FACTORS) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version > kind.format_version:
         raise kind.error(f"{path} has format version {version!r}; this hub_msif reads up to "
                          f"{kind.format_version}: upgrade hub_msif")
+    if kind is FACTORS:
+        _check_module_lists(manifest, path)
     return manifest
 
 
-def safe_relative(path: str, manifest: str) -> str:
+def _check_module_lists(manifest: dict, path: Path) -> None:
+    """Each stage's ``modules`` is a list of entries with a string ``name`` and ``file``, no name or
+    file listed twice (a repeated name would silently take the last entry's factors)."""
+    stages = manifest.get("stages", {})
+    if not isinstance(stages, dict):
+        raise FactorError(f"{path}: 'stages' must be an object, not {type(stages).__name__}")
+    for stage, info in stages.items():
+        modules = info.get("modules") if isinstance(info, dict) else None
+        if not isinstance(modules, list):
+            raise FactorError(f"{path}: stage {stage!r} has no list of modules")
+        names, files = set(), set()
+        for entry in modules:
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "file")):
+                raise FactorError(f"{path}: stage {stage!r} lists a module without a name and a file: {entry!r:.200}")
+            if entry["name"] in names:
+                raise FactorError(f"{path}: stage {stage!r} lists module {entry['name']!r} twice")
+            if entry["file"] in files:
+                raise FactorError(f"{path}: stage {stage!r} lists file {entry['file']!r} for two modules "
+                                  f"(the second: {entry['name']!r})")
+            names.add(entry["name"])
+            files.add(entry["file"])
+
+
+def safe_relative(path: str, manifest: str, error: type[MsifValueError] = MsifValueError) -> str:
     """A file path from a manifest, refused when it could leave the artifact's folder."""
     pure = PurePosixPath(path) if isinstance(path, str) else None
     if not path or pure is None or pure.is_absolute() or ".." in pure.parts or "\\" in path or path.startswith("."):
-        raise MsifValueError(f"{manifest} lists an unsafe file path {path!r}")
+        raise error(f"{manifest} lists an unsafe file path {path!r}")
     return path
+
+
+def artifact_path(folder: str | Path, relative: str, kind: ArtifactKind = FACTORS,
+                  error: type[MsifValueError] | None = None) -> Path:
+    """The file ``folder/relative`` that a manifest lists, refused (``kind.error``, or ``error``)
+    before anything opens or hashes it when it could lie outside the folder: an absolute, ``..`` or
+    dot-prefixed path (``safe_relative``), or a path through a symbolic link that resolves outside.
+
+    The one safe-path check of every reader (factor and index loads, push, pull, fit resume, stage
+    reuse). A Hugging Face cache snapshot (``<repo>/snapshots/<commit>``) links its files to the
+    repo's ``blobs/``: a link may resolve there too.
+    """
+    error = error or kind.error
+    folder = Path(folder)
+    where = folder / kind.manifest_name
+    safe_relative(relative, str(where), error)
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        allowed.append(root.parent.parent / "blobs")
+    path = folder / relative
+    if not any(path.resolve().is_relative_to(place) for place in allowed):
+        raise error(f"{where} lists {relative!r}, which is a symbolic link (or lies under one) to a file outside "
+                    f"the folder: refused")
+    return path
+
+
+def safetensors_metadata(path: str | Path | None = None, data: bytes | None = None) -> dict:
+    """The ``__metadata__`` of a safetensors file (its header: 8 bytes little-endian length, then
+    JSON), from ``data`` or read from ``path`` without reading the tensors; ``{}`` when it has
+    none. Raises ``ValueError`` when the header is not a safetensors header. No torch."""
+    if data is None:
+        with open(path, "rb") as file:
+            head = file.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < size <= 100_000_000:
+                raise ValueError("not a safetensors file (bad header length)")
+            header = file.read(size)
+    else:
+        size = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+        if not 0 < size <= len(data) - 8:
+            raise ValueError("not a safetensors file (bad header length)")
+        header = data[8:8 + size]
+    try:
+        parsed = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"not a safetensors file (header: {err})") from None
+    metadata = parsed.get("__metadata__") if isinstance(parsed, dict) else None
+    if len(header) != size or not isinstance(parsed, dict):
+        raise ValueError("not a safetensors file (header cut short or not an object)")
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def check_module_record(path: str | Path, entry: dict, stage: str, data: bytes | None = None) -> None:
+    """Raises ``FactorError`` unless the factor file at ``path`` (or its bytes ``data``) records the
+    module and stage of its manifest ``entry``: ``save_module_file`` writes ``{"module", "stage"}``
+    into the file's ``hub_msif`` metadata, so a manifest whose names were swapped or edited (its
+    files and sha256s untouched) never pairs one module's factors with another module."""
+    try:
+        metadata = safetensors_metadata(path, data)
+    except (OSError, ValueError) as err:
+        raise FactorError(f"factor file {path} of module {entry.get('name')!r}: {err}") from None
+    try:
+        record = json.loads(metadata["hub_msif"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise FactorError(f"factor file {path} records no module and stage (no 'hub_msif' metadata): not a "
+                          f"hub_msif factor file, or altered")
+    found = (record.get("module"), record.get("stage"))
+    if found != (entry.get("name"), stage):
+        raise FactorError(f"the manifest lists {path} as the {stage} factors of module {entry.get('name')!r}, but "
+                          f"the file holds the {found[1]} factors of module {found[0]!r}: the manifest was edited; "
+                          "refit or restore it")
 
 
 def write_stage_manifest(folder: str | Path, stage: str, entries: list[dict], info: dict) -> dict:

@@ -31,7 +31,14 @@ import numpy as np
 from hub_msif import __version__
 from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
 from hub_msif.artifacts.integrity import read_verified
-from hub_msif.artifacts.manifest import DOCUMENTS_NAME, EMBEDDINGS_NAME, INDEX, index_files, read_manifest
+from hub_msif.artifacts.manifest import (
+    DOCUMENTS_NAME,
+    EMBEDDINGS_NAME,
+    INDEX,
+    artifact_path,
+    index_files,
+    read_manifest,
+)
 from hub_msif.attribution.embeddings import (
     DEFAULT_BATCH_SIZE,
     NORM_TOLERANCE,
@@ -309,9 +316,10 @@ class DocumentIndex:
             raise RetrievalError(f"{folder}: {err}") from err
         payloads = {}
         for name, sha256 in files.items():
-            if not (folder / name).is_file():
+            path = artifact_path(folder, name, INDEX)  # checked before the file is opened
+            if not path.is_file():
                 raise RetrievalError(f"index folder {folder} is missing {name}")
-            payloads[name] = read_verified(folder / name, sha256, IndexIntegrityError)
+            payloads[name] = read_verified(path, sha256, IndexIntegrityError)
         try:
             tensors = st_load(payloads[EMBEDDINGS_NAME])
         except (SafetensorError, ValueError) as err:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save
 
 from hub_msif import __version__
 from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
-from hub_msif.artifacts.manifest import FACTORS, read_manifest, stage_differences
+from hub_msif.artifacts.manifest import FACTORS, artifact_path, read_manifest, stage_differences
 from hub_msif.data import collate
 from hub_msif.errors import FactorError, MsifError, MsifValueError
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
@@ -492,10 +492,19 @@ class _GroupFitter:
 def _files_intact(out_dir: Path, done: Sequence[dict], dist: _Distributed) -> bool:
     """Whether every module file this process recorded as finished is still there with its sha256,
     on every process (all agree, so either all resume or all start over)."""
-    ok = all((out_dir / e["file"]).is_file() and sha256_bytes((out_dir / e["file"]).read_bytes()) == e["sha256"]
-             for e in done)
+    ok = all(_intact(out_dir, e) for e in done)
     flag = torch.tensor([0 if ok else 1], dtype=torch.float64, device=dist.device)
     return float(dist.all_reduce(flag)[0]) == 0
+
+
+def _intact(out_dir: Path, entry: dict) -> bool:
+    """Whether a checkpoint's finished module file is in the folder (``artifact_path``: no file out of
+    it is ever opened or hashed) with its sha256."""
+    try:
+        path = artifact_path(out_dir, entry["file"])
+    except MsifValueError:
+        return False
+    return path.is_file() and sha256_bytes(path.read_bytes()) == entry["sha256"]
 
 
 def _entry_from_file(out_dir: Path, stage: str, spec: TrackedModule, dtype: str) -> dict:

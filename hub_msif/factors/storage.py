@@ -27,7 +27,15 @@ from safetensors.torch import save as st_save
 
 from hub_msif.artifacts.atomic import atomic_write_bytes, sha256_bytes
 from hub_msif.artifacts.integrity import read_verified
-from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, select_modules, write_stage_manifest
+from hub_msif.artifacts.manifest import (
+    FACTORS,
+    STAGES,
+    artifact_path,
+    check_module_record,
+    read_manifest,
+    select_modules,
+    write_stage_manifest,
+)
 from hub_msif.errors import FactorError, FactorIntegrityError, MsifValueError
 from hub_msif.factors.ekfac import ModuleFactors
 from hub_msif.factors.tracking import TrackedModule, linear_shape
@@ -153,8 +161,12 @@ class StageFactors:
             logger.warning(message)
 
 
-def load_module_file(folder: Path, entry: dict) -> ModuleFactors:
-    path = folder / entry["file"]
+def load_module_file(folder: Path, entry: dict, stage: str) -> ModuleFactors:
+    """One module's factors of ``stage``, as its manifest ``entry`` lists them: the path checked to
+    stay inside the folder before the file is opened (``artifact_path``), the bytes checked against
+    the sha256, the shapes and the plausibility of the tensors, and the file's own record of its
+    module and stage against the entry."""
+    path = artifact_path(folder, entry["file"])
     if not path.is_file():
         raise FactorError(f"factor file {path} listed in the manifest is missing")
     data = read_verified(path, entry["sha256"], FactorIntegrityError)
@@ -175,6 +187,7 @@ def load_module_file(folder: Path, entry: dict) -> ModuleFactors:
             found = tuple(tensors[key].shape) if key in tensors else "missing"
             raise FactorError(f"factor file {path}: tensor {key!r} should be {shape}, found {found}")
     check_plausible(path, tensors)
+    check_module_record(path, entry, stage, data)
     return ModuleFactors(spec, **{k: tensors[k] for k in expected})
 
 
@@ -225,4 +238,4 @@ def load_stage(
         raise FactorError(f"{folder} has no {stage!r} factors (stages present: {have})")
     info = stages[stage]
     entries = select_modules(info["modules"], modules)
-    return StageFactors(stage, info, {e["name"]: load_module_file(folder, e) for e in entries})
+    return StageFactors(stage, info, {e["name"]: load_module_file(folder, e, stage) for e in entries})

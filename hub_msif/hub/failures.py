@@ -9,6 +9,7 @@ the revision and the endpoint.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from hub_msif.errors import (
@@ -53,6 +54,39 @@ def _who(token) -> str:
         return "your token"
 
 
+# huggingface_hub wraps every failure of an LFS upload (an HTTP error, a connection that broke off)
+# in a RuntimeError with this message, the real error as its cause.
+_UPLOAD_FAILED = re.compile(r"Error while uploading '(.*)' to the Hub\.?$")
+
+
+def _upload_failure(doing: str, path: str, cause: BaseException | None) -> HubError:
+    """The one-line error of a failed upload of ``path``: what the server or the connection said, and
+    what to do. Uploads come before the commit, so the repo is as it was."""
+    from huggingface_hub import errors
+
+    then = ("nothing was committed, the repo is as it was: run the push again (uploads that finished are "
+            "not sent again)")
+    where = f"uploading {path} to {endpoint()} failed"
+    if isinstance(cause, errors.HfHubHTTPError):
+        status = cause.response.status_code if cause.response is not None else None
+        if status in (401, 403):
+            return TokenRefusedError(f"{doing}: {where}: the Hub refused the token ({status}); use a token with write "
+                                     "access (HF_TOKEN, `hf auth login` or --token)")
+        kind = {507: "the server is out of space"}.get(status, "a server failure" if (status or 0) >= 500 else None)
+        return HubError(f"{doing}: {where}: the Hub answered {status}{f' ({kind})' if kind else ''}: "
+                        f"{first_line(cause)}; {then}")
+    import httpx2
+
+    # A broken connection makes huggingface_hub close its client: uploads in other threads then fail
+    # with "the client has been closed".
+    closed = isinstance(cause, RuntimeError) and "client has been closed" in str(cause)
+    if isinstance(cause, (OSError, httpx2.HTTPError)) or closed:
+        return Unreachable(f"{doing}: {where}: the connection broke off ({type(cause).__name__}: "
+                           f"{first_line(cause)}); {then}")
+    what = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else "no reason given"
+    return HubError(f"{doing}: {where} ({what}); {then}")
+
+
 @contextlib.contextmanager
 def hub_failures(repo_id: str, revision: str | None, doing: str, token=None) -> Iterator[None]:
     """Turns ``huggingface_hub`` errors raised while ``doing`` into the matching ``HubError``."""
@@ -91,7 +125,15 @@ def hub_failures(repo_id: str, revision: str | None, doing: str, token=None) -> 
             raise TokenRefusedError(f"{doing}: {_who(token)} may not write to {repo_id} (403 Forbidden); use a token "
                                     f"with write access to the namespace {repo_id.split('/')[0]}, or push to your "
                                     "own namespace") from err
+        if status is not None and status >= 500:
+            raise HubError(f"{doing}: the Hub answered {status}: {first_line(err)}; a failure of the server at "
+                           f"{endpoint()}, not of your input: try again later") from err
         raise HubError(f"{doing}: the Hub answered {status}: {first_line(err)}") from err
+    except RuntimeError as err:
+        upload = _UPLOAD_FAILED.match(str(err))
+        if upload is None:
+            raise
+        raise _upload_failure(doing, upload.group(1), err.__cause__) from err
     except OSError as err:  # connection refused, reset or timed out; a download cut short
         raise Unreachable(f"{doing}: the Hub at {endpoint()} could not be reached or broke off "
                           f"({type(err).__name__}: {first_line(err)}); nothing was changed, try again") from err

@@ -19,7 +19,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hub_msif.artifacts.integrity import verify_file
-from hub_msif.artifacts.manifest import FACTORS, INDEX, MODULE_CHOICES, factor_files, index_files, read_manifest
+from hub_msif.artifacts.manifest import (
+    FACTORS,
+    INDEX,
+    KINDS,
+    MODULE_CHOICES,
+    ArtifactKind,
+    artifact_path,
+    factor_files,
+    index_files,
+    read_manifest,
+)
 from hub_msif.errors import HubError, HubIntegrityError, IntegrityError, MsifValueError, NotCachedError
 from hub_msif.hub.cards import CARD_NAME
 from hub_msif.hub.failures import endpoint, hub_failures, offline
@@ -70,19 +80,19 @@ def _pull(location: Location, manifest_name: str, select: Callable[[Path], dict[
     with hub_failures(repo_id, revision, doing, token), _cache_only(down, doing, where):
         folder = Path(snapshot_download(repo_id, repo_type=REPO_TYPE, revision=commit, allow_patterns=patterns,
                                         token=token, cache_dir=cache_dir, local_files_only=cached_only))
-    _check_files(folder, files, repo_id, revision, commit, doing, down, token, cache_dir)
+    _check_files(folder, files, repo_id, revision, commit, doing, down, token, cache_dir, KINDS[what])
     logger.info("pulled %s %s (commit %s) into %s", what, where, commit, folder)
     return folder
 
 
 def _check_files(folder: Path, files: dict[str, str], repo_id: str, revision: str, commit: str, doing: str,
-                 down: str | None, token, cache_dir) -> None:
+                 down: str | None, token, cache_dir, kind: ArtifactKind = FACTORS) -> None:
     """Checks each pulled file against the manifest's sha256. A bad file leaves the cache; it is
     downloaded once more when the Hub lists the manifest's hash for it (the cached copy was bad),
     and reported as altered on the Hub when the Hub lists another hash or serves bad bytes again."""
     bad = {}
     for relative, expected in files.items():
-        path = folder / relative
+        path = artifact_path(folder, relative, kind)
         if not path.is_file():
             raise HubError(f"{doing}: {relative} was not downloaded (the Hub could not be reached or the repo lacks it)")
         try:
@@ -184,7 +194,7 @@ def reuse_stage(location: str | Path, out: str | Path, stage: str = "pretrained"
     a pre-trained stage serves every fine-tune of its base). Returns the stage's manifest entry."""
     from hub_msif.artifacts.atomic import atomic_write_bytes
     from hub_msif.artifacts.integrity import read_verified
-    from hub_msif.artifacts.manifest import safe_relative, write_stage_manifest
+    from hub_msif.artifacts.manifest import check_module_record, write_stage_manifest
     from hub_msif.errors import FactorError, FactorIntegrityError
 
     where = parse_location(location)
@@ -195,8 +205,13 @@ def reuse_stage(location: str | Path, out: str | Path, stage: str = "pretrained"
     info = stages[stage]
     out = Path(out)
     for entry in info["modules"]:
-        relative = safe_relative(entry["file"], FACTORS.manifest_name)
-        atomic_write_bytes(out / relative, read_verified(folder / relative, entry["sha256"], FactorIntegrityError))
+        relative = entry["file"]
+        path = artifact_path(folder, relative)
+        if not path.is_file():
+            raise FactorError(f"factor file {path} listed in the manifest is missing")
+        data = read_verified(path, entry["sha256"], FactorIntegrityError)
+        check_module_record(path, entry, stage, data)
+        atomic_write_bytes(artifact_path(out, relative), data)
     reused = None if where.is_local else {
         "repo": where.repo_id, "revision": where.revision or "main",
         "commit": folder.name if is_commit_sha(folder.name) else None,

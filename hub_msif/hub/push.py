@@ -26,13 +26,16 @@ from hub_msif.artifacts.integrity import verify_file
 from hub_msif.artifacts.manifest import (
     FACTORS,
     INDEX,
+    KINDS,
     STAGES,
+    artifact_path,
+    check_module_record,
     check_stage_pair,
     factor_files,
     index_files,
     read_manifest,
 )
-from hub_msif.errors import HubValueError, IntegrityError, Interrupted, TokenRefusedError
+from hub_msif.errors import FactorError, HubValueError, IntegrityError, Interrupted, MsifValueError, TokenRefusedError
 from hub_msif.hub.cards import (
     CARD_NAME,
     DEFAULT_LICENSE,
@@ -88,9 +91,14 @@ def version_number(tag: str) -> int | None:
 
 
 def _verify_local(folder: Path, files: dict[str, str], what: str) -> dict[str, int]:
-    """Checks every file against its sha256 before a push; returns the sizes."""
+    """Checks every file against its sha256 before a push (its path first: ``artifact_path``);
+    returns the sizes."""
     sizes = {}
     for relative, expected in files.items():
+        try:
+            artifact_path(folder, relative, KINDS[what])
+        except MsifValueError as err:
+            raise HubValueError(f"refusing to push {what} {folder}: {err}") from err
         if not (folder / relative).is_file():
             raise HubValueError(f"refusing to push {what} {folder}: {relative}, listed in the manifest, is missing")
         try:
@@ -296,6 +304,7 @@ def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, priva
     folder = Path(folder)
     manifest = read_manifest(folder, FACTORS)
     chosen = _chosen_stages(folder, manifest, stages)
+    _check_records(folder, manifest, chosen)  # paths and module records first: nothing edited by hand is published
     if len(chosen) == len(STAGES):
         check_stage_pair(manifest)
     published = public_manifest(manifest, chosen)
@@ -308,6 +317,20 @@ def push_factors(folder: str | Path, repo_id: str, tag: str | None = None, priva
 
     return _push(folder, repo_id, FACTORS.manifest_name, files, render, "factors", tag, private, token, commit_message,
                  manifest=data)
+
+
+def _check_records(folder: Path, manifest: dict, stages: list[str]) -> None:
+    """Every module file of ``stages`` lies in the folder (``artifact_path``) and records the module
+    and stage its manifest entry names (read from the safetensors header, no torch): a manifest
+    whose module names were edited is never published."""
+    for stage in stages:
+        for entry in manifest["stages"][stage]["modules"]:
+            try:
+                path = artifact_path(folder, entry["file"])
+                if path.is_file():  # a missing one is reported with the sha256 checks
+                    check_module_record(path, entry, stage)
+            except FactorError as err:
+                raise HubValueError(f"refusing to push factors {folder}: {err}") from err
 
 
 def _chosen_stages(folder: Path, manifest: dict, stages) -> list[str]:

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import sys
 import zipfile
 from importlib.resources import files
@@ -130,10 +131,34 @@ def pack_wheel() -> tuple[str, bytes]:
     return wheel_name(), buffer.getvalue()
 
 
+# PEP 427: {distribution}-{version}(-{build tag})?-{python tag}-{abi tag}-{platform tag}.whl
+_WHEEL_FILE = re.compile(r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._]*[A-Za-z0-9])?)-(?P<version>[A-Za-z0-9_.!+]+)"
+                         r"(?:-(?P<build>[0-9][A-Za-z0-9_.]*))?-(?P<python>[A-Za-z0-9_.]+)-(?P<abi>[A-Za-z0-9_.]+)"
+                         r"-(?P<platform>[A-Za-z0-9_.]+)\.whl")
+
+
+def canonical_wheel_name(file_name: str) -> str:
+    """The canonical PEP 427 name of a hub_msif wheel file (the distribution name normalised to
+    ``hub_msif``), or ``HubValueError`` when ``file_name`` is no pure-Python hub_msif wheel name:
+    pip refuses a requirement ``./hub_msif-0.1.0-py3-none-any (1).whl`` (a browser's second download)."""
+    match = _WHEEL_FILE.fullmatch(file_name)
+    expected = "hub_msif-<version>-py3-none-any.whl"
+    if match is None or re.sub(r"[-_.]+", "_", match["name"]).lower() != "hub_msif":
+        raise HubValueError(f"--wheel {file_name!r}: not a hub_msif wheel file name ({expected}, PEP 427), which "
+                            "pip would refuse in requirements.txt: rename the file")
+    if "py3" not in match["python"].split(".") or match["abi"] != "none" or match["platform"] != "any":
+        raise HubValueError(f"--wheel {file_name!r}: not a pure-Python wheel ({expected})")
+    build = f"-{match['build']}" if match["build"] else ""
+    return f"hub_msif-{match['version']}{build}-{match['python']}-none-any.whl"
+
+
 def _given_wheel(path: str | Path) -> tuple[str, bytes]:
+    """``(canonical file name, bytes)`` of the wheel ``--wheel`` names, checked: its name (PEP 427),
+    a zip holding the Space app and the card templates."""
     path = Path(path)
-    if not path.is_file() or not path.name.startswith("hub_msif-") or path.suffix != ".whl":
-        raise HubValueError(f"--wheel {path}: not a hub_msif wheel file (hub_msif-<version>-py3-none-any.whl)")
+    name = canonical_wheel_name(path.name)
+    if not path.is_file():
+        raise HubValueError(f"--wheel {path}: no such file")
     try:
         with zipfile.ZipFile(path) as wheel:
             names = set(wheel.namelist())
@@ -142,7 +167,7 @@ def _given_wheel(path: str | Path) -> tuple[str, bytes]:
     for needed in ("hub_msif/apps/space/app.py", "hub_msif/hub/templates/factors.md"):
         if needed not in names:
             raise HubValueError(f"--wheel {path}: it lacks {needed} (built from an older checkout?)")
-    return path.name, path.read_bytes()
+    return name, path.read_bytes()
 
 
 # -- the Space's files ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Not repeated here: tests/factors/test_bad_input.py (fit: --max-length/--batch-si
 (``index build``: missing columns, missing data, broken files).
 """
 
+import json
 import os
 import re
 import socket
@@ -234,11 +235,40 @@ CASES = [
      "{jsonl[good]} line 1: unknown field 'prompt' (fields: id, text)"),
     ("queries-with-missing-factors", "attribute --factors {tmp}/nope --index {index} --queries {jsonl[good]}",
      "factor folder {tmp}/nope does not exist"),
+    # text that is not Unicode (issue 21, items 4 and 6): refused before any model loads, naming the
+    # file and line, or the option
+    ("queries-lone-surrogate-prompt", "attribute --factors {dir} --index {index} --queries {jsonl[surrogate_prompt]}",
+     "{jsonl[surrogate_prompt]} line 2: 'prompt' holds a lone surrogate (\\ud800 at character 5)"),
+    ("queries-lone-surrogate-id", "attribute --factors {dir} --index {index} --queries {jsonl[surrogate_id]}",
+     "{jsonl[surrogate_id]} line 1: 'id' holds a lone surrogate (\\udfff at character 1)"),
+    ("queries-lone-surrogate-answer", "attribute --factors {dir} --index {index} --queries {jsonl[surrogate_answer]}",
+     "{jsonl[surrogate_answer]} line 1: 'answer' holds a lone surrogate"),
+    ("documents-lone-surrogate-text", "attribute --factors {dir} --documents {jsonl[doc_surrogate]} --prompt hi",
+     "{jsonl[doc_surrogate]} line 2: 'text' holds a lone surrogate (\\udc80 at character 0)"),
+    ("documents-lone-surrogate-id", "attribute --factors {dir} --documents {jsonl[doc_surrogate_id]} --prompt hi",
+     "{jsonl[doc_surrogate_id]} line 1: 'id' holds a lone surrogate"),
+    ("attribute-prompt-not-utf8", ["attribute", "--factors", "{dir}", "--index", "{index}", "--prompt", "caf\udce9"],
+     "argument --prompt: holds the byte 0xe9, which is not UTF-8, at character 3"),
+    ("attribute-answer-not-utf8", ["attribute", "--factors", "{dir}", "--index", "{index}", "--prompt", "hi",
+                                   "--answer", "\udcff"], "argument --answer: holds the byte 0xff"),
+    ("attribute-prompt-lone-surrogate", ["attribute", "--factors", "{dir}", "--index", "{index}", "--prompt",
+                                         "a\ud800"], "argument --prompt: holds a lone surrogate \\ud800"),
+    ("index-example-not-utf8", ["index", "build", "--data", "d.jsonl", "--out", "{tmp}/i", "--example", "\udce9?"],
+     "argument --example: holds the byte 0xe9"),
+    ("push-message-not-utf8", ["push", "index", "{index}", "--repo", "alice/x", "--message", "v\udce9"],
+     "argument --message: holds the byte 0xe9"),
     # --threads on the other heavy commands
     ("fit-threads-0", "fit --model {tmp}/m --stage pretrained --data d.jsonl --out {tmp}/o --threads 0",
      "argument --threads: must be at least 1, got 0"),
     ("index-threads-0", "index build --data d.jsonl --out {tmp}/i --threads 0", "argument --threads: must be at least 1"),
     ("demo-threads-0", "demo --cache {tmp}/c --threads 0", "argument --threads: must be at least 1, got 0"),
+    # push space --wheel: a file name pip would refuse in requirements.txt (issue 21, item 3a)
+    ("push-space-wheel-duplicate-download",
+     ["push", "space", "--repo", "alice/cli-space", "--factors", "alice/f@v1", "--index", "alice/i@v1", "--wheel",
+      "{tmp}/hub_msif-0.1.0-py3-none-any (1).whl"],
+     "--wheel 'hub_msif-0.1.0-py3-none-any (1).whl': not a hub_msif wheel file name"),
+    ("push-space-wheel-platform", "push space --repo alice/cli-space --factors alice/f@v1 --index alice/i@v1 --wheel "
+     "{tmp}/hub_msif-0.1.0-cp311-cp311-linux_x86_64.whl", "not a pure-Python wheel"),
     # push --model-name (what a card calls a local model)
     ("push-model-name-path", "push factors {dir} --repo alice/x --model-name pretrained=/home/me/model",
      "the model name '/home/me/model' is a path"),
@@ -268,6 +298,17 @@ CASES = [
     ("push-missing-folder", "push index {tmp}/nope --repo alice/x", "index folder {tmp}/nope does not exist"),
     ("push-folder-is-a-file", "push factors {file} --repo alice/x", "factor folder {file} is a file, not a folder"),
     ("push-folder-without-manifest", "push factors {dir} --repo alice/x", "msif.json"),
+    # hand-edited factor folders (issue 21, items 1 and 2): refused before anything is uploaded
+    ("push-factors-swapped-module-names", "push factors {factors[swapped]} --repo alice/cli-hand-edited",
+     "layers.0.mlp.safetensors as the finetuned factors of module 'layers.1.mlp', but the file holds the finetuned "
+     "factors of module 'layers.0.mlp'"),
+    ("push-factors-module-listed-twice", "push factors {factors[twice]} --repo alice/cli-hand-edited",
+     "stage 'pretrained' lists module 'layers.1.mlp' twice"),
+    ("push-factors-symlink-outside", "push factors {factors[symlink]} --repo alice/cli-hand-edited",
+     "which is a symbolic link (or lies under one) to a file outside the folder"),
+    ("pull-factors-module-listed-twice", "pull factors {factors[twice]}", "lists module 'layers.1.mlp' twice"),
+    ("attribute-factors-module-listed-twice", "attribute --factors {factors[twice]} --index {index} --prompt hi",
+     "lists module 'layers.1.mlp' twice"),
     ("push-index-as-factors", "push factors {index} --repo alice/x", "msif.json"),
     ("push-tag-main", "push index {index} --repo alice/cli-bad-tag --tag main", "not a usable version name"),
     ("push-tag-with-space", ["push", "index", "{index}", "--repo", "alice/cli-bad-tag", "--tag", "v 1"],
@@ -395,7 +436,57 @@ def _fill(args, places: dict) -> list[str]:
     return [a.format(**places) for a in args]
 
 
-def _places(tmp_path: Path, small_index: Path, busy_port: int) -> dict:
+def _hand_edited(root: Path) -> dict[str, Path]:
+    """Two-stage factor folders of two modules (identity factors; no model needed: every refusal
+    comes first), each with one hand edit of its manifest or files (issue 21, items 1 and 2)."""
+    import json
+    import shutil
+
+    import torch
+
+    from hub_msif.factors.ekfac import ModuleFactors
+    from hub_msif.factors.storage import save_stage
+    from hub_msif.factors.tracking import TrackedModule
+
+    good = root / "good"
+    factors = {name: ModuleFactors(TrackedModule(name, "mlp", 3, 2, False, False), torch.eye(3), torch.eye(2)[None],
+                                   torch.ones(1, 2, 3), torch.ones(3), torch.ones(1, 2))
+               for name in ("layers.0.mlp", "layers.1.mlp")}
+    for stage in ("pretrained", "finetuned"):
+        save_stage(good, stage, factors, {"model": {"id": f"acme/{stage}", "revision": "0" * 40}})
+    outside = root / "outside.safetensors"
+    shutil.copyfile(good / "pretrained" / "mlp" / "layers.0.mlp.safetensors", outside)
+
+    def edited(name: str, change) -> Path:
+        folder = Path(shutil.copytree(good, root / name, symlinks=True))
+        manifest = json.loads((folder / "msif.json").read_text())
+        change(folder, manifest, manifest["stages"]["pretrained"]["modules"],
+               manifest["stages"]["finetuned"]["modules"])
+        (folder / "msif.json").write_text(json.dumps(manifest))
+        return folder
+
+    def swap(folder, manifest, pre, fine):
+        fine[0]["name"], fine[1]["name"] = fine[1]["name"], fine[0]["name"]
+
+    def link(folder, manifest, pre, fine):
+        (folder / pre[0]["file"]).unlink()
+        (folder / pre[0]["file"]).symlink_to(outside)
+
+    return {
+        "swapped": edited("swapped", swap),
+        "twice": edited("twice", lambda f, m, pre, fine: pre.append(dict(pre[1]))),
+        "outside": edited("outside", lambda f, m, pre, fine: pre[0].update(file="../outside.safetensors")),
+        "absolute": edited("absolute", lambda f, m, pre, fine: pre[0].update(file=str(outside))),
+        "symlink": edited("symlink", link),
+    }
+
+
+@pytest.fixture(scope="module")
+def hand_edited(tmp_path_factory) -> dict[str, Path]:
+    return _hand_edited(tmp_path_factory.mktemp("hand-edited"))
+
+
+def _places(tmp_path: Path, small_index: Path, busy_port: int, factors: dict | None = None) -> dict:
     (tmp_path / "a-file").write_text("not a folder\n")
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken-root"
@@ -408,7 +499,7 @@ def _places(tmp_path: Path, small_index: Path, busy_port: int) -> dict:
         jsonl[name] = files / f"{name}.jsonl"
         jsonl[name].write_bytes(content if isinstance(content, bytes) else content.encode())
     return {"tmp": tmp_path, "file": tmp_path / "a-file", "dir": tmp_path / "empty", "index": small_index,
-            "port": busy_port, "broken_root": broken, "jsonl": jsonl}
+            "port": busy_port, "broken_root": broken, "jsonl": jsonl, "factors": factors or {}}
 
 
 # Query and document files of the --queries / --documents cases ({jsonl[name]}).
@@ -436,6 +527,11 @@ JSONL_FILES = {
     "doc_no_text": '{"id": "d1"}\n',
     "doc_blank_text": '{"id": "d1", "text": ""}\n',
     "doc_repeated_id": '{"id": 7, "text": "a"}\n{"id": "7", "text": "b"}\n',
+    "surrogate_prompt": '{"prompt": "a"}\n{"prompt": "where\\ud800 was kili born ?"}\n',
+    "surrogate_id": '{"prompt": "a", "id": "q\\udfff"}\n',
+    "surrogate_answer": '{"prompt": "a", "answer": "\\ud83d"}\n',
+    "doc_surrogate": '{"id": "d1", "text": "a"}\n{"id": "d2", "text": "\\udc80 b"}\n',
+    "doc_surrogate_id": '{"id": "\\ud800", "text": "a"}\n',
 }
 
 
@@ -451,8 +547,8 @@ def _assert_one_error_line(err: str, expected: str) -> None:
 
 @pytest.mark.parametrize("case, args, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_in_one_line_before_any_work(case, args, expected, tmp_path, small_index, busy_port,
-                                                         nothing_loads, hub_root, request, capsys):
-    places = _places(tmp_path, small_index, busy_port)
+                                                         nothing_loads, hub_root, hand_edited, request, capsys):
+    places = _places(tmp_path, small_index, busy_port, hand_edited)
     argv = _fill(args, places)
     command = _command(argv)
     if command in HUB:
@@ -479,7 +575,8 @@ def test_bad_input_is_refused_in_one_line_before_any_work(case, args, expected, 
 
 def test_the_table_covers_every_command():
     placeholders = dict.fromkeys(["tmp", "file", "dir", "index", "port", "broken_root"], "x")
-    covered = {tuple(_fill(args, {**placeholders, "jsonl": dict.fromkeys(JSONL_FILES, "x")})[:2])
+    covered = {tuple(_fill(args, {**placeholders, "jsonl": dict.fromkeys(JSONL_FILES, "x"),
+                                  "factors": dict.fromkeys(["swapped", "twice", "outside", "absolute", "symlink"], "x")})[:2])
                for _, args, _ in CASES}
     commands = {("fit",), ("demo",), ("index", "build"), ("attribute",), ("push", "factors"), ("push", "index"),
                 ("pull", "factors"), ("pull", "index"), ("find-factors",), ("hub", "serve")}
@@ -491,7 +588,8 @@ def test_the_table_covers_every_command():
 
 SUBPROCESS_CASES = ["attribute-top-0", "attribute-damping-nan", "attribute-blank-prompt", "serve-port-too-big",
                     "serve-root-is-a-file", "demo-cache-is-a-file", "push-repo-without-namespace", "no-command",
-                    "queries-bad-json-line", "queries-missing-prompt", "attribute-threads-0"]
+                    "queries-bad-json-line", "queries-missing-prompt", "attribute-threads-0",
+                    "attribute-prompt-not-utf8", "queries-lone-surrogate-prompt"]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
@@ -507,3 +605,29 @@ def test_bad_input_as_a_process_exits_2_with_one_line(case, tmp_path, small_inde
     _assert_one_error_line(result.stderr, expected.format(**places))
     assert result.stdout == ""
     assert _snapshot(tmp_path) == before
+
+
+def test_json_lines_split_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are legal unescaped inside JSON strings, and str.splitlines() breaks
+    lines at them (issue 21, item 5): a line ends at \\n only, a trailing \\r dropped."""
+    from hub_msif.apps.inputs import read_documents, read_queries
+
+    odd = "a\u2028b\u2029c\x85d \x1c\x1d\x1e\x0b\x0c e"  # the control characters travel escaped
+    lines = [json.dumps({"prompt": odd, "id": "q1"}, ensure_ascii=False), "",
+             json.dumps({"prompt": "\U0001f600 ok", "answer": odd}, ensure_ascii=False)]
+    assert "\u2028" in lines[0] and "\\u001c" in lines[0]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_bytes("\r\n".join(lines).encode("utf-8") + b"\r\n")
+    read = read_queries(queries)
+    assert [(q.prompt, q.answer, q.id, q.line) for q in read] == [(odd, None, "q1", 1), ("\U0001f600 ok", odd, 3, 3)]
+    documents = tmp_path / "documents.jsonl"
+    documents.write_text(json.dumps({"id": "d\u2028", "text": odd}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_documents(documents) == [{"id": "d\u2028", "text": odd}]
+
+
+def test_a_wheel_file_name_is_written_in_its_canonical_form():
+    from hub_msif.hub.space import canonical_wheel_name
+
+    assert canonical_wheel_name("hub_msif-0.1.0-py3-none-any.whl") == "hub_msif-0.1.0-py3-none-any.whl"
+    assert canonical_wheel_name("Hub.MSIF-0.1.0-py3-none-any.whl") == "hub_msif-0.1.0-py3-none-any.whl"
+    assert canonical_wheel_name("hub_msif-0.2.0-1-py2.py3-none-any.whl") == "hub_msif-0.2.0-1-py2.py3-none-any.whl"

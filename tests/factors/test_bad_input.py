@@ -259,6 +259,140 @@ def test_unknown_module_requested(fitted):
         load_stage(fitted, "pretrained", modules=["no.such.module"])
 
 
+# --- hand-edited manifests (issue 21, items 1 and 2) -----------------------------------------------
+
+
+def _edit_manifest(folder: Path, change) -> None:
+    """Applies ``change(manifest)`` to the manifest's JSON as a hand edit would (files untouched)."""
+    path = folder / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _one_line_factor_error(folder: Path, stage: str = "pretrained") -> str:
+    with pytest.raises(FactorError) as info:
+        load_stage(folder, stage)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_swapped_module_names_are_refused_naming_the_module(factors_copy):
+    entries = _entries(factors_copy)
+    first, second = entries[0]["name"], entries[1]["name"]
+
+    def swap(manifest):
+        modules = manifest["stages"]["pretrained"]["modules"]
+        modules[0]["name"], modules[1]["name"] = modules[1]["name"], modules[0]["name"]
+
+    _edit_manifest(factors_copy, swap)
+    message = _one_line_factor_error(factors_copy)
+    assert f"of module {second!r}, but the file holds the pretrained factors of module {first!r}" in message
+    assert "the manifest was edited" in message
+
+
+def test_swapped_names_of_same_shaped_modules_are_refused(factors_copy):
+    """The case that loaded silently: two modules of the same shape whose names (and nothing else)
+    are swapped; every file, sha256 and shape still agrees with its entry."""
+    entries = _entries(factors_copy)
+    shape = {(e["d_in"], e["d_out"], tuple(e["blocks"])): i for i, e in enumerate(entries)}
+    pair = next((shape[(e["d_in"], e["d_out"], tuple(e["blocks"]))], i) for i, e in enumerate(entries)
+                if shape[(e["d_in"], e["d_out"], tuple(e["blocks"]))] != i)
+    a, b = pair
+
+    def swap(manifest):
+        modules = manifest["stages"]["pretrained"]["modules"]
+        modules[a]["name"], modules[b]["name"] = modules[b]["name"], modules[a]["name"]
+
+    _edit_manifest(factors_copy, swap)
+    message = _one_line_factor_error(factors_copy)
+    assert entries[a]["name"] in message and entries[b]["name"] in message
+
+
+def test_a_module_listed_twice_is_refused(factors_copy):
+    name = _entries(factors_copy)[2]["name"]
+
+    def duplicate(manifest):
+        modules = manifest["stages"]["pretrained"]["modules"]
+        modules.append(dict(modules[2]))
+
+    _edit_manifest(factors_copy, duplicate)
+    message = _one_line_factor_error(factors_copy)
+    assert f"stage 'pretrained' lists module {name!r} twice" in message
+    with pytest.raises(FactorError, match="twice"):
+        read_manifest(factors_copy)  # the one manifest reader refuses it, whoever reads
+
+
+def test_a_stage_copied_under_another_stage_is_refused(factors_copy):
+    def copy_stage(manifest):
+        manifest["stages"]["finetuned"] = manifest["stages"]["pretrained"]
+
+    _edit_manifest(factors_copy, copy_stage)
+    message = _one_line_factor_error(factors_copy, "finetuned")
+    assert "as the finetuned factors of module" in message and "holds the pretrained factors" in message
+
+
+def test_a_file_without_its_module_record_is_refused(factors_copy):
+    from safetensors.torch import load, save
+
+    manifest = read_manifest(factors_copy)
+    entry = manifest["stages"]["pretrained"]["modules"][0]
+    victim = factors_copy / entry["file"]
+    data = save(load(victim.read_bytes()))  # the same tensors, no hub_msif metadata
+    victim.write_bytes(data)
+    entry["sha256"] = sha256_bytes(data)
+    (factors_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert "records no module and stage" in _one_line_factor_error(factors_copy)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "inner-parent", "symlink-file", "symlink-folder"])
+def test_a_file_outside_the_folder_is_refused_before_it_is_opened(factors_copy, tmp_path, where):
+    """A valid module file copied outside the folder (its sha256 matches the manifest): a manifest or
+    a link that points there is refused, and the message never shows the outside file's sha256."""
+    entries = _entries(factors_copy)
+    relative = entries[0]["file"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.safetensors"
+    shutil.copyfile(factors_copy / relative, secret)
+    secret_sha = sha256_bytes(secret.read_bytes())
+    if where in ("parent", "absolute", "inner-parent"):
+        path = {"parent": "../outside/secret.safetensors", "absolute": str(secret),
+                "inner-parent": "pretrained/../../outside/secret.safetensors"}[where]
+
+        def point(manifest):
+            manifest["stages"]["pretrained"]["modules"][0]["file"] = path
+
+        _edit_manifest(factors_copy, point)
+        expected = "unsafe file path"
+    elif where == "symlink-file":
+        (factors_copy / relative).unlink()
+        (factors_copy / relative).symlink_to(secret)
+        expected = "symbolic link"
+    else:  # the module's folder is a link to a copy of it outside
+        folder = (factors_copy / relative).parent
+        shutil.copytree(folder, outside / "mlp-copy")
+        shutil.rmtree(folder)
+        folder.symlink_to(outside / "mlp-copy", target_is_directory=True)
+        expected = "symbolic link"
+    message = _one_line_factor_error(factors_copy)
+    assert expected in message
+    assert secret_sha not in message and "sha256" not in message
+
+
+def test_a_symbolic_link_inside_the_folder_loads(factors_copy):
+    """Links that stay inside the folder are fine (a folder assembled with links)."""
+    relative = _entries(factors_copy)[0]["file"]
+    before = load_stage(factors_copy, "pretrained")
+    moved = factors_copy / "pretrained" / "kept.bin"
+    (factors_copy / relative).rename(moved)
+    (factors_copy / relative).symlink_to(moved)
+    after = load_stage(factors_copy, "pretrained")
+    for name, module in before.modules.items():
+        assert all(torch.equal(a, b) for a, b in zip(module.tensors().values(), after.modules[name].tensors().values()))
+
+
 # --- fitting on bad input (Python API) -----------------------------------------------------------
 
 

@@ -447,3 +447,137 @@ def test_with_the_hub_down_commands_fail_within_seconds_and_cached_versions_stil
     finally:
         logging.getLogger("huggingface_hub").removeHandler(records)
     assert not [m for m in records.messages if "Retrying" in m or "thrown while requesting" in m]
+
+
+# -- issue 21, item 7: the Hub fails during an upload or the commit ---------------------------------
+class _Failing:
+    """ASGI wrapper of the loopback server's app: answers ``status`` to every request of ``method``
+    whose path holds ``part`` while ``on`` (a 500 is retried by huggingface_hub: each try fails),
+    passes everything else on."""
+
+    def __init__(self, app, method: str, part: str, status: int):
+        self.app, self.method, self.part, self.status, self.on, self.failed = app, method, part, status, False, 0
+
+    async def __call__(self, scope, receive, send):
+        if self.on and scope["type"] == "http" and scope["method"] == self.method and self.part in scope["path"]:
+            self.failed += 1
+            while (await receive()).get("more_body"):
+                pass
+            await send({"type": "http.response.start", "status": self.status,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"No space left on device"})
+            return
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """huggingface_hub retries 5xx answers and broken connections 5 times over ~23 s: the same
+    retries, without the waits."""
+    import functools
+
+    from huggingface_hub import _commit_api, lfs
+    from huggingface_hub.utils import http_backoff
+
+    quick = functools.partial(http_backoff, base_wait_time=0.01, max_wait_time=0.01)
+    monkeypatch.setattr(lfs, "http_backoff", quick)
+    monkeypatch.setattr(_commit_api, "http_backoff", quick)
+
+
+def _one_error_line(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err and len(lines) == 1, captured.err
+    assert captured.out == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize("method, part, status, expected", [
+    ("PUT", "", 507, "failed: the Hub answered 507 \\(the server is out of space\\)"),
+    ("PUT", "", 500, "failed: the Hub answered 500 \\(a server failure\\)"),
+    ("POST", "/commit/", 500, "the Hub answered 500: .*a failure of the server at .*try again later"),
+], ids=["upload-disk-full", "upload-server-error", "commit-server-error"])
+def test_a_server_failure_during_a_push_is_one_line_and_a_rerun_completes(artifacts, hub_root, quick_retries,
+                                                                          tmp_path, capsys, method, part, status,
+                                                                          expected):
+    from hub_msif.hub.server import HubServer
+
+    repo = _repo("5xx")
+    folder = _edited_copy(artifacts.factors["v1"], tmp_path / "edited")
+    server = HubServer(hub_root, host="127.0.0.1", port=conftest.HUB_PORT, tokens=conftest.HUB_TOKENS)
+    failing = server.app = _Failing(server.app, method, part, status)
+    server.start()
+    try:
+        hub.push_factors(artifacts.factors["v1"], repo)
+        tags, head = _tags(repo), _head(repo)
+        failing.on = True
+        line = _one_error_line(["push", "factors", str(folder), "--repo", repo], capsys)
+        failing.on = False
+        assert failing.failed
+        assert re.match(f"hub-msif push: error: cannot push to {repo}: ", line), line
+        assert re.search(expected, line), line
+        if method == "PUT":
+            endpoint = re.escape(os.environ["HF_ENDPOINT"])
+            assert re.search(f"uploading [^ ]+\\.safetensors to {endpoint} failed", line), line
+            assert "nothing was committed, the repo is as it was: run the push again" in line
+        assert _tags(repo) == tags and _head(repo) == head  # the repo is as it was
+        pushed = hub.push_factors(folder, repo)  # run again: it completes
+        assert pushed.tag == "v2" and _tags(repo)["v2"] == _head(repo) != head
+        assert read_manifest(hub.pull_factors(f"{repo}@v2", cache_dir=tmp_path / "cache")) == read_manifest(folder)
+        _api().delete_repo(repo, repo_type="dataset")  # find_factors in test_push_pull counts the pair's versions
+    finally:
+        server.stop()
+
+
+SERVER_KILLED_MID_UPLOAD = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from hub_msif.hub.server import HubServer
+
+    server = HubServer(sys.argv[1], host="127.0.0.1", port=int(sys.argv[2]), tokens=json.loads(sys.argv[3]))
+    app = server.app
+
+    async def killed_mid_upload(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "PUT":
+            await receive()  # the first bytes of the upload arrived
+            os.kill(os.getpid(), signal.SIGKILL)
+        await app(scope, receive, send)
+
+    server.app = killed_mid_upload
+    server.start()
+    print("serving", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_server_killed_mid_upload_is_one_line_and_a_rerun_completes(artifacts, hub_root, quick_retries, tmp_path,
+                                                                       capsys):
+    from hub_msif.hub.server import HubServer
+
+    repo = _repo("killed")
+    folder = _edited_copy(artifacts.factors["v1"], tmp_path / "edited")
+    with HubServer(hub_root, host="127.0.0.1", port=conftest.HUB_PORT, tokens=conftest.HUB_TOKENS):
+        hub.push_factors(artifacts.factors["v1"], repo)
+        tags, head = _tags(repo), _head(repo)
+    dying = subprocess.Popen([sys.executable, "-c", SERVER_KILLED_MID_UPLOAD, str(hub_root), str(conftest.HUB_PORT),
+                              json.dumps(conftest.HUB_TOKENS)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert dying.stdout.readline().strip() == "serving"
+        line = _one_error_line(["push", "factors", str(folder), "--repo", repo], capsys)
+        assert dying.wait(timeout=30) == -9  # it was killed by the upload, not before
+    finally:
+        if dying.poll() is None:
+            dying.kill()
+            dying.wait()
+    endpoint = re.escape(os.environ["HF_ENDPOINT"])
+    assert re.match(f"hub-msif push: error: cannot push to {repo}: uploading [^ ]+\\.safetensors to {endpoint} "
+                    "failed: the connection broke off \\(", line), line
+    assert line.endswith("nothing was committed, the repo is as it was: run the push again (uploads that finished "
+                         "are not sent again)"), line
+    with HubServer(hub_root, host="127.0.0.1", port=conftest.HUB_PORT, tokens=conftest.HUB_TOKENS):
+        assert _tags(repo) == tags and _head(repo) == head  # the repo is as it was
+        pushed = hub.push_factors(folder, repo)  # run again: it completes
+        assert pushed.tag == "v2" and _tags(repo)["v2"] == _head(repo)
+        assert read_manifest(hub.pull_factors(f"{repo}@v2", cache_dir=tmp_path / "cache")) == read_manifest(folder)
+        _api().delete_repo(repo, repo_type="dataset")
