@@ -49,6 +49,7 @@ CONFIG_NAME = "msif_space.json"  # what the Space serves: {"factors": "REPO@REV"
 APP_FILE = "app.py"
 REQUIREMENTS_NAME = "requirements.txt"
 SPACE_TAGS = ["hub-msif", "influence-functions", "data-attribution"]
+SPACE_EXTRAS = ("retrieval", "space")  # pyproject's extras the Space's app needs
 _KEPT = (".gitattributes",)
 
 
@@ -109,9 +110,11 @@ def pack_wheel() -> tuple[str, bytes]:
         relative = path.relative_to(root.parent).as_posix()
         if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
             entries.append((relative, path.read_bytes()))
+    gradio, pins = space_requirements()
     metadata = (f"Metadata-Version: 2.1\nName: hub_msif\nVersion: {__version__}\nRequires-Python: >=3.10\n"
                 "Summary: Multi-stage influence functions for fine-tuned LLMs, with EK-FAC factors shared on the "
-                "Hugging Face Hub\nLicense: Apache-2.0\n")
+                "Hugging Face Hub\nLicense: Apache-2.0\n"
+                + "".join(f"Requires-Dist: {pin}\n" for pin in [f"gradio=={gradio}", *pins]))
     entries += [
         (f"{dist_info}/METADATA", metadata.encode()),
         (f"{dist_info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: hub_msif.hub.space\nRoot-Is-Purelib: true\n"
@@ -168,6 +171,39 @@ def _given_wheel(path: str | Path) -> tuple[str, bytes]:
         if needed not in names:
             raise HubValueError(f"--wheel {path}: it lacks {needed} (built from an older checkout?)")
     return name, path.read_bytes()
+
+
+def wheel_dependencies(data: bytes) -> list[str]:
+    """The ``Requires-Dist`` lines of a wheel's METADATA: its dependencies and those of the extras a
+    Space needs (``SPACE_EXTRAS``, their marker dropped); other extras' lines are left out."""
+    with zipfile.ZipFile(io.BytesIO(data)) as wheel:
+        meta = next((n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")), None)
+        text = wheel.read(meta).decode("utf-8", "replace") if meta else ""
+    requires = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    kept = []
+    for requirement in requires:  # the extras a Space needs (retrieval, space) count as its own; others do not
+        name, _, marker = requirement.partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if extra is None or extra.group(1) in SPACE_EXTRAS:
+            kept.append(name.strip() if extra else requirement)
+    return kept
+
+
+def _project(requirement: str) -> str:
+    """The normalised project name of a requirement line (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s;\[<>=!~(]", requirement, maxsplit=1)[0]).lower()
+
+
+def pinned_requirements(data: bytes) -> list[str]:
+    """The Space's requirement lines: the wheel's own dependencies, each pinned to the tested version of
+    ``templates/space_requirements.txt`` where it names one (else as the wheel declares it), and gradio
+    at the sdk version whether the wheel declares it or not (``pip install -r`` then gives a runnable app)."""
+    gradio, pins = space_requirements()
+    tested = {_project(p): p for p in [f"gradio=={gradio}", *pins]}
+    lines = [tested.get(_project(r), r) for r in wheel_dependencies(data)]
+    if "gradio" not in {_project(line) for line in lines}:
+        lines.insert(0, tested["gradio"])
+    return list(dict.fromkeys(lines))
 
 
 # -- the Space's files ----------------------------------------------------------------------------
@@ -287,9 +323,9 @@ def space_files(repo_id: str, factors: str | dict, index: str, manifest: dict, f
     """``{path: content}`` of every file of the Space (see the module docstring); ``factors`` is a pair
     location or ``{stage: location}``."""
     name, data = _given_wheel(wheel) if wheel is not None else pack_wheel()
-    _, pins = space_requirements()
-    requirements = ("# Pinned to the versions hub_msif is tested with; gradio comes from README.md's sdk_version.\n"
-                    + "".join(f"{p}\n" for p in pins) + f"# hub_msif {__version__} itself, shipped in this repo\n./{name}\n")
+    requirements = ("# The hub_msif wheel's own dependencies, pinned to the versions hub_msif is tested with (gradio at "
+                    "README.md's sdk_version).\n" + "".join(f"{p}\n" for p in pinned_requirements(data))
+                    + f"# hub_msif {__version__} itself, shipped in this repo\n./{name}\n")
     config = ({f"factors_{stage}": location for stage, location in factors.items()} if isinstance(factors, dict)
               else {"factors": factors}) | {"index": index}
     shown = (" + ".join(f"{stage} {location}" for stage, location in factors.items()) if isinstance(factors, dict)

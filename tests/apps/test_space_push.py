@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -269,3 +270,53 @@ def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
     text = log.read_text()
     assert "GUARD refused" not in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_the_space_requirements_come_from_the_wheel_resolve_and_cover_the_app(pushed, tmp_path):
+    """Issue 21 (3b): requirements.txt is the wheel's own dependencies (peft included: factors of a PEFT
+    adapter need it at start), pinned, with gradio at the sdk version; pip's resolver accepts it with the
+    project's pins (dry run: everything but the wheel is the tested environment's), and every third-party
+    module the app path imports is provided by a listed requirement or one of their dependencies."""
+    import importlib.metadata as metadata
+
+    import gradio
+
+    from hub_msif.hub.space import wheel_dependencies
+
+    space = _download(tmp_path)
+    listed = [line for line in (space / "requirements.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    names = {re.split(r"[=<>!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-") for line in listed[:-1]}
+    declared = {re.split(r"[=<>!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-")
+                for r in wheel_dependencies((space / WHEEL).read_bytes())}
+    assert names == declared and {"peft", "gradio", "torch", "sentence-transformers"} <= names
+    assert f"gradio=={gradio.__version__}" in listed
+
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check",
+                    "-r", "requirements.txt", "-c", str(ROOT / "requirements" / "constraints.txt"),
+                    "--report", str(report)], cwd=space, check=True)
+    assert [i["metadata"]["name"] for i in json.loads(report.read_text())["install"]] == ["hub_msif"]
+
+    probe = ("import json, sys, hub_msif.apps.space.app, hub_msif.apps.space.page, hub_msif.attribution.retrieval, "
+             "peft; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    imported = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                         check=True).stdout)
+    providers = metadata.packages_distributions()
+    needed = {d.lower().replace("_", "-") for m in imported if m not in sys.stdlib_module_names
+              and not m.startswith("_") and m != "hub_msif" for d in providers.get(m, [])}
+    closure, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:  # a dependency for another platform (colorama on Windows)
+            continue
+        for requirement in requires:
+            if "extra ==" not in requirement:
+                todo.append(re.split(r"[=<>!~;\[ (]", requirement, maxsplit=1)[0].lower().replace("_", "-"))
+    optional = {"opt-einsum"}  # torch imports it when present (kronfluence's, in the test env) and runs without it
+    assert needed - closure - optional == set(), f"imported by the app but not required: {sorted(needed - closure)}"
