@@ -720,6 +720,10 @@ def _add_hub(sub) -> None:
     s.add_argument("--port", type=port_number, default=8765, help="port (default 8765; 0 picks a free one)")
     s.add_argument("--token", action="append", default=[], type=token_spec, metavar="TOKEN=USER[:ORG1,ORG2][:read]",
                    help="add a token (repeatable): it may write to USER/ and the ORGs' namespaces, or only read")
+    s.add_argument("--max-request-bytes", type=positive_int, default=100_000_000, metavar="N",
+                   help="refuse (413) a request body over N bytes, e.g. a commit payload (default 100000000, the "
+                        "Hub's limit); bodies without a token are capped at 1 MiB and are never read before the "
+                        "token is checked; LFS uploads stream to disk, bounded by the size their batch announced")
     g = hsub.add_parser("gc", help="remove uploads that no commit references", description=(
         "Remove LFS uploads and blobs of a server root that no commit references (left by pushes killed before "
         "their commit), once they are older than --grace-seconds, so that a commit still in flight keeps its "
@@ -750,7 +754,7 @@ def _run_hub(args) -> int:
     # (a background job): Python then installs no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server = HubServer(root, host=args.host, port=args.port)
+    server = HubServer(root, host=args.host, port=args.port, max_request_bytes=args.max_request_bytes)
     try:
         server.start()
     except OSError as err:  # address in use, unknown host, a privileged port
