@@ -569,6 +569,9 @@ def _add_push_space(psub) -> None:
     q.add_argument("--wheel", type=non_empty, help="hub_msif wheel to ship (default: one packed from this hub_msif)")
     q.add_argument("--message", type=non_empty, help="commit message")
     q.add_argument("--no-card-link", action="store_true", help="leave the factor repo's card as it is")
+    q.add_argument("--replace", action="store_true",
+                   help="replace an existing Space of another sdk, or one hub_msif did not make, deleting its files "
+                        "(refused without it, naming what would be deleted)")
     q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     q.add_argument("--json", action="store_true", help="print a JSON summary")
 
@@ -579,7 +582,7 @@ def _run_push_space(args) -> int:
     pushed = push_space(args.repo, args.factors, args.index, private=args.private, hardware=args.hardware,
                         token=args.token, wheel=args.wheel, commit_message=args.message,
                         link_card=not args.no_card_link, factors_pretrained=args.factors_pretrained,
-                        factors_finetuned=args.factors_finetuned)
+                        factors_finetuned=args.factors_finetuned, replace=args.replace)
     factors = args.factors if not (args.factors_pretrained or args.factors_finetuned) else {
         "pretrained": args.factors_pretrained or args.factors, "finetuned": args.factors_finetuned or args.factors}
     summary = {"repo": args.repo, "commit": pushed.commit, "url": pushed.url, "factors": factors,
