@@ -268,6 +268,7 @@ def test_gc_never_removes_an_upload_in_progress_whatever_the_grace(hub_server, h
     assert result["r"].status_code == 200, result["r"].text
     assert (hub_root / "datasets" / repo / "objects" / "lfs" / hashlib.sha256(data).hexdigest()).is_file()
     assert not list(tmp.glob("*.part"))
+    HfApi().delete_repo(repo, repo_type="dataset")  # leave no unreferenced upload to other tests' collections
 
 
 def test_a_failed_commit_releases_its_uploads(hub_server, hub_root):
