@@ -5,7 +5,11 @@
    "lfs" (uploaded apart), and names the files already there, which the client then skips.
 3. LFS ``batch`` (authenticated) hands out one upload URL per missing object; the ``PUT`` to it
    carries no token, so only announced objects are accepted, and their sha256 and size are checked.
-4. ``commit``: one NDJSON body applied as one commit (``store.Repo.commit_changes``).
+4. ``commit``: one NDJSON body applied as one commit (``store.Repo.commit_changes``); a commit
+   that fails releases the uploads it named (``store.Repo.release_uploads``).
+
+Every handler checks the caller's rights before it reads a body, and reads it through
+``request_context.read_body`` (413 past ``--max-request-bytes``, 1 MiB without a token).
 """
 
 from __future__ import annotations
