@@ -661,6 +661,9 @@ def _add_push_space(psub) -> None:
     q.add_argument("--wheel", type=non_empty, help="hub_msif wheel to ship (default: one packed from this hub_msif)")
     q.add_argument("--message", type=non_empty, help="commit message")
     q.add_argument("--no-card-link", action="store_true", help="leave the factor repo's card as it is")
+    q.add_argument("--replace", action="store_true",
+                   help="replace an existing Space of another sdk, or one hub_msif did not make, deleting its files "
+                        "(refused without it, naming what would be deleted)")
     q.add_argument("--token", type=non_empty, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     q.add_argument("--json", action="store_true", help="print a JSON summary")
 
@@ -673,7 +676,7 @@ def _run_push_space(args) -> int:
     pushed = push_space(args.repo, args.factors, args.index, private=args.private, hardware=args.hardware,
                         token=args.token, wheel=args.wheel, commit_message=args.message,
                         link_card=not args.no_card_link, factors_pretrained=args.factors_pretrained,
-                        factors_finetuned=args.factors_finetuned)
+                        factors_finetuned=args.factors_finetuned, replace=args.replace)
     factors = args.factors if not (args.factors_pretrained or args.factors_finetuned) else {
         "pretrained": args.factors_pretrained or args.factors, "finetuned": args.factors_finetuned or args.factors}
     summary = {"repo": args.repo, "commit": pushed.commit, "url": pushed.url, "factors": factors,
@@ -814,6 +817,10 @@ def _add_hub(sub) -> None:
     s.add_argument("--port", type=port_number, default=8765, help="port (default 8765; 0 picks a free one)")
     s.add_argument("--token", action="append", default=[], type=token_spec, metavar="TOKEN=USER[:ORG1,ORG2][:read]",
                    help="add a token (repeatable): it may write to USER/ and the ORGs' namespaces, or only read")
+    s.add_argument("--max-request-bytes", type=positive_int, default=100_000_000, metavar="N",
+                   help="refuse (413) a request body over N bytes, e.g. a commit payload (default 100000000, the "
+                        "Hub's limit); bodies without a token are capped at 1 MiB and are never read before the "
+                        "token is checked; LFS uploads stream to disk, bounded by the size their batch announced")
     g = hsub.add_parser("gc", help="remove uploads that no commit references", description=(
         "Remove LFS uploads and blobs of a server root that no commit references (left by pushes killed before "
         "their commit), once they are older than --grace-seconds, so that a commit still in flight keeps its "
@@ -844,7 +851,7 @@ def _run_hub(args) -> int:
     # (a background job): Python then installs no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server = HubServer(root, host=args.host, port=args.port)
+    server = HubServer(root, host=args.host, port=args.port, max_request_bytes=args.max_request_bytes)
     try:
         server.start()
     except OSError as err:  # address in use, unknown host, a privileged port

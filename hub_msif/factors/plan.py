@@ -232,12 +232,15 @@ def load_config(model_or_config, revision: str | None = None):
         return model_or_config.config
     if isinstance(model_or_config, Mapping):
         values = dict(model_or_config)
+        check_shape_fields(values, "the config")
         model_type = values.pop("model_type", None)
         try:
             return AutoConfig.for_model(model_type, **values)
         except (ValueError, KeyError) as err:
             raise UnsupportedArchitectureError(
                 f"config with model_type {model_type!r}: not an architecture transformers knows") from err
+        except (TypeError, ZeroDivisionError) as err:
+            raise _config_refused("config", err) from err
     source = str(model_or_config)
     folder = Path(source)
     if folder.is_dir():
@@ -250,6 +253,7 @@ def load_config(model_or_config, revision: str | None = None):
             raise MsifValueError(f"{config_file} is not valid JSON: {err}") from err
         if not isinstance(declared, dict):
             raise MsifValueError(f"{config_file} does not hold a JSON object")
+        check_shape_fields(declared, str(config_file))
         model_type = declared.get("model_type")
         try:
             return AutoConfig.from_pretrained(folder)
@@ -257,12 +261,16 @@ def load_config(model_or_config, revision: str | None = None):
             raise UnsupportedArchitectureError(
                 f"model {source}: config.json has model_type {model_type!r}, an architecture transformers "
                 f"does not know") from err
+        except (TypeError, ZeroDivisionError) as err:
+            raise _config_refused(source, err) from err
     from hub_msif.models import _looks_like_repo_id
 
     if not _looks_like_repo_id(source):
         raise FileNotFoundError(f"model folder {source} does not exist")
     try:
         return AutoConfig.from_pretrained(source, revision=revision)
+    except (TypeError, ZeroDivisionError) as err:
+        raise _config_refused(source, err) from err
     except (ValueError, KeyError) as err:
         raise UnsupportedArchitectureError(f"model {source}: its config is of an architecture transformers "
                                            f"does not know ({str(err).splitlines()[0] if str(err) else ''})") from err
@@ -271,11 +279,50 @@ def load_config(model_or_config, revision: str | None = None):
         raise FileNotFoundError(f"model {source!r}: its config.json could not be read: {first}") from err
 
 
+# config.json fields that shape a model (GPT-2 style names too), and whether null is allowed
+_SHAPE_FIELDS = {"vocab_size": False, "hidden_size": False, "n_embd": False, "d_model": False,
+                 "num_hidden_layers": False, "n_layer": False, "num_layers": False, "num_attention_heads": False,
+                 "n_head": False, "num_heads": False, "intermediate_size": True, "n_inner": True,
+                 "num_key_value_heads": True, "head_dim": True}
+
+
+def check_shape_fields(values: Mapping, where: str = "config.json") -> None:
+    """Raises ``MsifValueError`` (one line naming the field) unless the fields of a config.json
+    (``values``, as declared) that shape the model are positive integers and the attention heads
+    divide the hidden size: transformers would otherwise fail with a traceback (a float vocabulary,
+    a string layer count, zero heads) or build a model without layers."""
+    if isinstance(values.get("text_config"), Mapping):
+        check_shape_fields(values["text_config"], f"{where} text_config")
+    for name, nullable in _SHAPE_FIELDS.items():
+        if name not in values or (nullable and values[name] is None):
+            continue
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise MsifValueError(f"{where} field {name} must be a positive integer, got {value!r}")
+    hidden = next((values[n] for n in ("hidden_size", "n_embd", "d_model") if n in values), None)
+    heads_name = next((n for n in ("num_attention_heads", "n_head", "num_heads") if n in values), None)
+    if hidden is not None and heads_name is not None and values.get("head_dim") is None \
+            and hidden % values[heads_name]:
+        raise MsifValueError(f"{where} field {heads_name} ({values[heads_name]}) must divide the hidden size "
+                             f"({hidden})")
+    kv = values.get("num_key_value_heads")
+    if kv is not None and heads_name is not None and values[heads_name] % kv:
+        raise MsifValueError(f"{where} field num_key_value_heads ({kv}) must divide {heads_name} "
+                             f"({values[heads_name]})")
+
+
+def _config_refused(source: str, err: Exception) -> MsifValueError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return MsifValueError(f"model {source}: transformers refuses its config.json: {first}")
+
+
 def meta_model(config):
-    """The causal LM of ``config`` on the meta device: shapes only, no memory, no weights read."""
+    """The causal LM of ``config`` on the meta device: shapes only, no memory, no weights read.
+    Its shape fields are checked first (``check_shape_fields``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_shape_fields(_text_config(config).to_dict() if hasattr(config, "to_dict") else {}, "the config")
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)

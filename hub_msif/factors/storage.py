@@ -186,6 +186,11 @@ def load_module_file(folder: Path, entry: dict, stage: str) -> ModuleFactors:
         if key not in tensors or tuple(tensors[key].shape) != shape:
             found = tuple(tensors[key].shape) if key in tensors else "missing"
             raise FactorError(f"factor file {path}: tensor {key!r} should be {shape}, found {found}")
+    recorded = entry.get("dtype")  # when recorded, the manifest's dtype must be the file's
+    stored = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    if recorded is not None and stored != {recorded}:
+        raise FactorError(f"factor file {path}: the manifest says dtype {recorded!r}, the file holds "
+                          f"{', '.join(sorted(stored))}")
     check_plausible(path, tensors)
     check_module_record(path, entry, stage, data)
     return ModuleFactors(spec, **{k: tensors[k] for k in expected})

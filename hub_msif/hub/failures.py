@@ -9,6 +9,7 @@ the revision and the endpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 from collections.abc import Iterator
 
@@ -25,6 +26,23 @@ from hub_msif.errors import (
 
 NO_TOKEN = ("pushing needs a Hugging Face token with write access: set HF_TOKEN, run `hf auth login`, "
             "or pass token= (--token)")
+
+
+# errno values that mean the local disk refused a write (full, quota, read-only, a name too long)
+_LOCAL_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM}
+
+
+def local_disk_error(err: OSError, doing: str) -> OSError:
+    """An ``OSError`` (same errno) naming the local disk as the cause: a download that fills the
+    disk or meets a file name too long is no Hub failure."""
+    where = f" ({err.filename})" if err.filename else ""
+    hint = ("free space there or point HF_HOME at another disk" if err.errno in (errno.ENOSPC, errno.EDQUOT) else
+            "use a shorter cache path (HF_HOME)" if err.errno == errno.ENAMETOOLONG else
+            "make it writable or point HF_HOME at another folder")
+    text = f"{doing}: the local disk failed, not the Hub: {err.strerror or err}{where} while writing the download; {hint}"
+    out = OSError(" ".join(text.split()))
+    out.errno = err.errno
+    return out
 
 
 def endpoint() -> str:
@@ -134,10 +152,16 @@ def hub_failures(repo_id: str, revision: str | None, doing: str, token=None) -> 
         if upload is None:
             raise
         raise _upload_failure(doing, upload.group(1), err.__cause__) from err
-    except OSError as err:  # connection refused, reset or timed out; a download cut short
+    except OSError as err:
+        if err.errno in _LOCAL_DISK_ERRORS:  # the local disk (cache) failed, not the Hub
+            raise local_disk_error(err, doing) from err
+        # connection refused, reset or timed out; a download cut short
         raise Unreachable(f"{doing}: the Hub at {endpoint()} could not be reached or broke off "
                           f"({type(err).__name__}: {first_line(err)}); nothing was changed, try again") from err
     except Exception as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, OSError) and cause.errno in _LOCAL_DISK_ERRORS:
+            raise local_disk_error(cause, doing) from err
         import httpx2
 
         if isinstance(err, httpx2.HTTPError):

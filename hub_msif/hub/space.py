@@ -14,7 +14,9 @@
 - ``README.md``: the Space's front matter (sdk, sdk_version, app_file, python_version, models,
   datasets, short_description, suggested_hardware) and a body from ``templates/space.md``.
 
-Every other file of the repo (``.gitattributes`` aside) is deleted in that commit. Afterwards the
+Every other file of the repo (``.gitattributes`` aside) is deleted in that commit; a Space of
+another sdk, or one hub_msif did not make, is only replaced with ``replace`` (``--replace``). Both
+artifacts are checked first with the readers ``pull`` uses, and nothing is written for a bad one. Afterwards the
 factor repo's card on ``main`` gets a link to the Space (``cards.with_space_link``), when the token
 may write there.
 """
@@ -34,8 +36,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hub_msif import __version__
-from hub_msif.artifacts.manifest import FACTORS, INDEX, STAGES, factor_files, stage_differences
-from hub_msif.errors import HubError, HubValueError, TokenRefusedError
+from hub_msif.artifacts.manifest import (
+    FACTORS,
+    INDEX,
+    STAGES,
+    factor_files,
+    index_files,
+    read_manifest,
+    stage_differences,
+)
+from hub_msif.errors import HubError, HubValueError, Interrupted, MsifError, TokenRefusedError
 from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, card_template, with_space_link
 from hub_msif.hub.failures import NO_TOKEN, hub_failures
 from hub_msif.hub.location import REPO_TYPE, check_repo_id, is_repo_id, parse_location
@@ -345,14 +355,51 @@ def space_files(repo_id: str, factors: str | dict, index: str, manifest: dict, f
 def push_space(repo_id: str, factors: str | None, index: str, private: bool = False, hardware: str | None = None,
                token: str | None = None, wheel: str | Path | None = None, commit_message: str | None = None,
                link_card: bool = True, factors_pretrained: str | None = None,
-               factors_finetuned: str | None = None) -> SpacePushed:
+               factors_finetuned: str | None = None, replace: bool = False) -> SpacePushed:
     """Publishes a Gradio Space that serves ``factors`` (a pair) or ``factors_pretrained`` and
     ``factors_finetuned`` (each stage from its own repo; either replaces that stage of ``factors``)
     and ``index``, all ``REPO@REV`` of published artifacts, as one commit to the space repo
-    ``repo_id`` (created when missing, private with ``private``, on ``hardware`` when given). The
-    artifacts are checked first (their manifests are read at the given revisions, each must hold its
-    stage, both stages the same modules). Then each factor repo's card links the Space, when
-    ``link_card`` and the token may write there. Returns ``(commit, url, card_linked)``."""
+    ``repo_id`` (created when missing, private with ``private``, on ``hardware`` when given).
+
+    Before anything is written, both artifacts are checked with the readers ``pull`` and
+    ``attribute`` use: each manifest (format and version), the sha256 of every file it lists
+    against the Hub's listing at that revision, the stage pair (both stages, the same modules) and
+    the index's embedding model record. An existing Space of another sdk, or one that hub_msif did
+    not make, whose files this commit would delete, is refused unless ``replace``. A private
+    artifact behind a public Space is warned about. Then each factor repo's card links the Space,
+    when ``link_card`` and the token may write there. Ctrl-C raises ``Interrupted`` saying whether
+    the Space commit landed. Returns ``(commit, url, card_linked)``."""
+    progress = {"step": "prepare", "api": None, "head": None, "commit": None}
+    try:
+        return _push_space(repo_id, factors, index, private, hardware, token, wheel, commit_message, link_card,
+                           factors_pretrained, factors_finetuned, replace, progress)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:
+        raise Interrupted(_interrupted_space(repo_id, progress)) from err
+
+
+def _interrupted_space(repo_id: str, progress: dict) -> str:
+    """The one-line account of a ``push space`` stopped by Ctrl-C: did the Space commit land?"""
+    step = progress["step"]
+    if step == "prepare":
+        return f"interrupted before the Space commit was sent: {repo_id} is unchanged"
+    if step == "commit":
+        try:
+            refs = progress["api"].list_repo_refs(repo_id, repo_type=SPACE_TYPE)
+            head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+        except (Exception, KeyboardInterrupt):
+            return (f"interrupted while the Space commit was being sent to {repo_id}; whether it landed cannot be told "
+                    "now: look at the Space's history, or run the same command again (it leaves the same files)")
+        if head == progress["head"]:
+            return f"interrupted before the Space commit landed: {repo_id} is unchanged; run the command again"
+        progress["commit"] = head
+    return (f"interrupted after the Space commit {progress['commit']} landed on {repo_id}, before the factor card "
+            "linked it; run the command again to add the link")
+
+
+def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit_message, link_card,
+                factors_pretrained, factors_finetuned, replace, progress) -> SpacePushed:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import get_token
@@ -372,21 +419,20 @@ def push_space(repo_id: str, factors: str | None, index: str, private: bool = Fa
     if not token:
         raise TokenRefusedError(f"{doing}: {NO_TOKEN}")
     require_hub(doing)
-    api = HfApi(token=token)
-    manifest, factor_bytes = {"stages": {}}, 0
+    api = progress["api"] = HfApi(token=token)
+    manifest, factor_bytes, private_repos = {"stages": {}}, 0, {}
     for stage, location in locations.items():
-        stage_manifest, sizes = _read_factors(api, location, stage, doing)
+        stage_manifest, sizes, hidden = _read_factors(api, location, stage, doing)
         manifest["stages"][stage] = stage_manifest["stages"][stage]
         factor_bytes += sum(sizes.get(path, 0) for path in factor_files(stage_manifest, stages=[stage]))
         if stage == "pretrained" or locations["pretrained"] != location:
             factor_bytes += sizes.get(FACTORS.manifest_name, 0)
+        private_repos[location.repo_id] = hidden
     problems = stage_differences(*(manifest["stages"][s]["modules"] for s in STAGES))
     if problems:
         raise HubValueError(f"{doing}: the pretrained and finetuned factors track different modules: "
                             f"{'; '.join(problems[:3])}")
-    with hub_failures(index_location.repo_id, index_location.revision, f"{doing}: reading the index"):
-        api.hf_hub_download(index_location.repo_id, INDEX.manifest_name, repo_type=REPO_TYPE,
-                            revision=index_location.revision)
+    private_repos[index_location.repo_id] = _read_index(api, index_location, doing)
     pair = locations["pretrained"] == locations["finetuned"]
     served = str(locations["pretrained"]) if pair else {stage: str(loc) for stage, loc in locations.items()}
     described = served if pair else " + ".join(f"{stage} {loc}" for stage, loc in served.items())
@@ -394,23 +440,37 @@ def push_space(repo_id: str, factors: str | None, index: str, private: bool = Fa
     with hub_failures(repo_id, None, doing, token):
         require_write_access(api, repo_id, doing)
         existed = api.repo_exists(repo_id, repo_type=SPACE_TYPE)
+        head, remote, public = None, [], not private
+        if existed:  # read before anything is written: a Space this push must not silently replace
+            info = api.space_info(repo_id)
+            public = not info.private
+            refs = api.list_repo_refs(repo_id, repo_type=SPACE_TYPE)
+            head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+            remote = [e.path for e in api.list_repo_tree(repo_id, repo_type=SPACE_TYPE, revision=head,
+                                                         recursive=True) if isinstance(e, RepoFile)] if head else []
+            _check_replace(repo_id, info.sdk, remote, content, replace, doing)
+        for repo, hidden in private_repos.items():
+            if hidden and public:
+                logger.warning("%s is private: the public Space %s names it in its README, and the Space can read it "
+                               "only with a token (add HF_TOKEN as a secret of the Space)", repo, repo_id)
         url = str(api.create_repo(repo_id, repo_type=SPACE_TYPE, space_sdk="gradio", private=True if private else None,
                                   space_hardware=hardware, exist_ok=True))
         if existed and hardware:
             api.request_space_hardware(repo_id, hardware)
-        refs = api.list_repo_refs(repo_id, repo_type=SPACE_TYPE)
-        head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
-        remote = [e.path for e in api.list_repo_tree(repo_id, repo_type=SPACE_TYPE, revision=head, recursive=True)
-                  if isinstance(e, RepoFile)] if head else []
+        if not existed:
+            refs = api.list_repo_refs(repo_id, repo_type=SPACE_TYPE)
+            head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
         operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c) for p, c in content.items()]
         operations += [CommitOperationDelete(path_in_repo=p) for p in sorted(remote)
                        if p not in content and p not in _KEPT]
+        progress.update(step="commit", head=head)
         commit = api.create_commit(
             repo_id, operations, repo_type=SPACE_TYPE, parent_commit=head,
             commit_message=commit_message or f"hub_msif Space serving {described}",
             commit_description=f"app.py, README.md, requirements.txt, {CONFIG_NAME} and the hub_msif {__version__} "
                                f"wheel; factors {described}, index {index_location}.",
         ).oid
+        progress.update(step="link", commit=commit)
     linked = True
     for location in dict.fromkeys(locations.values()):
         linked = (link_card and _link_factor_card(api, location.repo_id, repo_id, url, str(location))) and linked
@@ -418,21 +478,90 @@ def push_space(repo_id: str, factors: str | None, index: str, private: bool = Fa
     return SpacePushed(commit, url, linked)
 
 
-def _read_factors(api, location, stage: str, doing: str) -> tuple[dict, dict[str, int]]:
-    """The factor manifest at ``location`` (checked to hold ``stage`` with a string model id) and the
-    sizes of the files there."""
-    with hub_failures(location.repo_id, location.revision, f"{doing}: reading the factors"):
-        manifest_path = api.hf_hub_download(location.repo_id, FACTORS.manifest_name, repo_type=REPO_TYPE,
-                                            revision=location.revision)
+def _check_replace(repo_id: str, sdk: str | None, remote: list[str], content: dict, replace: bool, doing: str) -> None:
+    """Refuses (unless ``replace``) to push over a Space of another sdk, or over one hub_msif did
+    not make (no ``msif_space.json``) whose files the commit would delete, naming them."""
+    deleted = [p for p in sorted(remote) if p not in content and p not in _KEPT]
+    foreign_sdk = sdk not in (None, "gradio")
+    if replace or not (foreign_sdk or (deleted and CONFIG_NAME not in remote)):
+        return
+    what = f"a {sdk} Space" if foreign_sdk else "a Space that hub_msif did not make"
+    shown = ", ".join(deleted[:5]) + (f" and {len(deleted) - 5} more" if len(deleted) > 5 else "")
+    raise HubValueError(f"{doing}: {repo_id} is {what}; pushing would make it a gradio Space and delete "
+                        f"{len(deleted)} file(s){': ' + shown if deleted else ''}; give --replace to replace it")
+
+
+def _listed_sha256(api, location, siblings: dict, files: dict[str, str], doing: str) -> None:
+    """Checks each ``{path: sha256}`` of a manifest against the Hub's files at the location's
+    revision: the LFS sha256 of the listing, or the content's for a regular (small) file."""
+    from hub_msif.artifacts.atomic import file_sha256
+
+    for path, expected in files.items():
+        sibling = siblings.get(path)
+        if sibling is None:
+            raise HubValueError(f"{doing}: {location} lacks {path}, which its manifest lists")
+        lfs = sibling.lfs
+        actual = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)) if lfs else None
+        if actual is None:
+            with hub_failures(location.repo_id, location.revision, doing):
+                actual = file_sha256(api.hf_hub_download(location.repo_id, path, repo_type=REPO_TYPE,
+                                                         revision=location.revision))
+        if actual != expected:
+            raise HubValueError(f"{doing}: {location}: {path} has sha256 {actual[:16]}..., its manifest says "
+                                f"{str(expected)[:16]}...: the artifact is damaged")
+
+
+def _read_artifact(api, location, kind, doing: str) -> tuple[dict, dict, bool]:
+    """``(manifest, {path: sibling}, private)`` of the artifact published at ``location``, its
+    manifest read by ``read_manifest`` (format and version), as ``pull`` reads it."""
+    what = "factors" if kind is FACTORS else "index"
+    with hub_failures(location.repo_id, location.revision, f"{doing}: reading the {what}"):
+        manifest_path = Path(api.hf_hub_download(location.repo_id, kind.manifest_name, repo_type=REPO_TYPE,
+                                                 revision=location.revision))
         info = api.dataset_info(location.repo_id, revision=location.revision, files_metadata=True)
     try:
-        manifest = json.loads(Path(manifest_path).read_text())
+        manifest = read_manifest(manifest_path.parent, kind)
+    except MsifError as err:
+        reason = str(err).replace(str(manifest_path), kind.manifest_name).replace(str(manifest_path.parent), "")
+        raise HubValueError(f"{doing}: {location} is no published hub_msif {what}: {reason}") from err
+    return manifest, {s.rfilename: s for s in info.siblings or []}, bool(info.private)
+
+
+def _read_factors(api, location, stage: str, doing: str) -> tuple[dict, dict[str, int], bool]:
+    """The factor manifest at ``location`` (checked to hold ``stage`` with a string model id and
+    files whose sha256 the Hub lists), the sizes of the files there, and whether the repo is private."""
+    manifest, siblings, private = _read_artifact(api, location, FACTORS, doing)
+    try:
         if not isinstance(manifest["stages"][stage]["model"]["id"], str):
             raise TypeError(f"the {stage} stage's model id is not a string")
+        files = factor_files(manifest, stages=[stage])
+        for entry in manifest["stages"][stage]["modules"]:
+            int(entry["d_in"]), int(entry["d_out"]), str(entry["name"])  # noqa: B018 (what stage_differences reads)
     except (ValueError, KeyError, TypeError) as err:
         raise HubValueError(f"{doing}: {location} holds no {stage} factors in its manifest ({FACTORS.manifest_name}): "
                             f"{type(err).__name__}: {err}") from err
-    return manifest, {s.rfilename: s.size or 0 for s in info.siblings or []}
+    _listed_sha256(api, location, siblings, files, doing)
+    return manifest, {path: s.size or 0 for path, s in siblings.items()}, private
+
+
+def _read_index(api, location, doing: str) -> bool:
+    """Checks the index published at ``location`` as ``DocumentIndex.load`` would read it: manifest,
+    the sha256 of its documents and embeddings, its embedding model record and sizes. Returns
+    whether the repo is private."""
+    manifest, siblings, private = _read_artifact(api, location, INDEX, doing)
+    try:
+        files = index_files(manifest)
+        model = manifest.get("embedding_model")
+        if not isinstance(model, dict) or not isinstance(model.get("id"), str) or not model["id"].strip():
+            raise ValueError(f"its embedding_model record is {model!r}, not {{\"id\", \"revision\"}}")
+        for key in ("num_documents", "dimension"):
+            value = manifest.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"its {key} is {value!r}, not a positive integer")
+    except (ValueError, MsifError) as err:
+        raise HubValueError(f"{doing}: {location} is no usable index ({INDEX.manifest_name}): {err}") from err
+    _listed_sha256(api, location, siblings, files, doing)
+    return private
 
 
 def _link_factor_card(api, factor_repo: str, space_id: str, url: str, served: str) -> bool:

@@ -371,6 +371,10 @@ CASES = [
     ("serve-token-without-user", "hub serve --root {tmp}/hub --token secret", "--token must look like"),
     ("serve-token-bad-name", "hub serve --root {tmp}/hub --token t=bad--name", "invalid user or org name 'bad--name'"),
     ("serve-token-empty", ["hub", "serve", "--root", "{tmp}/hub", "--token", "=dave"], "--token must look like"),
+    ("serve-max-request-bytes-zero", "hub serve --root {tmp}/hub --max-request-bytes 0",
+     "argument --max-request-bytes: must be at least 1, got 0"),
+    ("serve-max-request-bytes-text", "hub serve --root {tmp}/hub --max-request-bytes 100MB",
+     "argument --max-request-bytes: must be a whole number, got '100MB'"),
     # no command at all
     ("no-command", [], "required: COMMAND"),
     ("unknown-command", "train --model x", "invalid choice: 'train'"),

@@ -320,3 +320,124 @@ def test_the_space_requirements_come_from_the_wheel_resolve_and_cover_the_app(pu
                 todo.append(re.split(r"[=<>!~;\[ (]", requirement, maxsplit=1)[0].lower().replace("_", "-"))
     optional = {"opt-einsum"}  # torch imports it when present (kronfluence's, in the test env) and runs without it
     assert needed - closure - optional == set(), f"imported by the app but not required: {sorted(needed - closure)}"
+
+
+# -- issue 23 item 3 and issue 21 item 10: what push space refuses before anything is written --------
+
+
+def _copy_artifact(api: HfApi, folder: Path, repo: str, private: bool = False, edits: dict | None = None) -> str:
+    """``repo@main``: a fresh dataset repo holding the files of ``folder``, with ``edits``
+    (``{path: bytes}``) replacing some of them, as a hand-made or damaged upload would."""
+    from huggingface_hub import CommitOperationAdd
+
+    api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    files.update(edits or {})
+    api.create_commit(repo, [CommitOperationAdd(path, data) for path, data in files.items()], repo_type="dataset",
+                      commit_message="a copy")
+    return f"{repo}@main"
+
+
+def _space_push_args(space: str, factors: str, index: str) -> list[str]:
+    return ["push", "space", "--repo", space, "--factors", factors, "--index", index]
+
+
+def test_push_space_refuses_artifacts_that_attribute_refuses(pushed, fact_world, capsys):
+    import uuid
+
+    api = HfApi()
+    tag = uuid.uuid4().hex[:6]
+    factors, index = Path(fact_world["factors"]), Path(fact_world["index_folder"])
+    manifest = json.loads((factors / "msif.json").read_text())
+    no_format = {k: v for k, v in manifest.items() if k != "format"}
+    module = manifest["stages"]["finetuned"]["modules"][0]["file"]
+    index_manifest = json.loads((index / "index.json").read_text())
+    bad_model = {**index_manifest, "embedding_model": "some-model"}
+    cases = [
+        ("factors", _copy_artifact(api, factors, f"alice/bad-f-nofmt-{tag}",
+                                   edits={"msif.json": json.dumps(no_format).encode()}), "format=None"),
+        ("factors", _copy_artifact(api, factors, f"alice/bad-f-file-{tag}", edits={module: b"not the factors"}),
+         "the artifact is damaged"),
+        ("index", _copy_artifact(api, index, f"alice/bad-i-json-{tag}", edits={"index.json": b"{not json"}),
+         "not valid JSON"),
+        ("index", _copy_artifact(api, index, f"alice/bad-i-fake-{tag}", edits={"documents.parquet": b"PAR1 fake"}),
+         "the artifact is damaged"),
+        ("index", _copy_artifact(api, index, f"alice/bad-i-model-{tag}",
+                                 edits={"index.json": json.dumps(bad_model).encode()}), "embedding_model"),
+    ]
+    space = f"alice/bad-space-{tag}"
+    for kind, location, message in cases:
+        argv = _space_push_args(space, location if kind == "factors" else pushed["factors"],
+                                location if kind == "index" else pushed["index"])
+        assert cli_main(argv) == 2, location
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err and "Traceback" not in err, (location, err)
+        assert not api.repo_exists(space, repo_type="space")  # nothing written
+
+
+def test_push_space_over_a_space_of_another_sdk_needs_replace(pushed, capsys):
+    import uuid
+
+    from huggingface_hub import CommitOperationAdd
+
+    api = HfApi()
+    space = f"alice/docker-space-{uuid.uuid4().hex[:6]}"
+    api.create_repo(space, repo_type="space", space_sdk="docker")
+    api.create_commit(space, [CommitOperationAdd("Dockerfile", b"FROM python:3.11\n"),
+                              CommitOperationAdd("server.py", b"print('hi')\n")],
+                      repo_type="space", commit_message="a docker app")
+    head = api.space_info(space).sha
+    argv = _space_push_args(space, pushed["factors"], pushed["index"])
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "docker Space" in err and "Dockerfile, server.py" in err and "--replace" in err
+    assert api.space_info(space).sha == head  # untouched
+    assert cli_main([*argv, "--replace", "--no-card-link"]) == 0
+    files = set(api.list_repo_files(space, repo_type="space"))
+    assert "Dockerfile" not in files and "app.py" in files and api.space_info(space).sdk == "gradio"
+
+
+def test_a_private_artifact_behind_a_public_space_is_warned_about(pushed, fact_world, caplog):
+    import logging
+    import uuid
+
+    api = HfApi()
+    tag = uuid.uuid4().hex[:6]
+    index = _copy_artifact(api, Path(fact_world["index_folder"]), f"alice/private-index-{tag}", private=True)
+    space = f"alice/public-space-{tag}"
+    with caplog.at_level(logging.WARNING, logger="hub_msif.hub.space"):
+        assert cli_main([*_space_push_args(space, pushed["factors"], index), "--no-card-link"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "is private" in r.getMessage()]
+    assert warned and f"alice/private-index-{tag}" in warned[0] and space in warned[0]
+    caplog.clear()
+    private_space = f"alice/private-space-{tag}"
+    with caplog.at_level(logging.WARNING, logger="hub_msif.hub.space"):
+        assert cli_main([*_space_push_args(private_space, pushed["factors"], index), "--private",
+                         "--no-card-link"]) == 0
+    assert not [r for r in caplog.records if "is private" in r.getMessage()]  # a private Space may name it
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-the-commit", "after-the-commit"])
+def test_ctrl_c_during_push_space_says_whether_the_commit_landed(pushed, monkeypatch, capsys, after):
+    import uuid
+
+    api = HfApi()
+    space = f"alice/ctrl-c-space-{uuid.uuid4().hex[:6]}"
+    real = HfApi.create_commit
+
+    def interrupted(self, repo_id, *args, **kwargs):
+        if kwargs.get("repo_type") != "space":
+            return real(self, repo_id, *args, **kwargs)
+        if after:
+            real(self, repo_id, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HfApi, "create_commit", interrupted)
+    assert cli_main([*_space_push_args(space, pushed["factors"], pushed["index"]), "--no-card-link"]) == 130
+    err = capsys.readouterr().err.strip()
+    head = api.list_repo_refs(space, repo_type="space").branches[0].target_commit
+    if after:
+        assert f"Space commit {head} landed" in err, err
+        assert "app.py" in api.list_repo_files(space, repo_type="space")
+    else:
+        assert "unchanged" in err and "app.py" not in api.list_repo_files(space, repo_type="space"), err

@@ -181,6 +181,21 @@ def test_implausible_factors_are_refused_whatever_the_checksum_says(factors_copy
         load_stage(factors_copy, "pretrained")
 
 
+def test_a_manifest_dtype_that_differs_from_the_files_is_refused(factors_copy):
+    """Issue 23 item 5: the manifest's ``dtype`` is checked against the file's tensors on load:
+    bfloat16 tensors under a manifest that says float32 (file and sha256 consistent)."""
+    victim = _rewrite_tensors(factors_copy, lambda t: t.update({k: v.bfloat16() for k, v in t.items()}))
+    entry = _entries(factors_copy)[0]
+    assert entry["dtype"] == "float32"
+    with pytest.raises(FactorError, match=re.escape(str(victim)) + ".*manifest says dtype 'float32', the file holds "
+                                          "bfloat16"):
+        load_stage(factors_copy, "pretrained")
+    manifest = read_manifest(factors_copy)  # the same file under its own dtype loads
+    manifest["stages"]["pretrained"]["modules"][0]["dtype"] = "bfloat16"
+    (factors_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert load_stage(factors_copy, "pretrained")
+
+
 def test_plausibility_check_accepts_every_fitted_module(fitted):
     """The checks pass on real factors, in float32 and in bfloat16 storage."""
     from hub_msif.factors.storage import check_plausible

@@ -424,3 +424,28 @@ def test_measure_without_plan_is_refused_in_one_line(tmp_path, capsys):
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--measure goes with --plan" in err
+
+
+TINY_NEOX = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64,
+             "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 512,
+             "max_position_embeddings": 128, "rotary_pct": 0.25}
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("vocab_size", 512.0, "field vocab_size must be a positive integer, got 512.0"),
+    ("num_hidden_layers", "2", "field num_hidden_layers must be a positive integer, got '2'"),
+    ("hidden_size", 0, "field hidden_size must be a positive integer, got 0"),
+    ("num_attention_heads", 0, "field num_attention_heads must be a positive integer, got 0"),
+    ("num_attention_heads", 5, "field num_attention_heads (5) must divide the hidden size (64)"),
+    ("num_hidden_layers", 0, "field num_hidden_layers must be a positive integer, got 0"),
+    ("intermediate_size", -4, "field intermediate_size must be a positive integer, got -4"),
+])
+def test_plan_of_an_odd_config_is_one_line_naming_the_field(field, value, needle, tmp_path, capsys):
+    """Issue 23 item 4: transformers tracebacks (or a misleading "MoE experts" error for 0 layers)
+    become one line naming the config.json field, exit 2, nothing written."""
+    folder = config_folder(tmp_path, "odd", {**TINY_NEOX, field: value})
+    code, out, err = _cli(["fit", "--plan", "--model", str(folder), "--stage", "pretrained"], capsys)
+    assert code == 2 and out == "", err
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "odd"]
+    assert len(plan_fit(config_folder(tmp_path, "fine", TINY_NEOX)).tracked_modules) == 8  # the unedited config plans

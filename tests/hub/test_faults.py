@@ -581,3 +581,41 @@ def test_a_server_killed_mid_upload_is_one_line_and_a_rerun_completes(artifacts,
         assert pushed.tag == "v2" and _tags(repo)["v2"] == _head(repo)
         assert read_manifest(hub.pull_factors(f"{repo}@v2", cache_dir=tmp_path / "cache")) == read_manifest(folder)
         _api().delete_repo(repo, repo_type="dataset")
+
+
+# -- issue 23 item 5: a pull that the local disk refuses names the disk, not the Hub ------------------
+
+
+def test_a_pull_into_a_cache_path_too_long_names_the_local_disk(published, tmp_path, capsys):
+    cache = tmp_path / ("x" * 300)  # one path component longer than any file system allows
+    with pytest.raises(OSError) as err:
+        hub.pull_factors(f"{FACTORS_REPO}@v1", cache_dir=cache)
+    message = str(err.value)
+    assert not isinstance(err.value, HubUnreachableError), message
+    assert "the local disk failed, not the Hub" in message and "File name too long" in message
+    assert "could not be reached" not in message and "\n" not in message
+
+
+def _can_mount_tmpfs() -> bool:
+    return subprocess.run(["unshare", "-r", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no user namespace to mount a small tmpfs in")
+def test_a_pull_onto_a_full_disk_names_the_local_disk(published, tmp_path):
+    """``hub-msif pull factors`` with HF_HOME on a 24 KiB tmpfs (its own mount namespace; the
+    network is the test's loopback): exit 2, one line naming the local disk, no traceback."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HF_HOME": str(home),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    command = (f"mount -t tmpfs -o size=24k tmpfs {home} && exec {sys.executable} -m hub_msif.apps.cli pull factors "
+               f"{FACTORS_REPO}@v1")
+    run = subprocess.run(["unshare", "-r", "-m", "sh", "-c", command], capture_output=True, text=True, env=env,
+                         timeout=300)
+    err = run.stderr.strip()
+    assert run.returncode == 2, err[-2000:]
+    last = err.splitlines()[-1]  # huggingface_hub warns about the free space first, on lines of its own
+    assert last.startswith("hub-msif pull: error: ") and "the local disk failed, not the Hub" in last, err[-2000:]
+    assert "No space left on device" in last and "could not be reached" not in err and "Traceback" not in err

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hub_msif.hub.server.auth import TokenBook
 from hub_msif.hub.server.errors import HubApiError, error_response
 from hub_msif.hub.server.garbage import collect_garbage
+from hub_msif.hub.server.request_context import DEFAULT_MAX_REQUEST_BYTES
 from hub_msif.hub.server.routes import build_app
 from hub_msif.hub.server.store import Store
 
@@ -40,13 +41,18 @@ class HubServer:
     request answered, ``path`` as sent (with the query). Clients need ``HF_HUB_DISABLE_XET=1``.
     """
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, tokens: dict | None = None) -> None:
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, tokens: dict | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.host, self.port = host, int(port)
         self.store = Store(self.root)
         self.request_log: list[dict] = []
-        self.app = _FrontDoor(build_app(self.store), TokenBook(self.root, tokens), self.request_log.append)
+        api = build_app(self.store)
+        api.state.max_request_bytes = int(max_request_bytes)
+        self.app = _FrontDoor(api, TokenBook(self.root, tokens), self.request_log.append)
         self.url = self._url()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

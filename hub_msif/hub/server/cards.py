@@ -2,7 +2,10 @@
 
 Repo info and listings carry the parsed front matter as ``cardData`` and derived ``tags``, which
 ``list_datasets(filter=...)`` matches; ``/api/validate-yaml`` refuses a README
-whose front matter does not parse. YAML is read with ``yaml.safe_load`` only.
+whose front matter does not parse, and so does a commit of such a README (400). YAML is read
+with ``yaml.SafeLoader`` less aliases (``_NoAliasLoader``): an alias (``*name``) is refused, so a
+few hundred bytes of nested aliases (a "billion laughs" card) can never expand into megabytes of
+``cardData`` in every info and listing answer.
 """
 
 from __future__ import annotations
@@ -16,6 +19,17 @@ _DATASET_TAG_KEYS = ("task_categories", "task_ids", "language", "size_categories
                      "annotations_creators", "language_creators", "source_datasets")
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (anchors alone are harmless)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not allowed in a card",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def parse_front_matter(text: str) -> tuple[dict | None, str | None]:
     """``(front matter, None)`` of a README text, ``(None, None)`` when it has none, and
     ``(None, error message)`` when its ``---`` block is not a YAML mapping."""
@@ -26,15 +40,22 @@ def parse_front_matter(text: str) -> tuple[dict | None, str | None]:
     if end is None:
         return None, None
     try:
-        data = yaml.safe_load("\n".join(lines[1:end]))
+        data = yaml.load("\n".join(lines[1:end]), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
-        return None, f"Invalid YAML in README.md front matter: {err}"
+        return None, f"Invalid YAML in README.md front matter: {_one_line(err)}"
     if data is None:
         return {}, None
     if not isinstance(data, dict):
         return None, f"README.md front matter must be a YAML mapping, got {type(data).__name__}"
     # YAML dates and other non-JSON scalars become strings: the card goes out as JSON
     return json.loads(json.dumps(data, default=str)), None
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 2} of README.md)"  # +1 for 1-based, +1 for the opening ---
+    return " ".join(str(err).split())
 
 
 def card_tags(repo_type: str, card: dict | None) -> list[str]:

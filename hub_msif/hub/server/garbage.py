@@ -13,7 +13,10 @@ commit an upload is meant for: no lock the commit holds covers that gap, and a c
 another process (``hub gc`` beside a running server) could not see an in-process lock anyway. So
 an unreferenced file is removed only once it has not been written or touched for
 ``grace_seconds`` (default 24 hours, the lifetime of the upload URLs the LFS batch hands out: an
-upload older than that belongs to a push that is over). A file a commit may name without
+upload older than that belongs to a push that is over). An upload still being written is another
+matter: it holds an exclusive ``flock`` on its part file (``store.LfsUpload``), which a
+collector in any process sees, so it is never removed, whatever the grace. A commit that fails
+releases the uploads it named at once (``store.Repo.release_uploads``). A file a commit may name without
 uploading it has its age renewed: the LFS batch touches a stored object it reports as present
 (the client then names it in its commit), and ``store_blob`` touches a regular blob it finds
 already stored.
@@ -21,8 +24,10 @@ already stored.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -73,6 +78,27 @@ def _remove(path: Path) -> int:
         return 0
 
 
+def _remove_part(path: Path) -> int | None:
+    """Removes an upload's part file unless the upload writing it holds its lock (it is in
+    progress); returns the bytes freed, None when it was kept or went away meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # being written: in-progress uploads are invisible to the collector
+        size = os.fstat(fd).st_size
+        path.unlink()  # under the lock: the upload re-checks its file after locking
+        return size
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def collect_garbage(root: str | Path, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> tuple[int, int]:
     """Removes from the server storage at ``root`` the LFS objects and regular blobs no commit
     references, partial uploads, and leftovers of repo deletions, each only when it has not been
@@ -98,11 +124,16 @@ def collect_garbage(root: str | Path, grace_seconds: float = DEFAULT_GRACE_SECON
         objects = repo_dir / "objects"
         candidates = [p for p in (objects / "lfs").glob("*") if p.name not in lfs]
         candidates += [p for p in (objects / "blobs").glob("*") if p.name not in blobs]
-        candidates += list((objects / "tmp").glob("*"))
         for path in candidates:
             if old(path):
                 freed += _remove(path)
                 count += 1
+        for path in (objects / "tmp").glob("*"):
+            if old(path):
+                size = _remove_part(path) if path.name.endswith(".part") else _remove(path)
+                if size is not None:
+                    freed += size
+                    count += 1
     for path in (root / ".trash").glob("*"):
         if old(path):
             freed += _remove(path)

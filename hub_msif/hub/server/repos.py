@@ -25,6 +25,7 @@ from hub_msif.hub.server.request_context import (
     open_repo,
     paginated,
     path_param,
+    read_body,
     repo_url,
     store_of,
     truthy,
@@ -68,8 +69,10 @@ def _body_repo_type(body: dict) -> str:
 
 async def create_repo(request: Request) -> Response:
     """A new repo ``{organization or the caller}/{name}``; 409 (with its ``url``) when it exists."""
-    body = await json_body(request)
     caller = caller_of(request)
+    if caller.anonymous:  # before the body is read: a caller without a token sends nothing we keep
+        raise HubApiError(401, "You must be authenticated with a write token to create a repo")
+    body = await json_body(request)
     repo_type = _body_repo_type(body)
     name = str(body.get("name") or "")
     namespace = body.get("organization") or caller.user
@@ -92,6 +95,8 @@ async def create_repo(request: Request) -> Response:
 
 async def delete_repo(request: Request) -> Response:
     """Deletes the repo ``{organization or the caller}/{name}`` of the body's ``type``."""
+    if caller_of(request).anonymous:
+        raise HubApiError(401, "You must be authenticated with a write token to delete a repo")
     body = await json_body(request)
     namespace = body.get("organization") or caller_of(request).user or ""
     repo, _ = open_repo(request, _body_repo_type(body), namespace, str(body.get("name") or ""), write=True)
@@ -101,6 +106,7 @@ async def delete_repo(request: Request) -> Response:
 
 async def update_settings(repo_type: str, request: Request) -> Response:
     """Makes a repo private or public (``visibility`` or ``private``); gating is not supported."""
+    open_repo(request, repo_type, write=True)  # the rights first, the body then
     body = await json_body(request)
     if body.get("gated") not in (None, False):
         raise HubApiError(400, "gated repos are not supported by this server")
@@ -199,8 +205,8 @@ async def tree(repo_type: str, request: Request) -> Response:
 
 async def paths_info(repo_type: str, request: Request) -> Response:
     """Tree entries of the form-encoded ``paths`` that exist (missing ones are left out)."""
-    form = parse_qs((await request.body()).decode("utf-8", errors="replace"), keep_blank_values=True)
     repo, _ = open_repo(request, repo_type)
+    form = parse_qs((await read_body(request)).decode("utf-8", errors="replace"), keep_blank_values=True)
     sha = repo.resolve(path_param(request, "rev"))
     files = repo.commit(sha)["files"]
     folders = views.folders(files)
@@ -230,10 +236,10 @@ async def list_commits(repo_type: str, request: Request) -> Response:
 async def create_branch(repo_type: str, request: Request) -> Response:
     """A new branch at ``startingPoint`` (default ``main``); 409 if it exists."""
     branch = path_param(request, "branch")
+    repo, _ = open_repo(request, repo_type, write=True)
     body = await json_body(request)
     if branch.startswith("refs/") or SHA1_RE.match(branch) or not valid_ref_name(branch):
         raise HubApiError(400, f"Invalid reference for a branch: {branch!r}")
-    repo, _ = open_repo(request, repo_type, write=True)
     if not repo.add_ref("branches", branch, repo.resolve(str(body.get("startingPoint") or "main"))):
         raise HubApiError(409, f"Reference already exists: refs/heads/{branch}")
     return JSONResponse({})
@@ -252,10 +258,10 @@ async def delete_branch(repo_type: str, request: Request) -> Response:
 
 async def create_tag(repo_type: str, request: Request) -> Response:
     """Tags the revision in the path with the body's ``tag``; 409 if the tag exists."""
+    repo, _ = open_repo(request, repo_type, write=True)
     tag = (await json_body(request)).get("tag")
     if not isinstance(tag, str) or tag.startswith("refs/") or not valid_ref_name(tag):
         raise HubApiError(400, f"Invalid tag name: {tag!r}")
-    repo, _ = open_repo(request, repo_type, write=True)
     if not repo.add_ref("tags", tag, repo.resolve(path_param(request, "rev"))):
         raise HubApiError(409, f"Tag {tag} already exists")
     return JSONResponse({})

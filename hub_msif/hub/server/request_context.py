@@ -53,9 +53,55 @@ def repo_url(request: Request, repo: Repo) -> str:
     return f"{base_url(request)}/{URL_PREFIX[repo.type]}{repo.id}"
 
 
+DEFAULT_MAX_REQUEST_BYTES = 100 * 1000 * 1000  # the Hub's limit on a commit payload (non-LFS content)
+ANONYMOUS_MAX_REQUEST_BYTES = 1024 * 1024  # bodies sent without a token (paths-info, validate-yaml)
+
+
+def body_limit(request: Request) -> int:
+    """How many bytes this request's body may have: the server's ``max_request_bytes`` (``hub
+    serve --max-request-bytes``), at most 1 MiB for a caller without a token."""
+    limit = getattr(request.app.state, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+    return min(limit, ANONYMOUS_MAX_REQUEST_BYTES) if caller_of(request).anonymous else limit
+
+
+def too_large(size: int | None, limit: int) -> HubApiError:
+    """The 413 answer for a body over ``limit`` bytes."""
+    declared = f" ({size} bytes)" if size is not None else ""
+    return HubApiError(413, f"Payload Too Large: the request body{declared} exceeds this server's limit of {limit} "
+                            "bytes (hub serve --max-request-bytes); send large files through LFS")
+
+
+def declared_length(request: Request) -> int | None:
+    """The ``Content-Length`` the client announced (None when absent); 400 when it is not a number."""
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise HubApiError(400, f"invalid Content-Length {value!r}") from None
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, read only up to ``body_limit`` bytes: 413 as soon as the announced length
+    or the bytes received go over it, so a hostile body never sits in memory whole. Handlers
+    check the caller's rights before calling it."""
+    limit = body_limit(request)
+    size = declared_length(request)
+    if size is not None and size > limit:
+        raise too_large(size, limit)
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise too_large(None, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def json_body(request: Request) -> dict:
-    """The request body as a JSON object (``{}`` when empty); ``HubApiError`` 400 otherwise."""
-    raw = await request.body()
+    """The request body (``read_body``) as a JSON object (``{}`` when empty); ``HubApiError`` 400 otherwise."""
+    raw = await read_body(request)
     if not raw.strip():
         return {}
     try:

@@ -83,6 +83,7 @@ async def space_runtime(repo_type: str, request: Request) -> Response:
 
 async def request_hardware(repo_type: str, request: Request) -> Response:
     """``request_space_hardware``: records the requested ``flavor`` and answers the runtime."""
+    open_repo(request, repo_type, write=True)  # the rights first, the body then
     body = await json_body(request)
     hardware = _hardware(body.get("flavor"))
     if hardware is None:

@@ -21,6 +21,8 @@ commit references (uploads of a push that never committed) are removed by ``garb
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -67,12 +69,15 @@ def valid_name(name: str) -> bool:
             and name.strip(".") != "")
 
 
+FORBIDDEN_FOLDERS = (".git", ".cache")  # the Hub refuses these as any part of a path (huggingface_hub's too)
+
+
 def valid_repo_path(path: str) -> bool:
-    """Whether ``path`` may name a file in a repo: relative, '/'-separated, no '.', '..' or '.git' part."""
+    """Whether ``path`` may name a file in a repo: relative, '/'-separated, no '.', '..', '.git' or
+    '.cache' part at any depth (``a/.git/hooks/x`` is refused, as on the Hub)."""
     if not path or path.startswith("/") or path.endswith("/") or "\0" in path or "\\" in path:
         return False
-    parts = path.split("/")
-    return all(p not in ("", ".", "..") for p in parts) and parts[0] != ".git"
+    return all(p not in ("", ".", "..", *FORBIDDEN_FOLDERS) for p in path.split("/"))
 
 
 def valid_ref_name(name: str) -> bool:
@@ -283,6 +288,27 @@ class Repo:
         with contextlib.suppress(FileNotFoundError):
             os.utime(self.lfs_path(sha256))
 
+    def referenced_lfs(self) -> set[str]:
+        """The LFS sha256s that some commit record of the repo names (reachable or not)."""
+        found = set()
+        for record in (self.dir / "commits").glob("*.json"):
+            found.update(e["lfs"] for e in json.loads(record.read_text()).get("files", {}).values() if e.get("lfs"))
+        return found
+
+    def release_uploads(self, oids: list[str]) -> None:
+        """Removes the stored LFS objects ``oids`` (those of a commit that failed) that no commit
+        of the repo references: a failed push gives back its disk space at once instead of after
+        the grace period of ``garbage``. A rerun uploads them again."""
+        if not oids:
+            return
+        with self.store.lock:
+            try:
+                referenced = self.referenced_lfs()
+            except (OSError, ValueError, AttributeError):  # unreadable records: keep everything
+                return
+            for oid in set(oids) - referenced:
+                self.lfs_path(oid).unlink(missing_ok=True)
+
     def lfs_upload(self, sha256: str, size: int) -> LfsUpload:
         """A writer for the content of the LFS object ``sha256`` of ``size`` bytes (see ``LfsUpload``)."""
         return LfsUpload(self, sha256, size)
@@ -401,7 +427,13 @@ class Repo:
 class LfsUpload:
     """Receives the content of one announced LFS object: ``write`` its chunks inside a ``with``
     block; leaving the block checks the sha256 and size and stores the object, or raises
-    ``HubApiError`` 400 (and an interrupted upload) leaving nothing behind."""
+    ``HubApiError`` (400 bad content, 413 more bytes than announced, 507 disk full) leaving nothing
+    behind, its part file included.
+
+    The part file ``objects/tmp/<sha256>.<random>.part`` is held under an exclusive ``flock`` while
+    it is written: ``garbage.collect_garbage`` (in this process or in ``hub gc``) skips a part file
+    it cannot lock, so an upload in progress is never collected, whatever the grace period.
+    """
 
     def __init__(self, repo: Repo, sha256: str, size: int) -> None:
         self.repo, self.sha256, self.size = repo, sha256, size
@@ -412,22 +444,41 @@ class LfsUpload:
         # atomic_write_bytes wants the whole content at once; an upload streams in, so the same
         # temporary-file, fsync and rename steps are taken here chunk by chunk
         tmp_dir = self.repo.dir / "objects" / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f"{self.sha256}.", suffix=".part")
+        try:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            for _ in range(5):
+                fd, self._tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f"{self.sha256}.", suffix=".part")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # a collector may have removed the file between its creation and the lock: start over
+                if _same_file(fd, self._tmp):
+                    break
+                os.close(fd)
+            else:
+                raise HubApiError(503, "the upload's part file keeps being removed; try again")
+        except OSError as err:
+            raise _storage_error(err, self.repo) from err
         self._handle = os.fdopen(fd, "wb")
         return self
 
     def write(self, chunk: bytes) -> None:
+        if self._received + len(chunk) > self.size:
+            raise HubApiError(413, f"size mismatch: the body has more than the {self.size} bytes the LFS batch "
+                                   "announced")
         self._digest.update(chunk)
         self._received += len(chunk)
-        self._handle.write(chunk)
+        try:
+            self._handle.write(chunk)
+        except OSError as err:
+            raise _storage_error(err, self.repo) from err
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._handle.flush()
-                os.fsync(self._handle.fileno())
-                self._handle.close()
+                try:
+                    self._handle.flush()
+                    os.fsync(self._handle.fileno())
+                except OSError as err:
+                    raise _storage_error(err, self.repo) from err
                 if self._digest.hexdigest() != self.sha256:
                     raise HubApiError(400, f"sha256 mismatch: the body hashes to {self._digest.hexdigest()}, "
                                            f"not {self.sha256}")
@@ -435,8 +486,25 @@ class LfsUpload:
                     raise HubApiError(400, f"size mismatch: got {self._received} bytes, expected {self.size}")
                 target = self.repo.lfs_path(self.sha256)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self._tmp, target)
+                os.replace(self._tmp, target)  # still under the lock: no collector sees it half done
                 self.repo.store._announced.pop((self.repo.dir, self.sha256), None)
         finally:
-            self._handle.close()
+            # closing may fail again on a full disk (buffered bytes): the part file goes regardless
+            with contextlib.suppress(OSError):
+                self._handle.close()
             Path(self._tmp).unlink(missing_ok=True)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _storage_error(err: OSError, repo: Repo) -> HubApiError:
+    """A failed write of the server's storage as an answer: 507 for a full disk, else 500."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return HubApiError(507, f"Insufficient Storage: the server's disk is full, the upload to {repo.id} was "
+                                "discarded; free space on the server and push again")
+    return HubApiError(500, f"the server could not store the upload to {repo.id}: {err.strerror or err}")

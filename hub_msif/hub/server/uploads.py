@@ -5,7 +5,11 @@
    "lfs" (uploaded apart), and names the files already there, which the client then skips.
 3. LFS ``batch`` (authenticated) hands out one upload URL per missing object; the ``PUT`` to it
    carries no token, so only announced objects are accepted, and their sha256 and size are checked.
-4. ``commit``: one NDJSON body applied as one commit (``store.Repo.commit_changes``).
+4. ``commit``: one NDJSON body applied as one commit (``store.Repo.commit_changes``); a commit
+   that fails releases the uploads it named (``store.Repo.release_uploads``).
+
+Every handler checks the caller's rights before it reads a body, and reads it through
+``request_context.read_body`` (413 past ``--max-request-bytes``, 1 MiB without a token).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from hub_msif.hub.server.gitattributes import lfs_rules, tracked_by_lfs
 from hub_msif.hub.server.request_context import (
     base_url,
     caller_of,
+    declared_length,
     json_body,
     open_repo,
     path_param,
+    read_body,
     repo_url,
     store_of,
     truthy,
@@ -48,8 +54,8 @@ async def validate_yaml(request: Request) -> Response:
 async def preupload(repo_type: str, request: Request) -> Response:
     """For each announced file: "lfs" (over 10 MiB, a NUL byte in its sample, or a ``.gitattributes``
     LFS pattern) or "regular", and the id of the file already there (the client skips equal ones)."""
+    repo, _ = open_repo(request, repo_type, write=True)  # the rights first, the body then
     body = await json_body(request)
-    repo, _ = open_repo(request, repo_type, write=True)
     sha = repo.resolve(path_param(request, "rev"))
     files = repo.commit(sha)["files"]
     attributes = files.get(".gitattributes")
@@ -72,10 +78,10 @@ async def preupload(repo_type: str, request: Request) -> Response:
 
 async def lfs_batch(repo_type: str, request: Request) -> Response:
     """Upload URLs for the LFS objects not stored yet (the ones stored get no ``actions``)."""
+    repo, _ = open_repo(request, repo_type, write=True)  # the rights first, the body then
     body = await json_body(request)
     if body.get("operation", "upload") != "upload":
         raise HubApiError(400, "this server only supports the LFS upload operation")
-    repo, _ = open_repo(request, repo_type, write=True)
     store = store_of(request)
     objects = []
     for obj in body.get("objects") or []:
@@ -104,7 +110,11 @@ async def lfs_upload(repo_type: str, request: Request) -> Response:
     size = store.announced_lfs_size(repo, oid)
     if size is None:
         raise HubApiError(403, f"LFS object {oid} was not announced by an LFS batch request to {repo.id}")
-    with repo.lfs_upload(oid, size) as upload:
+    declared = declared_length(request)
+    if declared is not None and declared != size:
+        raise HubApiError(400 if declared < size else 413,
+                          f"size mismatch: the body has {declared} bytes, the LFS batch announced {size}")
+    with repo.lfs_upload(oid, size) as upload:  # streamed to disk, never held in memory
         async for chunk in request.stream():
             upload.write(chunk)
     return Response(status_code=200)
@@ -113,14 +123,19 @@ async def lfs_upload(repo_type: str, request: Request) -> Response:
 async def commit(repo_type: str, request: Request) -> Response:
     """One commit from an NDJSON body (a header line, then file, lfsFile, deletedFile and
     deletedFolder lines) to the branch in the path, or to a new pull request with ``create_pr``."""
-    raw = await request.body()
-    repo, _ = open_repo(request, repo_type, write=True)
-    header, changes = _parse_commit(raw)
+    repo, _ = open_repo(request, repo_type, write=True)  # the rights first: no body is read for a 401 or 403
+    header, changes = _parse_commit(await read_body(request))
     parent = header.get("parentCommit")
-    sha, pr = repo.commit_changes(path_param(request, "rev"), changes, str(header["summary"]),
-                                  str(header.get("description") or ""), caller_of(request).user,
-                                  parent=str(parent) if parent else None,
-                                  create_pr=truthy(request.query_params.get("create_pr")))
+    try:
+        sha, pr = repo.commit_changes(path_param(request, "rev"), changes, str(header["summary"]),
+                                      str(header.get("description") or ""), caller_of(request).user,
+                                      parent=str(parent) if parent else None,
+                                      create_pr=truthy(request.query_params.get("create_pr")))
+    except BaseException:
+        # A failed commit releases the uploads it named that no commit references: they would
+        # otherwise hold their disk space (a full disk stays full) for the whole grace period.
+        repo.release_uploads([c.oid for c in changes if c.kind == "lfsFile"])
+        raise
     url = repo_url(request, repo)
     return JSONResponse({"success": True, "commitOid": sha, "commitUrl": f"{url}/commit/{sha}",
                          "commitMessage": header["summary"], "hookOutput": "",
@@ -151,7 +166,12 @@ def _parse_commit(raw: bytes) -> tuple[dict, list[Change]]:
         if not valid_repo_path(path):
             raise HubApiError(400, f"Invalid path in repo: {value.get('path')!r}")
         if key == "file":
-            changes.append(Change(key, path, data=_inline_content(path, value)))
+            data = _inline_content(path, value)
+            if path == "README.md":  # the card is parsed once here, never expanded per request
+                error = parse_front_matter(data.decode("utf-8", errors="replace"))[1]
+                if error:
+                    raise HubApiError(400, f"Invalid README.md: {error}")
+            changes.append(Change(key, path, data=data))
         elif key == "lfsFile":
             oid = str(value.get("oid", ""))
             if value.get("algo", "sha256") != "sha256" or not SHA256_RE.match(oid):
