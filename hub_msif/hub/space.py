@@ -6,8 +6,8 @@
   the hub layer never imports the apps layer);
 - ``hub_msif-<version>-py3-none-any.whl``: this hub_msif, packed from the running package (or the
   wheel given), so the Space depends on no unpublished package;
-- ``requirements.txt``: the pins of ``templates/space_requirements.txt`` (the versions the
-  project is tested with) and ``./<wheel>``; gradio comes from the README's ``sdk_version``;
+- ``requirements.txt``: the wheel's own dependencies, pinned to ``templates/space_requirements.txt``
+  (the versions the project is tested with; gradio at the README's ``sdk_version``), and ``./<wheel>``;
 - ``msif_space.json``: the factor and index locations the app serves (a file rather than Space
   variables: it lands in the same commit as the app, so every commit says what it serves, and it
   needs no API beyond commits);

@@ -182,12 +182,11 @@ def test_space_files_are_a_valid_gradio_space():
     for pin in requirements[:-1]:  # every other line pins a tested version
         name, version = pin.split("==")
         assert constraints[name] == version, pin
-    template = [line for line in (ROOT / "hub_msif" / "hub" / "templates" / "space_requirements.txt").read_text()
-                .splitlines() if line and not line.startswith("#")]
-    assert requirements[:-1] == [p for p in template if not p.startswith("gradio==")]
-    assert f"gradio=={gr.__version__}" in template  # the Space's sdk_version
-    assert not any(r.split("=")[0].split("[")[0].strip().lower() == "gradio" for r in requirements), \
-        "gradio comes from sdk_version; requirements.txt must not pin another"
+    from hub_msif.hub.space import pack_wheel, pinned_requirements
+
+    # the wheel's own dependencies, pinned, gradio at the sdk_version (what push space writes)
+    assert requirements[:-1] == pinned_requirements(pack_wheel()[1])
+    assert f"gradio=={gr.__version__}" in requirements and "peft==0.21.2" in requirements
 
     spec = importlib.util.spec_from_file_location("msif_space_app", SPACE_DIR / "app.py")
     module = importlib.util.module_from_spec(spec)
