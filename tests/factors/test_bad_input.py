@@ -153,14 +153,17 @@ def test_truncated_file_with_a_matching_hash_is_not_parsed_as_factors(factors_co
 def _rewrite_tensors(folder: Path, change) -> Path:
     """Alters one module file's tensors with ``change(tensors)`` and updates the manifest's sha256
     to match, as an attacker who edits both would; returns the altered file."""
+    from safetensors import safe_open
     from safetensors.torch import load, save
 
     manifest = read_manifest(folder)
     entry = manifest["stages"]["pretrained"]["modules"][0]
     victim = folder / entry["file"]
+    with safe_open(str(victim), framework="pt") as handle:
+        metadata = handle.metadata()  # the module and stage record kept, as a careful attacker would
     tensors = load(victim.read_bytes())
     change(tensors)
-    data = save(tensors)
+    data = save(tensors, metadata=metadata)
     victim.write_bytes(data)
     entry["sha256"] = sha256_bytes(data)
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
