@@ -37,11 +37,11 @@ import torch
 from hub_msif.attribution.baselines import mean_last_hidden
 from hub_msif.data import collate
 from hub_msif.errors import MsifValueError
+from hub_msif.factors.architectures import TrackedModule
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
 from hub_msif.factors.ekfac import ModuleFactors, precondition_twice
 from hub_msif.factors.objectives import lm_loss
 from hub_msif.factors.storage import StageFactors
-from hub_msif.factors.tracking import TrackedModule
 
 GRADIENT_METHODS = ("ms-if", "ss-if", "gdp")
 _MAX_CHUNK_ELEMENTS = 32 * 1024 * 1024

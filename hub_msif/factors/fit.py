@@ -38,6 +38,7 @@ from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha
 from hub_msif.artifacts.manifest import FACTORS, artifact_path, read_manifest, stage_differences
 from hub_msif.data import collate
 from hub_msif.errors import FactorError, MsifError, MsifValueError
+from hub_msif.factors.architectures import TrackedModule, find_modules
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
 from hub_msif.factors.config import ACCUMULATE_DTYPE_NAMES, MODEL_DTYPE_NAMES, FitConfig  # FitConfig: re-exported
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator, ModuleFactors
@@ -51,7 +52,6 @@ from hub_msif.factors.storage import (
     spec_to_json,
     write_stage_manifest,
 )
-from hub_msif.factors.tracking import TrackedModule, find_modules
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = ".msif-checkpoints"
@@ -237,7 +237,7 @@ def _progress_bar(**kwargs):
 def _report_plan(model, config: FitConfig, world: int, max_length: int, show_progress: bool) -> None:
     """The memory plan of this fit (docs/design.md, "Memory plan"): on stderr when progress is shown,
     else in the log (``hub-msif -v``)."""
-    from hub_msif.factors.plan import format_plan, plan_of_fit
+    from hub_msif.factors.memory_plan import format_plan, plan_of_fit
 
     try:
         text = format_plan(plan_of_fit(model, config, world, max_length))

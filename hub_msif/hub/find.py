@@ -16,10 +16,10 @@ from pathlib import Path
 from hub_msif.artifacts.manifest import FACTORS, STAGES
 from hub_msif.errors import HubError, RepositoryNotFoundError
 from hub_msif.hub.cards import FACTOR_TAGS, public_source
-from hub_msif.hub.failures import endpoint, first_line, hub_failures
+from hub_msif.hub.connectivity import require_hub
+from hub_msif.hub.hub_errors import endpoint, first_line, hub_failures
 from hub_msif.hub.location import REPO_TYPE
 from hub_msif.hub.push import version_number
-from hub_msif.hub.reach import require_hub
 from hub_msif.models import ModelRef, folder_revision, is_commit_sha, local_name
 
 logger = logging.getLogger(__name__)
