@@ -158,7 +158,7 @@ def find_factors(pretrained: str | Path | ModelRef, finetuned: str | Path | Mode
     refs = {"pretrained": model_ref(pretrained, token), "finetuned": model_ref(finetuned, token)}
     api = HfApi(token=token)
     searched, versions = _published_versions(api, author, token, "cannot search the Hub for factors")
-    matches, seen, stages = [], set(), {}
+    matches, seen, stages = [], set(), {}  # type: list, set, dict
     for repo_id, tag, _, date, manifest in versions:
         for stage in STAGES:
             recorded = (manifest["stages"].get(stage) or {}).get("model") or {}
