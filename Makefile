@@ -61,6 +61,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check hub_msif tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

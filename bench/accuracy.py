@@ -57,9 +57,9 @@ import torch.nn.functional as F  # noqa: E402
 from hub_msif.attribution.refine import GGNProduct, refine  # noqa: E402
 from hub_msif.attribution.scoring import per_example_gradients  # noqa: E402
 from hub_msif.data import collate  # noqa: E402
+from hub_msif.factors.architectures import find_modules  # noqa: E402
 from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
 from hub_msif.factors.storage import load_stage  # noqa: E402
-from hub_msif.factors.tracking import find_modules  # noqa: E402
 from hub_msif.toy.examples import example_texts, tiny_model, train_briefly, word_tokenizer  # noqa: E402
 
 TARGETS = {"ekfac_spearman": 0.8, "paper_ekfac_spearman": 0.612}

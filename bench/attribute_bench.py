@@ -108,9 +108,9 @@ def build_pythia_pair(work: Path, seed: int = 0) -> dict:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    from hub_msif.factors.architectures import find_modules
     from hub_msif.factors.ekfac import ModuleFactors
     from hub_msif.factors.storage import save_module_file, write_stage_manifest
-    from hub_msif.factors.tracking import find_modules
     from hub_msif.models import folder_revision
     from hub_msif.toy.examples import example_texts, word_tokenizer
 

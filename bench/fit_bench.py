@@ -43,9 +43,9 @@ import torch.nn.functional as F  # noqa: E402
 from machine import machine_info  # noqa: E402  (bench/, on sys.path when run as a script)
 
 from hub_msif.data import collate  # noqa: E402
+from hub_msif.factors.architectures import find_modules  # noqa: E402
 from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
 from hub_msif.factors.storage import load_stage, save_stage  # noqa: E402
-from hub_msif.factors.tracking import find_modules  # noqa: E402
 from hub_msif.toy.examples import tiny_model  # noqa: E402
 
 PAD_ID = 0

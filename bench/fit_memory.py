@@ -136,8 +136,8 @@ def expected_accumulators(args) -> dict:
     """Accumulator bytes (float64) of the largest group / owned share, from the partition functions."""
     import torch
 
+    from hub_msif.factors.architectures import find_modules
     from hub_msif.factors.partition import accumulator_elements, group_loads, module_groups, module_owners
-    from hub_msif.factors.tracking import find_modules
     from hub_msif.toy.examples import tiny_model
 
     with torch.device("meta"):

@@ -4,7 +4,7 @@ CPU float64 fit.
 
 Prints, and writes to ``bench/out/gpu_check.json``:
 
-- ``plan``: ``hub_msif.factors.plan.plan_fit`` for the same fit (config only, meta device);
+- ``plan``: ``hub_msif.factors.memory_plan.plan_fit`` for the same fit (config only, meta device);
 - ``fit``: wall time of each stage's fit and the peak GPU memory (``torch.cuda.max_memory_allocated``)
   next to the plan's ``per_process_peak_bytes``;
 - ``scoring``: MS-IF with the fast path for Q queries over C candidates: preconditioning time, scoring
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates  # noqa: E402
 from hub_msif.data import collate  # noqa: E402
 from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
+from hub_msif.factors.memory_plan import format_bytes, plan_fit  # noqa: E402
 from hub_msif.factors.objectives import lm_loss  # noqa: E402
-from hub_msif.factors.plan import format_bytes, plan_fit  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "gpu_check.json"
 PAD_ID = 0

@@ -277,7 +277,7 @@ def scale_section(d: dict | None) -> str:
     text += table(["model", "modules", "model dtype"] + [c.replace("_", " ") for c in comps] + ["total"]
                   + [f"fits {g}" for g in gpus], rows)
     if d.get("on_paper"):
-        text += (f"\nThe memory plan (`hub_msif.factors.plan`, `hub-msif fit --plan`) of each pair on 1 and 8 processes, "
+        text += (f"\nThe memory plan (`hub_msif.factors.memory_plan`, `hub-msif fit --plan`) of each pair on 1 and 8 processes, "
                  f"batch {d['batch_size']} x {d['seq_len']} tokens, float64 sums, each stage with the fewest module "
                  "partitions K that fit the budget (2K passes over the data per stage). Processes divide the time; "
                  "partitions (and float32 sums) lower the peak:\n\n")

@@ -1,7 +1,7 @@
 """Scale on paper: factor sizes, fitting memory, passes and partitions of real model pairs.
 
 Nothing here downloads a model. The published ``config.json`` values of each model are written
-below as data; every number comes from ``hub_msif.factors.plan.plan_fit`` (what ``hub-msif fit
+below as data; every number comes from ``hub_msif.factors.memory_plan.plan_fit`` (what ``hub-msif fit
 --plan`` prints), which builds the model on the meta device from a folder holding only that
 config and finds its tracked modules with ``find_modules``. For each model and pair:
 
@@ -124,7 +124,7 @@ def cross_check() -> list[dict]:
     import torch
 
     from hub_msif.factors.fit import FitConfig, fit_factors
-    from hub_msif.factors.plan import plan_fit
+    from hub_msif.factors.memory_plan import plan_fit
     from hub_msif.factors.storage import load_stage, save_stage
     from hub_msif.toy.examples import tiny_model
 
@@ -164,7 +164,7 @@ def on_paper(root: Path, batch_size: int, seq_len: int) -> list[dict]:
     """Each pair on 1 and 8 processes of 80 GB (fewest partitions that fit), and at the issue's targets."""
     from hub_msif.errors import MsifValueError
     from hub_msif.factors.config import FitConfig
-    from hub_msif.factors.plan import plan_fit
+    from hub_msif.factors.memory_plan import plan_fit
 
     rows = []
     for pair, (base, tuned) in PAIRS.items():
@@ -201,7 +201,7 @@ def on_paper(root: Path, batch_size: int, seq_len: int) -> list[dict]:
 
 def main(argv=None) -> int:
     from hub_msif.factors.config import FitConfig
-    from hub_msif.factors.plan import ASSUMPTIONS, plan_fit
+    from hub_msif.factors.memory_plan import ASSUMPTIONS, plan_fit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch and process (default 8)")
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
             "sizes": "bytes of the tensors one stage stores (q_a, q_s, lam, eig_a, eig_s per module, per-head "
                      "blocks for attention q/k/v, +1 input row for a bias); a pair is both stages; safetensors "
                      "headers and msif.json (a few kB) excluded; 1 GB = 1e9 bytes",
-            "memory": "hub_msif.factors.plan (plan_fit, the same arithmetic as hub-msif fit --plan): " + ASSUMPTIONS,
+            "memory": "hub_msif.factors.memory_plan (plan_fit, the same arithmetic as hub-msif fit --plan): " + ASSUMPTIONS,
             "model_dtype_note": "fit_memory: one process, one module partition, float64 accumulation (the fit "
                                 "before module partitions); the model in the dtype named in the key",
             "gpus": {k: v / GB for k, v in GPUS.items()},

@@ -69,10 +69,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates  # noqa: E402
 from hub_msif.data import collate  # noqa: E402
+from hub_msif.factors.architectures import find_modules  # noqa: E402
 from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
 from hub_msif.factors.objectives import lm_loss  # noqa: E402
 from hub_msif.factors.storage import load_stage  # noqa: E402
-from hub_msif.factors.tracking import find_modules  # noqa: E402
 from hub_msif.toy.examples import tiny_model  # noqa: E402
 
 PAD_ID = 0

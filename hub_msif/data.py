@@ -177,7 +177,7 @@ def _check_columns(rows, spec: CorpusSpec) -> str | None:
     return None if spec.prompt_column else wanted[0]
 
 
-def row_text(value, row: int, column: str) -> str | None:
+def row_text(value, row: int, column: str | None) -> str | None:
     """The text of one row's ``column``, or None for a missing or blank value (the caller skips
     the row and counts it). Any other value (a number, a list, ...) is a ``CorpusError`` naming the
     row: coercing ``5`` to ``"5"`` would fit or index something the user did not write."""

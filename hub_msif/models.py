@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hub_msif.artifacts.local_folders import lookup, remember
 from hub_msif.errors import MsifValueError
@@ -45,7 +46,7 @@ class ModelRef:
         return f"{self.id}@{self.revision}"
 
     def to_json(self) -> dict:
-        out = {"id": self.id, "revision": self.revision}
+        out: dict[str, Any] = {"id": self.id, "revision": self.revision}
         if self.is_local:
             out["local"] = True
         if self.base is not None:

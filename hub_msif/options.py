@@ -142,8 +142,9 @@ def add_options(parser, cls, skip: Sequence[str] = (), only: Sequence[str] | Non
         else:
             kwargs["default"] = default if option.cli_default is _SAME else option.cli_default
         for key in ("type", "choices", "metavar"):
-            if getattr(option, key) is not None:
-                kwargs[key] = list(option.choices) if key == "choices" else getattr(option, key)
+            value = getattr(option, key)
+            if value is not None:
+                kwargs[key] = list(value) if key == "choices" else value
         parser.add_argument(flag, **kwargs)
 
 

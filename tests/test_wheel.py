@@ -65,13 +65,13 @@ def test_the_wheel_holds_the_templates_and_the_space_app(wheel):
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert {f"hub_msif/hub/templates/{t}" for t in TEMPLATES} <= names
-    assert "hub_msif/apps/space/app.py" in names and "hub_msif/hub/space.py" in names
+    assert "hub_msif/apps/space/app.py" in names and "hub_msif/hub/space_push.py" in names
     assert "hub-msif = hub_msif.apps.cli:main" in entry_points
     assert not any(n.startswith(("tests/", "bench/", "model_cards/", "spaces/")) for n in names)
 
 
 def test_the_packed_wheel_of_push_space_holds_what_the_built_one_does(wheel):
-    from hub_msif.hub.space import pack_wheel
+    from hub_msif.hub.space_push import pack_wheel
 
     name, data = pack_wheel()
     assert name == wheel.name

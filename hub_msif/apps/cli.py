@@ -122,7 +122,7 @@ def _fit_settings(args):
 
 
 def _memory_size(text: str) -> int:
-    from hub_msif.factors.plan import parse_size
+    from hub_msif.factors.memory_plan import parse_size
 
     try:
         return parse_size(text)
@@ -175,7 +175,7 @@ def _run_fit_or_plan(args) -> int:
 
 
 def _plan_of(args):
-    from hub_msif.factors.plan import plan_fit
+    from hub_msif.factors.memory_plan import plan_fit
 
     config, corpus = _fit_settings(args)
     processes = args.num_processes or int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -187,7 +187,7 @@ def _plan_of(args):
 def _run_plan(args) -> int:
     """Prints the memory plan of the fit these arguments describe; reads no data and no weights.
     With ``--measure``, also one timed forward and backward of the planned batch (random weights)."""
-    from hub_msif.factors.plan import format_plan, format_timing, measure_fit
+    from hub_msif.factors.memory_plan import format_plan, format_timing, measure_fit
 
     plan = _plan_of(args)
     if not args.measure:
@@ -450,7 +450,7 @@ def _run_attribute_plan(args) -> int:
     from hub_msif.artifacts.manifest import FACTORS, read_manifest
     from hub_msif.attribution.attributor import stage_info, stage_locations
     from hub_msif.attribution.plan import format_attribution_plan, plan_stages
-    from hub_msif.factors.plan import load_config
+    from hub_msif.factors.memory_plan import load_config
     from hub_msif.hub.pull import pull_factors
     from hub_msif.models import recorded_model
 
@@ -669,7 +669,7 @@ def _add_push_space(psub) -> None:
 
 
 def _run_push_space(args) -> int:
-    from hub_msif.hub.space import _given_wheel, push_space
+    from hub_msif.hub.space_push import _given_wheel, push_space
 
     if args.wheel is not None:
         _given_wheel(args.wheel)  # before any Hub traffic

@@ -58,11 +58,11 @@ def _objects(path: str | Path, what: str, fields: tuple[str, ...]):
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise MsifValueError(f"{path} line {line}: not UTF-8 text") from None
+        bad_line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise MsifValueError(f"{path} line {bad_line}: not UTF-8 text") from None
     found = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -12,6 +12,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from hub_msif.errors import (
     FactorError,
@@ -138,6 +139,8 @@ def safetensors_metadata(path: str | Path | None = None, data: bytes | None = No
     JSON), from ``data`` or read from ``path`` without reading the tensors; ``{}`` when it has
     none. Raises ``ValueError`` when the header is not a safetensors header. No torch."""
     if data is None:
+        if path is None:
+            raise TypeError("safetensors_metadata needs a path or the data")
         with open(path, "rb") as file:
             head = file.read(8)
             size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
@@ -190,7 +193,7 @@ def write_stage_manifest(folder: str | Path, stage: str, entries: list[dict], in
 
     folder = Path(folder)
     manifest_path = folder / FACTORS.manifest_name
-    manifest = read_manifest(folder) if manifest_path.is_file() else {
+    manifest: dict[str, Any] = read_manifest(folder) if manifest_path.is_file() else {
         "format": FACTORS.format_name, "format_version": FACTORS.format_version, "stages": {},
     }
     manifest["library_version"] = __version__

@@ -33,9 +33,9 @@ import torch
 from hub_msif.attribution.scoring import GRADIENT_METHODS, precondition_queries
 from hub_msif.data import DEFAULT_TEMPLATE, collate
 from hub_msif.errors import MsifValueError
+from hub_msif.factors.architectures import TrackedModule
 from hub_msif.factors.objectives import shifted_targets
 from hub_msif.factors.storage import StageFactors
-from hub_msif.factors.tracking import TrackedModule
 
 Vectors = dict[str, torch.Tensor]  # {module name: [K, d_out, d_in]}
 

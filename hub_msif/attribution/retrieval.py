@@ -425,7 +425,9 @@ def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type
         id_column = "id"
     texts_in = rows[text_column]
     ids_in = rows[id_column] if id_column else [str(n) for n in range(len(texts_in))]
-    texts, ids, skipped = [], [], 0
+    texts: list[str] = []
+    ids: list[str] = []
+    skipped = 0
     for number, (doc_id, value) in enumerate(zip(ids_in, texts_in, strict=True)):
         if spec.max_sequences is not None and len(texts) >= spec.max_sequences:
             break

@@ -37,11 +37,11 @@ import torch
 from hub_msif.attribution.baselines import mean_last_hidden
 from hub_msif.data import collate
 from hub_msif.errors import MsifValueError
+from hub_msif.factors.architectures import TrackedModule
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
 from hub_msif.factors.ekfac import ModuleFactors, precondition_twice
 from hub_msif.factors.objectives import lm_loss
 from hub_msif.factors.storage import StageFactors
-from hub_msif.factors.tracking import TrackedModule
 
 GRADIENT_METHODS = ("ms-if", "ss-if", "gdp")
 _MAX_CHUNK_ELEMENTS = 32 * 1024 * 1024
@@ -289,6 +289,100 @@ class CandidateScores:
         return torch.stack(list(self.per_module.values())).sum(0)
 
 
+class _Scorer:
+    """The scores of a stream of candidate batches, added up from the gradient hooks: ``consume(spec,
+    a, g)`` gets one module's inputs ``a`` [B, T, d_in] and output gradients ``g`` [B, T, d_out] of
+    the batch whose first candidate is ``batch_start`` (docs/design.md, "Fast path")."""
+
+    def __init__(self, by_name: Mapping[str, TrackedModule], num_queries: int, num_candidates: int,
+                 device: torch.device, dtype: torch.dtype, token_shares: bool, normalize: bool):
+        self.num_queries, self.token_shares, self.normalize = num_queries, token_shares, normalize
+        # Preallocated outputs, filled batch by batch: many small score tensors kept alive between the
+        # large transient per-batch gradients fragment the CPU heap, and RSS then grew with C.
+        self.per_module = {name: torch.zeros(num_candidates, num_queries, dtype=dtype, device=device)
+                           for name in by_name}
+        self.candidate_sq = torch.zeros(num_candidates, dtype=dtype, device=device) if normalize else None
+        self.query_sq: torch.Tensor | None = None  # [Q] with ``normalize``: each query's squared norm
+        self.batch_start = 0  # the current batch's first candidate
+        self.batch_tokens: dict[str, torch.Tensor] = {}  # with ``token_shares``: [B, T, Q] per module
+
+    def consume(self, spec: TrackedModule, a: torch.Tensor, g: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class _DenseScorer(_Scorer):
+    """Full-rank queries ``W_q`` [Q, d_out, d_in]: each candidate's ``G_c = g^T a``, in chunks, times all queries."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], by_name: Mapping[str, TrackedModule], num_candidates: int,
+                 device: torch.device, dtype: torch.dtype, token_shares: bool, normalize: bool):
+        self.w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
+        num_queries = next(iter(self.w.values())).shape[0]
+        self.w_flat = {name: wq.reshape(num_queries, -1).double() for name, wq in self.w.items()}  # [Q, d_out * d_in]
+        super().__init__(by_name, num_queries, num_candidates, device, dtype, token_shares, normalize)
+        if normalize:
+            self.query_sq = sum(wf.square().sum(1) for wf in self.w_flat.values()).to(dtype)
+
+    def consume(self, spec: TrackedModule, a: torch.Tensor, g: torch.Tensor) -> None:  # a: [B, T, d_in], g: [B, T, d_out]
+        wq, wq_flat = self.w[spec.name], self.w_flat[spec.name]  # [Q, d_out, d_in], [Q, d_out * d_in]
+        out = self.per_module[spec.name]  # [C, Q]
+        chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
+        for start in range(0, a.shape[0], chunk):
+            grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
+            rows = slice(self.batch_start + start, self.batch_start + start + grad.shape[0])
+            # One matrix product: einsum("boi,qoi->bq") took 9x (Q=32) to 40x (Q=1) longer on CPU. In float64:
+            # a float32 sum over d_out * d_in terms moved by ~1e-6 of the scale with the batch's shape
+            # (candidates per batch, queries per pass), so one query alone and many together disagreed.
+            out[rows] += (grad.reshape(grad.shape[0], -1).double() @ wq_flat.T).to(out.dtype)  # += : module used twice
+            if self.candidate_sq is not None:
+                self.candidate_sq[rows] += grad.square().sum((1, 2))
+        if self.token_shares:
+            share = torch.einsum("bto,qoi,bti->btq", g, wq, a)
+            self.batch_tokens[spec.name] = share
+
+
+class _LowRankScorer(_Scorer):
+    """Low-rank queries ``U_q V_q^T`` (docs/design.md, "Low-rank queries"): from the factors, ``(g U) * (a V)``
+    summed over tokens, or through each candidate's ``G_c``, whichever is cheaper per module and batch."""
+
+    def __init__(self, weights: LowRankQueries, by_name: Mapping[str, TrackedModule], num_candidates: int,
+                 device: torch.device, dtype: torch.dtype, token_shares: bool, normalize: bool):
+        # [d_out, Q*r] and [d_in, Q*r]: query q's factors are columns q*r .. q*r + r - 1.
+        u = {n: weights.u[n].to(device=device, dtype=dtype) for n in by_name}
+        v = {n: weights.v[n].to(device=device, dtype=dtype) for n in by_name}
+        num_queries = next(iter(u.values())).shape[0]
+        self.ranks = {n: u[n].shape[-1] for n in by_name}
+        self.u_cols = {n: u[n].permute(1, 0, 2).reshape(by_name[n].d_out, -1) for n in by_name}
+        self.v_cols = {n: v[n].permute(1, 0, 2).reshape(by_name[n].d_in, -1) for n in by_name}
+        query_sq = LowRankQueries(u, v).square_norms() if normalize else None
+        del u, v
+        super().__init__(by_name, num_queries, num_candidates, device, dtype, token_shares, normalize)
+        self.query_sq = query_sq
+
+    def consume(self, spec: TrackedModule, a: torch.Tensor, g: torch.Tensor) -> None:
+        uc, vc, r = self.u_cols[spec.name], self.v_cols[spec.name], self.ranks[spec.name]
+        num_queries, candidate_sq = self.num_queries, self.candidate_sq
+        out = self.per_module[spec.name]
+        b, t = a.shape[:2]
+        rows = slice(self.batch_start, self.batch_start + b)
+        factored = t * num_queries * r * (spec.d_in + spec.d_out)
+        through_gradient = t * spec.d_out * spec.d_in + spec.d_out * spec.d_in * num_queries * r
+        if (factored <= through_gradient if _PATH is None else _PATH == "factors") or self.token_shares:
+            per_token = (g @ uc) * (a @ vc)  # [B, T, Q*r]: (g_t . u_qr)(a_t . v_qr)
+            out[rows] += per_token.sum(1).reshape(b, num_queries, r).sum(-1)
+            if self.token_shares:
+                self.batch_tokens[spec.name] = per_token.reshape(b, t, num_queries, r).sum(-1)
+            if candidate_sq is not None:  # ||sum_t g_t a_t^T||^2 = sum_{t,t'} (g_t . g_t')(a_t . a_t')
+                candidate_sq[rows] += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
+        else:
+            chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
+            for start in range(0, b, chunk):
+                grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
+                part = slice(self.batch_start + start, self.batch_start + start + grad.shape[0])
+                out[part] += ((grad @ vc) * uc).sum(1).reshape(grad.shape[0], num_queries, r).sum(-1)
+                if candidate_sq is not None:
+                    candidate_sq[part] += grad.square().sum((1, 2))
+
+
 def score_candidates(
     model: torch.nn.Module, specs: Sequence[TrackedModule], weights: Mapping[str, torch.Tensor] | LowRankQueries,
     candidates: Sequence[dict], pad_id: int, batch_size: int = 8, token_shares: bool = False,
@@ -311,86 +405,28 @@ def score_candidates(
         raise MsifValueError(f"no query weights for module(s) {', '.join(missing)}")
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
-    if low_rank:
-        # [d_out, Q*r] and [d_in, Q*r]: query q's factors are columns q*r .. q*r + r - 1.
-        u = {n: weights.u[n].to(device=device, dtype=dtype) for n in by_name}
-        v = {n: weights.v[n].to(device=device, dtype=dtype) for n in by_name}
-        num_queries = next(iter(u.values())).shape[0]
-        ranks = {n: u[n].shape[-1] for n in by_name}
-        u_cols = {n: u[n].permute(1, 0, 2).reshape(by_name[n].d_out, -1) for n in by_name}
-        v_cols = {n: v[n].permute(1, 0, 2).reshape(by_name[n].d_in, -1) for n in by_name}
-        query_sq = LowRankQueries(u, v).square_norms() if normalize else None
-        del u, v
-    else:
-        w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
-        num_queries = next(iter(w.values())).shape[0]
-        w_flat = {name: wq.reshape(num_queries, -1).double() for name, wq in w.items()}  # [Q, d_out * d_in]
-        query_sq = sum(wf.square().sum(1) for wf in w_flat.values()).to(dtype) if normalize else None
-    # Preallocated outputs, filled batch by batch: many small score tensors kept alive between the
-    # large transient per-batch gradients fragment the CPU heap, and RSS then grew with C.
-    per_module = {name: torch.zeros(len(candidates), num_queries, dtype=dtype, device=device) for name in by_name}
-    candidate_sq = torch.zeros(len(candidates), dtype=dtype, device=device) if normalize else None
-    batch_start = 0
+    scorer_class = _LowRankScorer if low_rank else _DenseScorer
+    scorer = scorer_class(weights, by_name, len(candidates), device, dtype, token_shares, normalize)
     token_parts: list[torch.Tensor] = []
     hidden_parts: list[torch.Tensor] = []
-    batch_tokens: dict[str, torch.Tensor] = {}
 
-    def consume_dense(spec, a, g):  # a: [B, T, d_in], g: [B, T, d_out]
-        wq, wq_flat = w[spec.name], w_flat[spec.name]  # [Q, d_out, d_in], [Q, d_out * d_in]
-        out = per_module[spec.name]  # [C, Q]
-        chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
-        for start in range(0, a.shape[0], chunk):
-            grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
-            rows = slice(batch_start + start, batch_start + start + grad.shape[0])
-            # One matrix product: einsum("boi,qoi->bq") took 9x (Q=32) to 40x (Q=1) longer on CPU. In float64:
-            # a float32 sum over d_out * d_in terms moved by ~1e-6 of the scale with the batch's shape
-            # (candidates per batch, queries per pass), so one query alone and many together disagreed.
-            out[rows] += (grad.reshape(grad.shape[0], -1).double() @ wq_flat.T).to(out.dtype)  # += : module used twice
-            if normalize:
-                candidate_sq[rows] += grad.square().sum((1, 2))
-        if token_shares:
-            share = torch.einsum("bto,qoi,bti->btq", g, wq, a)
-            batch_tokens[spec.name] = share
-
-    def consume_low_rank(spec, a, g):
-        uc, vc, r = u_cols[spec.name], v_cols[spec.name], ranks[spec.name]
-        out = per_module[spec.name]
-        b, t = a.shape[:2]
-        rows = slice(batch_start, batch_start + b)
-        factored = t * num_queries * r * (spec.d_in + spec.d_out)
-        through_gradient = t * spec.d_out * spec.d_in + spec.d_out * spec.d_in * num_queries * r
-        if (factored <= through_gradient if _PATH is None else _PATH == "factors") or token_shares:
-            per_token = (g @ uc) * (a @ vc)  # [B, T, Q*r]: (g_t . u_qr)(a_t . v_qr)
-            out[rows] += per_token.sum(1).reshape(b, num_queries, r).sum(-1)
-            if token_shares:
-                batch_tokens[spec.name] = per_token.reshape(b, t, num_queries, r).sum(-1)
-            if normalize:  # ||sum_t g_t a_t^T||^2 = sum_{t,t'} (g_t . g_t')(a_t . a_t')
-                candidate_sq[rows] += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
-        else:
-            chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
-            for start in range(0, b, chunk):
-                grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
-                part = slice(batch_start + start, batch_start + start + grad.shape[0])
-                out[part] += ((grad @ vc) * uc).sum(1).reshape(grad.shape[0], num_queries, r).sum(-1)
-                if normalize:
-                    candidate_sq[part] += grad.square().sum((1, 2))
-
-    capture = GradientCapture(model, specs, consume_low_rank if low_rank else consume_dense)
+    capture = GradientCapture(model, specs, scorer.consume)
     with input_gradients_only(model), capture:
         for start in tqdm(range(0, len(candidates), batch_size), desc="scoring candidates", disable=not show_progress,
                           leave=False):
             chunk = candidates[start : start + batch_size]
             batch = collate(chunk, range(start, start + len(chunk)), pad_id, device)
             capture.mask = batch["attention_mask"]
-            batch_start = start
+            scorer.batch_start = start
             outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                             output_hidden_states=representations)
             if representations:
                 hidden_parts.append(mean_last_hidden(outputs, batch["attention_mask"]))
             lm_loss(outputs.logits, batch, "empirical").backward()
             if token_shares:
-                summed = torch.stack(list(batch_tokens.values())).sum(0)  # [B, T, Q]
+                summed = torch.stack(list(scorer.batch_tokens.values())).sum(0)  # [B, T, Q]
                 token_parts.extend(summed[i, : len(seq["input_ids"])].cpu() for i, seq in enumerate(chunk))
+    per_module, candidate_sq, query_sq = scorer.per_module, scorer.candidate_sq, scorer.query_sq
     candidate_norms = query_norms = None
     if normalize:
         candidate_norms, query_norms = candidate_sq.clamp_min(0).sqrt(), query_sq.clamp_min(0).sqrt()

@@ -3,7 +3,7 @@
 
 ``plan_attribution`` takes the two stages' manifest entries (``msif.json``'s ``stages[s]``: module
 shapes and storage dtype) and the two models' configs, builds each model on the meta device
-(``hub_msif.factors.plan.meta_model``: shapes, no memory) and adds up what ``Attributor`` holds on
+(``hub_msif.factors.memory_plan.meta_model``: shapes, no memory) and adds up what ``Attributor`` holds on
 its device in each phase of one attribution (MS-IF, the default; SS-IF and GDP hold no more):
 
 1. the query gradient pass: both models' weights, both stages' factors, one query's forward and
@@ -17,7 +17,7 @@ its device in each phase of one attribution (MS-IF, the default; SS-IF and GDP h
 The total is the largest phase. Exact (from shapes and the code): weights, factors (in their
 storage dtype, as they are loaded onto the device), ``G_q``, ``W_q`` and its float64 copy, the
 gradient chunk, the score matrix. Estimated: activations, logits and the loss, temporaries (the
-same per-layer terms as the fit's plan, ``hub_msif.factors.plan``). Not included: the runtime
+same per-layer terms as the fit's plan, ``hub_msif.factors.memory_plan``). Not included: the runtime
 (Python, torch, a CUDA context), allocator caching and fragmentation.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.plan import DTYPE_BYTES, GB, _dtype_name, _shape, format_bytes, meta_model
+from hub_msif.factors.memory_plan import DTYPE_BYTES, GB, _dtype_name, _shape, format_bytes, meta_model
 
 STAGE_NAMES = ("pretrained", "finetuned")
 PHASES = ("query gradients", "preconditioning", "candidates")
@@ -155,12 +155,12 @@ def plan_attribution(stages: Mapping[str, Mapping], configs: Mapping[str, object
     ``stages``: ``{stage: manifest entry}`` for ``pretrained`` and ``finetuned`` (``msif.json``'s
     ``stages[stage]``, possibly from two manifests); ``configs``: ``{stage: config}`` of the two
     models (a transformers config, a Hub id or folder, a dict with ``model_type``: anything
-    ``hub_msif.factors.plan.load_config`` takes). ``model_dtype``: the models' dtype (default: each
+    ``hub_msif.factors.memory_plan.load_config`` takes). ``model_dtype``: the models' dtype (default: each
     config's published dtype, else float32). ``length``: tokens per candidate (default: the model's
     maximum, where documents are cut); ``query_length``: tokens of the query (default ``length``).
     ``names``: how to call each model in the plan (default: what the config says).
     """
-    from hub_msif.factors.plan import load_config
+    from hub_msif.factors.memory_plan import load_config
 
     missing = [s for s in STAGE_NAMES if s not in stages or s not in configs]
     if missing:

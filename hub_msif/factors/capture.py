@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from hub_msif.factors.tracking import TrackedModule
+from hub_msif.factors.architectures import TrackedModule
 
 Consumer = Callable[[TrackedModule, torch.Tensor, torch.Tensor], None]
 

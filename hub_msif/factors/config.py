@@ -29,7 +29,7 @@ def _add_modules(parser, option) -> None:
 
 def _parse_modules(args) -> str | dict[str, str]:
     if args.module:
-        from hub_msif.factors.tracking import parse_module_specs
+        from hub_msif.factors.architectures import parse_module_specs
 
         return parse_module_specs(args.module)
     return args.modules

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.tracking import TrackedModule
+from hub_msif.factors.architectures import TrackedModule
 
 # Largest number of elements of per-sequence rotated gradients formed at once (~256 MB float32).
 _MAX_CHUNK_ELEMENTS = 64 * 1024 * 1024

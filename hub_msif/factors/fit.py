@@ -38,6 +38,7 @@ from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha
 from hub_msif.artifacts.manifest import FACTORS, artifact_path, read_manifest, stage_differences
 from hub_msif.data import collate
 from hub_msif.errors import FactorError, MsifError, MsifValueError
+from hub_msif.factors.architectures import TrackedModule, find_modules
 from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradients_only
 from hub_msif.factors.config import ACCUMULATE_DTYPE_NAMES, MODEL_DTYPE_NAMES, FitConfig  # FitConfig: re-exported
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator, ModuleFactors
@@ -51,7 +52,6 @@ from hub_msif.factors.storage import (
     spec_to_json,
     write_stage_manifest,
 )
-from hub_msif.factors.tracking import TrackedModule, find_modules
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = ".msif-checkpoints"
@@ -237,7 +237,7 @@ def _progress_bar(**kwargs):
 def _report_plan(model, config: FitConfig, world: int, max_length: int, show_progress: bool) -> None:
     """The memory plan of this fit (docs/design.md, "Memory plan"): on stderr when progress is shown,
     else in the log (``hub-msif -v``)."""
-    from hub_msif.factors.plan import format_plan, plan_of_fit
+    from hub_msif.factors.memory_plan import format_plan, plan_of_fit
 
     try:
         text = format_plan(plan_of_fit(model, config, world, max_length))
@@ -287,96 +287,124 @@ def fit_factors(
     source = _Source(sequences)
     if not source.count:
         raise MsifValueError("no sequences to fit on")
-    out_dir = Path(out_dir)
-    dist = _Distributed(accelerator)
-    tracked = find_modules(model, config.modules, config.split_heads)
-    _check_other_stage(out_dir, config.stage, tracked)
-    groups = [[t for t in tracked if t.name in set(names)] for names in module_groups(tracked, config.module_partitions)]
-    owners = module_owners(tracked, dist.world)
-    if dist.is_main:
-        _report_plan(model, config, dist.world, source.max_length, show_progress)
-    was_training = model.training
-    if config.model_dtype is not None:
-        model.to(MODEL_DTYPES[config.model_dtype])  # in place, like the move to the device
-    model.eval().to(dist.device)
-
-    num_batches = source.num_batches(dist.world, config.batch_size)  # equal on every rank
-    per_group = 2 * num_batches
-    total_steps = config.module_partitions * per_group
-    fingerprint = _run_fingerprint(
-        config, tracked, info.get("data", {}).get("fingerprint", ""), info.get("model", {}).get("revision", ""), dist.world
-    )
-    checkpoints = _Checkpoints(out_dir, config.stage, fingerprint, dist)
-    fitter = _GroupFitter(model, config, dist, owners, source, pad_id, show_progress)
-
-    start_step, state, done = 0, {}, []
-    resumed = checkpoints.latest()
-    if resumed is not None:
-        start_step, state, done = resumed
-        if not _files_intact(out_dir, done, dist):
-            logger.warning("ignoring checkpoint in %s: module files it recorded as finished are missing or changed",
-                           checkpoints.folder)
-            start_step, state, done = 0, {}, []
-        else:
-            logger.info("resuming the %s fit from checkpoint step %d", config.stage, start_step)
-
+    run = _FitRun(model, source, Path(out_dir), config, pad_id, info, _Distributed(accelerator), show_progress,
+                  on_checkpoint, on_reduce)
+    run.resume()
     started = time.perf_counter()
     try:
         with input_gradients_only(model):
-            for g in range(start_step // per_group, config.module_partitions):
-                offset = g * per_group
-
-                def checkpoint(step: int, tensors: dict) -> None:
-                    if config.checkpoint_every and step % config.checkpoint_every == 0 and step % per_group:
-                        checkpoints.save(step, tensors, done)
-                        if on_checkpoint is not None:
-                            on_checkpoint(step)
-
-                local = state if start_step > offset else {}
-                kept = fitter.fit_group(g, len(groups), groups[g], offset, max(start_step - offset, 0), num_batches,
-                                        local, checkpoint)
-                if on_reduce is not None:
-                    on_reduce(g, {"eigenvalues": sorted(fitter.eigen), "lambda": sorted(kept)})
-                for t in groups[g]:
-                    if t.name in kept:  # the owner: final factors of this module, written now
-                        eig_a, q_a, eig_s, q_s = fitter.eigen.pop(t.name)
-                        lam = kept[t.name].lam.double().div_(source.count * config.samples_per_sequence)
-                        # K-FAC eigenvalues on Lambda's scale: GGN ~ (A / tokens) kron (S / sequences), see ModuleFactors.
-                        factors = ModuleFactors(t, q_a, q_s, lam, eig_a / max(source.tokens, 1), eig_s / source.count)
-                        done.append(save_module_file(out_dir, config.stage, factors, config.storage_dtype))
-                fitter.eigen.clear()
-                del kept
-                step = offset + per_group
-                if config.checkpoint_every and step < total_steps:  # group boundary: finished files are reused
-                    checkpoints.save(step, {}, done)
-                    if on_checkpoint is not None:
-                        on_checkpoint(step)
+            for g in range(run.start_step // run.per_group, config.module_partitions):
+                run.run_group(g)
     finally:
-        model.train(was_training)
+        model.train(run.was_training)
+    run.write_manifest(time.perf_counter() - started)
+    return load_stage(run.out_dir, config.stage) if load_result else None
 
-    stage_info = {
-        **info,
-        "fit": {
-            # The settings as given (docs/design.md, "Fitting EK-FAC"): the card's reproduce command is
-            # rendered from them. The keys beside it are what was measured, and (older readers) copies.
-            "config": asdict(config),
-            "label_mode": config.label_mode, "seed": config.seed, "batch_size": config.batch_size,
-            "split_heads": config.split_heads,
-            "modules": config.modules if isinstance(config.modules, str) else "explicit",
-            "num_processes": dist.world, "num_sequences": source.count, "num_tokens": source.tokens,
-            "seconds": round(time.perf_counter() - started, 3), "hub_msif_version": __version__,
-            "torch_version": torch.__version__,
-            "module_partitions": config.module_partitions, "samples_per_sequence": config.samples_per_sequence,
-            "accumulate_dtype": config.accumulate_dtype, "model_dtype": config.model_dtype,
-        },
-    }
-    dist.barrier()  # every owner has written its modules' files
-    if dist.is_main:
-        entries = [_entry_from_file(out_dir, config.stage, t, config.storage_dtype) for t in tracked]
-        write_stage_manifest(out_dir, config.stage, entries, stage_info)
-    checkpoints.clear()
-    dist.barrier()
-    return load_stage(out_dir, config.stage) if load_result else None
+
+class _FitRun:
+    """One ``fit_factors`` call: the module groups, owners and checkpoints of a fit, its resume point,
+    one module group at a time, and the stage manifest at the end (docs/design.md, "Fitting EK-FAC",
+    "Module partitions and owners")."""
+
+    def __init__(self, model: torch.nn.Module, source: _Source, out_dir: Path, config: FitConfig, pad_id: int,
+                 info: dict, dist: _Distributed, show_progress: bool, on_checkpoint: Callable[[int], None] | None,
+                 on_reduce: Callable[[int, dict], None] | None):
+        self.source, self.out_dir, self.config, self.info, self.dist = source, out_dir, config, info, dist
+        self.on_checkpoint, self.on_reduce = on_checkpoint, on_reduce
+        self.tracked = find_modules(model, config.modules, config.split_heads)
+        _check_other_stage(out_dir, config.stage, self.tracked)
+        self.groups = [[t for t in self.tracked if t.name in set(names)]
+                       for names in module_groups(self.tracked, config.module_partitions)]
+        owners = module_owners(self.tracked, dist.world)
+        if dist.is_main:
+            _report_plan(model, config, dist.world, source.max_length, show_progress)
+        self.was_training = model.training
+        if config.model_dtype is not None:
+            model.to(MODEL_DTYPES[config.model_dtype])  # in place, like the move to the device
+        model.eval().to(dist.device)
+
+        self.num_batches = source.num_batches(dist.world, config.batch_size)  # equal on every rank
+        self.per_group = 2 * self.num_batches
+        self.total_steps = config.module_partitions * self.per_group
+        fingerprint = _run_fingerprint(config, self.tracked, info.get("data", {}).get("fingerprint", ""),
+                                       info.get("model", {}).get("revision", ""), dist.world)
+        self.checkpoints = _Checkpoints(out_dir, config.stage, fingerprint, dist)
+        self.fitter = _GroupFitter(model, config, dist, owners, source, pad_id, show_progress)
+        self.start_step = 0
+        self.state: dict[str, torch.Tensor] = {}  # the resumed group's partial sums
+        self.done: list[dict] = []  # manifest entries of the module files written so far
+
+    def resume(self) -> None:
+        """Starts from the latest checkpoint of this run (same fingerprint), unless a module file it
+        recorded as finished is missing or changed."""
+        resumed = self.checkpoints.latest()
+        if resumed is None:
+            return
+        self.start_step, self.state, self.done = resumed
+        if not _files_intact(self.out_dir, self.done, self.dist):
+            logger.warning("ignoring checkpoint in %s: module files it recorded as finished are missing or changed",
+                           self.checkpoints.folder)
+            self.start_step, self.state, self.done = 0, {}, []
+        else:
+            logger.info("resuming the %s fit from checkpoint step %d", self.config.stage, self.start_step)
+
+    def _checkpoint(self, step: int, tensors: dict) -> None:
+        """Within a group's passes: a checkpoint every ``checkpoint_every`` steps (group ends are saved by ``run_group``)."""
+        if self.config.checkpoint_every and step % self.config.checkpoint_every == 0 and step % self.per_group:
+            self._save(step, tensors)
+
+    def _save(self, step: int, tensors: dict) -> None:
+        self.checkpoints.save(step, tensors, self.done)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step)
+
+    def run_group(self, g: int) -> None:
+        """Both passes over module group ``g``, then each owner writes its finished modules' files."""
+        config, source, fitter = self.config, self.source, self.fitter
+        offset = g * self.per_group
+        local = self.state if self.start_step > offset else {}
+        kept = fitter.fit_group(g, len(self.groups), self.groups[g], offset, max(self.start_step - offset, 0),
+                                self.num_batches, local, self._checkpoint)
+        if self.on_reduce is not None:
+            self.on_reduce(g, {"eigenvalues": sorted(fitter.eigen), "lambda": sorted(kept)})
+        for t in self.groups[g]:
+            if t.name in kept:  # the owner: final factors of this module, written now
+                eig_a, q_a, eig_s, q_s = fitter.eigen.pop(t.name)
+                lam = kept[t.name].lam.double().div_(source.count * config.samples_per_sequence)
+                # K-FAC eigenvalues on Lambda's scale: GGN ~ (A / tokens) kron (S / sequences), see ModuleFactors.
+                factors = ModuleFactors(t, q_a, q_s, lam, eig_a / max(source.tokens, 1), eig_s / source.count)
+                self.done.append(save_module_file(self.out_dir, config.stage, factors, config.storage_dtype))
+        fitter.eigen.clear()
+        del kept
+        step = offset + self.per_group
+        if config.checkpoint_every and step < self.total_steps:  # group boundary: finished files are reused
+            self._save(step, {})
+
+    def write_manifest(self, seconds: float) -> None:
+        """The stage manifest (on the main process, once every owner has written its files); checkpoints go."""
+        config, dist, source, out_dir = self.config, self.dist, self.source, self.out_dir
+        stage_info = {
+            **self.info,
+            "fit": {
+                # The settings as given (docs/design.md, "Fitting EK-FAC"): the card's reproduce command is
+                # rendered from them. The keys beside it are what was measured, and (older readers) copies.
+                "config": asdict(config),
+                "label_mode": config.label_mode, "seed": config.seed, "batch_size": config.batch_size,
+                "split_heads": config.split_heads,
+                "modules": config.modules if isinstance(config.modules, str) else "explicit",
+                "num_processes": dist.world, "num_sequences": source.count, "num_tokens": source.tokens,
+                "seconds": round(seconds, 3), "hub_msif_version": __version__,
+                "torch_version": torch.__version__,
+                "module_partitions": config.module_partitions, "samples_per_sequence": config.samples_per_sequence,
+                "accumulate_dtype": config.accumulate_dtype, "model_dtype": config.model_dtype,
+            },
+        }
+        dist.barrier()  # every owner has written its modules' files
+        if dist.is_main:
+            entries = [_entry_from_file(out_dir, config.stage, t, config.storage_dtype) for t in self.tracked]
+            write_stage_manifest(out_dir, config.stage, entries, stage_info)
+        self.checkpoints.clear()
+        dist.barrier()
 
 
 class _GroupFitter:

@@ -1,7 +1,7 @@
 """Which modules are fitted together (module partitions) and which process owns each module.
 
 Both are pure functions of the tracked modules' shapes, so every process, the planner
-(``hub_msif.factors.plan``) and a resumed run compute the same answer (docs/design.md,
+(``hub_msif.factors.memory_plan``) and a resumed run compute the same answer (docs/design.md,
 "Module partitions and owners").
 
 A module's weight is the number of accumulator elements it holds during a fit,
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.tracking import TrackedModule
+from hub_msif.factors.architectures import TrackedModule
 
 
 def accumulator_elements(spec: TrackedModule) -> int:

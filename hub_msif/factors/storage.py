@@ -37,8 +37,8 @@ from hub_msif.artifacts.manifest import (
     write_stage_manifest,
 )
 from hub_msif.errors import FactorError, FactorIntegrityError, MsifValueError
+from hub_msif.factors.architectures import TrackedModule, linear_shape
 from hub_msif.factors.ekfac import ModuleFactors
-from hub_msif.factors.tracking import TrackedModule, linear_shape
 
 MANIFEST_NAME = FACTORS.manifest_name
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from hub_msif.hub.find import find_factors, model_ref, same_model
 from hub_msif.hub.location import Location, parse_location
 from hub_msif.hub.pull import pull_factors, pull_index
 from hub_msif.hub.push import Pushed, push_factors, push_index
-from hub_msif.hub.space import SpacePushed, push_space
+from hub_msif.hub.space_push import SpacePushed, push_space
 
 __all__ = ["Location", "Pushed", "find_factors", "model_ref", "parse_location", "pull_factors", "pull_index",
            "push_factors", "push_index", "push_space", "same_model", "SpacePushed"]

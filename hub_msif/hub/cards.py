@@ -42,7 +42,7 @@ def card_template(kind: str) -> Path:
     return path
 
 
-def _size_text(n: int) -> str:
+def _size_text(n: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"

@@ -16,10 +16,10 @@ from pathlib import Path
 from hub_msif.artifacts.manifest import FACTORS, STAGES
 from hub_msif.errors import HubError, RepositoryNotFoundError
 from hub_msif.hub.cards import FACTOR_TAGS, public_source
-from hub_msif.hub.failures import endpoint, first_line, hub_failures
+from hub_msif.hub.connectivity import require_hub
+from hub_msif.hub.hub_errors import endpoint, first_line, hub_failures
 from hub_msif.hub.location import REPO_TYPE
 from hub_msif.hub.push import version_number
-from hub_msif.hub.reach import require_hub
 from hub_msif.models import ModelRef, folder_revision, is_commit_sha, local_name
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def find_factors(pretrained: str | Path | ModelRef, finetuned: str | Path | Mode
     refs = {"pretrained": model_ref(pretrained, token), "finetuned": model_ref(finetuned, token)}
     api = HfApi(token=token)
     searched, versions = _published_versions(api, author, token, "cannot search the Hub for factors")
-    matches, seen, stages = [], set(), {}
+    matches, seen, stages = [], set(), {}  # type: list, set, dict
     for repo_id, tag, _, date, manifest in versions:
         for stage in STAGES:
             recorded = (manifest["stages"].get(stage) or {}).get("model") or {}

@@ -7,7 +7,7 @@ Hugging Face cache, each checked against the manifest's sha256. A file that fail
 removed from the cache; when the Hub lists the manifest's hash for it, the cached copy was the
 bad one and is downloaded again, otherwise the file was altered on the Hub and is reported
 (``HubIntegrityError``). After one pull the same location resolves offline (``HF_HUB_OFFLINE=1``),
-and also while the Hub cannot be reached, which is found out in seconds (``hub.reach``).
+and also while the Hub cannot be reached, which is found out in seconds (``hub.connectivity``).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from hub_msif.artifacts.manifest import (
 )
 from hub_msif.errors import HubError, HubIntegrityError, IntegrityError, MsifValueError, NotCachedError
 from hub_msif.hub.cards import CARD_NAME
-from hub_msif.hub.failures import endpoint, hub_failures, offline
+from hub_msif.hub.connectivity import hub_unreachable
+from hub_msif.hub.hub_errors import endpoint, hub_failures, offline
 from hub_msif.hub.location import REPO_TYPE, Location, parse_location
 from hub_msif.hub.push import git_blob_id
-from hub_msif.hub.reach import hub_unreachable
 from hub_msif.models import is_commit_sha
 
 logger = logging.getLogger(__name__)

@@ -44,10 +44,10 @@ from hub_msif.hub.cards import (
     public_index_manifest,
     public_manifest,
 )
-from hub_msif.hub.failures import NO_TOKEN, hub_failures
+from hub_msif.hub.connectivity import require_hub
+from hub_msif.hub.hub_errors import NO_TOKEN, hub_failures
 from hub_msif.hub.location import REPO_TYPE, check_repo_id
-from hub_msif.hub.reach import require_hub
-from hub_msif.hub.rights import require_write_access
+from hub_msif.hub.permissions import require_write_access
 from hub_msif.models import is_commit_sha
 
 logger = logging.getLogger(__name__)

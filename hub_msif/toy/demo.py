@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from hub_msif.artifacts.manifest import check_stage_pair, read_manifest
@@ -138,7 +139,7 @@ def fitted_factors(models: Path, paths: dict, world: FactWorld, cache: Path, sam
     except FactorError:
         pass
     shown = sys.stderr.isatty()  # one bar per fit, on a terminal only
-    samples = {"batch_size": 32, "samples_per_sequence": samples_per_sequence}
+    samples: dict[str, Any] = {"batch_size": 32, "samples_per_sequence": samples_per_sequence}
     fit_stage(str(models / "pretrained"), str(paths["pretrain"]), folder, FitConfig(stage="pretrained", **samples),
               corpus=CorpusSpec(data=str(paths["pretrain"]), max_length=64), show_progress=shown)
     fit_stage(str(models / "finetuned"), str(paths["finetune"]), folder, FitConfig(stage="finetuned", **samples),

@@ -7,6 +7,7 @@ the tests. ``tiny_model`` builds GPT-NeoX, BLOOM, GPT-2 or Llama (with grouped-q
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 
@@ -54,9 +55,10 @@ def tiny_model(arch: str = "gpt_neox", vocab_size: int = 64, hidden: int = 32, l
                kv_heads: int = 2, ffn: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
                max_positions: int = 256):
     """A randomly initialised tiny causal LM of the given architecture (eager attention)."""
-    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, PretrainedConfig
 
-    common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    config: PretrainedConfig
     if arch == "gpt_neox":
         config = GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                intermediate_size=ffn, max_position_embeddings=max_positions, **common)

@@ -448,9 +448,9 @@ def _hand_edited(root: Path) -> dict[str, Path]:
 
     import torch
 
+    from hub_msif.factors.architectures import TrackedModule
     from hub_msif.factors.ekfac import ModuleFactors
     from hub_msif.factors.storage import save_stage
-    from hub_msif.factors.tracking import TrackedModule
 
     good = root / "good"
     factors = {name: ModuleFactors(TrackedModule(name, "mlp", 3, 2, False, False), torch.eye(3), torch.eye(2)[None],
@@ -630,7 +630,7 @@ def test_json_lines_split_at_newlines_only(tmp_path):
 
 
 def test_a_wheel_file_name_is_written_in_its_canonical_form():
-    from hub_msif.hub.space import canonical_wheel_name
+    from hub_msif.hub.space_push import canonical_wheel_name
 
     assert canonical_wheel_name("hub_msif-0.1.0-py3-none-any.whl") == "hub_msif-0.1.0-py3-none-any.whl"
     assert canonical_wheel_name("Hub.MSIF-0.1.0-py3-none-any.whl") == "hub_msif-0.1.0-py3-none-any.whl"

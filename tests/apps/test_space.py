@@ -182,7 +182,7 @@ def test_space_files_are_a_valid_gradio_space():
     for pin in requirements[:-1]:  # every other line pins a tested version
         name, version = pin.split("==")
         assert constraints[name] == version, pin
-    from hub_msif.hub.space import pack_wheel, pinned_requirements
+    from hub_msif.hub.space_push import pack_wheel, pinned_requirements
 
     # the wheel's own dependencies, pinned, gradio at the sdk_version (what push space writes)
     assert requirements[:-1] == pinned_requirements(pack_wheel()[1])

@@ -31,7 +31,7 @@ from huggingface_hub import HfApi, snapshot_download  # noqa: E402
 
 from hub_msif.apps.cli import main as cli_main  # noqa: E402
 from hub_msif.hub import push_factors, push_index  # noqa: E402
-from hub_msif.hub.space import CONFIG_NAME, push_space, wheel_name  # noqa: E402
+from hub_msif.hub.space_push import CONFIG_NAME, push_space, wheel_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACE_REPO = "alice/fact-world-space"
@@ -281,7 +281,7 @@ def test_the_space_requirements_come_from_the_wheel_resolve_and_cover_the_app(pu
 
     import gradio
 
-    from hub_msif.hub.space import wheel_dependencies
+    from hub_msif.hub.space_push import wheel_dependencies
 
     space = _download(tmp_path)
     listed = [line for line in (space / "requirements.txt").read_text().splitlines()
@@ -405,13 +405,13 @@ def test_a_private_artifact_behind_a_public_space_is_warned_about(pushed, fact_w
     tag = uuid.uuid4().hex[:6]
     index = _copy_artifact(api, Path(fact_world["index_folder"]), f"alice/private-index-{tag}", private=True)
     space = f"alice/public-space-{tag}"
-    with caplog.at_level(logging.WARNING, logger="hub_msif.hub.space"):
+    with caplog.at_level(logging.WARNING, logger="hub_msif.hub.space_push"):
         assert cli_main([*_space_push_args(space, pushed["factors"], index), "--no-card-link"]) == 0
     warned = [r.getMessage() for r in caplog.records if "is private" in r.getMessage()]
     assert warned and f"alice/private-index-{tag}" in warned[0] and space in warned[0]
     caplog.clear()
     private_space = f"alice/private-space-{tag}"
-    with caplog.at_level(logging.WARNING, logger="hub_msif.hub.space"):
+    with caplog.at_level(logging.WARNING, logger="hub_msif.hub.space_push"):
         assert cli_main([*_space_push_args(private_space, pushed["factors"], index), "--private",
                          "--no-card-link"]) == 0
     assert not [r for r in caplog.records if "is private" in r.getMessage()]  # a private Space may name it

@@ -224,7 +224,7 @@ def test_plan_from_per_stage_entries_and_configs(pair):
 
 
 def test_space_card_holds_the_plan_or_says_why_not(pair, tmp_path):
-    from hub_msif.hub.space import attribution_memory
+    from hub_msif.hub.space_push import attribution_memory
 
     manifest = read_manifest(pair["factors"])
     plan = plan_stages(manifest, {s: str(pair[s]) for s in ("pretrained", "finetuned")})  # 256 tokens: the maximum

@@ -23,9 +23,9 @@ from scipy.stats import spearmanr
 
 from hub_msif.artifacts.manifest import check_stage_pair, read_manifest
 from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates
+from hub_msif.factors.architectures import TrackedModule
 from hub_msif.factors.fit import FitConfig, fit_factors
 from hub_msif.factors.storage import StageFactors, load_stage
-from hub_msif.factors.tracking import TrackedModule
 from hub_msif.toy.examples import tiny_model
 
 VOCAB = 64

@@ -10,8 +10,8 @@ none of its reshapes or batched matmuls.
 import pytest
 import torch
 
+from hub_msif.factors.architectures import TrackedModule
 from hub_msif.factors.ekfac import ModuleFactors, precondition_twice
-from hub_msif.factors.tracking import TrackedModule
 
 DTYPE = torch.float64
 

@@ -15,9 +15,9 @@ import torch
 from conftest import random_sequences
 from torch import nn
 
+from hub_msif.factors.architectures import find_modules
 from hub_msif.factors.fit import FitConfig, fit_factors
 from hub_msif.factors.objectives import sample_targets
-from hub_msif.factors.tracking import find_modules
 from hub_msif.toy.examples import tiny_model
 
 VOCAB = 64

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from conftest import random_sequences
 
 from hub_msif.data import collate
+from hub_msif.factors.architectures import find_modules
 from hub_msif.factors.fit import FitConfig, fit_factors
-from hub_msif.factors.tracking import find_modules
 from hub_msif.toy.examples import tiny_model
 
 pytest.importorskip("kronfluence")

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from hub_msif.errors import MsifValueError
+from hub_msif.factors.architectures import TrackedModule
 from hub_msif.factors.partition import accumulator_elements, group_loads, module_groups, module_owners
-from hub_msif.factors.tracking import TrackedModule
 
 
 def _spec(name: str, d_in: int, d_out: int) -> TrackedModule:

@@ -15,9 +15,9 @@ answered), ``request_context`` (what handlers read from a request), ``repos``, `
 ``garbage`` (removing uploads that no commit references).
 """
 
+from hub_msif.hub.server.api_errors import HubApiError
 from hub_msif.hub.server.app import HubServer
 from hub_msif.hub.server.auth import load_tokens, normalize_tokens, parse_token_spec, save_tokens
-from hub_msif.hub.server.errors import HubApiError
 from hub_msif.hub.server.garbage import DEFAULT_GRACE_SECONDS, collect_garbage
 from hub_msif.hub.server.store import git_blob_sha1
 

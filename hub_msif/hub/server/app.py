@@ -20,8 +20,8 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hub_msif.hub.server.api_errors import HubApiError, error_response
 from hub_msif.hub.server.auth import TokenBook
-from hub_msif.hub.server.errors import HubApiError, error_response
 from hub_msif.hub.server.garbage import collect_garbage
 from hub_msif.hub.server.request_context import DEFAULT_MAX_REQUEST_BYTES
 from hub_msif.hub.server.routes import build_app

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hub_msif.artifacts.atomic import atomic_write_json
-from hub_msif.hub.server.errors import INVALID_CREDENTIALS, HubApiError
+from hub_msif.hub.server.api_errors import INVALID_CREDENTIALS, HubApiError
 from hub_msif.hub.server.store import valid_name
 
 _SPEC_FORM = "TOKEN=USER[:ORG1,ORG2][:read]"

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from hub_msif.hub.server import views
-from hub_msif.hub.server.errors import INVALID_CREDENTIALS, HubApiError, entry_not_found, revision_not_found
+from hub_msif.hub.server.api_errors import INVALID_CREDENTIALS, HubApiError, entry_not_found, revision_not_found
 from hub_msif.hub.server.request_context import (
     URL_PREFIX,
     caller_of,
@@ -30,7 +30,7 @@ from hub_msif.hub.server.request_context import (
     store_of,
     truthy,
 )
-from hub_msif.hub.server.spaces import space_settings, uses_all
+from hub_msif.hub.server.space_repos import space_settings, uses_all
 from hub_msif.hub.server.store import RESERVED_NAMESPACES, SHA1_RE, Repo, valid_name, valid_ref_name
 
 TREE_PAGE_SIZE, TREE_PAGE_SIZE_EXPAND = 1000, 50  # the Hub's page sizes

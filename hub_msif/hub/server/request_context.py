@@ -15,8 +15,8 @@ from urllib.parse import unquote, urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from hub_msif.hub.server.api_errors import HubApiError, repo_not_found
 from hub_msif.hub.server.auth import Caller
-from hub_msif.hub.server.errors import HubApiError, repo_not_found
 from hub_msif.hub.server.store import Repo, Store, valid_name
 
 REPO_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}  # API path segment -> repo type

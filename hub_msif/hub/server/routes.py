@@ -21,11 +21,11 @@ and its tests make, for model, dataset and space repos (``{t}`` is models, datas
     POST   /[datasets/|spaces/]{ns}/{name}.git/info/lfs/objects/batch   LFS upload URLs
     PUT    /_lfs/{t}/{ns}/{name}/{sha256}                    one LFS upload (announced by the batch)
     GET|HEAD /[datasets/|spaces/]{ns}/{name}/resolve/{rev}/{path}   downloads, with Range
-    GET    /api/spaces/{ns}/{name}/runtime                   Space runtime (``spaces.py``)
+    GET    /api/spaces/{ns}/{name}/runtime                   Space runtime (``space_repos.py``)
     POST   /api/spaces/{ns}/{name}/hardware                  request Space hardware
 
 The handlers are in ``repos.py`` (account, repos, listings, refs, downloads) and ``uploads.py``
-(preupload, LFS, commits), and ``spaces.py`` (what a Space adds); each repo route binds its repo type. Errors of every kind go out in
+(preupload, LFS, commits), and ``space_repos.py`` (what a Space adds); each repo route binds its repo type. Errors of every kind go out in
 the Hub's shape (``errors.error_response``).
 """
 
@@ -39,8 +39,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hub_msif.hub.server import repos, spaces, uploads
-from hub_msif.hub.server.errors import HubApiError, error_response
+from hub_msif.hub.server import repos, space_repos, uploads
+from hub_msif.hub.server.api_errors import HubApiError, error_response
 from hub_msif.hub.server.request_context import REPO_KINDS, URL_PREFIX
 from hub_msif.hub.server.store import Store
 
@@ -76,8 +76,8 @@ def build_app(store: Store) -> Starlette:
             (api + "/commit/{rev:path}", uploads.commit, ["POST"]),
         ]:
             routes.append(Route(path, partial(handler, repo_type), methods=methods))
-    for path, handler, methods in [("/api/spaces/{ns}/{name}/runtime", spaces.space_runtime, ["GET"]),
-                                   ("/api/spaces/{ns}/{name}/hardware", spaces.request_hardware, ["POST"])]:
+    for path, handler, methods in [("/api/spaces/{ns}/{name}/runtime", space_repos.space_runtime, ["GET"]),
+                                   ("/api/spaces/{ns}/{name}/hardware", space_repos.request_hardware, ["POST"])]:
         routes.insert(4, Route(path, partial(handler, "space"), methods=methods))
     app = Starlette(routes=routes, exception_handlers={
         HubApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_crash})

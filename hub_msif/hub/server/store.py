@@ -37,8 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json
-from hub_msif.hub.server.cards import parse_front_matter
-from hub_msif.hub.server.errors import HubApiError, revision_not_found
+from hub_msif.hub.server.api_errors import HubApiError, revision_not_found
+from hub_msif.hub.server.card_metadata import parse_front_matter
 from hub_msif.hub.server.gitattributes import DEFAULT_GITATTRIBUTES
 
 RESERVED_NAMESPACES = {"api", "datasets", "models", "spaces", "_lfs"}  # they would shadow URL routes

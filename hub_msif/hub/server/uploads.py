@@ -21,8 +21,8 @@ from urllib.parse import quote
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from hub_msif.hub.server.cards import parse_front_matter
-from hub_msif.hub.server.errors import HubApiError
+from hub_msif.hub.server.api_errors import HubApiError
+from hub_msif.hub.server.card_metadata import parse_front_matter
 from hub_msif.hub.server.gitattributes import lfs_rules, tracked_by_lfs
 from hub_msif.hub.server.request_context import (
     base_url,

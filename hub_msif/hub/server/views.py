@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 
-from hub_msif.hub.server.cards import card_tags
-from hub_msif.hub.server.spaces import space_fields
+from hub_msif.hub.server.card_metadata import card_tags
+from hub_msif.hub.server.space_repos import space_fields
 from hub_msif.hub.server.store import Repo, lfs_pointer
 
 

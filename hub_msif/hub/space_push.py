@@ -47,10 +47,10 @@ from hub_msif.artifacts.manifest import (
 )
 from hub_msif.errors import HubError, HubValueError, Interrupted, MsifError, TokenRefusedError
 from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, card_template, with_space_link
-from hub_msif.hub.failures import NO_TOKEN, hub_failures
+from hub_msif.hub.connectivity import require_hub
+from hub_msif.hub.hub_errors import NO_TOKEN, hub_failures
 from hub_msif.hub.location import REPO_TYPE, check_repo_id, is_repo_id, parse_location
-from hub_msif.hub.reach import require_hub
-from hub_msif.hub.rights import require_write_access, write_refusal
+from hub_msif.hub.permissions import require_write_access, write_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def pack_wheel() -> tuple[str, bytes]:
                 + "".join(f"Requires-Dist: {pin}\n" for pin in [f"gradio=={gradio}", *pins]))
     entries += [
         (f"{dist_info}/METADATA", metadata.encode()),
-        (f"{dist_info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: hub_msif.hub.space\nRoot-Is-Purelib: true\n"
+        (f"{dist_info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: hub_msif.hub.space_push\nRoot-Is-Purelib: true\n"
                                b"Tag: py3-none-any\n"),
         (f"{dist_info}/entry_points.txt", b"[console_scripts]\nhub-msif = hub_msif.apps.cli:main\n"),
         (f"{dist_info}/top_level.txt", b"hub_msif\n"),
@@ -256,7 +256,7 @@ def attribution_memory(manifest: dict) -> str:
     models' configs (Hub ids: ``config.json`` only, at the recorded commit); when a config cannot be
     had, a sentence saying so instead of a number."""
     from hub_msif.factors.attribution_plan import plan_stages
-    from hub_msif.factors.plan import load_config
+    from hub_msif.factors.memory_plan import load_config
     from hub_msif.models import recorded_model
 
     configs = {}

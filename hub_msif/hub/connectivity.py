@@ -16,7 +16,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from hub_msif.errors import HubUnreachableError
-from hub_msif.hub.failures import endpoint, offline
+from hub_msif.hub.hub_errors import endpoint, offline
 
 PROBE_TIMEOUT_S = 2.0
 

@@ -1,4 +1,4 @@
-"""The memory plan of a fit (hub_msif/factors/plan.py; docs/design.md, "Memory plan").
+"""The memory plan of a fit (hub_msif/factors/memory_plan.py; docs/design.md, "Memory plan").
 
 - Exact parts against the real objects: the parameter count of four public 7B-8B/2.8B configs
   built on the meta device (their published counts), the accumulator bytes against the fit's own
@@ -26,11 +26,11 @@ import torch
 
 from hub_msif.apps import cli
 from hub_msif.errors import MsifValueError, UnsupportedArchitectureError
+from hub_msif.factors.architectures import find_modules
 from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator
 from hub_msif.factors.fit import FitConfig, fit_factors
+from hub_msif.factors.memory_plan import format_plan, parse_size, plan_fit, plan_of_fit
 from hub_msif.factors.partition import module_groups, module_owners
-from hub_msif.factors.plan import format_plan, parse_size, plan_fit, plan_of_fit
-from hub_msif.factors.tracking import find_modules
 from hub_msif.toy.examples import tiny_model
 
 GB = 10**9

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from hub_msif.factors import tracking
-from hub_msif.factors.tracking import (
+from hub_msif.factors import architectures
+from hub_msif.factors.architectures import (
     ROLES,
     UnsupportedArchitectureError,
     find_modules,
@@ -201,9 +201,9 @@ def _mismatches(name, labels_for_module, group: int | None = None) -> int:
 
 
 @pytest.mark.parametrize("name,wrong_layout", [
-    ("gpt_neox", tracking._head_labels_stacked),
-    ("bloom", tracking._head_labels_stacked),
-    ("gpt2", tracking._head_labels_interleaved),
+    ("gpt_neox", architectures._head_labels_stacked),
+    ("bloom", architectures._head_labels_stacked),
+    ("gpt2", architectures._head_labels_interleaved),
 ])
 def test_behavioural_check_rejects_the_other_fused_layout(name, wrong_layout):
     """The check above is discriminating: the other fused layout's labels fail it."""

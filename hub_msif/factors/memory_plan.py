@@ -534,7 +534,7 @@ def plan_fit(
             (module_partitions is not None and module_partitions < 1):
         raise MsifValueError(f"module partitions must be a positive integer, got {module_partitions!r}")
     from hub_msif.artifacts.manifest import STAGES
-    from hub_msif.factors.tracking import find_modules
+    from hub_msif.factors.architectures import find_modules
 
     if stage not in STAGES:
         raise MsifValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
@@ -809,10 +809,10 @@ def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: in
     import torch
     from transformers import AutoModelForCausalLM
 
+    from hub_msif.factors.architectures import find_modules
     from hub_msif.factors.capture import GradientCapture, input_gradients_only
     from hub_msif.factors.ekfac import CovarianceAccumulator, LambdaAccumulator
     from hub_msif.factors.objectives import lm_loss
-    from hub_msif.factors.tracking import find_modules
 
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         raise MsifValueError(f"tokens to fit must be a positive integer, got {tokens!r}")

@@ -1,4 +1,4 @@
-"""Space repos on the loopback Hub server (hub_msif/hub/server/spaces.py), through the real client.
+"""Space repos on the loopback Hub server (hub_msif/hub/server/space_repos.py), through the real client.
 
 A Space is created with an sdk (and optionally hardware), takes commits and LFS files like any
 repo, downloads with ``snapshot_download(repo_type="space")``, reports its runtime, records

@@ -15,7 +15,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from hub_msif.hub.server.errors import HubApiError
+from hub_msif.hub.server.api_errors import HubApiError
 from hub_msif.hub.server.request_context import json_body, open_repo
 from hub_msif.hub.server.store import Repo
 
