@@ -16,5 +16,5 @@ from hub_msif.apps.space.run import demo_app, main, serve_demo
 from hub_msif.apps.space.settings import SpaceSettings
 from hub_msif.errors import SpaceError
 
-__all__ = ["Backend", "SpaceError", "SpaceRequests", "SpaceSettings", "build_app", "demo_app", "highlight", "main", "query_terms",
-           "serve_demo"]
+__all__ = ["Backend", "SpaceError", "SpaceRequests", "SpaceSettings", "build_app", "demo_app", "highlight", "main",
+           "query_terms", "serve_demo"]
