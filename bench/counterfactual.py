@@ -513,7 +513,7 @@ def plot(details: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    from hub_msif.apps.cli import DEFAULT_CACHE
+    from hub_msif.artifacts.local_folders import cache_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default=",".join(WORLDS))
@@ -526,7 +526,7 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-steps", type=int, default=0, help="override every world's (0: keep)")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: report from the pairs already in the cache (a partial run says so)")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE / "bench" / "counterfactual"))
+    parser.add_argument("--cache", default=str(cache_root() / "bench" / "counterfactual"))
     parser.add_argument("--out", default="bench/out/counterfactual.json")
     args = parser.parse_args(argv)
     names = [w for w in args.worlds.split(",") if w]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from hub_msif.apps.cli import DEFAULT_CACHE
+from hub_msif.artifacts.local_folders import cache_root
 from hub_msif.attribution.attributor import Attributor
 from hub_msif.attribution.baselines import bm25_scores, words
 from hub_msif.toy.demo import fitted_factors, trained_pair
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--dampings", default="1e-4,1e-3,1e-2,1e-1,1,10", help="relative damping values, comma-separated")
     parser.add_argument("--max-queries", type=int, default=0, help="0 = all held-out queries")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE / "fact_tracing"))
+    parser.add_argument("--cache", default=str(cache_root() / "fact_tracing"))
     parser.add_argument("--out", default="bench/out/fact_tracing.json")
     parser.add_argument("--plot", default="bench/out/fact_tracing_mrr.png")
     args = parser.parse_args()

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from hub_msif.apps.output import printable
+from hub_msif.attribution.checks import check_damping
 from hub_msif.errors import ArtifactNotFoundError, MsifValueError
 
 # Defined with the settings they check (hub_msif/options.py); every command here uses them.
@@ -39,14 +40,15 @@ def non_negative_float(text: str) -> float:
 
 
 def positive_finite_float(text: str) -> float:
-    """Damping: 0 divides by zero where Lambda vanishes, NaN and infinity leave no ranking."""
+    """``--damping``: a finite number above 0 (``hub_msif.attribution.checks.check_damping``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
+    try:
+        return check_damping(value)
+    except MsifValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}") from None
 
 
 def token_spec(text: str) -> tuple[str, dict]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,14 @@ import torch
 
 from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, select_modules, stage_differences
 from hub_msif.attribution import baselines
+from hub_msif.attribution.checks import (
+    METHODS,
+    check_candidates,
+    check_dampings,
+    check_methods,
+    check_prompt,
+    check_top,
+)
 from hub_msif.attribution.device import model_dtype as to_model_dtype
 from hub_msif.attribution.device import resolve_device
 from hub_msif.attribution.refine import DEFAULT_CURVATURE_SEQUENCES, GGNProduct, curvature_sequences, refine_queries
@@ -42,7 +49,7 @@ from hub_msif.hub.pull import pull_factors
 from hub_msif.models import generate_answer, load_model, pad_token_id, recorded_model, resolve_adapter
 
 logger = logging.getLogger(__name__)
-METHODS = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
+# METHODS (ms-if, ss-if, gdp, repsim, bm25) is defined with the checks (hub_msif.attribution.checks).
 DAMPED_METHODS = ("ms-if", "ss-if")
 DEFAULT_DAMPING = 0.1  # relative: 0.1 x mean(Lambda) per module, as in Grosse et al.
 # Which model's gradients (or hidden states) each method takes of the candidates.
@@ -208,7 +215,7 @@ class Attributor:
     def query_sequence(self, prompt: str, answer: str) -> dict:
         """Prompt and answer tokenized as in fine-tuning; only answer tokens carry loss."""
         if not prompt or not prompt.strip():
-            raise MsifValueError("the prompt is empty")
+            check_prompt(prompt)
         if not answer or not answer.strip():
             raise MsifValueError("the answer is empty")
         prompt_ids = self.tokenizer(self.prompt_text(prompt), add_special_tokens=True)["input_ids"]
@@ -229,8 +236,7 @@ class Attributor:
 
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """The fine-tuned model's greedy answer to ``prompt``."""
-        if not prompt or not prompt.strip():
-            raise MsifValueError("the prompt is empty")
+        check_prompt(prompt)
         text = self.prompt_text(prompt)
         room = self.max_length - len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         if room < 1:  # models with learned positions (GPT-2) fail with an IndexError past the maximum
@@ -246,8 +252,7 @@ class Attributor:
         index = index if index is not None else self.index
         if index is None:
             raise MsifValueError("give candidate documents or an index to retrieve them from")
-        if k < 1:
-            raise MsifValueError(f"the number of candidates must be at least 1, got {k}")
+        check_candidates(k)
         self._check_corpus(index)
         hits = index.search([f"{prompt} {answer}"], k)[0]
         return [index.documents[i] for i, _ in hits]
@@ -292,7 +297,7 @@ class Attributor:
         against the same model are stacked and scored together; RepSim's hidden states come from
         the same passes.
         """
-        methods, dampings = _check_methods(methods), _check_dampings(dampings)
+        methods, dampings = check_methods(methods), check_dampings(dampings)
         if not documents:
             raise MsifValueError("no candidate documents to score (zero candidates)")
         if not queries:
@@ -388,13 +393,11 @@ class Attributor:
         damping, in that order, each with its ``top`` rows. ``token_shares`` adds each top row's
         per-token shares (gradient methods).
         """
-        methods, dampings = _check_methods(methods), _check_dampings(dampings)
-        if not prompt or not prompt.strip():
-            raise MsifValueError("the prompt is empty")
-        if documents is None and candidates < 1:
-            raise MsifValueError(f"the number of candidates must be at least 1, got {candidates}")
-        if top < 1:
-            raise MsifValueError(f"top must be at least 1, got {top}")
+        methods, dampings = check_methods(methods), check_dampings(dampings)
+        check_prompt(prompt)
+        if documents is None:
+            check_candidates(candidates)
+        check_top(top)
         answer, generated = self._answered(prompt, answer)  # before any retrieval work
         if documents is None:
             documents = self.candidates(prompt, answer, candidates, index)
@@ -432,19 +435,17 @@ class Attributor:
         pass over the chunk's queries and one over each candidate per model, however many of the
         chunk's queries share it. Each query is then ranked among its own candidates only.
         """
-        _check_methods([method])
-        _check_dampings([damping])
+        check_methods([method])
+        check_dampings([damping])
         if not queries:
             raise MsifValueError("no queries")
-        if documents is None and candidates < 1:
-            raise MsifValueError(f"the number of candidates must be at least 1, got {candidates}")
-        if top < 1:
-            raise MsifValueError(f"top must be at least 1, got {top}")
+        if documents is None:
+            check_candidates(candidates)
+        check_top(top)
         if documents is not None and not documents:
             raise MsifValueError("no candidate documents to score (zero candidates)")
         for prompt, _ in queries:
-            if not prompt or not prompt.strip():
-                raise MsifValueError("the prompt is empty")
+            check_prompt(prompt)
         from tqdm.auto import tqdm
 
         answered, generated = [], []
@@ -653,24 +654,3 @@ def _check_base(stage: str, recorded: dict, ref, allow_revision_mismatch: bool) 
             raise FactorError(message + "; pass --allow-revision-mismatch (allow_revision_mismatch=True) to use "
                               "them anyway")
         logger.warning(message)
-
-
-def _check_methods(methods: Sequence[str]) -> list[str]:
-    if isinstance(methods, str):
-        methods = [methods]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise MsifValueError(f"unknown method {(unknown or [''])[0]!r}; use one of {', '.join(METHODS)}")
-    return list(dict.fromkeys(methods))
-
-
-def _check_dampings(dampings: Sequence[float]) -> list[float]:
-    """Each damping must be a finite number above 0: 0 divides by zero where Lambda vanishes, NaN
-    and infinity give NaN or all-zero scores, i.e. no ranking at all."""
-    dampings = [dampings] if isinstance(dampings, (int, float)) else list(dampings)
-    if not dampings:
-        raise MsifValueError("give at least one damping")
-    for d in dampings:
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
-            raise MsifValueError(f"damping must be a finite number above 0, got {d!r}")
-    return list(dict.fromkeys(float(d) for d in dampings))

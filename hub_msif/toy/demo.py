@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hub_msif.artifacts.local_folders import cache_root
 from hub_msif.artifacts.manifest import check_stage_pair, read_manifest
 from hub_msif.data import CorpusSpec
 from hub_msif.errors import FactorError, RetrievalError
@@ -43,7 +44,7 @@ FACTORS_REPO, INDEX_REPO = "demo/factworld-factors", "demo/factworld-index"
 def default_cache() -> Path:
     """Where the demo keeps its artifacts: ``$HUB_MSIF_CACHE/demo``, else ``~/.cache/hub_msif/demo``.
     The tests and benchmarks reuse the same fact world from here instead of training it again."""
-    return Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif") / "demo"
+    return cache_root() / "demo"
 
 
 def local_hub_environment(cache: str | Path) -> bool:

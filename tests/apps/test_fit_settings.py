@@ -13,6 +13,7 @@ import pytest
 from conftest import save_tiny_example
 
 from hub_msif.apps import cli
+from hub_msif.apps.commands import fit as fit_cmd
 from hub_msif.data import CorpusSpec
 from hub_msif.factors.config import FitConfig
 from hub_msif.factors.fit import fit_stage
@@ -67,7 +68,7 @@ def _parse_command(command: str):
     words = shlex.split(command)
     words = words[words.index("fit"):]
     args = cli.build_parser().parse_args(words)
-    config, corpus = cli._fit_settings(args)
+    config, corpus = fit_cmd.fit_settings(args)
     return config, corpus, args
 
 

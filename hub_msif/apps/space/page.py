@@ -1,6 +1,7 @@
 """The Gradio Space: attribute a fine-tuned model's answer to pre-training documents in a browser.
 
-``build_app(factors, index, examples)`` returns a ``gr.Blocks`` page (prompt, editable answer,
+``build_app(factors, index, examples)`` builds the ``SpaceRequests`` (requests.py: the checks and the
+handlers, testable without a page) and hands them to ``layout(requests)``, which returns a ``gr.Blocks`` page (prompt, editable answer,
 method / damping / candidates / MLP-only controls, a ranked table, a chart of influence by layer
 and role, and a side-by-side comparison of all five methods) with the API endpoints
 ``generate``, ``attribute`` and ``compare``. Factors, index and models are loaded on first use
@@ -13,15 +14,14 @@ ends the request with ``gr.Error``: a one-line message in the page and in ``grad
 never a traceback, and the app keeps serving.
 """
 
+
 from __future__ import annotations
 
 import logging
-import math
-import time
 
 import gradio as gr
 
-from hub_msif.apps.space.backend import Backend, one_line, report_progress
+from hub_msif.apps.space.backend import Backend
 from hub_msif.apps.space.gpu import gpu_task
 from hub_msif.apps.space.render import (
     COMPARE_COLUMNS,
@@ -29,51 +29,21 @@ from hub_msif.apps.space.render import (
     LOGPROB_LABEL,
     METHOD_CHOICES,
     METHOD_LABELS,
-    PROPONENT_MARK,
     RESULT_COLUMNS,
     RESULT_TYPES,
     SCORE_LEGEND,
     SERVED_PENDING,
-    answer_logprob_value,
-    chart_update,
-    compare_table,
     empty_chart,
     empty_compare_table,
     empty_results_table,
     escape_markdown,
-    query_terms,
-    results_table,
-    served_markdown,
-    token_shading_html,
 )
+from hub_msif.apps.space.requests import EXAMPLE_BUTTONS, SpaceRequests, refusal
 from hub_msif.apps.space.settings import SpaceSettings
-from hub_msif.attribution.attributor import DEFAULT_DAMPING, METHODS, Attributor
-from hub_msif.attribution.scoring import GRADIENT_METHODS
-from hub_msif.errors import SpaceError
+from hub_msif.attribution.attributor import DEFAULT_DAMPING
 
 logger = logging.getLogger(__name__)
 
-
-def _examples(examples) -> tuple[list[str], dict[str, set[str]]]:
-    """Example prompts, and the known proponents of each (toy fact world) where given.
-
-    Accepts strings, ``factworld.Query`` objects, or dicts with ``prompt`` (and ``proponents``).
-    """
-    prompts, proponents = [], {}
-    for item in examples or []:
-        if isinstance(item, str):
-            prompt, known = item, None
-        elif isinstance(item, dict):
-            prompt, known = item["prompt"], item.get("proponents")
-        else:
-            prompt, known = item.prompt, getattr(item, "proponents", None)
-        prompts.append(prompt)
-        if known:
-            proponents[prompt.strip()] = set(known)
-    return prompts, proponents
-
-
-EXAMPLE_BUTTONS = 3  # example questions taken from the index (when build_app is given none)
 INTRO = """# Which pre-training documents made the fine-tuned model say that?
 Ask a question. The **fine-tuned** model answers it (greedily; you can edit the answer), and
 **multi-stage influence functions (MS-IF)** rank candidate documents from the **pre-training**
@@ -81,51 +51,6 @@ corpus by how much training on each one supports that answer. Candidates are the
 to the question and answer in an embedding index. A positive score means the document supports the
 answer; *relative score* is the score over the largest absolute score among the candidates.
 """
-
-
-def check_prompt(prompt: str) -> str:
-    if not prompt or not prompt.strip():
-        raise SpaceError("The prompt is empty: type a question first.")
-    return prompt.strip()
-
-
-def check_candidates(candidates, settings: SpaceSettings) -> int:
-    try:
-        value = float(candidates)
-    except (TypeError, ValueError):
-        raise SpaceError(f"The number of candidates must be a whole number, got {candidates!r}.") from None
-    if not math.isfinite(value) or value != int(value):
-        raise SpaceError(f"The number of candidates must be a whole number, got {candidates!r}.")
-    if value < 1:
-        raise SpaceError(f"The number of candidates must be at least 1, got {int(value)}: "
-                         "zero candidates leave nothing to rank.")
-    if value > settings.max_candidates:
-        raise SpaceError(f"The number of candidates is {int(value)}; this Space scores at most "
-                         f"{settings.max_candidates} per request (MSIF_MAX_CANDIDATES).")
-    return int(value)
-
-
-def check_damping(damping) -> float:
-    try:
-        value = float(damping)
-    except (TypeError, ValueError):
-        raise SpaceError(f"Damping must be a positive number, got {damping!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise SpaceError(f"Damping must be a positive number (relative to the mean eigenvalue), got {damping!r}.")
-    return value
-
-
-def check_method(method: str) -> str:
-    if method not in METHOD_LABELS:
-        raise SpaceError(f"Unknown method {method!r}; use one of {', '.join(METHOD_LABELS)}.")
-    return method
-
-
-def example_updates(served: dict, static: list[str]) -> list:
-    """The example buttons after loading: the index's example questions (at most
-    ``EXAMPLE_BUTTONS``) when no examples were given to ``build_app``; else unchanged."""
-    questions = [] if static else served.get("example_questions", [])[:EXAMPLE_BUTTONS]
-    return [gr.update(value=q, visible=True) for q in questions] + [gr.update()] * (EXAMPLE_BUTTONS - len(questions))
 
 
 def build_app(factors, index, examples=None, settings: SpaceSettings | None = None,
@@ -139,26 +64,14 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
     ``settings.concurrency`` requests at a time and ``settings.queue_size`` waiting ones.
     """
     settings = settings or SpaceSettings()
-    backend = Backend(factors, index, device=settings.device)
-    example_prompts, known_proponents = _examples(examples)
+    return layout(SpaceRequests(Backend(factors, index, device=settings.device), settings, examples), title=title)
 
-    def check_length(attributor: Attributor, text: str, what: str) -> None:
-        n = len(attributor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n > settings.max_prompt_tokens:
-            raise SpaceError(f"The {what} is {n} tokens long; this Space accepts at most {settings.max_prompt_tokens} "
-                             f"tokens (MSIF_MAX_PROMPT_TOKENS). Shorten it.")
 
-    def answer_for(attributor: Attributor, prompt: str, answer: str | None, progress) -> tuple[str, bool]:
-        check_length(attributor, prompt, "prompt")
-        if answer and answer.strip():
-            check_length(attributor, answer, "answer")
-            return answer.strip(), False
-        report_progress(progress, 0.45, "Generating the fine-tuned model's answer")
-        generated = attributor.generate(prompt, settings.max_new_tokens)
-        if not generated.strip():
-            raise SpaceError("The fine-tuned model generated an empty answer; type one in the answer box.")
-        return generated, True
-
+def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Blocks:
+    """The page: its components, and its events wired to ``requests``' handlers (API ``describe``,
+    ``generate``, ``attribute``, ``compare``). A failed request ends in a one-line ``gr.Error``
+    (a toast, and the status line of the visitor's session) and clears what the previous one
+    showed; the app keeps serving."""
     last_errors: dict[str, str] = {}  # session -> message of its last failed request, for the status line
 
     def run_guarded(request: gr.Request | None, fn, *args, progress=None):
@@ -166,13 +79,8 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         of unexpected ones), so the visitor sees a message and the app keeps serving."""
         try:
             return fn(*args, progress=progress)
-        except SpaceError as err:
-            message = str(err)
-        except (ValueError, OSError) as err:
-            message = one_line(err)
         except Exception as err:
-            logger.exception("request failed")
-            message = f"Internal error ({type(err).__name__}): {one_line(err)}"
+            message = refusal(err)
         logger.warning("request refused: %s", message)
         if request is not None:
             last_errors[request.session_hash] = message
@@ -180,88 +88,17 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                 last_errors.pop(next(iter(last_errors)))
         raise gr.Error(message, duration=None, print_exception=False)
 
-
     def on_describe(progress):
         try:
-            return run_guarded(None, describe, progress=progress)
+            markdown, served, questions = run_guarded(None, requests.describe, progress=progress)
         except gr.Error as err:
             return f"⚠️ **Cannot load what this Space serves:** {escape_markdown(err.message)}", None, *[gr.update()] * EXAMPLE_BUTTONS
+        buttons = [gr.update(value=q, visible=True) for q in questions]
+        return markdown, served, *buttons, *[gr.update()] * (EXAMPLE_BUTTONS - len(questions))
 
     def show_error(request: gr.Request):
         message = last_errors.pop(request.session_hash, "the request failed") if request else "the request failed"
         return f"⚠️ **Error:** {escape_markdown(message)}"
-
-    def generate(prompt: str, progress=None):
-        """The fine-tuned model's greedy answer to the prompt."""
-        prompt = check_prompt(prompt)
-        attributor = backend.attributor("all", progress)
-        check_length(attributor, prompt, "prompt")
-        with backend.compute_lock:
-            report_progress(progress, 0.5, "Generating the fine-tuned model's answer")
-            answer = attributor.generate(prompt, settings.max_new_tokens)
-        return answer, f"Answer generated greedily by the fine-tuned model ({attributor.refs['finetuned'].id})."
-
-    def attribute(prompt: str, answer: str, method: str, damping: float, candidates: int, mlp: bool, progress=None):
-        """Ranks candidate pre-training documents for the prompt and answer with one method."""
-        prompt, method = check_prompt(prompt), check_method(method)
-        candidates, damping = check_candidates(candidates, settings), check_damping(damping)
-        started = time.perf_counter()
-        attributor = backend.attributor("mlp" if mlp else "all", progress)
-        index = backend.index(progress)
-        report_progress(progress, 0.4, "Waiting for the model")
-        with backend.compute_lock:
-            answer, generated = answer_for(attributor, prompt, answer, progress)
-            report_progress(progress, 0.6, f"Retrieving {candidates} candidates and scoring them with {METHOD_LABELS[method]}")
-            result = attributor.attribute(prompt, answer, index=index, candidates=candidates, top=settings.top,
-                                          method=method, damping=damping, token_shares=method in GRADIENT_METHODS)
-        proponents, terms = known_proponents.get(prompt, set()), query_terms(prompt, answer)
-        table, opposing = results_table(result, terms, proponents), results_table(result, terms, proponents, True)
-        status = (f"**{METHOD_LABELS[method]}** ranked {result.num_candidates} candidates for the answer "
-                  f"“{escape_markdown(answer)}”{' (generated by the fine-tuned model)' if generated else ''} "
-                  f"in {time.perf_counter() - started:.1f} s{', MLP modules only' if mlp else ''}.")
-        if proponents:
-            found = sum(row.id in proponents for row in result.rows)
-            status += f" {PROPONENT_MARK} marks the {found} true proponent(s) of this fact in the top {len(result.rows)}."
-        if method not in GRADIENT_METHODS:
-            status += f" {METHOD_LABELS[method]} has no per-layer breakdown: the chart shows its relative scores."
-        payload = result.to_json()
-        payload["answer_generated"] = generated  # generated here (under the length limit), not by attribute()
-        return (answer, answer_logprob_value(result), table, opposing, chart_update(result), status,
-                token_shading_html(result, settings.top), payload)
-
-    def describe(progress=None):
-        """What this Space serves (``Backend.describe``), and the index's example questions."""
-        served = backend.describe(progress)
-        return served_markdown(served), served, *example_updates(served, example_prompts)
-
-    def compare(prompt: str, answer: str, damping: float, candidates: int, mlp: bool, progress=None):
-        """Ranks the same candidates with all five methods; returns the top documents side by side."""
-        prompt = check_prompt(prompt)
-        candidates, damping = check_candidates(candidates, settings), check_damping(damping)
-        started = time.perf_counter()
-        attributor = backend.attributor("mlp" if mlp else "all", progress)
-        index = backend.index(progress)
-        with backend.compute_lock:
-            answer, generated = answer_for(attributor, prompt, answer, progress)
-            report_progress(progress, 0.5, f"Retrieving {candidates} candidates and scoring them with all five methods")
-            results = {r.method: r for r in attributor.compare(prompt, answer, index=index, candidates=candidates,
-                                                               top=settings.top, methods=METHODS,
-                                                               dampings=[damping])}
-        num_candidates = results["ms-if"].num_candidates
-        terms = query_terms(prompt, answer)
-        proponents = known_proponents.get(prompt, set())
-        frame = compare_table(results, terms, proponents)
-        top_ids = {m: [row.id for row in r.rows] for m, r in results.items()}
-        reference = set(top_ids["ms-if"])
-        overlaps = ", ".join(f"{METHOD_LABELS[m]} {len(reference & set(ids))}/{len(ids)}"
-                             for m, ids in top_ids.items() if m != "ms-if")
-        status = (f"Compared all five methods on the same {num_candidates} candidates for the answer "
-                  f"“{escape_markdown(answer)}”{' (generated)' if generated else ''} in "
-                  f"{time.perf_counter() - started:.1f} s. Top-{settings.top} overlap with MS-IF: {overlaps}.")
-        if proponents:
-            found = ", ".join(f"{METHOD_LABELS[m]} {sum(i in proponents for i in ids)}" for m, ids in top_ids.items())
-            status += f" True proponents ({PROPONENT_MARK}) in the top {settings.top}: {found}."
-        return answer, frame, status, {"candidates": num_candidates, "answer": answer, "top_ids": top_ids}
 
     with gr.Blocks(analytics_enabled=False, title=title) as app:
         gr.Markdown(INTRO)
@@ -284,10 +121,10 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                 with gr.Row():  # filled at page load from the index's example questions when none are given
                     example_buttons = [gr.Button("", visible=False, size="sm", elem_id=f"example-{i}")
                                        for i in range(EXAMPLE_BUTTONS)]
-                if example_prompts:
-                    gr.Examples(examples=[[p] for p in example_prompts], inputs=[prompt_box],
+                if requests.example_prompts:
+                    gr.Examples(examples=[[p] for p in requests.example_prompts], inputs=[prompt_box],
                                 label="Example questions" + (" (★ marks the true proponents in the results)"
-                                                             if known_proponents else ""))
+                                                             if requests.known_proponents else ""))
             with gr.Column(scale=2):
                 method_box = gr.Dropdown(METHOD_CHOICES, value="ms-if", label="Method", elem_id="method",
                                          info="MS-IF: multi-stage influence; SS-IF: single-stage (fine-tuned model "
@@ -297,8 +134,8 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                         elem_id="damping")  # no bounds: check_damping explains
                 # A Number without bounds: out-of-range values reach check_candidates, whose messages
                 # name the limit (gradio's own bounds check would answer "Value 0 is less than ...").
-                candidates_box = gr.Number(value=settings.default_candidates, precision=0, elem_id="candidates",
-                                           label=f"Number of candidates (1 to {settings.max_candidates}, "
+                candidates_box = gr.Number(value=requests.settings.default_candidates, precision=0, elem_id="candidates",
+                                           label=f"Number of candidates (1 to {requests.settings.max_candidates}, "
                                                  "retrieved from the index)")
                 mlp_box = gr.Checkbox(value=False, label="MLP modules only", elem_id="mlp-only")
         status_box = gr.Markdown("", elem_id="status", label="Status")
@@ -338,18 +175,18 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
         # The model-bound handlers: on ZeroGPU hardware each runs inside spaces.GPU (gpu.py).
         @gpu_task
         def on_generate(prompt: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-            return run_guarded(request, generate, prompt, progress=progress)
+            return run_guarded(request, requests.generate, prompt, progress=progress)
 
         @gpu_task
         def on_attribute(prompt: str, answer: str, method: str, damping: float, candidates: int, mlp_only: bool,
                          request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-            return run_guarded(request, attribute, prompt, answer, method, damping, candidates, mlp_only,
+            return run_guarded(request, requests.attribute, prompt, answer, method, damping, candidates, mlp_only,
                                progress=progress)
 
         @gpu_task
         def on_compare(prompt: str, answer: str, damping: float, candidates: int, mlp_only: bool,
                        request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-            return run_guarded(request, compare, prompt, answer, damping, candidates, mlp_only, progress=progress)
+            return run_guarded(request, requests.compare, prompt, answer, damping, candidates, mlp_only, progress=progress)
 
         # A new question makes the old answer stale, and a new answer its log-probability.
         prompt_box.change(lambda: ("", None), None, [answer_box, logprob_box], api_visibility="private", queue=False)
@@ -387,6 +224,7 @@ def build_app(factors, index, examples=None, settings: SpaceSettings | None = No
                                                              chart_box, tokens_box, json_box], api_visibility="private")
         compare_event.failure(on_compare_failure, None, [status_box, compare_box, compare_json],
                               api_visibility="private")
-    app.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
-    app.msif_backend = backend  # for tests and callers that want to preload
+    app.queue(default_concurrency_limit=requests.settings.concurrency, max_size=requests.settings.queue_size)
+    app.msif_backend = requests.backend  # for tests and callers that want to preload
+    app.msif_requests = requests
     return app
