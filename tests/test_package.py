@@ -140,3 +140,22 @@ def test_errors_inherit_their_builtin_kind():
     for name in errors.__all__:
         if name != "Interrupted":
             assert issubclass(getattr(errors, name), errors.MsifError), name
+
+
+SERVER_MODULES_NEEDING_THE_EXTRA = ["app", "routes", "repos", "uploads", "spaces", "request_context"]
+
+
+def test_the_core_and_the_space_app_do_not_import_the_server_extra():
+    """Issue 20 (1): starlette and uvicorn are the extra ``hub_msif[server]``; the Hub client, the
+    command line, the attributor and the server package itself (tokens, gc) import neither, and the
+    Space app (gradio brings starlette of its own) imports none of the server's HTTP modules."""
+    code = (
+        "import sys, json\n"
+        "import hub_msif.hub, hub_msif.hub.server, hub_msif.apps.cli, hub_msif.attribution.attributor\n"
+        "core = sorted(m for m in ('starlette', 'uvicorn') if m in sys.modules)\n"
+        "import hub_msif.apps.space.app\n"
+        "print(json.dumps({'core': core, 'server': sorted(m for m in sys.modules if m.startswith('hub_msif.hub.server.'))}))\n"
+    )
+    result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert result["core"] == []
+    assert not {f"hub_msif.hub.server.{m}" for m in SERVER_MODULES_NEEDING_THE_EXTRA} & set(result["server"])
