@@ -16,7 +16,7 @@ under the fine-tuned model), then ranks within each query's own candidate set. B
 per query over its candidate set, exactly as ``Attributor.score`` does. A check compares the fast
 path with ``Attributor.score`` on one query.
 
-    .venv/bin/python bench/fact_tracing.py [--trials 3] [--dampings 1e-4,1e-3,1e-2,1e-1,1,10]
+    .venv/bin/python -m bench.fact_tracing [--trials 3] [--dampings 1e-4,1e-3,1e-2,1e-1,1,10]
         [--max-queries N] [--cache DIR] [--out bench/out/fact_tracing.json]
 """
 
@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-from hub_msif.apps.cli import DEFAULT_CACHE
 from hub_msif.attribution.attributor import Attributor
 from hub_msif.attribution.baselines import bm25_scores, words
-from hub_msif.toy.demo import fitted_factors, trained_pair
+from hub_msif.toy.demo import default_cache, fitted_factors, trained_pair
 from hub_msif.toy.factworld import generate, save_world
 
 DAMPED = ("ms-if", "ss-if")
@@ -191,7 +190,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--dampings", default="1e-4,1e-3,1e-2,1e-1,1,10", help="relative damping values, comma-separated")
     parser.add_argument("--max-queries", type=int, default=0, help="0 = all held-out queries")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE / "fact_tracing"))
+    parser.add_argument("--cache", default=str(default_cache().parent / "fact_tracing"))
     parser.add_argument("--out", default="bench/out/fact_tracing.json")
     parser.add_argument("--plot", default="bench/out/fact_tracing_mrr.png")
     args = parser.parse_args()
