@@ -36,31 +36,31 @@ BENCH_SCRIPTS := fit_bench fit_memory score_bench query_rank_accuracy queries_be
 # (bench/gpu_check.py is not here: it needs a CUDA machine.)
 bench: $(STAMP)
 	@for s in $(BENCH_SCRIPTS); do test -f bench/$$s.py || { echo "make bench: bench/$$s.py is missing" >&2; exit 1; }; done
-	$(BIN)/python bench/fit_bench.py
-	$(BIN)/python bench/fit_memory.py
-	$(BIN)/python bench/score_bench.py --query-ranks 2,8,32
-	$(BIN)/python bench/query_rank_accuracy.py
-	$(BIN)/python bench/queries_bench.py
-	$(BIN)/python bench/retrieval_bench.py
-	$(BIN)/python bench/scale.py
-	$(BIN)/python bench/accuracy.py --hidden 32 --ffn 128 --fit-sequences 200 --candidates 500 --queries 10 --damping-ratio 1.0 --cg-time-limit 1500 --cg-max-iter 1000
-	$(BIN)/python bench/fact_tracing.py
-	$(BIN)/python bench/fact_tracing_demo.py
-	OMP_NUM_THREADS=1 $(BIN)/python bench/counterfactual.py --workers 2
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.fit_bench
+	$(BIN)/python -m bench.fit_memory
+	$(BIN)/python -m bench.score_bench --query-ranks 2,8,32
+	$(BIN)/python -m bench.query_rank_accuracy
+	$(BIN)/python -m bench.queries_bench
+	$(BIN)/python -m bench.retrieval_bench
+	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.accuracy --hidden 32 --ffn 128 --fit-sequences 200 --candidates 500 --queries 10 --damping-ratio 1.0 --cg-time-limit 1500 --cg-max-iter 1000
+	$(BIN)/python -m bench.fact_tracing
+	$(BIN)/python -m bench.fact_tracing_demo
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.counterfactual --workers 2
+	$(BIN)/python -m bench.report
 
 # Multi-stage LDS and top-k removal on two fact worlds (issue 11): trains ~280 tiny model pairs on
 # 2 worker processes; every pair is cached under ~/.cache/hub_msif/bench/counterfactual, so a rerun
 # (or `make bench` afterwards) resumes or only reads the cache. Rewrites its section of docs/benchmarks.md.
 bench-counterfactual: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/counterfactual.py --workers 2
-	$(BIN)/python bench/report.py --only counterfactual
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.counterfactual --workers 2
+	$(BIN)/python -m bench.report --only counterfactual
 
 demo: $(STAMP)
 	$(BIN)/hub-msif demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check hub_msif tests bench
+	$(BIN)/ruff check hub_msif tests bench examples
 	$(BIN)/mypy
 
 clean:

@@ -30,7 +30,7 @@ Protocol:
 Reports Spearman and Pearson correlation per query (mean and std over queries). Prints a table
 and writes ``bench/out/accuracy.json``.
 
-    .venv/bin/python bench/accuracy.py [--hidden 32 --ffn 128 --fit-sequences 200 --candidates 500 --queries 10]
+    .venv/bin/python -m bench.accuracy [--hidden 32 --ffn 128 --fit-sequences 200 --candidates 500 --queries 10]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common import per_query_correlations as correlations  # noqa: E402
 from hub_msif.attribution.refine import GGNProduct, refine  # noqa: E402
 from hub_msif.attribution.scoring import per_example_gradients  # noqa: E402
 from hub_msif.data import collate  # noqa: E402
@@ -239,8 +240,9 @@ def pcg(matvec, b, damping, precond, tol, max_iter, time_limit=None, log=None):
 def kronfluence_scores(model, names, fit_seqs, query_seqs, cand_seqs, pad_id, damping, workdir):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from bench.kronfluence_task import LanguageModelTask, collator
 
     def summed_loss(model, batch, sample):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -253,23 +255,7 @@ def kronfluence_scores(model, names, fit_seqs, query_seqs, cand_seqs, pad_id, da
             targets = torch.where(targets == -100, targets, drawn)
         return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
-    class LMTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            return summed_loss(model, batch, sample)
-
-        def compute_measurement(self, batch, model):
-            return summed_loss(model, batch, False)
-
-        def get_influence_tracked_modules(self):
-            return list(names)
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    def coll(items):
-        return collate(items, list(range(len(items))), pad_id)
-
-    task = LMTask()
+    task = LanguageModelTask(names, summed_loss)
     kf_model = prepare_model(copy.deepcopy(model), task)
     f64 = torch.float64
     factor_args = FactorArguments(
@@ -279,7 +265,7 @@ def kronfluence_scores(model, names, fit_seqs, query_seqs, cand_seqs, pad_id, da
     )
     score_args = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=f64, precondition_dtype=f64,
                                 score_dtype=f64)
-    loader = DataLoaderKwargs(num_workers=0, collate_fn=coll)
+    loader = DataLoaderKwargs(num_workers=0, collate_fn=collator(pad_id))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analyzer = Analyzer("accuracy", kf_model, task, cpu=True, disable_tqdm=True, disable_model_save=True,
@@ -295,26 +281,6 @@ def kronfluence_scores(model, names, fit_seqs, query_seqs, cand_seqs, pad_id, da
 
 # ----------------------------------------------------------------------------------------------
 # metrics
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    from scipy.stats import rankdata
-
-    return torch.as_tensor(rankdata(x.numpy()), dtype=torch.float64)
-
-
-def _pearson(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
-
-
-def correlations(scores: torch.Tensor, truth: torch.Tensor) -> dict:
-    sp = [_pearson(_ranks(s), _ranks(t)) for s, t in zip(scores, truth)]
-    pe = [_pearson(s, t) for s, t in zip(scores, truth)]
-    sp_t, pe_t = torch.tensor(sp), torch.tensor(pe)
-    return {"spearman_mean": float(sp_t.mean()), "spearman_std": float(sp_t.std()),
-            "pearson_mean": float(pe_t.mean()), "pearson_std": float(pe_t.std()),
-            "spearman_per_query": sp, "pearson_per_query": pe}
 
 
 def flat(grads: dict, names) -> torch.Tensor:
@@ -511,7 +477,7 @@ def main(argv=None) -> int:
     print(f"total {total:.1f}s")
 
     out = {
-        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": vars(args),
         "model": {"arch": "gpt_neox", "layers": args.layers, "heads": args.heads, "hidden": args.hidden,
                   "ffn": args.ffn, "vocab": len(tokenizer), "tracked_parameters": num_params,

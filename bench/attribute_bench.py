@@ -19,7 +19,7 @@ Pairs:
 
 Writes ``bench/out/attribute.json``; ``bench/report.py`` turns it into a section of docs/benchmarks.md.
 
-    python bench/attribute_bench.py [--pairs demo,pythia410m] [--modules mlp] [--threads 2]
+    python -m bench.attribute_bench [--pairs demo,pythia410m] [--modules mlp] [--threads 2]
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 OUT = ROOT / "bench" / "out" / "attribute.json"
 DEMO = Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif") / "demo"
 WORK = Path(os.environ.get("HUB_MSIF_CACHE") or Path.home() / ".cache" / "hub_msif") / "attribute_bench"
@@ -200,9 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    from machine import machine_info  # bench/, on sys.path
+    from bench.common import machine_info
 
-    results = {"command": "python bench/attribute_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": "python -m bench.attribute_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": machine_info(), "threads": args.threads, "pairs": {}}
     for name in [n.strip() for n in args.pairs.split(",") if n.strip()]:
         pair = demo_pair(args.work) if name == "demo" else build_pythia_pair(args.work / "pythia410m")

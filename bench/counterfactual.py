@@ -1,7 +1,7 @@
 """Counterfactual benchmarks of multi-stage attribution (issue 11): multi-stage LDS and top-k removal.
 
 For each world (the demo's fact world at bench size, and the harder world of
-``hub_msif.toy.hardworld``):
+``bench.hardworld``):
 
 1. **The full pair**: pre-trained on the whole pre-training corpus, fine-tuned on the Q&A pairs
    (``factworld``'s training loop, tiny GPT-NeoX); both stages' factors fitted with ``fit_stage``
@@ -12,7 +12,7 @@ For each world (the demo's fact world at bench size, and the harder world of
    query's answer loss is measured under every pair. Per setting, a query's LDS is the Spearman
    correlation over the M subsets between the predicted effect (sum of the scores of the kept
    documents) and the measured answer log-probability; the mean over queries with a bootstrap 95%
-   interval is reported (``hub_msif.toy.lds``).
+   interval is reported (``bench.lds``).
 3. **Top-k removal**: for ``--removal-queries`` held-out queries (those the full pair answers
    right first), each method's top ``--top-k`` documents (best setting by LDS, scored over the
    whole corpus) are removed and the pair is retrained with the full pair's seed; the increase
@@ -30,7 +30,7 @@ A method setting is one entry of ``SETTINGS`` (name -> a ``score_methods`` call 
 built with the setting's options); a new variant (say ``Setting("ms-if+norm@1e-3", "ms-if", 1e-3,
 (("normalize", True),), "ms-if+norm")``) is one more line.
 
-    .venv/bin/python bench/counterfactual.py [--workers 2] [--subsets 32] [--removal-queries 20]
+    .venv/bin/python -m bench.counterfactual [--workers 2] [--subsets 32] [--removal-queries 20]
         [--worlds factworld,hardworld] [--cache DIR] [--out bench/out/counterfactual.json]
 """
 
@@ -51,8 +51,8 @@ import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # noqa: E402 -- before anything imports tqdm: no progress bars in the log
 
+from bench import lds
 from hub_msif.artifacts.atomic import atomic_write_json
-from hub_msif.toy import lds
 
 CODE_VERSION = 1  # bump when training or measurement changes, so cached pairs are not reused
 DAMPINGS = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
@@ -100,7 +100,7 @@ SETTINGS: list[Setting] = (
 
 @dataclass
 class TrainConfig:
-    """How every pair of a world is trained (``factworld._train``'s loop: AdamW, warm-up, decay)."""
+    """How every pair of a world is trained (``factworld.train_loop``'s loop: AdamW, warm-up, decay)."""
 
     hidden: int = 64
     layers: int = 2
@@ -133,8 +133,8 @@ WORLDS = {
 
 @functools.lru_cache(maxsize=4)
 def build_world(kind: str, params_json: str):
+    from bench.hardworld import generate_hard
     from hub_msif.toy.factworld import generate
-    from hub_msif.toy.hardworld import generate_hard
 
     params = json.loads(params_json)
     return generate(**params) if kind == "fact" else generate_hard(**params)
@@ -161,11 +161,11 @@ def pair_key(whash: str, keep: list[int] | None, seed: int) -> str:
 @functools.lru_cache(maxsize=4)
 def _tokenized(kind: str, params_json: str):
     from hub_msif.data import CorpusSpec, tokenize_corpus
-    from hub_msif.toy.factworld import _Rows, qa_sequences, world_tokenizer
+    from hub_msif.toy.factworld import Rows, qa_sequences, world_tokenizer
 
     world = build_world(kind, params_json)
     tokenizer = world_tokenizer(world)  # from the whole world: every subset shares the vocabulary
-    docs = tokenize_corpus(_Rows(world.documents, ["id", "text", "fact_id"]), tokenizer,
+    docs = tokenize_corpus(Rows(world.documents, ["id", "text", "fact_id"]), tokenizer,
                            CorpusSpec(data="factworld", max_length=64))[0]
     return world, tokenizer, docs, qa_sequences(tokenizer, world.finetune, world.template)
 
@@ -200,7 +200,7 @@ def train_and_measure(job: dict) -> dict:
 
     from hub_msif.models import generate_answer
     from hub_msif.toy.examples import tiny_model
-    from hub_msif.toy.factworld import _train
+    from hub_msif.toy.factworld import train_loop
 
     torch.set_num_threads(1)
     os.environ["TQDM_DISABLE"] = "1"
@@ -210,12 +210,12 @@ def train_and_measure(job: dict) -> dict:
     keep = job["keep"]
     model = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=t.hidden, layers=t.layers, heads=t.heads,
                        ffn=4 * t.hidden, seed=t.seed, max_positions=64)
-    _train(model, tokenizer, docs if keep is None else [docs[i] for i in keep], t.pretrain_steps, t.pretrain_lr,
+    train_loop(model, tokenizer, docs if keep is None else [docs[i] for i in keep], t.pretrain_steps, t.pretrain_lr,
            t.batch_size, job["seed"], "pre-training")
     if job.get("save"):
         model.save_pretrained(Path(job["save"]) / "pretrained")
         tokenizer.save_pretrained(Path(job["save"]) / "pretrained")
-    _train(model, tokenizer, qa, t.finetune_steps, t.finetune_lr, t.batch_size, job["seed"] + 1, "fine-tuning")
+    train_loop(model, tokenizer, qa, t.finetune_steps, t.finetune_lr, t.batch_size, job["seed"] + 1, "fine-tuning")
     if job.get("save"):
         model.save_pretrained(Path(job["save"]) / "finetuned")
         tokenizer.save_pretrained(Path(job["save"]) / "finetuned")

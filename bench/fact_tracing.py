@@ -16,7 +16,7 @@ under the fine-tuned model), then ranks within each query's own candidate set. B
 per query over its candidate set, exactly as ``Attributor.score`` does. A check compares the fast
 path with ``Attributor.score`` on one query.
 
-    .venv/bin/python bench/fact_tracing.py [--trials 3] [--dampings 1e-4,1e-3,1e-2,1e-1,1,10]
+    .venv/bin/python -m bench.fact_tracing [--trials 3] [--dampings 1e-4,1e-3,1e-2,1e-1,1,10]
         [--max-queries N] [--cache DIR] [--out bench/out/fact_tracing.json]
 """
 

@@ -4,7 +4,7 @@ Reranks, for every held-out question, the 100 documents the index retrieves for 
 its true answer, and reports MRR (1 / rank of the first proponent) and Recall@10 (share of the
 proponents in the top 10). Uses (and if needed builds) the demo's cached artifacts.
 
-    .venv/bin/python bench/fact_tracing_demo.py [--cache DIR] [--candidates 100]
+    .venv/bin/python -m bench.fact_tracing_demo [--cache DIR] [--candidates 100]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ c. the floor: two plain forward+backward passes over the data (``loss.backward()
 d. the size on disk of hub_msif's factor folder (float32 and bfloat16) and kronfluence's.
 
 Prints a table and writes the same numbers to ``bench/out/fit_bench.json``. Run with
-``make bench`` or ``.venv/bin/python bench/fit_bench.py [--sequences 256 --threads 2]``.
+``make bench`` or ``.venv/bin/python -m bench.fit_bench [--sequences 256 --threads 2]``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -40,15 +39,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from machine import machine_info  # noqa: E402  (bench/, on sys.path when run as a script)
 
-from hub_msif.data import collate  # noqa: E402
+from bench.common import PAD_ID, Clock, batches, machine_info, make_sequences  # noqa: E402
 from hub_msif.factors.architectures import find_modules  # noqa: E402
 from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
 from hub_msif.factors.storage import load_stage, save_stage  # noqa: E402
 from hub_msif.toy.examples import tiny_model  # noqa: E402
 
-PAD_ID = 0
 TARGETS = {"hub_msif_over_kronfluence": 1.0, "hub_msif_over_floor": 2.0, "size_over_kronfluence": 0.55}
 
 
@@ -70,18 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_sequences(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (n, length), generator=generator)
-    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
-
-
-def batches(sequences: list[dict], batch_size: int):
-    for start in range(0, len(sequences), batch_size):
-        indices = list(range(start, min(start + batch_size, len(sequences))))
-        yield collate([sequences[i] for i in indices], indices, PAD_ID)
-
-
 def summed_loss(model, batch, sample: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy; with ``sample`` the labels are drawn from the model."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -94,16 +79,6 @@ def summed_loss(model, batch, sample: bool = False) -> torch.Tensor:
             targets = torch.where(targets == -100, targets, drawn)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                            reduction="sum")
-
-
-class Clock:
-    """Wall-clock seconds and this process's CPU seconds (all threads) since creation."""
-
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def read(self) -> dict:
-        return {"seconds": time.perf_counter() - self.wall, "cpu_seconds": time.process_time() - self.cpu}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -135,29 +110,14 @@ def time_hub_msif(model, sequences, batch_size: int, folder: Path, label_mode: s
 def time_kronfluence(model, sequences, batch_size: int, folder: Path, module_names: list[str]) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
-    from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    class LanguageModelTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            return summed_loss(model, batch, sample=sample)
+    from bench.kronfluence_task import LanguageModelTask, collator
 
-        def compute_measurement(self, batch, model):
-            return summed_loss(model, batch)
-
-        def get_influence_tracked_modules(self):
-            return module_names
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    def collate_fn(items):
-        return collate(items, list(range(len(items))), PAD_ID)
-
-    task = LanguageModelTask()
+    task = LanguageModelTask(module_names, summed_loss)
     prepared = prepare_model(copy.deepcopy(model), task)
     args = FactorArguments(strategy="ekfac", use_empirical_fisher=False)  # sampled labels, default dtypes
-    loader = DataLoaderKwargs(num_workers=0, collate_fn=collate_fn)
+    loader = DataLoaderKwargs(num_workers=0, collate_fn=collator(PAD_ID))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analyzer = Analyzer("bench", prepared, task, cpu=True, disable_tqdm=True, disable_model_save=True,

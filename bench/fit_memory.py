@@ -14,7 +14,7 @@ each setting (``accelerate launch`` on CPU with gloo for two processes), with fl
 
 Also written: the accumulator bytes the partitions and owners should leave per process
 (``hub_msif.factors.partition``), next to the measured increases. Writes ``bench/out/fit_memory.json``.
-Run: ``nice -n 10 .venv/bin/python bench/fit_memory.py`` (a few minutes on 2 cores).
+Run: ``nice -n 10 .venv/bin/python -m bench.fit_memory`` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -158,8 +158,7 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
-    sys.path.insert(0, str(HERE))
-    from machine import machine_info
+    from bench.common import machine_info
 
     runs = []
     with tempfile.TemporaryDirectory() as folder:

@@ -17,7 +17,7 @@ Prints, and writes to ``bench/out/gpu_check.json``:
   the largest |score|, top-1 agreement, the seconds of each, and the device's peak memory next to
   ``hub_msif.attribution.plan`` (``attribute --plan``). Never run on a GPU yet: untested there.
 
-Run on a CUDA machine: ``python bench/gpu_check.py`` (defaults: 64 fitting sequences of 512 tokens,
+Run on a CUDA machine: ``python -m bench.gpu_check`` (defaults: 64 fitting sequences of 512 tokens,
 batch 8, 8 queries, 64 candidates). ``--device cpu --shape tiny`` runs the same code on a CPU as a
 smoke check (the numbers then say nothing about GPUs). Weights are random: nothing is downloaded.
 """
@@ -35,8 +35,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates  # noqa: E402
 from hub_msif.data import collate  # noqa: E402

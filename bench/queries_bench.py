@@ -7,7 +7,7 @@ answers given). The cost per query after the first is ``(T_all - T_1) / (N - 1)`
 0.5 s (issue 10). For comparison, in one process with the models loaded: ``attribute`` once per
 query against ``attribute_many`` over all of them.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python bench/queries_bench.py [--queries 100] [--threads 1]
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m bench.queries_bench [--queries 100] [--threads 1]
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def main() -> None:
           f"({len(rows) * t_one / t_many:.1f}x the one run)")
 
     import torch
-    from machine import machine_info  # bench/, on sys.path when run as a script
 
+    from bench.common import machine_info
     from hub_msif.attribution.attributor import Attributor
 
     torch.set_num_threads(args.threads)

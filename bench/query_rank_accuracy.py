@@ -8,7 +8,7 @@ minimum and mean over queries of the Spearman correlation with the full-rank sco
 of the top 10, and the query memory per query as a share of the model's parameter bytes.
 ``--plain`` truncates in the plain Frobenius norm instead of the candidates' metric, for
 comparison. Writes ``bench/out/query_rank_accuracy.json`` (``--out``). Run with
-``OMP_NUM_THREADS=1 .venv/bin/python bench/query_rank_accuracy.py [--plain]``.
+``OMP_NUM_THREADS=1 .venv/bin/python -m bench.query_rank_accuracy [--plain]``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 median latency of one query's top-100 search over ``--queries`` single-query searches (after one
 warm-up search). Writes ``bench/out/retrieval_bench.json``.
 
-    .venv/bin/python bench/retrieval_bench.py [--sizes 10000,100000 --queries 100 --threads 2]
+    .venv/bin/python -m bench.retrieval_bench [--sizes 10000,100000 --queries 100 --threads 2]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                   "vectors": "random normal, L2-normalised, float32"},
         "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
                     "faiss_threads": args.threads, "python": platform.python_version(), "faiss": faiss.__version__},
-        "command": "python bench/retrieval_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.retrieval_bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ with ``fit_factors`` and saved in float32 and bfloat16, and the plan must equal,
 the tensor data of the saved safetensors files. The plan's memory is checked against measured
 fits in tests/factors/test_plan.py.
 
-    .venv/bin/python bench/scale.py [--batch-size 8 --seq-len 512 --out bench/out/scale.json]
+    .venv/bin/python -m bench.scale [--batch-size 8 --seq-len 512 --out bench/out/scale.json]
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
 
     report = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
-        "command": "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.scale " + " ".join(sys.argv[1:] if argv is None else argv),
         "assumptions": {
             "sizes": "bytes of the tensors one stage stores (q_a, q_s, lam, eig_a, eig_s per module, per-head "
                      "blocks for attention q/k/v, +1 input row for a bias); a pair is both stages; safetensors "

@@ -34,7 +34,7 @@ and C candidate sequences (default 256 x 128 tokens):
 Times are the median of ``--repeats`` runs, interleaved (floor, MS-IF for each Q, SS-IF,
 kronfluence in every round) so that drift of a shared machine hits all alike. Prints a table and
 writes the same to ``bench/out/score_bench.json``. Run with
-``.venv/bin/python bench/score_bench.py [--candidates 256 --threads 2 --repeats 3]``;
+``.venv/bin/python -m bench.score_bench [--candidates 256 --threads 2 --repeats 3]``;
 ``--quick`` is a small smoke configuration.
 """
 
@@ -52,7 +52,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -64,18 +63,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from machine import machine_info  # noqa: E402  (bench/, on sys.path when run as a script)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from bench.common import PAD_ID, ROOT, Clock, machine_info, make_sequences, plain_pass, verdict  # noqa: E402
+from bench.common import pooled_correlations as correlations  # noqa: E402
 from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates  # noqa: E402
-from hub_msif.data import collate  # noqa: E402
 from hub_msif.factors.architectures import find_modules  # noqa: E402
 from hub_msif.factors.fit import FitConfig, fit_factors  # noqa: E402
 from hub_msif.factors.objectives import lm_loss  # noqa: E402
 from hub_msif.factors.storage import load_stage  # noqa: E402
 from hub_msif.toy.examples import tiny_model  # noqa: E402
 
-PAD_ID = 0
 MEMORY_QUERIES = 8
 TARGETS = {
     "ms_if_over_floor": 1.5,  # (precondition + score) / one forward+backward, every Q: at most
@@ -140,13 +138,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- data and models ----------------------------------------------------------------------------
 
-def make_sequences(n: int, length: int, vocab: int, seed: int) -> list[dict]:
-    """``n`` random token sequences whose own tokens are the labels (candidates, fitting data)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (n, length), generator=generator)
-    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
-
-
 def make_queries(n: int, length: int, answer_len: int, vocab: int, seed: int) -> list[dict]:
     """``n`` (prompt, answer) sequences: only the last ``answer_len`` tokens carry loss."""
     queries = make_sequences(n, length, vocab, seed)
@@ -161,39 +152,12 @@ def build_model(args, seed: int) -> torch.nn.Module:
                       max_positions=max(256, args.seq_len, args.query_len))
 
 
-def batches(sequences: list[dict], batch_size: int):
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        yield collate(chunk, range(start, start + len(chunk)), PAD_ID)
-
-
 # --- measurements -------------------------------------------------------------------------------
-
-class Clock:
-    """Wall-clock seconds and this process's CPU seconds (all threads) since creation."""
-
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def read(self) -> dict:
-        return {"seconds": time.perf_counter() - self.wall, "cpu_seconds": time.process_time() - self.cpu}
-
 
 def timed(fn, *fn_args, **fn_kwargs):
     clock = Clock()
     result = fn(*fn_args, **fn_kwargs)
     return result, clock.read()
-
-
-def plain_pass(model, sequences: list[dict], batch_size: int) -> None:
-    """The floor: forward, summed loss (same as scoring's), backward with parameter gradients."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for batch in batches(sequences, batch_size):
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        lm_loss(logits, batch, "empirical").backward()
-    model.zero_grad(set_to_none=True)
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -206,53 +170,24 @@ def added(*parts: dict) -> dict:
     return {"seconds": sum(p["seconds"] for p in parts), "cpu_seconds": sum(p["cpu_seconds"] for p in parts)}
 
 
-def correlations(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
-    """Pearson over all (query, candidate) pairs and mean per-query Spearman; both ``[Q, C]``."""
-    ours, theirs = ours.double(), theirs.double()
-    pearson = float(torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1])
-
-    def ranks(x):  # [Q, C] -> ranks along C (continuous scores: no ties to speak of)
-        return x.argsort(dim=1).argsort(dim=1).double()
-
-    spearman = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(ranks(ours), ranks(theirs), strict=True)]
-    scale = float(theirs.abs().max()) or 1.0
-    return {"pearson": pearson, "spearman_mean": statistics.fmean(spearman),
-            "max_abs_difference_over_max_abs": float((ours - theirs).abs().max()) / scale}
-
-
 # --- kronfluence --------------------------------------------------------------------------------
 
 def kronfluence_analyzer(model, fit_sequences, batch_size: int, folder: Path, module_names: list[str]):
     """A kronfluence Analyzer on a copy of ``model`` with EK-FAC factors fitted (empirical Fisher)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
-    from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    class SummedLanguageModelTask(Task):
+    from bench.kronfluence_task import LanguageModelTask, collator
+
+    def summed_loss(model, batch, sample):
         """Summed next-token loss with hub_msif's own loss (labels -100 and padding carry none)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return lm_loss(logits, batch, "empirical")
 
-        def compute_train_loss(self, batch, model, sample=False):
-            if sample:
-                raise AssertionError("the factors here use the empirical Fisher; kronfluence must not sample")
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            return lm_loss(logits, batch, "empirical")
-
-        def compute_measurement(self, batch, model):
-            return self.compute_train_loss(batch, model)  # queries: labels -100 on the prompt
-
-        def get_influence_tracked_modules(self):
-            return module_names
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    def collate_fn(items):
-        return collate(items, list(range(len(items))), PAD_ID)
-
-    task = SummedLanguageModelTask()
+    task = LanguageModelTask(module_names, summed_loss, empirical_only=True)
     prepared = prepare_model(copy.deepcopy(model), task)
-    loader = DataLoaderKwargs(num_workers=0, collate_fn=collate_fn)
+    loader = DataLoaderKwargs(num_workers=0, collate_fn=collator(PAD_ID))
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -345,18 +280,12 @@ def measure_memory(args, work: Path, weights: dict[str, torch.Tensor], sizes: li
         }
         config_path = work / f"memory_{n}.json"
         config_path.write_text(json.dumps(config))
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(config_path)],
-                              capture_output=True, text=True, check=False, env=os.environ.copy())
+        done = subprocess.run([sys.executable, "-m", "bench.score_bench", "--memory-worker", str(config_path)],
+                              capture_output=True, text=True, check=False, env=os.environ.copy(), cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"memory worker for {n} candidates failed:\n{done.stderr[-4000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return results
-
-
-# --- report -------------------------------------------------------------------------------------
-
-def verdict(ok: bool) -> str:
-    return "pass" if ok else "MISS"
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ catches ``ValueError``, ``FileNotFoundError`` or ``PermissionError`` keeps worki
 - something that should exist and does not (a folder, a file, a Hub repo or revision):
   ``FileNotFoundError``;
 - a token the Hub refuses: ``PermissionError``;
-- the Hub cannot be reached: ``ConnectionError``.
+- the Hub cannot be reached: ``ConnectionError``;
+- an optional part used without its packages: ``ImportError``.
 
 The command line turns ``MsifError`` and ``OSError`` into one line and exit status 2; any other
 exception is a bug and shows its traceback.
@@ -43,6 +44,11 @@ class RetrievalError(MsifValueError):
 
 class SpaceError(MsifValueError):
     """A request the Space refuses, with a message meant for the visitor."""
+
+
+class MissingExtraError(MsifError, ImportError):
+    """An optional part of hub_msif is used without its packages; the message names the extra to
+    install (e.g. ``pip install 'hub_msif[server]'`` for the local Hub server)."""
 
 
 class ArtifactNotFoundError(MsifError, FileNotFoundError):
@@ -113,6 +119,6 @@ class Interrupted(KeyboardInterrupt):
 __all__ = [
     "ArtifactNotFoundError", "CorpusError", "FactorError", "FactorIntegrityError", "FactorsNotFoundError",
     "HubError", "IndexIntegrityError", "IndexNotFoundError", "HubIntegrityError", "HubUnreachableError",
-    "HubValueError", "IntegrityError", "Interrupted", "MsifError", "MsifValueError", "NotCachedError", "RepositoryNotFoundError",
+    "HubValueError", "IntegrityError", "Interrupted", "MissingExtraError", "MsifError", "MsifValueError", "NotCachedError", "RepositoryNotFoundError",
     "RetrievalError", "RevisionNotFoundError", "SpaceError", "TokenRefusedError", "UnsupportedArchitectureError",
 ]

@@ -153,7 +153,7 @@ def resolve_model(model: str, revision: str | None = None, name: str | None = No
         if name is not None:
             check_model_name(name)
         return path, ModelRef(name or local_name(path), folder_revision(path), folder=str(path.resolve()))
-    if not _looks_like_repo_id(model):
+    if not looks_like_repo_id(model):
         raise FileNotFoundError(f"model folder {model} does not exist")
     from huggingface_hub import snapshot_download
 
@@ -167,7 +167,7 @@ def resolve_model(model: str, revision: str | None = None, name: str | None = No
     return snapshot, ModelRef(model, snapshot.name)
 
 
-def _looks_like_repo_id(model: str) -> bool:
+def looks_like_repo_id(model: str) -> bool:
     """``[namespace/]name`` as the Hub accepts it (names may hold dots: ``Qwen/Qwen2.5-0.5B``);
     paths that start with ``.``, ``/`` or ``~`` never are."""
     from huggingface_hub.errors import HFValidationError

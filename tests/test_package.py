@@ -140,3 +140,68 @@ def test_errors_inherit_their_builtin_kind():
     for name in errors.__all__:
         if name != "Interrupted":
             assert issubclass(getattr(errors, name), errors.MsifError), name
+
+
+SERVER_MODULES_NEEDING_THE_EXTRA = ["app", "routes", "repos", "uploads", "spaces", "request_context"]
+
+
+def test_the_core_and_the_space_app_do_not_import_the_server_extra():
+    """Issue 20 (1): starlette and uvicorn are the extra ``hub_msif[server]``; the Hub client, the
+    command line, the attributor and the server package itself (tokens, gc) import neither, and the
+    Space app (gradio brings starlette of its own) imports none of the server's HTTP modules."""
+    code = (
+        "import sys, json\n"
+        "import hub_msif.hub, hub_msif.hub.server, hub_msif.apps.cli, hub_msif.attribution.attributor\n"
+        "core = sorted(m for m in ('starlette', 'uvicorn') if m in sys.modules)\n"
+        "import hub_msif.apps.space.app\n"
+        "print(json.dumps({'core': core, 'server': sorted(m for m in sys.modules if m.startswith('hub_msif.hub.server.'))}))\n"
+    )
+    result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert result["core"] == []
+    assert not {f"hub_msif.hub.server.{m}" for m in SERVER_MODULES_NEEDING_THE_EXTRA} & set(result["server"])
+
+
+REPOSITORY = PACKAGE.parent
+SOURCES = ("hub_msif", "bench", "tests", "examples")
+
+
+def private_imports(path: Path, own_modules: set[str]) -> list[str]:
+    """``from X import _y`` (and ``import X._y``) in ``path`` where X is this repository's own code
+    (hub_msif, bench, a test module, relative imports); dunder names (``__version__``) are public."""
+    def private(name: str) -> bool:
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+    def own(module: str) -> bool:
+        return module.split(".")[0] in own_modules
+
+    where = path.relative_to(REPOSITORY) if path.is_relative_to(REPOSITORY) else path.name
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.level or own(node.module or "")):
+            found += [f"{where}:{node.lineno}: from {'.' * node.level}{node.module or ''} "
+                      f"import {a.name}" for a in node.names if private(a.name)]
+        elif isinstance(node, ast.Import):
+            found += [f"{where}:{node.lineno}: import {a.name}" for a in node.names
+                      if own(a.name) and any(private(part) for part in a.name.split(".")[1:])]
+    return found
+
+
+def own_module_names() -> set[str]:
+    return {"hub_msif", "bench", "examples"} | {p.stem for p in (REPOSITORY / "tests").rglob("*.py")}
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """Issue 20 (4): a name starting with ``_`` is its module's own; what another module needs is public."""
+    own = own_module_names()
+    found = [hit for source in SOURCES for path in sorted((REPOSITORY / source).rglob("*.py"))
+             for hit in private_imports(path, own)]
+    assert not found, "private names imported from another module:\n" + "\n".join(found)
+
+
+def test_the_private_import_check_finds_a_planted_one(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from hub_msif.toy.factworld import _planted\nfrom hub_msif import __version__\n"
+                       "from huggingface_hub.utils import _http\nimport hub_msif._private\nfrom ._x import _y\n")
+    found = private_imports(planted, own_module_names())
+    assert [hit.split(": ", 1)[1] for hit in found] == ["from hub_msif.toy.factworld import _planted",
+                                                         "import hub_msif._private", "from ._x import _y"]

@@ -70,6 +70,20 @@ def test_the_wheel_holds_the_templates_and_the_space_app(wheel):
     assert not any(n.startswith(("tests/", "bench/", "model_cards/", "spaces/")) for n in names)
 
 
+def test_the_server_dependencies_are_an_extra_of_the_wheel(wheel):
+    """Issue 20 (1): the server's modules ship, but starlette and uvicorn are only the extra ``server``."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(archive.read(n).decode() for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    server = [r for r in requires if r.lower().startswith(("starlette", "uvicorn"))]
+    assert len(server) == 2 and all('extra == "server"' in r for r in server), requires
+    assert "Provides-Extra: server" in metadata
+    from hub_msif.hub.space_push import space_requirements
+
+    _, space_pins = space_requirements()  # the Space's packed wheel does not need them either
+    assert not any(pin.lower().startswith(("starlette", "uvicorn")) for pin in space_pins)
+
+
 def test_the_packed_wheel_of_push_space_holds_what_the_built_one_does(wheel):
     from hub_msif.hub.space_push import pack_wheel
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.memory_plan import DTYPE_BYTES, GB, _dtype_name, _shape, format_bytes, meta_model
+from hub_msif.factors.memory_plan import DTYPE_BYTES, GB, dtype_name, format_bytes, meta_model, model_shape
 
 STAGE_NAMES = ("pretrained", "finetuned")
 PHASES = ("query gradients", "preconditioning", "candidates")
@@ -180,7 +180,7 @@ def plan_attribution(stages: Mapping[str, Mapping], configs: Mapping[str, object
     dtypes, weights, parameters, models, types = {}, {}, {}, {}, {}
     for s in STAGE_NAMES:
         config = loaded[s]
-        published = _dtype_name(getattr(config, "dtype", None)) or _dtype_name(config.to_dict().get("torch_dtype"))
+        published = dtype_name(getattr(config, "dtype", None)) or dtype_name(config.to_dict().get("torch_dtype"))
         dtypes[s] = model_dtype or published or "float32"
         if dtypes[s] not in MODEL_DTYPES:
             raise MsifValueError(f"the {s} model's dtype {dtypes[s]!r} is not one of {', '.join(MODEL_DTYPES)}")
@@ -207,7 +207,7 @@ def plan_attribution(stages: Mapping[str, Mapping], configs: Mapping[str, object
     batch = min(batch_size, candidates)
 
     def shape_of(stage):
-        return _shape(loaded[stage], [SimpleNamespace(name=m["name"]) for m in tracked])
+        return model_shape(loaded[stage], [SimpleNamespace(name=m["name"]) for m in tracked])
 
     parts = {
         "pretrained weights": weights["pretrained"],

@@ -215,7 +215,7 @@ def _check_choice(name: str, value, choices) -> None:
         raise MsifValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def _dtype_name(dtype) -> str | None:
+def dtype_name(dtype) -> str | None:
     if dtype is None:
         return None
     name = str(dtype).removeprefix("torch.")
@@ -263,9 +263,9 @@ def load_config(model_or_config, revision: str | None = None):
                 f"does not know") from err
         except (TypeError, ZeroDivisionError) as err:
             raise _config_refused(source, err) from err
-    from hub_msif.models import _looks_like_repo_id
+    from hub_msif.models import looks_like_repo_id
 
-    if not _looks_like_repo_id(source):
+    if not looks_like_repo_id(source):
         raise FileNotFoundError(f"model folder {source} does not exist")
     try:
         return AutoConfig.from_pretrained(source, revision=revision)
@@ -341,7 +341,7 @@ def _text_config(config):
     return get() if callable(get) else config
 
 
-def _shape(config, tracked) -> dict:
+def model_shape(config, tracked) -> dict:
     """Layers, hidden size, heads, q and kv widths, FFN width and vocabulary of ``config``."""
     c = _text_config(config)
     hidden = c.hidden_size
@@ -550,7 +550,7 @@ def plan_fit(
     config = load_config(model_or_config, revision)
     model = meta_model(config) if not hasattr(model_or_config, "named_modules") else model_or_config
     tracked = find_modules(model, modules, split_heads)
-    published = _dtype_name(getattr(config, "dtype", None)) or _dtype_name(config.to_dict().get("torch_dtype"))
+    published = dtype_name(getattr(config, "dtype", None)) or dtype_name(config.to_dict().get("torch_dtype"))
     model_dtype = model_dtype or published or "float32"
     _check_choice("model dtype", model_dtype, MODEL_DTYPES)
     attention = attention or getattr(config, "_attn_implementation", None) or "sdpa"
@@ -572,7 +572,7 @@ def plan_fit(
         "compute_dtype": "float64" if model_dtype == "float64" else "float32", "storage_dtype": storage_dtype,
         "batch_size": batch_size, "max_length": max_length, "attention": attention,
         "modules": modules if isinstance(modules, str) else "explicit", "query_rank": query_rank,
-        "tracked": tracked, "shape": _shape(config, tracked), "model_bytes": model_bytes,
+        "tracked": tracked, "shape": model_shape(config, tracked), "model_bytes": model_bytes,
     }
     if isinstance(model_or_config, (str, Path)):
         base["model"] = str(model_or_config)
@@ -605,7 +605,7 @@ def plan_of_fit(model, config: FitConfig, num_processes: int, max_length: int) -
     """
     from dataclasses import replace
 
-    dtype = config.model_dtype or _dtype_name(next(model.parameters()).dtype) or "float32"
+    dtype = config.model_dtype or dtype_name(next(model.parameters()).dtype) or "float32"
     return plan_fit(model, replace(config, model_dtype=dtype), num_processes=num_processes, max_length=max_length)
 
 

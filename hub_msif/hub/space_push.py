@@ -165,7 +165,7 @@ def canonical_wheel_name(file_name: str) -> str:
     return f"hub_msif-{match['version']}{build}-{match['python']}-none-any.whl"
 
 
-def _given_wheel(path: str | Path) -> tuple[str, bytes]:
+def given_wheel(path: str | Path) -> tuple[str, bytes]:
     """``(canonical file name, bytes)`` of the wheel ``--wheel`` names, checked: its name (PEP 427),
     a zip holding the Space app and the card templates."""
     path = Path(path)
@@ -332,7 +332,7 @@ def space_files(repo_id: str, factors: str | dict, index: str, manifest: dict, f
                 hardware: str | None = None, wheel: str | Path | None = None) -> dict[str, bytes]:
     """``{path: content}`` of every file of the Space (see the module docstring); ``factors`` is a pair
     location or ``{stage: location}``."""
-    name, data = _given_wheel(wheel) if wheel is not None else pack_wheel()
+    name, data = given_wheel(wheel) if wheel is not None else pack_wheel()
     requirements = ("# The hub_msif wheel's own dependencies, pinned to the versions hub_msif is tested with (gradio at "
                     "README.md's sdk_version).\n" + "".join(f"{p}\n" for p in pinned_requirements(data))
                     + f"# hub_msif {__version__} itself, shipped in this repo\n./{name}\n")

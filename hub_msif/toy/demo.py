@@ -73,12 +73,17 @@ def local_hub_environment(cache: str | Path) -> bool:
 def publish_and_pull(artifacts: dict, cache: Path, echo=print) -> tuple[str, str] | None:
     """Pushes the factors and the index to a Hub server of the demo's own on loopback, pulls them
     back by tag, and returns the two pulled folders; None (with the reason echoed) when the Hub
-    client is not pointed at a free loopback port."""
+    client is not pointed at a free loopback port or the server extra (starlette, uvicorn) is missing."""
     from huggingface_hub import constants
 
+    from hub_msif.errors import MissingExtraError
     from hub_msif.hub import pull_factors, pull_index, push_factors, push_index
-    from hub_msif.hub.server import HubServer
 
+    try:
+        from hub_msif.hub.server import HubServer  # the extra hub_msif[server]: starlette + uvicorn
+    except MissingExtraError as err:
+        echo(f"(not publishing: {err})")
+        return None
     endpoint = urlsplit(constants.ENDPOINT)
     if endpoint.hostname not in LOOPBACK or not constants.HF_HUB_DISABLE_XET:
         echo(f"(not publishing: the Hub client points at {constants.ENDPOINT}; run `hub-msif demo` for the local Hub)")

@@ -88,7 +88,7 @@ class FactWorld:
         return [d["id"] for d in self.documents if d["fact_id"] == fact_id]
 
 
-def _names(rng: random.Random, n: int) -> list[str]:
+def random_names(rng: random.Random, n: int) -> list[str]:
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ["", "n", "r", "l", "s"]
     names: set[str] = set()
     while len(names) < n:
@@ -116,7 +116,7 @@ def generate(seed: int = 0, num_subjects: int = 60, proponents_per_fact: int = 3
     if proponents_per_fact > min(len(r["statements"]) for r in RELATIONS.values()):
         raise MsifValueError(f"at most {min(len(r['statements']) for r in RELATIONS.values())} proponents per fact")
     rng = random.Random(seed)
-    subjects = _names(rng, num_subjects)
+    subjects = random_names(rng, num_subjects)
     rng.shuffle(subjects)
     test_subjects = set(subjects[: max(1, int(round(num_subjects * test_fraction)))])
     pairs = [(s, rel) for s in subjects for rel in RELATIONS]
@@ -175,7 +175,7 @@ def _batches(rng: random.Random, items: list, batch_size: int):
             yield order[i : i + batch_size]
 
 
-def _train(model, tokenizer, sequences: list[dict], steps: int, lr: float, batch_size: int, seed: int, desc: str) -> None:
+def train_loop(model, tokenizer, sequences: list[dict], steps: int, lr: float, batch_size: int, seed: int, desc: str) -> None:
     """AdamW with linear warm-up and decay on tokenized ``{"input_ids", "labels"}`` sequences."""
     from tqdm.auto import tqdm
 
@@ -209,10 +209,10 @@ def qa_sequences(tokenizer, rows: list[dict], template: str = QA_TEMPLATE) -> li
     from hub_msif.data import CorpusSpec, tokenize_corpus
 
     spec = CorpusSpec(data="factworld", prompt_column="prompt", response_column="response", template=template, max_length=64)
-    return tokenize_corpus(_Rows(rows, ["prompt", "response"]), tokenizer, spec)[0]
+    return tokenize_corpus(Rows(rows, ["prompt", "response"]), tokenizer, spec)[0]
 
 
-class _Rows(list):
+class Rows(list):
     """A list of dict rows with ``column_names``, enough for ``tokenize_corpus``."""
 
     def __init__(self, rows, columns):
@@ -232,13 +232,13 @@ def train_pair(world: FactWorld, folder: str | Path, hidden: int = 128, layers: 
     tokenizer = world_tokenizer(world)
     model = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=hidden, layers=layers, heads=heads,
                        ffn=4 * hidden, seed=seed, max_positions=64)
-    docs = tokenize_corpus(_Rows(world.documents, ["id", "text", "fact_id"]), tokenizer,
+    docs = tokenize_corpus(Rows(world.documents, ["id", "text", "fact_id"]), tokenizer,
                            CorpusSpec(data="factworld", max_length=64))[0]
-    _train(model, tokenizer, docs, pretrain_steps, 3e-3, 32, seed, "pre-training")
+    train_loop(model, tokenizer, docs, pretrain_steps, 3e-3, 32, seed, "pre-training")
     paths = {"pretrained": folder / "pretrained", "finetuned": folder / "finetuned"}
     model.save_pretrained(paths["pretrained"])
     tokenizer.save_pretrained(paths["pretrained"])
-    _train(model, tokenizer, qa_sequences(tokenizer, world.finetune, world.template), finetune_steps, 1e-3, 32,
+    train_loop(model, tokenizer, qa_sequences(tokenizer, world.finetune, world.template), finetune_steps, 1e-3, 32,
            seed + 1, "fine-tuning")
     model.save_pretrained(paths["finetuned"])
     tokenizer.save_pretrained(paths["finetuned"])

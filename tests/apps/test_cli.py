@@ -93,7 +93,7 @@ def _fake_factors(mean_lambda: float):
     return SimpleNamespace(stage="pretrained", info=info, modules={spec.name: module})
 
 
-def _attribution(score: float, text: str = "the cat sees the river .", prompt: str = "what does the cat see ?",
+def fake_attribution(score: float, text: str = "the cat sees the river .", prompt: str = "what does the cat see ?",
                  answer: str = "the river"):
     from hub_msif.attribution.results import Attribution, make_row
 
@@ -117,7 +117,7 @@ def fake_work(monkeypatch, tmp_path):
             pass
 
         def attribute(self, prompt, answer=None, **kwargs):
-            return _attribution(values["score"], values["text"], prompt, answer or "the river")
+            return fake_attribution(values["score"], values["text"], prompt, answer or "the river")
 
     monkeypatch.setattr(fit, "fit_stage", lambda *args, **kwargs: _fake_factors(values["score"]))
     monkeypatch.setattr(attributor, "Attributor", FakeAttributor)

@@ -175,9 +175,9 @@ def test_threads_sets_torch_threads_before_the_work(fake_work, tmp_path, monkeyp
             seen["threads"] = torch.get_num_threads()
 
         def attribute(self, prompt, answer=None, **kwargs):
-            from test_cli import _attribution
+            from test_cli import fake_attribution
 
-            return _attribution(0.5)
+            return fake_attribution(0.5)
 
     monkeypatch.setattr(attributor, "Attributor", Recording)
     before = torch.get_num_threads()

@@ -478,13 +478,13 @@ def test_factors_and_index_pulled_from_the_hub(hub_server, artifacts):
 # ---------------------------------------------------------------------------------------------
 
 
-def _wait_for_text(page, selector: str, text: str, timeout_s: float = 90) -> None:
+def wait_for_text(page, selector: str, text: str, timeout_s: float = 90) -> None:
     page.wait_for_function(
         "([sel, text]) => { const el = document.querySelector(sel); return !!el && el.innerText.includes(text); }",
         arg=[selector, text], timeout=timeout_s * 1000)
 
 
-def _assert_shaded_tokens(page, top: int = SETTINGS.top) -> None:
+def assert_shaded_tokens(page, top: int = SETTINGS.top) -> None:
     """The page shows the top documents' tokens, shaded in proportion to their shares of the score."""
     page.locator("#token-shares .msif-token").first.wait_for(timeout=30_000)
     documents = page.locator("#token-shares .msif-document").count()
@@ -548,14 +548,14 @@ def test_browser_page(served, artifacts):
             expected = _served_expectation(artifacts)
             for text in [*expected["models"].values(), *expected["factors"].values(), expected["index"],
                          f"{expected['documents']} documents"]:
-                _wait_for_text(page, "#served", text)
+                wait_for_text(page, "#served", text)
             assert "pre-trained model" in page.locator("#served").inner_text()
 
             # A good question: ranked rows, a chart, the generated answer.
             page.locator("#prompt textarea").fill(query.prompt)
             page.locator("#attribute").click()
-            _wait_for_text(page, "#status", "ranked 100 candidates")
-            _wait_for_text(page, "#results", "doc-")
+            wait_for_text(page, "#status", "ranked 100 candidates")
+            wait_for_text(page, "#results", "doc-")
             page.wait_for_function(  # the table fills in as it renders
                 "n => [...document.querySelectorAll('#results [role=row]')].filter(r => r.innerText.includes('doc-')).length >= n",
                 arg=SETTINGS.top, timeout=30_000)
@@ -565,27 +565,27 @@ def test_browser_page(served, artifacts):
             assert page.locator("#answer textarea").input_value().strip()
             logprob = float(page.locator("#answer-logprob input").input_value())  # next to the answer
             assert logprob < 0 and "Answer log-probability" in page.locator("#answer-logprob").inner_text()
-            _wait_for_text(page, "#opponents", "doc-")  # the opponents under the proponents
+            wait_for_text(page, "#opponents", "doc-")  # the opponents under the proponents
             opponents = page.locator("#opponents").inner_text()
             assert "Opponents" in opponents and "rank" in opponents
             box, under = page.locator("#results").bounding_box(), page.locator("#opponents").bounding_box()
             assert under["y"] >= box["y"] + box["height"] - 1
             assert "relative score" in page.locator("#score-legend").inner_text()  # the legend by the table
-            _assert_shaded_tokens(page)
+            assert_shaded_tokens(page)
             time.sleep(1)  # let the chart finish its transition
             page.screenshot(path=str(OUTPUT / "space.png"), full_page=True)
 
             # The methods side by side.
             page.get_by_role("tab", name="Compare methods").click()
             page.locator("#compare").click()
-            _wait_for_text(page, "#status", "overlap with MS-IF")
-            _wait_for_text(page, "#compare-results", "doc-")
+            wait_for_text(page, "#status", "overlap with MS-IF")
+            wait_for_text(page, "#compare-results", "doc-")
             for label in ("MS-IF", "SS-IF", "GDP", "RepSim", "BM25"):
                 assert label in page.locator("#compare-results").inner_text()
             page.screenshot(path=str(OUTPUT / "space-compare.png"), full_page=True)
             page.locator("#candidates input").fill("0")  # a failed comparison clears the last one
             page.locator("#compare").click()
-            _wait_for_text(page, "#status", "must be at least 1")
+            wait_for_text(page, "#status", "must be at least 1")
             page.wait_for_function("() => !document.querySelector('#compare-results').innerText.includes('doc-')",
                                    timeout=10_000)
             _dismiss_toasts(page)
@@ -596,7 +596,7 @@ def test_browser_page(served, artifacts):
             # previous run's table and chart are gone (no stale result under an error).
             page.locator("#prompt textarea").fill("")
             page.locator("#attribute").click()
-            _wait_for_text(page, "#status", "prompt is empty")
+            wait_for_text(page, "#status", "prompt is empty")
             page.get_by_text("The prompt is empty").first.wait_for(state="visible", timeout=10_000)  # toast
             page.wait_for_function("() => !document.querySelector('#results').innerText.includes('doc-')",
                                    timeout=10_000)
@@ -610,13 +610,13 @@ def test_browser_page(served, artifacts):
             _dismiss_toasts(page)
             page.locator("#prompt textarea").fill(LONG_PROMPT)
             page.locator("#attribute").click()
-            _wait_for_text(page, "#status", f"at most {SETTINGS.max_prompt_tokens} tokens")
+            wait_for_text(page, "#status", f"at most {SETTINGS.max_prompt_tokens} tokens")
             assert "Traceback" not in page.locator("body").inner_text()
             _dismiss_toasts(page)
             page.locator("#prompt textarea").fill(query.prompt)
             page.locator("#candidates input").fill("0")
             page.locator("#attribute").click()
-            _wait_for_text(page, "#status", "must be at least 1")
+            wait_for_text(page, "#status", "must be at least 1")
             _dismiss_toasts(page)
             page.locator("#candidates input").fill("100")
 
@@ -624,8 +624,8 @@ def test_browser_page(served, artifacts):
             second = artifacts["examples"][1]
             page.locator("#prompt textarea").fill(second.prompt)
             page.locator("#attribute").click()
-            _wait_for_text(page, "#status", "ranked 100 candidates")
-            _wait_for_text(page, "#results", "doc-")
+            wait_for_text(page, "#status", "ranked 100 candidates")
+            wait_for_text(page, "#results", "doc-")
 
             # Given no examples, the page offers the index's own example questions (the loaded
             # attributor is shared: nothing is loaded twice).
@@ -639,8 +639,8 @@ def test_browser_page(served, artifacts):
                 bases.append(other.local_url.rstrip("/"))
                 page.goto(other.local_url)
                 for number, example in enumerate(artifacts["examples"]):
-                    _wait_for_text(page, f"#example-{number}", example.prompt)
-                _wait_for_text(page, "#served", "a DocumentIndex given in Python")
+                    wait_for_text(page, f"#example-{number}", example.prompt)
+                wait_for_text(page, "#served", "a DocumentIndex given in Python")
                 page.locator("#example-1").click()
                 page.wait_for_function("q => document.querySelector('#prompt textarea').value === q",
                                        arg=artifacts["examples"][1].prompt, timeout=10_000)

@@ -212,7 +212,7 @@ def _wait_until_served(url: str, process: subprocess.Popen, log: Path, timeout_s
 def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
     from gradio_client import Client
     from playwright.sync_api import sync_playwright
-    from test_space import CHROMIUM, CHROMIUM_ARGS, _assert_shaded_tokens, _wait_for_text
+    from test_space import CHROMIUM, CHROMIUM_ARGS, assert_shaded_tokens, wait_for_text
 
     space = _download(tmp_path)
     target = tmp_path / "site"
@@ -256,8 +256,8 @@ def test_the_downloaded_space_runs_from_its_wheel(pushed, fact_world, tmp_path):
                 page.locator("#prompt textarea").wait_for(timeout=60_000)
                 page.locator("#prompt textarea").fill(fact_world["examples"][0].prompt)
                 page.locator("#attribute").click()
-                _wait_for_text(page, "#status", "ranked 100 candidates")
-                _assert_shaded_tokens(page, top=10)
+                wait_for_text(page, "#status", "ranked 100 candidates")
+                assert_shaded_tokens(page, top=10)
                 page.screenshot(path=str(tmp_path / "space-from-wheel.png"), full_page=True)
             finally:
                 browser.close()

@@ -35,8 +35,9 @@ from hub_msif.toy.examples import tiny_model
 pytest.importorskip("kronfluence")
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
-from kronfluence.task import Task  # noqa: E402
 from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
+
+from bench.kronfluence_task import LanguageModelTask, collator  # noqa: E402  (the benchmarks' adapter)
 
 VOCAB = 32
 PAD_ID = 0
@@ -50,25 +51,6 @@ def _summed_lm_loss(model, batch) -> torch.Tensor:
     targets = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
-
-
-class _LanguageModelTask(Task):
-    def __init__(self, module_names):
-        self.module_names = list(module_names)
-
-    def compute_train_loss(self, batch, model, sample=False):
-        if sample:
-            raise AssertionError("this comparison uses the empirical Fisher: kronfluence must not sample labels")
-        return _summed_lm_loss(model, batch)
-
-    def compute_measurement(self, batch, model):
-        return _summed_lm_loss(model, batch)  # query labels are -100 on the prompt: loss over the answer
-
-    def get_influence_tracked_modules(self):
-        return self.module_names
-
-    def get_attention_mask(self, batch):
-        return batch["attention_mask"]
 
 
 def _collate(items):
@@ -111,7 +93,7 @@ def test_scores_match_kronfluence(tmp_path):
                          for pq in preconditioned], dtype=torch.float64)
 
     # --- kronfluence: its own factors from the same data, then pairwise scores. ------------------
-    task = _LanguageModelTask(names)
+    task = LanguageModelTask(names, lambda model, batch, sample: _summed_lm_loss(model, batch), empirical_only=True)
     kf_model = prepare_model(copy.deepcopy(model), task)
     f64 = torch.float64
     factor_args = FactorArguments(
@@ -121,7 +103,7 @@ def test_scores_match_kronfluence(tmp_path):
     )
     score_args = ScoreArguments(damping_factor=DAMPING, per_sample_gradient_dtype=f64, precondition_dtype=f64,
                                 score_dtype=f64)
-    loader_kwargs = DataLoaderKwargs(num_workers=0, collate_fn=_collate)
+    loader_kwargs = DataLoaderKwargs(num_workers=0, collate_fn=collator(PAD_ID))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analyzer = Analyzer("agreement", kf_model, task, cpu=True, disable_tqdm=True, disable_model_save=True,

@@ -26,8 +26,8 @@ from test_push_pull import (
     FACTORS_REPO,
     KILL_AFTER_FIRST_LFS_UPLOAD,
     LOOPBACK_GUARD,
-    _api,
-    _edited_copy,
+    edited_copy,
+    hub_api,
     publish_once,
     shared_artifacts,
 )
@@ -67,16 +67,16 @@ def _repo(stem: str) -> str:
 
 
 def _tags(repo: str) -> dict[str, str]:
-    return {t.name: t.target_commit for t in _api().list_repo_refs(repo, repo_type="dataset").tags}
+    return {t.name: t.target_commit for t in hub_api().list_repo_refs(repo, repo_type="dataset").tags}
 
 
 def _head(repo: str) -> str:
-    refs = _api().list_repo_refs(repo, repo_type="dataset")
+    refs = hub_api().list_repo_refs(repo, repo_type="dataset")
     return next(b.target_commit for b in refs.branches if b.name == "main")
 
 
 def _commit_count(repo: str) -> int:
-    return len(_api().list_repo_commits(repo, repo_type="dataset"))
+    return len(hub_api().list_repo_commits(repo, repo_type="dataset"))
 
 
 def _module_files(folder: Path) -> set[str]:
@@ -185,7 +185,7 @@ def test_ctrl_c_during_a_push_says_what_was_published(artifacts, hub_server, mon
     pushed = hub.push_factors(artifacts.factors["v2"], repo)
     assert pushed == (_head(repo), "v2") and _commit_count(repo) == 3
 
-    edited = _edited_copy(artifacts.factors["v1"], tmp_path / "edited")
+    edited = edited_copy(artifacts.factors["v1"], tmp_path / "edited")
     with monkeypatch.context() as patch:  # after the tag
         _interrupt(patch, "create_tag", after=True)
         message = _interrupted_push(edited, repo)
@@ -244,10 +244,10 @@ def test_a_version_holds_exactly_its_manifests_files(artifacts, hub_server, tmp_
     small = _first_layer_only(artifacts.factors["v1"], tmp_path / "one-layer")
     fewer = hub.push_factors(small, repo)
     extra = {"msif.json", "README.md", ".gitattributes"}
-    assert set(_api().list_repo_files(repo, repo_type="dataset", revision=fewer.tag)) == _module_files(small) | extra
+    assert set(hub_api().list_repo_files(repo, repo_type="dataset", revision=fewer.tag)) == _module_files(small) | extra
     assert _module_files(small) < _module_files(artifacts.factors["v1"])
     # The earlier version keeps its files, and each version pulls as what was pushed.
-    assert set(_api().list_repo_files(repo, repo_type="dataset", revision=full.tag)) == \
+    assert set(hub_api().list_repo_files(repo, repo_type="dataset", revision=full.tag)) == \
         _module_files(artifacts.factors["v1"]) | extra
     assert read_manifest(hub.pull_factors(f"{repo}@{fewer.tag}")) == read_manifest(small)
 
@@ -290,7 +290,7 @@ def test_uploads_no_commit_references_are_removed_after_a_grace_period(artifacts
 
     root, repo = Path(hub_root), _repo("gc")
     hub.push_factors(artifacts.factors["v1"], repo)
-    folder = _edited_copy(artifacts.factors["v1"], tmp_path / "edited")
+    folder = edited_copy(artifacts.factors["v1"], tmp_path / "edited")
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_LFS_UPLOAD, str(folder), repo],
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
@@ -386,8 +386,8 @@ def test_a_corrupted_cached_copy_is_downloaded_again_not_blamed_on_the_hub(publi
         (lying / name).write_bytes((artifacts.factors["v1"] / name).read_bytes())
     (lying / VICTIM).write_bytes(good[:-1] + bytes([good[-1] ^ 0x01]))
     repo = _repo("lying")
-    _api().create_repo(repo, repo_type="dataset")
-    _api().upload_folder(repo_id=repo, repo_type="dataset", folder_path=lying)
+    hub_api().create_repo(repo, repo_type="dataset")
+    hub_api().upload_folder(repo_id=repo, repo_type="dataset", folder_path=lying)
     start = len(hub_server.request_log)
     with pytest.raises(HubIntegrityError, match=f"{VICTIM} is corrupted or was altered on the Hub .*sha256"):
         hub.pull_factors(repo, cache_dir=cache)
@@ -505,7 +505,7 @@ def test_a_server_failure_during_a_push_is_one_line_and_a_rerun_completes(artifa
     from hub_msif.hub.server import HubServer
 
     repo = _repo("5xx")
-    folder = _edited_copy(artifacts.factors["v1"], tmp_path / "edited")
+    folder = edited_copy(artifacts.factors["v1"], tmp_path / "edited")
     server = HubServer(hub_root, host="127.0.0.1", port=conftest.HUB_PORT, tokens=conftest.HUB_TOKENS)
     failing = server.app = _Failing(server.app, method, part, status)
     server.start()
@@ -526,7 +526,7 @@ def test_a_server_failure_during_a_push_is_one_line_and_a_rerun_completes(artifa
         pushed = hub.push_factors(folder, repo)  # run again: it completes
         assert pushed.tag == "v2" and _tags(repo)["v2"] == _head(repo) != head
         assert read_manifest(hub.pull_factors(f"{repo}@v2", cache_dir=tmp_path / "cache")) == read_manifest(folder)
-        _api().delete_repo(repo, repo_type="dataset")  # find_factors in test_push_pull counts the pair's versions
+        hub_api().delete_repo(repo, repo_type="dataset")  # find_factors in test_push_pull counts the pair's versions
     finally:
         server.stop()
 
@@ -556,7 +556,7 @@ def test_a_server_killed_mid_upload_is_one_line_and_a_rerun_completes(artifacts,
     from hub_msif.hub.server import HubServer
 
     repo = _repo("killed")
-    folder = _edited_copy(artifacts.factors["v1"], tmp_path / "edited")
+    folder = edited_copy(artifacts.factors["v1"], tmp_path / "edited")
     with HubServer(hub_root, host="127.0.0.1", port=conftest.HUB_PORT, tokens=conftest.HUB_TOKENS):
         hub.push_factors(artifacts.factors["v1"], repo)
         tags, head = _tags(repo), _head(repo)
@@ -580,7 +580,7 @@ def test_a_server_killed_mid_upload_is_one_line_and_a_rerun_completes(artifacts,
         pushed = hub.push_factors(folder, repo)  # run again: it completes
         assert pushed.tag == "v2" and _tags(repo)["v2"] == _head(repo)
         assert read_manifest(hub.pull_factors(f"{repo}@v2", cache_dir=tmp_path / "cache")) == read_manifest(folder)
-        _api().delete_repo(repo, repo_type="dataset")
+        hub_api().delete_repo(repo, repo_type="dataset")
 
 
 # -- issue 23 item 5: a pull that the local disk refuses names the disk, not the Hub ------------------

@@ -123,18 +123,18 @@ def published(hub_server, artifacts) -> dict:
     return publish_once(artifacts)
 
 
-def _api(token=None):
+def hub_api(token=None):
     from huggingface_hub import HfApi
 
     return HfApi(token=token)
 
 
 def _tags(repo=FACTORS_REPO) -> dict[str, str]:
-    return {t.name: t.target_commit for t in _api().list_repo_refs(repo, repo_type="dataset").tags}
+    return {t.name: t.target_commit for t in hub_api().list_repo_refs(repo, repo_type="dataset").tags}
 
 
 def _main_head(repo=FACTORS_REPO) -> str:
-    refs = _api().list_repo_refs(repo, repo_type="dataset")
+    refs = hub_api().list_repo_refs(repo, repo_type="dataset")
     return next(b.target_commit for b in refs.branches if b.name == "main")
 
 
@@ -150,13 +150,13 @@ def test_push_twice_gives_two_tags_and_each_revision_pulls_its_version(published
     assert tags["v1"] == sha1 and tags["v2"] == sha2
     files = {m["file"] for s in read_manifest(artifacts.factors["v1"])["stages"].values() for m in s["modules"]}
     # Only the manifest, the card and the module files went up: no temporary file, no checkpoint.
-    remote = set(_api().list_repo_files(FACTORS_REPO, repo_type="dataset", revision=sha1))
+    remote = set(hub_api().list_repo_files(FACTORS_REPO, repo_type="dataset", revision=sha1))
     assert remote - {".gitattributes"} == files | {"msif.json", "README.md"}
     # Module files took the large-file (LFS) path.
-    entries = _api().get_paths_info(FACTORS_REPO, sorted(files)[:2], repo_type="dataset", revision=sha1)
+    entries = hub_api().get_paths_info(FACTORS_REPO, sorted(files)[:2], repo_type="dataset", revision=sha1)
     assert all(getattr(e, "lfs", None) is not None for e in entries)
 
-    _api().create_branch(FACTORS_REPO, branch="stable", revision=sha1, repo_type="dataset", exist_ok=True)
+    hub_api().create_branch(FACTORS_REPO, branch="stable", revision=sha1, repo_type="dataset", exist_ok=True)
     for location, version, commit in [(f"{FACTORS_REPO}@v1", "v1", sha1), (f"{FACTORS_REPO}@{sha1}", "v1", sha1),
                                       (f"{FACTORS_REPO}@stable", "v1", sha1), (f"{FACTORS_REPO}@v2", "v2", sha2),
                                       (FACTORS_REPO, "v2", sha2), (f"{FACTORS_REPO}@main", "v2", sha2)]:
@@ -218,7 +218,7 @@ def test_cards_carry_the_metadata_and_the_documents_load_with_datasets(published
     assert f"hub-msif pull factors {FACTORS_REPO}@v2 --modules mlp" in body
     assert "## Limits" in body and "## How they were fitted" in body
     # The Hub derives the repo's tags from the card: the search by tags finds it.
-    assert FACTORS_REPO in {d.id for d in _api().list_datasets(filter=["hub-msif", "ekfac"])}
+    assert FACTORS_REPO in {d.id for d in hub_api().list_datasets(filter=["hub-msif", "ekfac"])}
 
     index_card = DatasetCard.load(INDEX_REPO).data.to_dict()
     index_manifest = json.loads((artifacts.index / "index.json").read_text())
@@ -303,7 +303,7 @@ def test_a_model_of_another_revision_is_refused_unless_allowed(published, artifa
 def test_factors_of_hub_models_record_and_pin_their_commits(hub_server, artifacts, tmp_path):
     """Models from the Hub: the manifest records repo ids and commit shas; the recorded commit is what
     loads by default, and a model repo that moved on is another revision."""
-    api = _api()
+    api = hub_api()
     commits = {}
     for name, folder in (("pretrained", artifacts.pretrained), ("finetuned", artifacts.finetuned)):
         repo = f"alice/tiny-{name}"
@@ -393,7 +393,7 @@ def test_push_without_a_token_or_without_write_rights(published, artifacts, hub_
     with pytest.raises(HubError, match="needs a Hugging Face token with write access"):
         hub.push_factors(artifacts.factors["v1"], "alice/msif-never-created")
     monkeypatch.undo()
-    assert not _api().repo_exists("alice/msif-never-created", repo_type="dataset")
+    assert not hub_api().repo_exists("alice/msif-never-created", repo_type="dataset")
     # bob may write to bob/ only; carol's token is read-only.
     with pytest.raises(HubError, match=f"user bob may not write to {FACTORS_REPO}: bob is neither alice nor a member"):
         hub.push_factors(artifacts.factors["v1"], FACTORS_REPO, token="test-token-bob")
@@ -448,7 +448,7 @@ KILL_AFTER_FIRST_LFS_UPLOAD = LOOPBACK_GUARD + textwrap.dedent("""
 """)
 
 
-def _edited_copy(source: Path, folder: Path) -> Path:
+def edited_copy(source: Path, folder: Path) -> Path:
     """A valid factor folder with new bytes (Lambda scaled), so that a push has files to upload."""
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".*"))
     stage = load_stage(folder, "pretrained")
@@ -459,7 +459,7 @@ def _edited_copy(source: Path, folder: Path) -> Path:
 
 def test_a_push_killed_mid_upload_adds_no_version(published, artifacts, hub_server, tmp_path):
     tags, head = _tags(), _main_head()
-    folder = _edited_copy(artifacts.factors["v1"], tmp_path / "factors-v3")
+    folder = edited_copy(artifacts.factors["v1"], tmp_path / "factors-v3")
     uploads_before = sum(r["method"] == "PUT" for r in hub_server.request_log)
     done = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_LFS_UPLOAD, str(folder), FACTORS_REPO],
                           capture_output=True, text=True, timeout=120)
@@ -523,11 +523,11 @@ def test_cli_push_pull_find(published, artifacts, hub_server, capsys):
                      "--private", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["location"] == "alice/msif-cli-index@first" and len(summary["commit"]) == 40
-    assert _api().dataset_info("alice/msif-cli-index").private is True
+    assert hub_api().dataset_info("alice/msif-cli-index").private is True
     from huggingface_hub import errors
 
     with pytest.raises(errors.RepositoryNotFoundError):  # private: bob cannot see it
-        _api(token="test-token-bob").dataset_info("alice/msif-cli-index")
+        hub_api(token="test-token-bob").dataset_info("alice/msif-cli-index")
     assert cli_main(["pull", "index", "alice/msif-cli-index@first"]) == 0
     folder = Path(capsys.readouterr().out.strip())
     assert DocumentIndex.load(folder).ids == [d["id"] for d in artifacts.documents]

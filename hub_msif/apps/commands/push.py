@@ -71,10 +71,10 @@ def _add_space(psub) -> None:
 
 
 def _run_space(args) -> int:
-    from hub_msif.hub.space_push import _given_wheel, push_space
+    from hub_msif.hub.space_push import given_wheel, push_space
 
     if args.wheel is not None:
-        _given_wheel(args.wheel)  # before any Hub traffic
+        given_wheel(args.wheel)  # before any Hub traffic
     pushed = push_space(args.repo, args.factors, args.index, private=args.private, hardware=args.hardware,
                         token=args.token, wheel=args.wheel, commit_message=args.message,
                         link_card=not args.no_card_link, factors_pretrained=args.factors_pretrained,

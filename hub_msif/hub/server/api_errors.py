@@ -9,7 +9,10 @@ server side; the client side's error is ``hub_msif.errors.HubError``.
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # starlette is the server extra's: auth, store and garbage import this module without it
+    from starlette.responses import JSONResponse
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"  # the client maps it to "Invalid user token"
 
@@ -43,6 +46,8 @@ def entry_not_found(path: str, commit: str | None = None) -> HubApiError:
 
 def error_response(err: HubApiError) -> JSONResponse:
     """The HTTP answer of ``err``: status, JSON body ``{"error": message, **body}`` and headers."""
+    from starlette.responses import JSONResponse
+
     headers = {**err.headers, "X-Error-Message": _header_safe(err.message)}
     if err.code:
         headers["X-Error-Code"] = err.code

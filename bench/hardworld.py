@@ -1,7 +1,7 @@
 """A harder fact world for counterfactual benchmarks (issue 11): aliases, a shared answer vocabulary,
 varied templates and decoys. See docs/design.md, "Counterfactual benchmarks".
 
-Built from factworld's pieces (``Fact``, ``Query``, ``FactWorld``, ``_names``, ``QA_TEMPLATE``),
+Built from factworld's pieces (``Fact``, ``Query``, ``FactWorld``, ``random_names``, ``QA_TEMPLATE``),
 so ``train_pair``, ``save_world`` and ``world_tokenizer`` work on it unchanged. What makes it
 harder than ``factworld.generate``:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 
 from hub_msif.errors import MsifValueError
-from hub_msif.toy.factworld import QA_TEMPLATE, Fact, FactWorld, Query, _names, number_documents
+from hub_msif.toy.factworld import QA_TEMPLATE, Fact, FactWorld, Query, number_documents, random_names
 
 CITIES = ["paris", "lisbon", "cairo", "oslo", "lima", "kyoto"]
 JOBS = ["baker", "pilot", "nurse", "farmer", "lawyer", "sailor"]
@@ -69,7 +69,7 @@ def generate_hard(seed: int = 0, num_subjects: int = 36, proponents_per_fact: in
     if num_subjects < 2:
         raise MsifValueError(f"a hard world needs at least 2 subjects, got {num_subjects}")
     rng = random.Random(f"hard-{seed}")
-    tokens = _names(rng, 3 * num_subjects)
+    tokens = random_names(rng, 3 * num_subjects)
     rng.shuffle(tokens)
     givens, families, nicks = tokens[:num_subjects], tokens[num_subjects : 2 * num_subjects], tokens[2 * num_subjects :]
     subjects = [f"{g} {f}" for g, f in zip(givens, families)]  # canonical name = full alias

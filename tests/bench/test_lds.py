@@ -1,11 +1,11 @@
-"""The counterfactual statistics (hub_msif.toy.lds): LDS, Spearman, bootstrap, removal summary."""
+"""The counterfactual statistics (bench.lds): LDS, Spearman, bootstrap, removal summary."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from bench import lds
 from hub_msif.errors import MsifValueError
-from hub_msif.toy import lds
 
 
 def _setup(seed=0, docs=60, queries=40, subsets=32):

@@ -1,12 +1,12 @@
-"""The harder fact world (hub_msif.toy.hardworld): aliases, shared answer words, decoys."""
+"""The harder fact world (bench.hardworld): aliases, shared answer words, decoys."""
 
 import re
 
 import pytest
 
+from bench.hardworld import CITIES, JOBS, generate_hard
 from hub_msif.errors import MsifValueError
 from hub_msif.toy.factworld import train_pair
-from hub_msif.toy.hardworld import CITIES, JOBS, generate_hard
 
 
 def _has(text: str, alias: str) -> bool:
