@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -136,7 +137,7 @@ class Attributor:
         if not self.factors["pretrained"].modules:
             raise FactorError(f"the factors in {folders['pretrained']} have no {modules} modules")
         self.models, self.refs = {}, {}
-        tokenizer = None
+        tokenizer: Any = None
         for stage in STAGES:
             where, pinned, base, base_pinned = places[stage]
             model, tok, ref = load_model(where, pinned, dtype, base, base_pinned, name=refs[stage].id)

@@ -112,7 +112,7 @@ def _run_attribute_plan(args) -> int:
     from hub_msif.models import recorded_model
 
     locations = stage_locations(args.factors, args.factors_pretrained, args.factors_finetuned)
-    manifest = {"stages": {}}
+    manifest: dict = {"stages": {}}
     configs, names = {}, {}
     for stage, given in (("pretrained", args.pretrained), ("finetuned", args.finetuned)):
         folder = pull_factors(locations[stage], modules=args.modules, stages=[], token=args.token)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from hub_msif.apps.arguments import (
     check_existing_folder,
     model_name,
@@ -108,7 +111,8 @@ def run(args) -> int:
             if stage in names:
                 raise MsifValueError(f"--model-name {stage}= is given twice")
             names[stage] = name
-        push, naming = push_factors, {"model_names": names or None, "stages": args.stage}
+        push: Callable[..., Any] = push_factors
+        naming: dict[str, Any] = {"model_names": names or None, "stages": args.stage}
     else:
         push, naming = push_index, {"model_name": args.model_name}
     pushed = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
