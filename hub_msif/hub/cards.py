@@ -1,7 +1,7 @@
 """Dataset cards of published artifacts: YAML metadata plus a body rendered from the package's
 card templates (``hub_msif/hub/templates/``, package data, so a wheel renders them too).
 
-A factor card records both stages (model id and revision, fitting data, sizes, the command that
+A factor card records its stages, one or both (model id and revision, fitting data, sizes, the command that
 reproduces each fit); an index card declares ``documents.parquet`` as the dataset's data so that
 ``datasets.load_dataset(repo)`` reads the documents (docs/design.md, "Hub artifacts").
 """
