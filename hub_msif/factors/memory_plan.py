@@ -598,7 +598,7 @@ def plan_fit(
     if fitting is None:
         raise MsifValueError(f"nothing fits {format_bytes(budget)} per process: {_what_would_fit(base, budget)}")
     return _with(fitting, budget, True, f"{fitting.module_partitions} is the smallest number of module partitions that "
-                                     f"fits {format_bytes(budget)} per process ({plan.passes} passes over the data)")
+                                        f"fits {format_bytes(budget)} per process ({fitting.passes} passes over the data)")
 
 
 def plan_of_fit(model, config: FitConfig, num_processes: int, max_length: int) -> FitPlan:
@@ -828,7 +828,7 @@ def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: in
         raise UnsupportedArchitectureError(f"{type(hf_config).__name__} has no causal LM class in transformers") from err
     model.to(torch_device).eval()
     tracked = find_modules(model, config.modules, config.split_heads)
-    # One accumulator update is timed per distinct module shape, torch_device the first such module's batch.
+    # One accumulator update is timed per distinct module shape, on the first such module's batch.
     shapes: dict[tuple, dict] = {}
     for t in tracked:
         shapes.setdefault((t.d_in, t.d_out, t.num_blocks), {"count": 0, "spec": t, "captured": None})["count"] += 1
