@@ -36,6 +36,7 @@ from hub_msif.attribution.refine import DEFAULT_CURVATURE_SEQUENCES, GGNProduct,
 from hub_msif.attribution.results import Attribution, TokenShare, make_row
 from hub_msif.attribution.scoring import (
     GRADIENT_METHODS,
+    LowRankQueries,
     check_rank,
     per_example_gradients,
     precondition_queries,
@@ -262,7 +263,7 @@ class Attributor:
         """``(answer, generated)``: the given answer, or the fine-tuned model's greedy one when it is
         None or blank; the query sequence is checked (length) either way."""
         generated = answer is None or not answer.strip()
-        if generated:
+        if answer is None or generated:
             answer = self.generate(prompt)
             if not answer:
                 raise MsifValueError("the fine-tuned model generated an empty answer; give one with --answer")
@@ -330,13 +331,14 @@ class Attributor:
                     stacked_by_stage[stage] = stack_queries(  # [S*Q, ...]
                         [self._query_weights(grads, m, d if d is not None else DEFAULT_DAMPING, relative)
                          for m, d in mine])
-            grads = None
+            grads = {}  # frees the query gradients
             for stage in STAGES:
                 mine = [(m, d) for m, d in gradient if CANDIDATE_STAGE[m] == stage]
                 hidden_here = repsim and CANDIDATE_STAGE["repsim"] == stage
                 if not mine and not hidden_here:
                     continue
                 model = self.models[stage]
+                candidate_hidden: torch.Tensor | None
                 if not mine:
                     candidate_hidden = baselines.mean_hidden_states(model, candidates, self.pad_id)
                 else:
@@ -354,11 +356,14 @@ class Attributor:
                         tokens = [t[:, cols] for t in result.tokens] if result.tokens is not None else None
                         out[(m, d)] = MethodScores(m, d, total, per_module, tokens)
                 if hidden_here:
+                    if candidate_hidden is None:
+                        raise RuntimeError("the candidates were scored without their hidden states")  # never
                     scores = baselines.repsim_scores(torch.cat(query_hidden), candidate_hidden)
                     out[("repsim", None)] = MethodScores("repsim", None, scores)
         return [_reordered(out[key], inverse) for key in settings]
 
-    def _query_weights(self, grads: dict, method: str, damping: float, relative: bool) -> dict:
+    def _query_weights(self, grads: dict, method: str, damping: float, relative: bool
+                       ) -> dict[str, torch.Tensor] | LowRankQueries:
         """``W_q`` of ``method``: plain EK-FAC, or refined by ``refine_steps`` CG steps on the exact GGN
         of each stage's curvature sample (docs/design.md, "Refined queries")."""
         if not self.refine_steps or method == "gdp":

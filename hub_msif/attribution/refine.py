@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -47,17 +48,19 @@ def _tracked_parameters(model: torch.nn.Module, specs: Sequence[TrackedModule]) 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     saved = [(p, p.requires_grad) for p in model.parameters()]
-    params = []
+    params: list[torch.Tensor] = []
     try:
         for p, _ in saved:
             p.requires_grad_(False)
         for spec in specs:
             module = model.get_submodule(spec.name)
-            module.weight.requires_grad_(True)
-            params.append(module.weight)
+            weight = cast(torch.Tensor, module.weight)
+            weight.requires_grad_(True)
+            params.append(weight)
             if spec.has_bias:
-                module.bias.requires_grad_(True)
-                params.append(module.bias)
+                bias = cast(torch.Tensor, module.bias)
+                bias.requires_grad_(True)
+                params.append(bias)
         with sdpa_kernel([SDPBackend.MATH]):
             yield params
     finally:
@@ -96,14 +99,14 @@ class GGNProduct:
         return [t.to(device=p.device, dtype=p.dtype) for t, p in zip(out, params)]
 
     def _matrices(self, grads: Sequence[torch.Tensor | None], params: list[torch.Tensor], k: int) -> Vectors:
-        grads = [torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
-                 for g, p in zip(grads, params)]
+        filled = [torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+                  for g, p in zip(grads, params)]
         out, i = {}, 0
         for spec in self.specs:
-            weight = grads[i].transpose(-1, -2) if spec.transposed else grads[i]
+            weight = filled[i].transpose(-1, -2) if spec.transposed else filled[i]
             i += 1
             if spec.has_bias:
-                weight = torch.cat([weight, grads[i].unsqueeze(-1)], -1)
+                weight = torch.cat([weight, filled[i].unsqueeze(-1)], -1)
                 i += 1
             out[spec.name] = weight
         return out
@@ -134,12 +137,14 @@ class GGNProduct:
                 part = self._matrices(grads, params, k)
                 total = part if total is None else {n: total[n] + part[n] for n in total}
                 del logits, u0, jt_u0, jv, hjv, grads
+        if total is None:
+            raise RuntimeError("no curvature sequences")  # never: the constructor refuses an empty sample
         return {n: v / len(self.sequences) for n, v in total.items()}
 
 
 def _dot(x: Vectors, y: Vectors) -> torch.Tensor:
     """Per-vector inner products ``[K]`` summed over modules."""
-    return sum((x[n] * y[n]).flatten(1).sum(1) for n in x)
+    return cast(torch.Tensor, sum((x[n] * y[n]).flatten(1).sum(1) for n in x))
 
 
 def refine(stage: StageFactors, product: Callable[[Vectors], Vectors], vectors: Mapping[str, torch.Tensor],
@@ -220,14 +225,17 @@ def refine_queries(query_grads: Mapping[str, torch.Tensor], method: str, finetun
     stages = ["finetuned"] + (["pretrained"] if method == "ms-if" else [])
     factors = {"finetuned": finetuned, "pretrained": pretrained}
     products = products or {}
+    checked: dict[str, StageFactors] = {}
     for stage in stages:
-        if factors[stage] is None:
+        stage_factors = factors[stage]
+        if stage_factors is None:
             raise MsifValueError(f"{method} needs the {stage} stage's factors")
         if stage not in products:
             raise MsifValueError(f"refining {method} needs a curvature sample of the {stage} stage's data")
+        checked[stage] = stage_factors
     out = dict(query_grads)
     for stage in stages:
-        out = refine(factors[stage], products[stage], out, damping, relative, steps)
+        out = refine(checked[stage], products[stage], out, damping, relative, steps)
     return out
 
 

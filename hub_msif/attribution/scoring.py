@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast, overload
 
 import torch
 
@@ -76,8 +77,8 @@ class LowRankQueries:
 
     def square_norms(self) -> torch.Tensor:
         """``||W_q||_F^2`` over all modules, ``[Q]``: ``trace((U^T U)(V^T V))`` per module."""
-        return sum(((u.transpose(-1, -2) @ u) * (v.transpose(-1, -2) @ v)).sum((-2, -1))
-                   for u, v in zip(self.u.values(), self.v.values()))
+        return cast(torch.Tensor, sum(((u.transpose(-1, -2) @ u) * (v.transpose(-1, -2) @ v)).sum((-2, -1))
+                                      for u, v in zip(self.u.values(), self.v.values())))
 
 
 def per_example_gradients(
@@ -105,11 +106,32 @@ def per_example_gradients(
             capture.mask = batch["attention_mask"]
             outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                             output_hidden_states=want_hidden)
-            if want_hidden:
+            if representations is not None:
                 representations.append(mean_last_hidden(outputs, batch["attention_mask"]))
             lm_loss(outputs.logits, batch, "empirical").backward()
     # One batch: its gradients as they are (a cat would hold a second copy of every query's gradients).
     return {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in grads.items()}
+
+
+@overload
+def precondition_queries(
+    query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
+    pretrained: StageFactors | None, damping: float, relative: bool = ..., rank: None = ...,
+) -> dict[str, torch.Tensor]: ...
+
+
+@overload
+def precondition_queries(
+    query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
+    pretrained: StageFactors | None, damping: float, relative: bool = ..., *, rank: int,
+) -> LowRankQueries: ...
+
+
+@overload
+def precondition_queries(
+    query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
+    pretrained: StageFactors | None, damping: float, relative: bool = ..., rank: int | None = ...,
+) -> dict[str, torch.Tensor] | LowRankQueries: ...
 
 
 def precondition_queries(
@@ -133,7 +155,7 @@ def precondition_queries(
             source = finetuned.modules.get(name) if finetuned is not None and method != "gdp" else None
             direct = pretrained is not None and target is not None and (
                 method == "gdp" or (source is not None and source.spec.block_labels == target.spec.block_labels))
-            if direct:
+            if direct and target is not None:  # (direct implies a target)
                 coefficients = _metric_coefficients(method, grad, source, target, damping, relative)
                 u[name], v[name] = _truncate_coefficients(coefficients, rank, target)
             else:
@@ -206,6 +228,8 @@ def _metric_coefficients(method: str, grad: torch.Tensor, finetuned: ModuleFacto
     qa2, qs2, den2 = metric.operands(grad, damping, relative)
     if method == "gdp":
         return (qs2.transpose(-1, -2) @ metric.blocks(grad) @ qa2).reshape(grad.shape)
+    if finetuned is None:
+        raise MsifValueError(f"{method} needs the fine-tuned stage's factors")
     qa1, qs1, den1 = finetuned.operands(grad, damping, relative)
     inner = qs1.transpose(-1, -2) @ finetuned.blocks(grad) @ qa1 / den1
     inner = (qs2.transpose(-1, -2) @ qs1) @ inner @ (qa1.transpose(-1, -2) @ qa2)
@@ -245,25 +269,28 @@ def truncate(w: torch.Tensor, rank: int, factors: ModuleFactors | None = None) -
     return _truncate_coefficients(rotated, rank, factors)
 
 
-def stack_queries(weights: Sequence[Mapping[str, torch.Tensor] | LowRankQueries]) -> dict[str, torch.Tensor] | LowRankQueries:
+def stack_queries(weights: Sequence[Mapping[str, torch.Tensor] | LowRankQueries]
+                  ) -> Mapping[str, torch.Tensor] | LowRankQueries:
     """Several sets of preconditioned queries (say, one per method and damping) as one, queries
     in order. Low-rank sets of different ranks are padded with zero columns to the largest. One set
     is returned as it is (no copy: a full-rank query is as large as the tracked weights)."""
     if len(weights) == 1:
         return weights[0]
-    if not all(isinstance(w, LowRankQueries) for w in weights):
-        if any(isinstance(w, LowRankQueries) for w in weights):
+    low_rank = [w for w in weights if isinstance(w, LowRankQueries)]
+    if len(low_rank) < len(weights):
+        if low_rank:
             raise MsifValueError("cannot stack low-rank and full-rank queries")
-        return {name: torch.cat([w[name] for w in weights]) for name in weights[0]}
+        dense = [w for w in weights if not isinstance(w, LowRankQueries)]
+        return {name: torch.cat([w[name] for w in dense]) for name in dense[0]}
 
     def padded(x: torch.Tensor, r: int) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, r - x.shape[-1]))
 
     u, v = {}, {}
-    for name in weights[0].u:
-        r = max(w.u[name].shape[-1] for w in weights)
-        u[name] = torch.cat([padded(w.u[name], r) for w in weights])
-        v[name] = torch.cat([padded(w.v[name], r) for w in weights])
+    for name in low_rank[0].u:
+        r = max(w.u[name].shape[-1] for w in low_rank)
+        u[name] = torch.cat([padded(w.u[name], r) for w in low_rank])
+        v[name] = torch.cat([padded(w.v[name], r) for w in low_rank])
     return LowRankQueries(u, v)
 
 
@@ -320,7 +347,7 @@ class _DenseScorer(_Scorer):
         self.w_flat = {name: wq.reshape(num_queries, -1).double() for name, wq in self.w.items()}  # [Q, d_out * d_in]
         super().__init__(by_name, num_queries, num_candidates, device, dtype, token_shares, normalize)
         if normalize:
-            self.query_sq = sum(wf.square().sum(1) for wf in self.w_flat.values()).to(dtype)
+            self.query_sq = cast(torch.Tensor, sum(wf.square().sum(1) for wf in self.w_flat.values())).to(dtype)
 
     def consume(self, spec: TrackedModule, a: torch.Tensor, g: torch.Tensor) -> None:  # a: [B, T, d_in], g: [B, T, d_out]
         wq, wq_flat = self.w[spec.name], self.w_flat[spec.name]  # [Q, d_out, d_in], [Q, d_out * d_in]
@@ -398,15 +425,18 @@ def score_candidates(
 
     if not candidates:
         raise MsifValueError("no candidates to score")
-    low_rank = isinstance(weights, LowRankQueries)
     by_name = {s.name: s for s in specs}
-    missing = [name for name in by_name if name not in (weights.u if low_rank else weights)]
+    known = weights.u if isinstance(weights, LowRankQueries) else weights
+    missing = [name for name in by_name if name not in known]
     if missing:
         raise MsifValueError(f"no query weights for module(s) {', '.join(missing)}")
     device = next(model.parameters()).device
     dtype = compute_dtype(model)
-    scorer_class = _LowRankScorer if low_rank else _DenseScorer
-    scorer = scorer_class(weights, by_name, len(candidates), device, dtype, token_shares, normalize)
+    scorer: _Scorer
+    if isinstance(weights, LowRankQueries):
+        scorer = _LowRankScorer(weights, by_name, len(candidates), device, dtype, token_shares, normalize)
+    else:
+        scorer = _DenseScorer(weights, by_name, len(candidates), device, dtype, token_shares, normalize)
     token_parts: list[torch.Tensor] = []
     hidden_parts: list[torch.Tensor] = []
 
@@ -429,6 +459,8 @@ def score_candidates(
     per_module, candidate_sq, query_sq = scorer.per_module, scorer.candidate_sq, scorer.query_sq
     candidate_norms = query_norms = None
     if normalize:
+        if candidate_sq is None or query_sq is None:
+            raise RuntimeError("a scorer built with normalize=True has no squared norms")  # never: both are set
         candidate_norms, query_norms = candidate_sq.clamp_min(0).sqrt(), query_sq.clamp_min(0).sqrt()
         scale = candidate_norms.unsqueeze(1) * query_norms.unsqueeze(0)  # [C, Q]
         inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))  # a zero vector: cosine 0

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from hub_msif.errors import MsifValueError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ROLES = ("mlp", "attn_qkv", "attn_out")
 
@@ -50,12 +54,15 @@ class TrackedModule:
 
     def weight_gradient(self, module: nn.Module) -> torch.Tensor:
         """The module's parameter gradient as one ``[d_out, d_in]`` matrix (bias as last column)."""
-        weight_grad = module.weight.grad
+        weight_grad = cast(torch.Tensor, module.weight).grad
         if weight_grad is None:
             raise MsifValueError(f"module {self.name!r} has no gradient; run backward first")
         grad = weight_grad.t() if self.transposed else weight_grad
         if self.has_bias:
-            grad = torch.cat([grad, module.bias.grad.unsqueeze(1)], dim=1)
+            bias_grad = cast(torch.Tensor, module.bias).grad
+            if bias_grad is None:
+                raise MsifValueError(f"module {self.name!r} has no bias gradient; run backward first")
+            grad = torch.cat([grad, bias_grad.unsqueeze(1)], dim=1)
         return grad
 
 
@@ -68,7 +75,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool, bool]:
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features, module.bias is not None, False
     if _is_conv1d(module):
-        d_in, d_out = module.weight.shape
+        d_in, d_out = cast(torch.Tensor, module.weight).shape
         return d_out, d_in, module.bias is not None, True
     raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)")
 
@@ -101,7 +108,7 @@ def _head_labels_stacked(num_heads: int) -> list[str]:
 
 
 def _gpt_neox_like(model: nn.Module, prefix: str, num_heads: int, attn: str, split_heads: bool):
-    layers = model.get_submodule(prefix)
+    layers = cast(nn.ModuleList, model.get_submodule(prefix))
     qkv_labels = _head_labels_interleaved(num_heads) if split_heads else ["all"]
     out = []
     for i in range(len(layers)):
@@ -114,8 +121,8 @@ def _gpt_neox_like(model: nn.Module, prefix: str, num_heads: int, attn: str, spl
 
 
 def _gpt2(model: nn.Module, split_heads: bool):
-    num_heads = model.config.n_head
-    layers = model.get_submodule("transformer.h")
+    num_heads = cast("PretrainedConfig", model.config).n_head
+    layers = cast(nn.ModuleList, model.get_submodule("transformer.h"))
     qkv_labels = _head_labels_stacked(num_heads) if split_heads else ["all"]
     out = []
     for i in range(len(layers)):
@@ -129,7 +136,7 @@ def _gpt2(model: nn.Module, split_heads: bool):
 
 def _llama_like(model: nn.Module, split_heads: bool):
     """Llama, Mistral, Qwen2 and kin: separate q/k/v projections, grouped-query attention."""
-    config = model.config
+    config = cast("PretrainedConfig", model.config)
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     out = []
@@ -150,11 +157,11 @@ def _auto_modules(model: nn.Module, split_heads: bool) -> list[TrackedModule]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if model_type == "gpt_neox":
+    if model_type == "gpt_neox" and config is not None:
         return _gpt_neox_like(
             model, "gpt_neox.layers", config.num_attention_heads, "attention", split_heads
         )
-    if model_type == "bloom":
+    if model_type == "bloom" and config is not None:
         return _gpt_neox_like(model, "transformer.h", config.n_head, "self_attention", split_heads)
     if model_type == "gpt2":
         return _gpt2(model, split_heads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -43,7 +44,12 @@ class GradientCapture:
         a = inputs[0].detach().to(self.dtype)
         if spec.has_bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-        return a * self.mask.unsqueeze(-1).to(self.dtype)
+        return a * self._mask().unsqueeze(-1).to(self.dtype)
+
+    def _mask(self) -> torch.Tensor:
+        if self.mask is None:
+            raise RuntimeError("GradientCapture.mask must be set before the forward pass")
+        return self.mask
 
     def _forward_hook(self, spec: TrackedModule):
         def hook(module, inputs, output):
@@ -82,7 +88,9 @@ def input_gradients_only(model: nn.Module) -> Iterator[None]:
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in saved:
         p.requires_grad_(False)
-    handle = model.get_input_embeddings().register_forward_hook(
+    # transformers' PreTrainedModel method (nn.Module does not declare it)
+    get_input_embeddings = cast(Callable[[], nn.Module], model.get_input_embeddings)
+    handle = get_input_embeddings().register_forward_hook(
         lambda module, inputs, output: output.requires_grad_(True)
     )
     try:

@@ -417,7 +417,7 @@ def _process_phases(num_processes: int, groups: list[list[ModulePlan]], model_by
     accumulator.
     """
     copies = 0 if compute_bytes == 8 else compute_bytes  # a float64 model rotates with the float64 basis itself
-    per_rank = [{phase: {} for phase in PHASES} for _ in range(num_processes)]
+    per_rank: list[dict[str, dict[str, int]]] = [{phase: {} for phase in PHASES} for _ in range(num_processes)]
     for group in groups:
         basis = [8 * m.covariance_elements for m in group]
         after = [b // 8 * copies + acc_bytes * m.lambda_elements for b, m in zip(basis, group)]
@@ -431,7 +431,8 @@ def _process_phases(num_processes: int, groups: list[list[ModulePlan]], model_by
         for rank in range(num_processes):
             worst = per_rank[rank]
             # Module i: the sums of modules i.. are still held, those before i are eigenbases already.
-            best, remaining, done = None, sum(covs), 0
+            best: dict[str, int] | None = None
+            remaining, done = sum(covs), 0
             for i, m in enumerate(group):
                 temp = 8 * _eigh_matrices(acc_bytes) * max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) \
                     if m.owner == rank else 0
@@ -441,6 +442,8 @@ def _process_phases(num_processes: int, groups: list[list[ModulePlan]], model_by
                     best = parts
                 remaining -= covs[i]
                 done += basis[i] + after[i]
+            if best is None:
+                raise RuntimeError("an empty module partition")  # module_groups never makes one
             lam = dict(lam_shared)
             lam["owned_eigenvalues_float64"] = 8 * sum(m.eigenvalue_elements for m in group if m.owner == rank)
             for phase, parts in (("covariance", covariance), ("eigendecomposition", best), ("lambda", lam)):
@@ -547,13 +550,13 @@ def plan_fit(
     _check_choice("storage dtype", storage_dtype, STORAGE_DTYPES)
     budget = None if max_memory is None else parse_size(max_memory)
 
-    config = load_config(model_or_config, revision)
-    model = meta_model(config) if not hasattr(model_or_config, "named_modules") else model_or_config
+    hf_config = load_config(model_or_config, revision)
+    model = meta_model(hf_config) if not hasattr(model_or_config, "named_modules") else model_or_config
     tracked = find_modules(model, modules, split_heads)
-    published = dtype_name(getattr(config, "dtype", None)) or dtype_name(config.to_dict().get("torch_dtype"))
+    published = dtype_name(getattr(hf_config, "dtype", None)) or dtype_name(hf_config.to_dict().get("torch_dtype"))
     model_dtype = model_dtype or published or "float32"
     _check_choice("model dtype", model_dtype, MODEL_DTYPES)
-    attention = attention or getattr(config, "_attn_implementation", None) or "sdpa"
+    attention = attention or getattr(hf_config, "_attn_implementation", None) or "sdpa"
     seen, parameters, model_bytes = set(), 0, 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) in seen:
@@ -565,14 +568,14 @@ def plan_fit(
             model_bytes += tensor.numel() * tensor.element_size()
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     base = {
-        "model": str(getattr(config, "_name_or_path", "") or model_or_config) if isinstance(model_or_config, (str, Path))
-        else str(getattr(config, "_name_or_path", "") or type(model).__name__),
-        "model_type": getattr(config, "model_type", ""), "parameters": parameters, "stage": stage,
+        "model": str(getattr(hf_config, "_name_or_path", "") or model_or_config) if isinstance(model_or_config, (str, Path))
+        else str(getattr(hf_config, "_name_or_path", "") or type(model).__name__),
+        "model_type": getattr(hf_config, "model_type", ""), "parameters": parameters, "stage": stage,
         "num_processes": num_processes, "accumulate_dtype": accumulate_dtype, "model_dtype": model_dtype,
         "compute_dtype": "float64" if model_dtype == "float64" else "float32", "storage_dtype": storage_dtype,
         "batch_size": batch_size, "max_length": max_length, "attention": attention,
         "modules": modules if isinstance(modules, str) else "explicit", "query_rank": query_rank,
-        "tracked": tracked, "shape": model_shape(config, tracked), "model_bytes": model_bytes,
+        "tracked": tracked, "shape": model_shape(hf_config, tracked), "model_bytes": model_bytes,
     }
     if isinstance(model_or_config, (str, Path)):
         base["model"] = str(model_or_config)
@@ -591,11 +594,11 @@ def plan_fit(
         raise MsifValueError(
             f"{module_partitions} module partition(s) need {format_bytes(plan.per_process_peak_bytes)} per process, "
             f"more than the {format_bytes(budget)} allowed{hint}")
-    plan = _smallest_fitting(base, budget)
-    if plan is None:
+    fitting = _smallest_fitting(base, budget)
+    if fitting is None:
         raise MsifValueError(f"nothing fits {format_bytes(budget)} per process: {_what_would_fit(base, budget)}")
-    return _with(plan, budget, True, f"{plan.module_partitions} is the smallest number of module partitions that "
-                                     f"fits {format_bytes(budget)} per process ({plan.passes} passes over the data)")
+    return _with(fitting, budget, True, f"{fitting.module_partitions} is the smallest number of module partitions that "
+                                        f"fits {format_bytes(budget)} per process ({fitting.passes} passes over the data)")
 
 
 def plan_of_fit(model, config: FitConfig, num_processes: int, max_length: int) -> FitPlan:
@@ -817,13 +820,13 @@ def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: in
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         raise MsifValueError(f"tokens to fit must be a positive integer, got {tokens!r}")
     hf_config = load_config(model_or_config, revision)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, plan.model_dtype)
     try:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     except (ValueError, KeyError) as err:
         raise UnsupportedArchitectureError(f"{type(hf_config).__name__} has no causal LM class in transformers") from err
-    model.to(device).eval()
+    model.to(torch_device).eval()
     tracked = find_modules(model, config.modules, config.split_heads)
     # One accumulator update is timed per distinct module shape, on the first such module's batch.
     shapes: dict[tuple, dict] = {}
@@ -838,13 +841,13 @@ def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: in
     b, n = plan.batch_size, plan.max_length
     vocab = _text_config(hf_config).vocab_size
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (b, n), generator=generator).to(device)
+    ids = torch.randint(0, vocab, (b, n), generator=generator).to(torch_device)
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
-             "sequence_index": torch.arange(b, device=device)}
+             "sequence_index": torch.arange(b, device=torch_device)}
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
 
     capture = GradientCapture(model, tracked, keep)
     with input_gradients_only(model), capture:
@@ -872,23 +875,23 @@ def measure_fit(model_or_config, config: FitConfig, plan: FitPlan, *, tokens: in
         if entry["captured"] is None:
             continue
         count, spec, (a, g) = entry["count"], entry["spec"], entry["captured"]
-        acc = CovarianceAccumulator(spec, device, accumulate)
+        covariance_acc = CovarianceAccumulator(spec, torch_device, accumulate)
         sync()
         started = time.perf_counter()
-        acc.update(a, g)
+        covariance_acc.update(a, g)
         sync()
         covariance += count * (time.perf_counter() - started)
-        del acc
-        q_a = torch.eye(spec.d_in, dtype=torch.float64, device=device)
-        q_s = torch.eye(spec.block_size, dtype=torch.float64, device=device).expand(spec.num_blocks, -1, -1)
-        acc = LambdaAccumulator(spec, q_a, q_s.contiguous(), a.dtype, accumulate)
+        del covariance_acc
+        q_a = torch.eye(spec.d_in, dtype=torch.float64, device=torch_device)
+        q_s = torch.eye(spec.block_size, dtype=torch.float64, device=torch_device).expand(spec.num_blocks, -1, -1)
+        lambda_acc = LambdaAccumulator(spec, q_a, q_s.contiguous(), a.dtype, accumulate)
         sync()
         started = time.perf_counter()
-        acc.update(a, g)
+        lambda_acc.update(a, g)
         sync()
         lam += count * (time.perf_counter() - started)
-        del acc, q_a, q_s
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        del lambda_acc, q_a, q_s
+    name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"
     return FitTiming(device=name, threads=torch.get_num_threads(), batch_size=b, max_length=n,
                      model_dtype=plan.model_dtype, forward_seconds=forward, backward_seconds=backward,
                      covariance_update_seconds=covariance, lambda_update_seconds=lam,
