@@ -77,7 +77,7 @@ def check_unicode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     ``TypeError`` after the models load) or the strict JSON output. Refused naming the option."""
     from hub_msif.apps.inputs import lone_surrogate
 
-    options: dict[str, str] = {}
+    options: dict[str, str | tuple[str, ...]] = {}  # dest -> its longest option string, else its metavar
 
     def collect(p: argparse.ArgumentParser) -> None:
         for action in p._actions:
@@ -134,7 +134,7 @@ def check_location(location: str, what: str) -> None:
     from hub_msif.hub.location import parse_location
 
     parsed = parse_location(location)
-    if parsed.is_local:
+    if parsed.folder is not None:  # parsed.is_local
         check_existing_folder(parsed.folder, what)
 
 

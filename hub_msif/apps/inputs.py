@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, overload
 
 from hub_msif.apps.output import printable
 from hub_msif.errors import ArtifactNotFoundError, MsifValueError
@@ -47,7 +48,7 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _objects(path: str | Path, what: str, fields: tuple[str, ...]):
+def _objects(path: str | Path, what: str, fields: tuple[str, ...]) -> tuple[Path, list[tuple[int, dict[str, Any]]]]:
     """``(line number, object)`` for every non-blank line of ``path``, checked to be a JSON object
     holding only ``fields``."""
     path = Path(path).expanduser()
@@ -60,7 +61,7 @@ def _objects(path: str | Path, what: str, fields: tuple[str, ...]):
     except UnicodeDecodeError as err:
         bad_line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise MsifValueError(f"{path} line {bad_line}: not UTF-8 text") from None
-    found = []
+    found: list[tuple[int, dict[str, Any]]] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.removesuffix("\r")
         if not line.strip():
@@ -88,6 +89,10 @@ def _objects(path: str | Path, what: str, fields: tuple[str, ...]):
     return path, found
 
 
+@overload
+def _text(path: Path, number: int, value: dict, key: str, required: Literal[True]) -> str: ...
+@overload
+def _text(path: Path, number: int, value: dict, key: str, required: bool) -> str | None: ...
 def _text(path: Path, number: int, value: dict, key: str, required: bool) -> str | None:
     text = value.get(key)
     if text is None:

@@ -45,6 +45,8 @@ def model_ref(model: str | Path | ModelRef, token: str | None = None) -> ModelRe
         raise RepositoryNotFoundError(f"model {model!r} is neither a local folder nor a model on {endpoint()}") from err
     except Exception as err:
         raise HubError(f"cannot resolve the revision of model {model!r}: {first_line(err)}") from err
+    if info.sha is None:  # model_info always gives it; None only in partial (expand=) answers
+        raise HubError(f"cannot resolve the revision of model {model!r}: the Hub gave no commit sha")
     return ModelRef(model_id, info.sha)
 
 

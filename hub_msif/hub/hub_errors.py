@@ -98,7 +98,7 @@ def _upload_failure(doing: str, path: str, cause: BaseException | None) -> HubEr
     # A broken connection makes huggingface_hub close its client: uploads in other threads then fail
     # with "the client has been closed".
     closed = isinstance(cause, RuntimeError) and "client has been closed" in str(cause)
-    if isinstance(cause, (OSError, httpx2.HTTPError)) or closed:
+    if cause is not None and (isinstance(cause, (OSError, httpx2.HTTPError)) or closed):
         return Unreachable(f"{doing}: {where}: the connection broke off ({type(cause).__name__}: "
                            f"{first_line(cause)}); {then}")
     what = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else "no reason given"

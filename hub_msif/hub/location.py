@@ -30,6 +30,8 @@ class Location:
     def __str__(self) -> str:
         if self.folder is not None:
             return str(self.folder)
+        if self.repo_id is None:  # as `None + str` would
+            raise TypeError("a Location holds a folder or a repo_id, this one neither")
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
 

@@ -62,6 +62,8 @@ def _pull(location: Location, manifest_name: str, select: Callable[[Path], dict[
     commit the manifest came from; checks every file's sha256 (``_check_files``)."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
+    if location.repo_id is None:
+        raise MsifValueError(f"{location} is a local folder, not a Hub location REPO[@REV]")
     repo_id, revision = location.repo_id, location.revision or "main"
     where = f"{repo_id}@{revision}"
     doing = f"cannot pull {what} {where}"
@@ -90,7 +92,7 @@ def _check_files(folder: Path, files: dict[str, str], repo_id: str, revision: st
     """Checks each pulled file against the manifest's sha256. A bad file leaves the cache; it is
     downloaded once more when the Hub lists the manifest's hash for it (the cached copy was bad),
     and reported as altered on the Hub when the Hub lists another hash or serves bad bytes again."""
-    bad = {}
+    bad: dict[str, IntegrityError] = {}
     for relative, expected in files.items():
         path = artifact_path(folder, relative, kind)
         if not path.is_file():
@@ -113,7 +115,7 @@ def _check_files(folder: Path, files: dict[str, str], repo_id: str, revision: st
         raise NotCachedError(f"{doing}: the cached copy of {', '.join(sorted(bad))} was corrupted (its sha256 differs "
                              f"from the manifest's) and was removed from the cache; {why}, so it cannot be downloaded "
                              "again now")
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, RepoFile, hf_hub_download
 
     with hub_failures(repo_id, revision, doing, token):
         listed = {e.path: e for e in HfApi(token=token).get_paths_info(repo_id, sorted(bad), repo_type=REPO_TYPE,
@@ -122,14 +124,17 @@ def _check_files(folder: Path, files: dict[str, str], repo_id: str, revision: st
     hub_is_wrong = {}
     for relative in bad:
         entry = listed.get(relative)
-        lfs = getattr(entry, "lfs", None)
-        hub_is_wrong[relative] = (entry is None or (lfs is not None and lfs.sha256 != files[relative])
-                                  or (lfs is None and entry.blob_id == git_blob_id((folder / relative).read_bytes())))
+        if not isinstance(entry, RepoFile):  # not listed, or a folder where the manifest names a file
+            hub_is_wrong[relative] = True
+        elif entry.lfs is not None:
+            hub_is_wrong[relative] = entry.lfs.sha256 != files[relative]
+        else:
+            hub_is_wrong[relative] = entry.blob_id == git_blob_id((folder / relative).read_bytes())
     for relative in bad:
         _evict(folder / relative)
-    for relative, err in bad.items():
+    for relative, failure in bad.items():
         if hub_is_wrong[relative]:
-            raise altered(relative, err)
+            raise altered(relative, failure)
     for relative in bad:
         logger.warning("the cached copy of %s of %s (commit %s) differs from its manifest while the Hub lists the "
                        "manifest's sha256: downloading it again", relative, repo_id, commit)
@@ -163,7 +168,7 @@ def pull_factors(location: str | Path, modules: str = "all", stages=None, token:
     if modules not in MODULE_CHOICES:
         raise MsifValueError(f"modules must be one of {', '.join(MODULE_CHOICES)}, not {modules!r}")
     where = parse_location(location)
-    if where.is_local:
+    if where.folder is not None:  # where.is_local
         read_manifest(where.folder, FACTORS)  # a missing folder, /etc or a file is no factor folder
         return where.folder
 
@@ -178,7 +183,7 @@ def pull_index(location: str | Path, token: str | None = None, cache_dir: str | 
     manifest reads, else ``IndexNotFoundError`` / ``RetrievalError``), or ``REPO[@REV]`` pulled into
     the Hugging Face cache, every file sha256-checked."""
     where = parse_location(location)
-    if where.is_local:
+    if where.folder is not None:  # where.is_local
         read_manifest(where.folder, INDEX)
         return where.folder
     return _pull(where, INDEX.manifest_name, lambda folder: index_files(read_manifest(folder, INDEX)), "index", token,

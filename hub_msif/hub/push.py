@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from hub_msif import __version__
 from hub_msif.artifacts.atomic import sha256_bytes
@@ -49,6 +49,9 @@ from hub_msif.hub.hub_errors import NO_TOKEN, hub_failures
 from hub_msif.hub.location import REPO_TYPE, check_repo_id
 from hub_msif.hub.permissions import require_write_access
 from hub_msif.models import is_commit_sha
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 logger = logging.getLogger(__name__)
 _VERSION_TAG = re.compile(r"v(\d+)")
@@ -117,7 +120,7 @@ class _Progress:
     """
 
     repo_id: str
-    api: object = None
+    api: HfApi | None = None
     step: str = "prepare"
     base: str | None = None  # main's head before the commit
     commit: str | None = None
@@ -128,6 +131,8 @@ class _Progress:
         that cannot be told (the Hub does not answer, or a second Ctrl-C)."""
         if self.step not in ("commit", "tag"):
             return True
+        if self.api is None:  # no request was sent through it
+            return False
         try:
             refs = self.api.list_repo_refs(self.repo_id, repo_type=REPO_TYPE)
         except (Exception, KeyboardInterrupt):
@@ -137,7 +142,8 @@ class _Progress:
             if head == self.base:
                 return True  # the commit did not land
             self.commit, self.step = head, "tag"
-        if {t.name: t.target_commit for t in refs.tags}.get(self.tag) == self.commit:
+        tags: dict[str | None, str] = {t.name: t.target_commit for t in refs.tags}  # looked up by self.tag
+        if tags.get(self.tag) == self.commit:
             self.step = "done"
         return True
 

@@ -33,7 +33,7 @@ import sys
 import zipfile
 from importlib.resources import files
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from hub_msif import __version__
 from hub_msif.artifacts.manifest import (
@@ -300,7 +300,7 @@ def space_card(repo_id: str, factors: str, index: str, manifest: dict, factor_by
     gradio_version, _ = space_requirements()
     models = {stage: manifest["stages"][stage]["model"]["id"] for stage in STAGES}
     tracked = sum(int(m["d_out"]) * int(m["d_in"]) for m in manifest["stages"]["finetuned"].get("modules") or [])
-    extra = {"suggested_hardware": hardware} if hardware else {}
+    extra: dict[str, Any] = {"suggested_hardware": hardware} if hardware else {}  # to SpaceCardData's **kwargs
     card_data = SpaceCardData(
         title="MS-IF attribution", sdk="gradio", sdk_version=gradio_version, app_file=APP_FILE,
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
@@ -420,7 +420,8 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
         raise TokenRefusedError(f"{doing}: {NO_TOKEN}")
     require_hub(doing)
     api = progress["api"] = HfApi(token=token)
-    manifest, factor_bytes, private_repos = {"stages": {}}, 0, {}
+    manifest: dict[str, Any] = {"stages": {}}
+    factor_bytes, private_repos = 0, {}
     for stage, location in locations.items():
         stage_manifest, sizes, hidden = _read_factors(api, location, stage, doing)
         manifest["stages"][stage] = stage_manifest["stages"][stage]
@@ -434,8 +435,12 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
                             f"{'; '.join(problems[:3])}")
     private_repos[index_location.repo_id] = _read_index(api, index_location, doing)
     pair = locations["pretrained"] == locations["finetuned"]
-    served = str(locations["pretrained"]) if pair else {stage: str(loc) for stage, loc in locations.items()}
-    described = served if pair else " + ".join(f"{stage} {loc}" for stage, loc in served.items())
+    served: str | dict[str, str]
+    if pair:
+        served = described = str(locations["pretrained"])
+    else:
+        served = {stage: str(loc) for stage, loc in locations.items()}
+        described = " + ".join(f"{stage} {loc}" for stage, loc in served.items())
     content = space_files(repo_id, served, str(index_location), manifest, factor_bytes, api.endpoint, hardware, wheel)
     with hub_failures(repo_id, None, doing, token):
         require_write_access(api, repo_id, doing)
@@ -460,7 +465,8 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
         if not existed:
             refs = api.list_repo_refs(repo_id, repo_type=SPACE_TYPE)
             head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c) for p, c in content.items()]
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(path_in_repo=p, path_or_fileobj=c) for p, c in content.items()]
         operations += [CommitOperationDelete(path_in_repo=p) for p in sorted(remote)
                        if p not in content and p not in _KEPT]
         progress.update(step="commit", head=head)

@@ -15,6 +15,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -24,7 +25,14 @@ logger = logging.getLogger(__name__)
 
 QA_TEMPLATE = "question : {prompt} answer :"
 
-RELATIONS = {
+
+class Relation(TypedDict):
+    objects: list[str]
+    statements: list[str]  # templates over {s} (subject) and {o} (object)
+    question: str  # a template over {s}
+
+
+RELATIONS: dict[str, Relation] = {
     "born_in": {
         "objects": ["paris", "lisbon", "cairo", "oslo", "lima", "kyoto", "dublin", "nairobi", "quito", "hanoi"],
         "statements": ["{s} was born in {o} .", "the birthplace of {s} is {o} .", "{s} came into the world in {o} .",

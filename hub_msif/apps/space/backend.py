@@ -48,14 +48,14 @@ class Backend:
 
     def attributor(self, modules: str = "all", progress: Callable | None = None) -> Attributor:
         """The attributor over ``all`` modules, or its MLP-only view (``restrict("mlp")``)."""
-        self._loaded(progress)
+        loaded = self._loaded(progress)  # self._attributor, set once and kept
         with self._load_lock:
-            if modules == self._attributor.modules:
-                return self._attributor
+            if modules == loaded.modules:
+                return loaded
             if modules != "mlp":
                 raise SpaceError("this Space was given factors of MLP modules only: tick 'MLP modules only'")
             try:
-                return self._attributor.restrict("mlp")
+                return loaded.restrict("mlp")
             except MsifError as err:
                 raise SpaceError(f"{err}; untick 'MLP modules only'") from err
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def zero_gpu_decorator(environ: dict | None = None) -> Callable | None:
+def zero_gpu_decorator(environ: Mapping[str, str] | None = None) -> Callable | None:
     """``spaces.GPU`` (with ``MSIF_GPU_DURATION`` when set) on ZeroGPU hardware where the
     ``spaces`` package imports; None elsewhere."""
     environ = os.environ if environ is None else environ
@@ -35,10 +35,12 @@ def zero_gpu_decorator(environ: dict | None = None) -> Callable | None:
         logger.warning("%s is set but the spaces package is missing: running without ZeroGPU", ZERO_GPU_ENV)
         return None
     duration = (environ.get(GPU_DURATION_ENV) or "").strip()
-    return spaces.GPU(duration=int(duration)) if duration.isdigit() else spaces.GPU
+    # mypy resolves `spaces` to this repository's spaces/ folder (the example Space), not the package
+    gpu: Callable = spaces.GPU  # type: ignore[attr-defined]
+    return gpu(duration=int(duration)) if duration.isdigit() else gpu
 
 
-def gpu_task(fn: Callable, environ: dict | None = None) -> Callable:
+def gpu_task(fn: Callable, environ: Mapping[str, str] | None = None) -> Callable:
     """``fn`` decorated with ``spaces.GPU`` on ZeroGPU hardware, else ``fn`` itself."""
     decorator = zero_gpu_decorator(environ)
     return fn if decorator is None else decorator(fn)

@@ -33,6 +33,7 @@ from hub_msif.apps.space.render import (
     RESULT_TYPES,
     SCORE_LEGEND,
     SERVED_PENDING,
+    ColumnType,
     empty_chart,
     empty_compare_table,
     empty_results_table,
@@ -72,7 +73,7 @@ def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Bloc
     ``generate``, ``attribute``, ``compare``). A failed request ends in a one-line ``gr.Error``
     (a toast, and the status line of the visitor's session) and clears what the previous one
     showed; the app keeps serving."""
-    last_errors: dict[str, str] = {}  # session -> message of its last failed request, for the status line
+    last_errors: dict[str | None, str] = {}  # session -> message of its last failed request, for the status line
 
     def run_guarded(request: gr.Request | None, fn, *args, progress=None):
         """Runs a handler; every failure becomes a one-line ``gr.Error`` (the log keeps tracebacks
@@ -139,6 +140,9 @@ def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Bloc
                                                  "retrieved from the index)")
                 mlp_box = gr.Checkbox(value=False, label="MLP modules only", elem_id="mlp-only")
         status_box = gr.Markdown("", elem_id="status", label="Status")
+        markdown: ColumnType = "markdown"
+        compare_types: list[ColumnType] = ["number", *[markdown] * len(METHOD_LABELS)]
+        compare_widths: list[str | int] = ["6%", *["18.8%"] * len(METHOD_LABELS)]
         with gr.Tabs():
             with gr.Tab("Ranked documents"):
                 results_box = gr.Dataframe(headers=RESULT_COLUMNS, datatype=RESULT_TYPES, interactive=False,
@@ -166,10 +170,10 @@ def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Bloc
                             "top documents.")
                 compare_button = gr.Button("Compare methods", variant="primary", elem_id="compare")
                 compare_box = gr.Dataframe(headers=COMPARE_COLUMNS,
-                                           datatype=["number"] + ["markdown"] * len(METHOD_LABELS),
+                                           datatype=compare_types,
                                            interactive=False, wrap=True, elem_id="compare-results",
                                            label="Top documents per method",
-                                           column_widths=["6%"] + ["18.8%"] * len(METHOD_LABELS), max_height=900)
+                                           column_widths=compare_widths, max_height=900)
                 compare_json = gr.JSON(visible=False, label="Comparison summary (JSON)")
 
         # The model-bound handlers: on ZeroGPU hardware each runs inside spaces.GPU (gpu.py).

@@ -11,6 +11,8 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Literal
 
 import gradio as gr
 import pandas as pd
@@ -24,7 +26,8 @@ METHOD_CHOICES = [("MS-IF", "ms-if"), ("SS-IF", "ss-if"), ("GDP", "gdp"), ("RepS
 METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES)
 RESULT_COLUMNS = ["rank", "score", "relative score", "MLP", "attention", "document", "text"]
 COMPARE_COLUMNS = ["rank", *METHOD_LABELS.values()]
-RESULT_TYPES = ["number", "str", "number", "number", "number", "markdown", "markdown"]
+ColumnType = Literal["str", "number", "bool", "date", "markdown", "html"]  # a gr.Dataframe datatype
+RESULT_TYPES: list[ColumnType] = ["number", "str", "number", "number", "number", "markdown", "markdown"]
 MAX_CHART_DOCUMENTS = 10
 MAX_CHART_BANDS = 6  # layers are grouped into at most this many bands per role, so colours stay readable
 PROPONENT_MARK = "★"
@@ -79,7 +82,7 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return float(f"{value:.{digits}g}")
 
 
-def results_table(result: Attribution, terms: set[str], proponents: set[str] = frozenset(),
+def results_table(result: Attribution, terms: set[str], proponents: AbstractSet[str] = frozenset(),
                   opponents: bool = False) -> pd.DataFrame:
     """The ranked table: rank, score, relative score, MLP and attention parts, document id, snippet;
     of the top documents, or with ``opponents`` of the most negative ones (most negative first)."""
@@ -96,7 +99,7 @@ def compare_table(results: dict[str, Attribution], terms: set[str], proponents: 
     """All methods' top documents side by side: one row per rank, one column per method."""
     table = []
     for rank in range(max(len(r.rows) for r in results.values())):
-        line = [rank + 1]
+        line: list[int | str] = [rank + 1]
         for method in METHOD_LABELS:
             rows = results[method].rows
             if rank < len(rows):

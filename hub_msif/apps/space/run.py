@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import gradio as gr
@@ -41,10 +42,12 @@ def serve_demo(cache: str | Path, port: int | None = None, settings: SpaceSettin
     """
     app = demo_app(cache, settings)
     app.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    if app.local_url is None:  # launch() sets it; None only before launching
+        raise RuntimeError("gradio launched the demo without a local URL")
     return app, app.local_url
 
 
-def main(environ: dict | None = None, config: str | Path | None = None) -> None:
+def main(environ: Mapping[str, str] | None = None, config: str | Path | None = None) -> None:
     """The Space entry point: serves ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or folders),
     else the locations of the ``config`` file (``msif_space.json``, see ``space_locations``), with
     limits from ``MSIF_*`` (see ``SpaceSettings``); with neither, the toy fact world demo. Listens

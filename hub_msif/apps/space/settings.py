@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from hub_msif.errors import SpaceError
 
@@ -49,9 +51,9 @@ class SpaceSettings:
         self.default_candidates = min(self.default_candidates, self.max_candidates)
 
     @classmethod
-    def from_env(cls, environ: dict | None = None) -> SpaceSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SpaceSettings:
         environ = os.environ if environ is None else environ
-        values = {}
+        values: dict[str, Any] = {}  # keyword arguments of cls: text or whole numbers, by field
         for name, var in cls.ENV.items():
             raw = environ.get(var, "").strip()
             if raw and name in cls.TEXT:
@@ -64,7 +66,7 @@ class SpaceSettings:
         return cls(**values)
 
 
-def space_locations(environ: dict | None = None, config: str | Path | None = None) -> tuple[str | dict, str]:
+def space_locations(environ: Mapping[str, str] | None = None, config: str | Path | None = None) -> tuple[str | dict, str]:
     """``(factors, index)`` the Space serves. ``factors`` is a pair location (a string), or
     ``{"pretrained": LOC, "finetuned": LOC}`` for two stages from two places. From the variables
     ``MSIF_FACTORS`` (or ``MSIF_FACTORS_PRETRAINED`` and ``MSIF_FACTORS_FINETUNED``) and
@@ -86,10 +88,10 @@ def space_locations(environ: dict | None = None, config: str | Path | None = Non
             raise TypeError("not a JSON object")
     except (OSError, ValueError, TypeError) as err:
         raise SpaceError(f"{config} must be a JSON object with the strings 'factors' and 'index': {err}") from None
-    given = {k: data.get(k) for k in ("factors", "factors_pretrained", "factors_finetuned", "index")}
-    if any(v is not None and not (isinstance(v, str) and v.strip()) for v in given.values()):
+    stored = {k: data.get(k) for k in ("factors", "factors_pretrained", "factors_finetuned", "index")}
+    if any(v is not None and not (isinstance(v, str) and v.strip()) for v in stored.values()):
         raise SpaceError(f"{config} must give 'factors' and 'index' as non-empty strings (REPO@REV)")
-    return _factors_and_index({k: (v or "").strip() for k, v in given.items()},
+    return _factors_and_index({k: (v or "").strip() for k, v in stored.items()},
                               f"{config} must give 'factors' (or 'factors_pretrained' and 'factors_finetuned') and "
                               "'index' as non-empty strings (REPO@REV)")
 
@@ -103,7 +105,7 @@ def _factors_and_index(given: dict, problem: str) -> tuple[str | dict, str]:
     return factors, given["index"]
 
 
-def model_paths(environ: dict | None = None) -> dict[str, str]:
+def model_paths(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """``MSIF_MODEL_PATHS``: a JSON object ``{name: folder}`` for models that the factors record as
     local folders (by name and weights' sha256), where they lie on the Space's machine (the same as
     ``hub-msif attribute --model-path NAME=FOLDER``); empty when unset."""

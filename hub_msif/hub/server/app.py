@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -29,7 +29,7 @@ from hub_msif.hub.server.store import Store
 
 logger = logging.getLogger(__name__)
 
-_STOP_TIMEOUT_S = 5.0  # how long stop() lets requests in flight finish before cutting them off
+_STOP_TIMEOUT_S = 5  # seconds stop() lets requests in flight finish before cutting them off (an int, as uvicorn types it)
 
 
 class HubServer:
@@ -101,7 +101,8 @@ class HubServer:
         if server is None:
             return
         server.should_exit = True
-        self._thread.join(timeout=_STOP_TIMEOUT_S + 5)
+        if self._thread is not None:  # set with self._server
+            self._thread.join(timeout=_STOP_TIMEOUT_S + 5)
 
     def serve_forever(self) -> None:
         """Serves until Ctrl-C (the command line's ``hub serve``)."""
@@ -125,8 +126,9 @@ class _ThreadServer(uvicorn.Server):
     """A uvicorn server for a background thread: signals (Ctrl-C) stay with the main thread, which
     stops the server through ``HubServer.stop``."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class _FrontDoor:

@@ -41,9 +41,9 @@ class Caller:
         """Whether a repo of ``namespace`` (private or not) is visible to this caller."""
         return not private or namespace in self.namespaces()
 
-    def require_write(self, namespace: str, what: str) -> None:
+    def require_write(self, namespace: str, what: str) -> str:
         """Raises ``HubApiError`` (401 anonymous, 403 read-only or foreign namespace) unless this
-        caller may ``what`` (e.g. "create a dataset repo ...") in ``namespace``."""
+        caller may ``what`` (e.g. "create a dataset repo ...") in ``namespace``; returns the caller's user name."""
         if self.user is None:
             raise HubApiError(401, f"You must be authenticated with a write token to {what}")
         if self.role != "write":
@@ -52,6 +52,7 @@ class Caller:
         if namespace not in self.namespaces():
             raise HubApiError(403, f"You don't have the rights to {what}: {self.user} is neither {namespace} nor "
                                    f"a member of the {namespace} organization")
+        return self.user
 
 
 class TokenBook:

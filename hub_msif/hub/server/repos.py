@@ -82,15 +82,18 @@ async def create_repo(request: Request) -> Response:
         raise HubApiError(400, f"Invalid repo name {namespace}/{name}: use letters, digits, '-', '_', '.' (at most "
                                "96), no '--' or '..', not ending in .git; the namespace must not be one of "
                                f"{', '.join(sorted(RESERVED_NAMESPACES))}")
-    caller.require_write(namespace, f"create a {repo_type} repo under the namespace {namespace}")
+    author = caller.require_write(namespace, f"create a {repo_type} repo under the namespace {namespace}")
     private = body.get("visibility") == "private" or bool(body.get("private"))  # older clients send "private"
     extra = space_settings(body) if repo_type == "space" else None
     store = store_of(request)
-    repo = store.create_repo(repo_type, namespace, name, private, caller.user, extra)
+    repo = store.create_repo(repo_type, namespace, name, private, author, extra)
     if repo is None:
         url = repo_url(request, store.repo(repo_type, namespace, name))
         raise HubApiError(409, f"You already created this {repo_type} repo", body={"url": url})
-    return JSONResponse({"url": repo_url(request, repo), "name": repo.id, "id": repo.read_meta()["_id"]})
+    url, meta = repo_url(request, repo), repo.read_meta()
+    if meta is None:  # deleted by another request in between (it answered 500 with a TypeError before)
+        raise HubApiError(500, f"internal server error: the {repo_type} repo {repo.id} was deleted while being created")
+    return JSONResponse({"url": url, "name": repo.id, "id": meta["_id"]})
 
 
 async def delete_repo(request: Request) -> Response:

@@ -32,6 +32,7 @@ the Hub's shape (``errors.error_response``).
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -85,13 +86,15 @@ def build_app(store: Store) -> Starlette:
     return app
 
 
+# starlette types every exception handler over Exception; each of these is registered for one class
 async def _on_api_error(request: Request, exc: Exception) -> Response:
-    return error_response(exc)
+    return error_response(cast(HubApiError, exc))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     # starlette's own 404 and 405, in the Hub's error shape
-    return error_response(HubApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}"))
+    http_error = cast(HTTPException, exc)
+    return error_response(HubApiError(http_error.status_code, f"{http_error.detail}: {request.method} {request.url.path}"))
 
 
 async def _on_crash(request: Request, exc: Exception) -> Response:

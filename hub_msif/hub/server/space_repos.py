@@ -48,7 +48,7 @@ def _as_list(value) -> list[str]:
 def runtime(repo: Repo, meta: dict, files: dict, card: dict | None) -> dict:
     """The runtime document of a Space (``SpaceRuntime``): stopped, or without an app file."""
     sdk = (card or {}).get("sdk") or meta.get("sdk")
-    app_file = (card or {}).get("app_file") or _DEFAULT_APP_FILE.get(sdk)
+    app_file = (card or {}).get("app_file") or (_DEFAULT_APP_FILE.get(sdk) if sdk is not None else None)
     stage = "NO_APP_FILE" if app_file and app_file not in files else "STOPPED"
     return {"stage": stage, "hardware": {"current": None, "requested": meta.get("hardware")},
             "storage": None, "gcTimeout": None, "replicas": {"current": 0, "requested": 1}}

@@ -290,7 +290,7 @@ class Repo:
 
     def referenced_lfs(self) -> set[str]:
         """The LFS sha256s that some commit record of the repo names (reachable or not)."""
-        found = set()
+        found: set[str] = set()
         for record in (self.dir / "commits").glob("*.json"):
             found.update(e["lfs"] for e in json.loads(record.read_text()).get("files", {}).values() if e.get("lfs"))
         return found
@@ -350,6 +350,7 @@ class Repo:
         """
         with self.store.lock:
             refs = self.refs()
+            base: str | None  # a str past the checks below
             if create_pr:
                 base = self.resolve(parent or rev)
                 kind, ref = "pulls", str(max((int(n) for n in refs["pulls"]), default=0) + 1)
@@ -409,7 +410,7 @@ class Repo:
         path of ``targets`` (``{path: is a folder}``; a folder is touched by any change inside it)."""
         found: dict[str, dict] = {}
         remaining = dict(targets)
-        sha = head
+        sha: str | None = head
         while remaining and sha:
             commit = self.commit(sha)
             parent = self.commit(commit["parent"]) if commit.get("parent") else None

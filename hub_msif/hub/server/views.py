@@ -8,6 +8,7 @@ Key names follow the Hub: siblings say ``blobId`` and ``lfs.sha256`` where tree 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from hub_msif.hub.server.card_metadata import card_tags
 from hub_msif.hub.server.space_repos import space_fields
@@ -44,7 +45,7 @@ def repo_info(repo: Repo, meta: dict, sha: str, siblings: bool, blobs: bool = Fa
 
 
 def _sibling(path: str, entry: dict, blobs: bool) -> dict:
-    sibling = {"rfilename": path}
+    sibling: dict[str, Any] = {"rfilename": path}
     if blobs:
         sibling.update({"size": entry["size"], "blobId": entry["oid"]})
         if entry.get("lfs"):
@@ -75,7 +76,7 @@ def folder_entry(path: str, files: dict) -> dict:
 
 def folders(files: dict) -> set[str]:
     """Every folder that holds a file of the file table ``files``, at any depth."""
-    out = set()
+    out: set[str] = set()
     for path in files:
         parts = path.split("/")[:-1]
         out.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
@@ -98,7 +99,7 @@ def refs_json(refs: dict, include_prs: bool) -> dict:
 def history(repo: Repo, head: str) -> list[dict]:
     """The ``/commits`` items from ``head`` back to the first commit, newest first."""
     items = []
-    sha = head
+    sha: str | None = head
     while sha:
         commit = repo.commit(sha)
         items.append({"id": sha, "title": commit["title"], "message": commit["message"], "date": commit["date"],
