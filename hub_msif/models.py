@@ -55,11 +55,15 @@ class ModelRef:
         return out
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether ``text`` is written as a path (``/``, ``~``, ``.`` or ``\\`` first, or a drive letter)."""
+    return text.startswith(("/", "~", ".", "\\")) or (len(text) > 2 and text[1] == ":" and text[2] in "/\\")
+
+
 def is_local_record(recorded: dict) -> bool:
     """Whether a manifest's model record names a local folder (by name and weights' sha256): newer
     manifests say ``"local": true``, older ones recorded the folder's path as the id."""
-    ident = str(recorded.get("id") or "")
-    return bool(recorded.get("local")) or ident.startswith(("/", "~", ".", "\\")) or ident[1:3] in (":/", ":\\")
+    return bool(recorded.get("local")) or looks_like_path(str(recorded.get("id") or ""))
 
 
 def recorded_model(recorded: dict, what: str, model_paths=None) -> tuple[str, str | None]:
@@ -127,7 +131,7 @@ def check_model_name(name: str) -> str:
         raise MsifValueError("a model name must not be empty")
     if any(not c.isprintable() for c in name):
         raise MsifValueError(f"the model name {name!r} holds control characters")
-    if name.startswith(("/", "~", ".")) or name[1:3] in (":/", ":\\") or "\\" in name:
+    if looks_like_path(name) or "\\" in name:
         raise MsifValueError(f"the model name {name!r} is a path; give a name to show on the card instead "
                              "(say, the model's name on the Hub, or what you call it)")
     if len(name) > 200:

@@ -138,6 +138,19 @@ def save_tiny_pair(root) -> dict:
     return out
 
 
+def fit_tiny_pair(pair: dict, folder, **corpus) -> None:
+    """Both stages' factors of a ``save_tiny_pair`` pair into ``folder``: the pre-trained model on its
+    text, the fine-tuned one on its Q&A rows in ``QA_TEMPLATE`` (batches of 8, no checkpoints);
+    ``corpus``: ``CorpusSpec`` settings of both (e.g. ``max_length``)."""
+    from hub_msif.data import CorpusSpec
+    from hub_msif.factors.fit import FitConfig, fit_stage
+
+    qa = {"prompt_column": "prompt", "response_column": "response", "template": QA_TEMPLATE}
+    for stage, data, columns in (("pretrained", pair["pretrain"], {}), ("finetuned", pair["finetune"], qa)):
+        fit_stage(str(pair[stage]), str(data), folder, FitConfig(stage=stage, batch_size=8, checkpoint_every=0),
+                  corpus=CorpusSpec(data=str(data), **corpus, **columns), show_progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -253,6 +253,16 @@ def stage_differences(modules_a: list[dict], modules_b: list[dict]) -> list[str]
     return problems
 
 
+def stage_info(manifest: dict, stage: str, location: str) -> dict:
+    """The manifest entry of ``stage`` in the factors at ``location``, or a one-line error."""
+    stages = manifest.get("stages", {})
+    if stage not in stages:
+        raise FactorError(f"the factors at {location} lack the {stage} stage (stages present: "
+                          f"{', '.join(stages) or 'none'}): fit it with `hub-msif fit --stage {stage}`, or give "
+                          f"published ones with --factors-{stage} REPO@REV")
+    return stages[stage]
+
+
 def check_stage_pair(manifest: dict, modules: str = "all") -> None:
     """Raises ``FactorError`` unless the manifest has both stages with the same modules and shapes.
 
@@ -265,7 +275,12 @@ def check_stage_pair(manifest: dict, modules: str = "all") -> None:
             f"the factor folder lacks the {' and '.join(missing)} stage; fit it with "
             f"`hub-msif fit --stage {missing[0]} --out <same folder>`"
         )
-    pretrained, finetuned = (select_modules(stages[s]["modules"], modules) for s in STAGES)
-    problems = stage_differences(pretrained, finetuned)
+    check_same_modules(stages, modules)
+
+
+def check_same_modules(stages: dict, modules: str = "all") -> None:
+    """Raises ``FactorError`` unless the two stages' entries (``{stage: manifest entry}``, which may
+    come from two places) track the same modules with the same shapes (``mlp``: MLP modules only)."""
+    problems = stage_differences(*(select_modules(stages[s]["modules"], modules) for s in STAGES))
     if problems:
-        raise FactorError("pretrained and finetuned factors track different modules: " + "; ".join(problems))
+        raise FactorError("the pretrained and finetuned factors track different modules: " + "; ".join(problems))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hub_msif.artifacts.manifest import FACTORS, STAGES, read_manifest, select_modules, stage_differences
+from hub_msif.artifacts.manifest import FACTORS, STAGES, check_same_modules, read_manifest, stage_info
 from hub_msif.attribution import baselines
 from hub_msif.attribution.checks import (
     METHODS,
@@ -47,6 +47,7 @@ from hub_msif.data import DEFAULT_TEMPLATE, collate
 from hub_msif.errors import FactorError, MsifValueError
 from hub_msif.factors.objectives import shifted_targets
 from hub_msif.factors.storage import StageFactors, load_stage
+from hub_msif.hub.location import stage_locations
 from hub_msif.hub.pull import pull_factors
 from hub_msif.models import generate_answer, load_model, pad_token_id, recorded_model, resolve_adapter
 
@@ -590,34 +591,6 @@ def _reordered(scores: MethodScores, inverse: torch.Tensor) -> MethodScores:
     per_module = {n: v[inverse] for n, v in scores.per_module.items()} if scores.per_module is not None else None
     tokens = [scores.tokens[i] for i in inverse.tolist()] if scores.tokens is not None else None
     return MethodScores(scores.method, scores.damping, scores.total[inverse], per_module, tokens)
-
-
-def stage_locations(factors, factors_pretrained, factors_finetuned) -> dict[str, str]:
-    """``{stage: location}``: each stage's own location where given, else the pair's ``factors``."""
-    given = {"pretrained": factors_pretrained, "finetuned": factors_finetuned}
-    locations = {stage: given[stage] if given[stage] is not None else factors for stage in STAGES}
-    missing = [stage for stage, location in locations.items() if location is None]
-    if missing:
-        raise MsifValueError(f"no {' and no '.join(missing)} factors: give a pair location (--factors) or each "
-                             "stage's (--factors-pretrained, --factors-finetuned)")
-    return {stage: str(location) for stage, location in locations.items()}
-
-
-def stage_info(manifest: dict, stage: str, location: str) -> dict:
-    """The manifest entry of ``stage`` in the factors at ``location``, or a one-line error."""
-    stages = manifest.get("stages", {})
-    if stage not in stages:
-        raise FactorError(f"the factors at {location} lack the {stage} stage (stages present: "
-                          f"{', '.join(stages) or 'none'}): fit it with `hub-msif fit --stage {stage}`, or give "
-                          f"published ones with --factors-{stage} REPO@REV")
-    return stages[stage]
-
-
-def check_same_modules(infos: Mapping[str, dict], modules: str) -> None:
-    """Both stages (which may come from two places) must track the same modules with the same shapes."""
-    problems = stage_differences(*(select_modules(infos[s]["modules"], modules) for s in STAGES))
-    if problems:
-        raise FactorError("the pretrained and finetuned factors track different modules: " + "; ".join(problems))
 
 
 def _check_recorded(stage: str, location: str, recorded: dict, ref, allow_revision_mismatch: bool) -> None:

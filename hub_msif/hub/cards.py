@@ -20,7 +20,7 @@ from hub_msif.artifacts.manifest import DOCUMENTS_NAME, MODULE_CHOICES, STAGES
 from hub_msif.data import CorpusSpec
 from hub_msif.errors import HubError, MsifValueError
 from hub_msif.factors.config import FitConfig
-from hub_msif.models import check_model_name, is_commit_sha
+from hub_msif.models import check_model_name, is_commit_sha, is_local_record, looks_like_path
 from hub_msif.options import command_args, command_text
 
 CARD_NAME = "README.md"
@@ -67,29 +67,18 @@ def _looks_local(source) -> bool:
 # --- public names: a card never shows a path of the machine that pushed it (docs/design.md, "Hub artifacts")
 
 
-def is_local_model(model: dict) -> bool:
-    """Whether a recorded model (``{"id", "revision"}``) was loaded from a local folder: recorded as
-    ``"local": true`` with a name (older manifests: by its path) and the ``sha256:`` of its weights;
-    a bundled copy of a Hub model keeps its Hub id."""
-    return bool(model.get("local")) or _is_path(str(model.get("id") or ""))
-
-
-def _is_path(text: str) -> bool:
-    return text.startswith(("/", "~", ".", "\\")) or (len(text) > 2 and text[1] == ":" and text[2] in "/\\")
-
-
 def model_name(model: dict, given: str | None = None) -> str:
     """What a card calls a model: ``given`` (``--model-name``), else a Hub model's id, else for a
     local folder its last component and the short sha256 of its weights (``finetuned (sha256:30ba2051f116)``)."""
     ident = str(model.get("id") or "")
-    if not is_local_model(model):
+    if not is_local_record(model):
         if given is not None and given != ident:
             raise MsifValueError(f"the model {ident} is a Hub model: its card names it by its id, not {given!r}")
         return ident
     if given is not None:
         return check_model_name(given)
     revision = str(model.get("revision") or "")
-    last = (Path(ident.replace("\\", "/").rstrip("/")).name if _is_path(ident) else ident) or "local model"
+    last = (Path(ident.replace("\\", "/").rstrip("/")).name if looks_like_path(ident) else ident) or "local model"
     return f"{last} (sha256:{revision[7:19]})" if revision.startswith("sha256:") else last
 
 
@@ -102,11 +91,11 @@ def public_manifest(manifest: dict, stages) -> dict:
         info = dict(manifest["stages"][stage])
         for key in ("model", "tokenizer"):
             record = dict(info.get(key) or {})
-            if _is_path(str(record.get("id") or "")):
+            if looks_like_path(str(record.get("id") or "")):
                 record["id"] = Path(str(record["id"]).replace("\\", "/").rstrip("/")).name or "local model"
                 record["local"] = True
             base = record.get("base")
-            if isinstance(base, dict) and _is_path(str(base.get("id") or "")):
+            if isinstance(base, dict) and looks_like_path(str(base.get("id") or "")):
                 record["base"] = {**base, "id": Path(str(base["id"])).name, "local": True}
             info[key] = record
         data = dict(info.get("data") or {})
@@ -122,7 +111,7 @@ def public_source(source):
     component only (the sha256 fingerprint next to it identifies the content)."""
     if isinstance(source, (list, tuple)):
         return [public_source(s) for s in source]
-    if isinstance(source, str) and _is_path(source):
+    if isinstance(source, str) and looks_like_path(source):
         return Path(source.replace("\\", "/").rstrip("/")).name or source
     return source
 
@@ -150,7 +139,7 @@ def public_index_manifest(manifest: dict) -> dict:
         corpus["data"] = public_source(corpus["data"])
     out["corpus"] = corpus
     embedding = out.get("embedding_model")
-    if isinstance(embedding, dict) and _is_path(str(embedding.get("id") or "")):
+    if isinstance(embedding, dict) and looks_like_path(str(embedding.get("id") or "")):
         out["embedding_model"] = {**embedding, "id": Path(str(embedding["id"])).name, "local": True}
     return out
 

@@ -144,6 +144,11 @@ def find_stages(model: str | Path | ModelRef, revision: str | None = None, stage
     return found
 
 
+def _by_date(item: tuple) -> tuple:
+    """Sort key of ``(date or None, ...)``: undated entries before every dated one."""
+    return (item[0] is not None, item[0] or 0)
+
+
 def find_factors(pretrained: str | Path | ModelRef, finetuned: str | Path | ModelRef, token: str | None = None,
                  author: str | None = None) -> str:
     """``REPO@TAG`` of the newest published factors holding both stages of this model pair.
@@ -162,13 +167,11 @@ def find_factors(pretrained: str | Path | ModelRef, finetuned: str | Path | Mode
     searched, versions = _published_versions(api, author, token, "cannot search the Hub for factors")
     matches, seen, stages = [], set(), {}  # type: list, set, dict
     for repo_id, tag, _, date, manifest in versions:
-        for stage in STAGES:
-            recorded = (manifest["stages"].get(stage) or {}).get("model") or {}
-            if recorded and same_model(recorded, refs[stage]):
-                stages.setdefault(stage, (date, f"{repo_id}@{tag}"))
-                stages[stage] = max(stages[stage], (date, f"{repo_id}@{tag}"), key=lambda d: (d[0] is not None, d[0] or 0))
-        if repo_id not in seen and all(s in manifest["stages"] and same_model(manifest["stages"][s].get("model") or {},
-                                                                              refs[s]) for s in STAGES):
+        held = [s for s in STAGES if same_model((manifest["stages"].get(s) or {}).get("model") or {}, refs[s])]
+        for stage in held:  # each stage's newest version, for the hint below
+            found = (date, f"{repo_id}@{tag}")
+            stages[stage] = max(stages.get(stage, found), found, key=_by_date)
+        if repo_id not in seen and len(held) == len(STAGES):
             seen.add(repo_id)
             matches.append((date, repo_id, tag))
     if not matches:
@@ -179,6 +182,6 @@ def find_factors(pretrained: str | Path | ModelRef, finetuned: str | Path | Mode
                     f"--factors-finetuned {stages['finetuned'][1]}")
         raise HubError(f"no published factors match {described} (searched {searched} dataset repo(s) "
                        f"tagged {' and '.join(FACTOR_TAGS[:2])} on {endpoint()}){hint}")
-    matches.sort(key=lambda m: (m[0] is not None, m[0] or 0), reverse=True)
+    matches.sort(key=_by_date, reverse=True)
     _, repo_id, tag = matches[0]
     return f"{repo_id}@{tag}"

@@ -74,3 +74,12 @@ def parse_location(location: str | Path) -> Location:
     if at and not revision.strip():
         raise HubValueError(f"{location!r}: empty revision after '@' (give a branch, tag or commit sha, or drop the '@')")
     return Location(repo_id=repo_id, revision=revision or None)
+
+
+def stage_locations(factors, factors_pretrained=None, factors_finetuned=None) -> dict[str, str]:
+    """``{stage: location}`` of the two stages' factors: each stage's own location where given, else
+    the pair's ``factors`` (one published pre-trained stage serves every fine-tune of its base)."""
+    locations = {"pretrained": factors_pretrained or factors, "finetuned": factors_finetuned or factors}
+    if not all(locations.values()):
+        raise HubValueError("give --factors (a pair of stages), or --factors-pretrained and --factors-finetuned")
+    return {stage: str(location) for stage, location in locations.items()}

@@ -191,23 +191,23 @@ def pull_index(location: str | Path, token: str | None = None, cache_dir: str | 
 
 
 def reuse_stage(location: str | Path, out: str | Path, stage: str = "pretrained", token: str | None = None,
-                cache_dir: str | Path | None = None) -> dict:
+                cache_dir: str | Path | None = None, check: Callable[[dict], None] | None = None) -> dict:
     """Copies the ``stage`` factors published at ``location`` (``REPO[@REV]`` or a folder, holding
     that stage alone or in a pair) into the factor folder ``out``, as if fitted there: each module
     file verified against its sha256 and written atomically, then the stage's manifest entry, with
     ``reused_from`` naming the Hub repo and commit it came from (``hub-msif fit --reuse-pretrained``;
-    a pre-trained stage serves every fine-tune of its base). Returns the stage's manifest entry."""
+    a pre-trained stage serves every fine-tune of its base). ``check(entry)`` runs on the stage's
+    manifest entry before anything is copied. Returns the stage's manifest entry."""
     from hub_msif.artifacts.atomic import atomic_write_bytes
     from hub_msif.artifacts.integrity import read_verified
-    from hub_msif.artifacts.manifest import check_module_record, write_stage_manifest
+    from hub_msif.artifacts.manifest import check_module_record, stage_info, write_stage_manifest
     from hub_msif.errors import FactorError, FactorIntegrityError
 
     where = parse_location(location)
     folder = pull_factors(location, stages=[stage], token=token, cache_dir=cache_dir)
-    stages = read_manifest(folder, FACTORS).get("stages", {})
-    if stage not in stages:
-        raise FactorError(f"{location} holds no {stage} stage to reuse (stages present: {', '.join(stages) or 'none'})")
-    info = stages[stage]
+    info = stage_info(read_manifest(folder, FACTORS), stage, str(location))
+    if check is not None:
+        check(info)
     out = Path(out)
     for entry in info["modules"]:
         relative = entry["file"]

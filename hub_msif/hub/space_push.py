@@ -40,16 +40,16 @@ from hub_msif.artifacts.manifest import (
     FACTORS,
     INDEX,
     STAGES,
+    check_same_modules,
     factor_files,
     index_files,
     read_manifest,
-    stage_differences,
 )
-from hub_msif.errors import HubError, HubValueError, Interrupted, MsifError, TokenRefusedError
+from hub_msif.errors import FactorError, HubError, HubValueError, Interrupted, MsifError, TokenRefusedError
 from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, card_template, with_space_link
 from hub_msif.hub.connectivity import require_hub
 from hub_msif.hub.hub_errors import NO_TOKEN, hub_failures
-from hub_msif.hub.location import REPO_TYPE, check_repo_id, is_repo_id, parse_location
+from hub_msif.hub.location import REPO_TYPE, check_repo_id, is_repo_id, parse_location, stage_locations
 from hub_msif.hub.permissions import require_write_access, write_refusal
 
 logger = logging.getLogger(__name__)
@@ -405,9 +405,7 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
     from huggingface_hub.utils import get_token
 
     check_repo_id(repo_id)
-    given = {"pretrained": factors_pretrained or factors, "finetuned": factors_finetuned or factors}
-    if not all(given.values()):
-        raise HubValueError("give --factors (a pair), or --factors-pretrained and --factors-finetuned")
+    given = stage_locations(factors, factors_pretrained, factors_finetuned)
     locations = {stage: _hub_location(value, f"--factors-{stage}" if value != factors else "--factors")
                  for stage, value in given.items()}
     index_location = _hub_location(index, "--index")
@@ -429,10 +427,10 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
         if stage == "pretrained" or locations["pretrained"] != location:
             factor_bytes += sizes.get(FACTORS.manifest_name, 0)
         private_repos[location.repo_id] = hidden
-    problems = stage_differences(*(manifest["stages"][s]["modules"] for s in STAGES))
-    if problems:
-        raise HubValueError(f"{doing}: the pretrained and finetuned factors track different modules: "
-                            f"{'; '.join(problems[:3])}")
+    try:
+        check_same_modules(manifest["stages"])
+    except FactorError as err:
+        raise HubValueError(f"{doing}: {err}") from None
     private_repos[index_location.repo_id] = _read_index(api, index_location, doing)
     pair = locations["pretrained"] == locations["finetuned"]
     served: str | dict[str, str]

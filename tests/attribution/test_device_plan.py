@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QA_TEMPLATE, save_tiny_pair
+from conftest import fit_tiny_pair, save_tiny_pair
 from safetensors.torch import load_file
 
 from hub_msif.apps import cli
@@ -20,9 +20,7 @@ from hub_msif.attribution.attributor import Attributor
 from hub_msif.attribution.device import check_device_text, resolve_device
 from hub_msif.attribution.plan import format_attribution_plan, plan_stages
 from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates
-from hub_msif.data import CorpusSpec
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.fit import FitConfig, fit_stage
 from hub_msif.models import load_model
 from hub_msif.toy.examples import example_texts
 
@@ -35,20 +33,12 @@ PROMPT, ANSWER = "what does the cat see ?", "the river"
 BF16_BOUND = 0.04
 
 
-def _fit(model_dir, data, folder, stage, **corpus):
-    config = FitConfig(stage=stage, batch_size=8, checkpoint_every=0)
-    fit_stage(str(model_dir), str(data), folder, config, corpus=CorpusSpec(data=str(data), max_length=64, **corpus),
-              show_progress=False)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("device_pair")
     made = save_tiny_pair(root)
     factors = root / "factors"
-    _fit(made["pretrained"], made["pretrain"], factors, "pretrained")
-    _fit(made["finetuned"], made["finetune"], factors, "finetuned", prompt_column="prompt",
-         response_column="response", template=QA_TEMPLATE)
+    fit_tiny_pair(made, factors, max_length=64)
     documents = root / "documents.jsonl"
     documents.write_text("".join(json.dumps(d) + "\n" for d in DOCUMENTS))
     return {**made, "factors": factors, "documents": documents}

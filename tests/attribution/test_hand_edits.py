@@ -15,12 +15,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import QA_TEMPLATE, save_tiny_pair
+from conftest import fit_tiny_pair, save_tiny_pair
 
 from hub_msif.attribution.attributor import Attributor
-from hub_msif.data import CorpusSpec
 from hub_msif.errors import MsifError
-from hub_msif.factors.fit import FitConfig, fit_stage
 from hub_msif.toy.examples import example_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,20 +29,12 @@ PROMPT, ANSWER = "what does the cat see ?", "the river"
 STAGES = ("pretrained", "finetuned")
 
 
-def _fit(model_dir, data, folder, stage, **corpus):
-    config = FitConfig(stage=stage, batch_size=8, checkpoint_every=0)
-    fit_stage(str(model_dir), str(data), folder, config, corpus=CorpusSpec(data=str(data), max_length=32, max_sequences=16, **corpus),
-              show_progress=False)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hand-edits")
     models = save_tiny_pair(root)
     factors = root / "factors"
-    _fit(models["pretrained"], models["pretrain"], factors, "pretrained")
-    _fit(models["finetuned"], models["finetune"], factors, "finetuned", prompt_column="prompt",
-         response_column="response", template=QA_TEMPLATE)
+    fit_tiny_pair(models, factors, max_length=32, max_sequences=16)
     return {"factors": factors, "scores": _scores(factors), "outside": root}
 
 

@@ -104,10 +104,10 @@ def _run_attribute_plan(args) -> int:
     """Prints the attribution plan: each stage's factor manifest (a folder's, or only the manifest of
     Hub factors) and the two models' configs (the recorded ones, or --pretrained/--finetuned); no
     weights read."""
-    from hub_msif.artifacts.manifest import FACTORS, read_manifest
-    from hub_msif.attribution.attributor import stage_info, stage_locations
+    from hub_msif.artifacts.manifest import FACTORS, read_manifest, stage_info
     from hub_msif.attribution.plan import format_attribution_plan, plan_stages
     from hub_msif.factors.memory_plan import load_config
+    from hub_msif.hub.location import stage_locations
     from hub_msif.hub.pull import pull_factors
     from hub_msif.models import recorded_model
 
@@ -140,9 +140,9 @@ def _check_factor_locations(args) -> None:
 
 def run(args) -> int:
     from hub_msif.apps.inputs import read_documents, read_queries
+    from hub_msif.hub.location import stage_locations
 
-    if args.factors is None and (args.factors_pretrained is None or args.factors_finetuned is None):
-        raise MsifValueError("give --factors (a pair of stages), or --factors-pretrained and --factors-finetuned")
+    stage_locations(args.factors, args.factors_pretrained, args.factors_finetuned)  # both stages given, at once
     if args.plan:
         _check_factor_locations(args)
         check_model(args.pretrained)

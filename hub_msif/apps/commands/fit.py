@@ -172,19 +172,19 @@ def _reuse_pretrained(args) -> None:
     """``fit --reuse-pretrained LOC``: the published pre-trained stage copied into --out before the
     fine-tuned fit (which then checks that both stages track the same modules). A PEFT adapter
     whose base is not the model that stage was fitted for is refused before anything is copied."""
-    from hub_msif.artifacts.manifest import FACTORS, read_manifest
-    from hub_msif.attribution.attributor import stage_info
-    from hub_msif.hub.pull import pull_factors, reuse_stage
+    from hub_msif.hub.pull import reuse_stage
     from hub_msif.models import resolve_adapter
 
-    source = pull_factors(args.reuse_pretrained, stages=["pretrained"])
-    recorded = stage_info(read_manifest(source, FACTORS), "pretrained", args.reuse_pretrained)["model"]
     ref = resolve_adapter(args.model, args.revision, args.base_model)[2]
-    if ref.base is not None and recorded.get("revision") not in (None, ref.base.revision):
-        raise MsifValueError(f"the pre-trained stage at {args.reuse_pretrained} was fitted for "
-                             f"{recorded.get('id')}@{recorded.get('revision')}, but the adapter {args.model} sits on "
-                             f"{ref.base.id}@{ref.base.revision}")
-    reuse_stage(args.reuse_pretrained, args.out, "pretrained")
+
+    def same_base(info: dict) -> None:
+        recorded = info.get("model") or {}
+        if ref.base is not None and recorded.get("revision") not in (None, ref.base.revision):
+            raise MsifValueError(f"the pre-trained stage at {args.reuse_pretrained} was fitted for "
+                                 f"{recorded.get('id')}@{recorded.get('revision')}, but the adapter {args.model} sits "
+                                 f"on {ref.base.id}@{ref.base.revision}")
+
+    reuse_stage(args.reuse_pretrained, args.out, "pretrained", check=same_base)
 
 
 class _StageOnDisk:
