@@ -116,8 +116,6 @@ class Attributor:
         self.normalize = bool(normalize)
         self.modules = modules
         self.locations = stage_locations(factors, factors_pretrained, factors_finetuned)
-        self.location = str(factors) if factors is not None and not (factors_pretrained or factors_finetuned) else \
-            " + ".join(f"{stage} {loc}" for stage, loc in self.locations.items())
         self.index = index
         folders, infos = {}, {}
         for stage, location in self.locations.items():  # manifests only, so far
@@ -177,6 +175,12 @@ class Attributor:
             logger.info("both models and factors on %s", self.device)
             self.factors = {stage: StageFactors(f.stage, f.info, {n: m.to(device=self.device) for n, m in f.modules.items()})
                             for stage, f in self.factors.items()}
+
+    @property
+    def location(self) -> str:
+        """Where the factors came from: the pair's location, or ``pretrained LOC + finetuned LOC``."""
+        pretrained, finetuned = self.locations["pretrained"], self.locations["finetuned"]
+        return pretrained if pretrained == finetuned else f"pretrained {pretrained} + finetuned {finetuned}"
 
     @property
     def specs(self):

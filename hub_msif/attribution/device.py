@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 
 from hub_msif.errors import MsifValueError
+from hub_msif.factors.config import MODEL_DTYPE_NAMES as MODEL_DTYPES
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-MODEL_DTYPES = ("bfloat16", "float16", "float32")
 _DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 

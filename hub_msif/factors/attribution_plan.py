@@ -27,12 +27,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
+from hub_msif.artifacts.manifest import STAGES as STAGE_NAMES
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.memory_plan import DTYPE_BYTES, GB, dtype_name, format_bytes, meta_model, model_shape
+from hub_msif.factors.memory_plan import (
+    DTYPE_BYTES,
+    GB,
+    MODEL_DTYPES,
+    dtype_name,
+    format_bytes,
+    meta_model,
+    model_shape,
+)
 
-STAGE_NAMES = ("pretrained", "finetuned")
 PHASES = ("query gradients", "preconditioning", "candidates")
-MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 CHUNK_ELEMENTS = 32 * 1024 * 1024  # scoring.py's _MAX_CHUNK_ELEMENTS: per-candidate gradients formed at once
 DEFAULT_BATCH = 8  # Attributor.score_methods' candidate batch
 EXACT = ("pretrained weights", "finetuned weights", "pretrained factors", "finetuned factors", "preconditioned query",
