@@ -48,7 +48,9 @@ FACTORS = ArtifactKind("factors", "msif.json", "hub_msif.factors", 1, FactorErro
                        FactorIntegrityError)
 INDEX = ArtifactKind("index", "index.json", "hub_msif.index", 1, RetrievalError, IndexNotFoundError,
                      IndexIntegrityError)
-KINDS = {kind.name: kind for kind in (FACTORS, INDEX)}
+GRADINDEX = ArtifactKind("gradindex", "gradindex.json", "hub_msif.gradindex", 1, RetrievalError, IndexNotFoundError,
+                         IndexIntegrityError)
+KINDS = {kind.name: kind for kind in (FACTORS, INDEX, GRADINDEX)}
 
 
 def read_manifest(folder: str | Path, kind: ArtifactKind = FACTORS) -> dict:
@@ -241,6 +243,21 @@ def index_files(manifest: dict) -> dict[str, str]:
         if not isinstance(files.get(name), dict) or "sha256" not in files[name]:
             raise RetrievalError(f"{INDEX.manifest_name} lists no sha256 for {name}")
         out[safe_relative(name, INDEX.manifest_name)] = files[name]["sha256"]
+    return out
+
+
+def gradindex_files(manifest: dict) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file a gradient index's ``files`` lists (its documents
+    and shards; docs/design.md, "Gradient index")."""
+    files = manifest.get("files")
+    where = GRADINDEX.manifest_name
+    if not isinstance(files, dict) or not isinstance(files.get(DOCUMENTS_NAME), dict):
+        raise RetrievalError(f"{where} lists no {DOCUMENTS_NAME} in its files")
+    out = {}
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise RetrievalError(f"{where} lists no sha256 for {name!r}")
+        out[safe_relative(name, where, RetrievalError)] = entry["sha256"]
     return out
 
 
