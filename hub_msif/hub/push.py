@@ -1,4 +1,5 @@
-"""Publishing a factor, index or gradient index folder as one version of a Hub dataset repo (docs/design.md, "Hub artifacts").
+"""Publishing a factor, index or gradient index folder as one version of a Hub dataset repo (docs/design.md,
+"Hub artifacts").
 
 One version is one atomic commit (``HfApi.create_commit`` with the manifest's files, the manifest
 and a card, and the deletion of every other file but ``.gitattributes``, so that a version holds
@@ -397,7 +398,7 @@ def _shard_header(path: Path) -> dict:
 _SHARD_TENSORS = {"vectors": ("F16", 2), "norms": ("F32", 1), "rows": ("I64", 1)}
 
 
-def _check_shards(folder: Path, manifest: dict, files: dict[str, str]) -> int:
+def _check_shards(folder: Path, manifest: dict, files: dict[str, str]) -> int | None:
     """The shards of a gradient index hold ``vectors`` float16 [n, dims], ``norms`` float32 [n] and
     ``rows`` int64 [n] (docs/design.md, "Gradient index"), one ``dims`` for all, and as many rows in
     all as the manifest's documents; read from the headers alone. Returns ``dims``. The sha256s are
@@ -422,12 +423,14 @@ def _check_shards(folder: Path, manifest: dict, files: dict[str, str]) -> int:
         for name, (dtype, ndim) in _SHARD_TENSORS.items():
             entry = tensors.get(name)
             shape = entry.get("shape") if isinstance(entry, dict) else None
-            if not isinstance(shape, list) or len(shape) != ndim or entry.get("dtype") != dtype:
+            if not isinstance(entry, dict) or not isinstance(shape, list) or len(shape) != ndim \
+                    or entry.get("dtype") != dtype:
                 raise HubValueError(f"{refuse}: {relative} lacks a {dtype} tensor {name!r} of {ndim} dimension(s) "
                                     f"(found {entry!r:.120})")
             lengths.add(shape[0])
         if len(lengths) != 1:
-            raise HubValueError(f"{refuse}: {relative} holds vectors, norms and rows of different lengths {sorted(lengths)}")
+            raise HubValueError(f"{refuse}: {relative} holds vectors, norms and rows of different lengths "
+                                f"{sorted(lengths)}")
         widths.add(tensors["vectors"]["shape"][1])
         rows += lengths.pop()
     if len(widths) > 1:
@@ -439,7 +442,7 @@ def _check_shards(folder: Path, manifest: dict, files: dict[str, str]) -> int:
     if dims is not None and rows != manifest.get("num_documents"):
         raise HubValueError(f"{refuse}: its shards hold {rows} rows, the manifest records "
                             f"{manifest.get('num_documents')} documents")
-    return dims if dims is not None else recorded
+    return dims if dims is not None else (recorded if isinstance(recorded, int) else None)
 
 
 def push_gradindex(folder: str | Path, repo_id: str, tag: str | None = None, private: bool = False,
