@@ -4,7 +4,7 @@ was built from, and nothing published naming a path of this machine.
 
 The gradient index folders are written directly in the format of docs/design.md ("Gradient
 index") by ``conftest.write_gradindex`` (the builder is tested on its own); their ``stage`` is a
-real pre-trained stage fitted here from a tiny GPT-NeoX and pushed alone. Everything runs against
+real pre-trained stage of a tiny GPT-NeoX (test_push_pull's, fitted once per session), pushed alone. Everything runs against
 the loopback Hub-compatible server with the real ``huggingface_hub`` client.
 """
 
@@ -13,15 +13,14 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import machine_paths_published, save_tiny_pair, write_gradindex
+from conftest import machine_paths_published, write_gradindex
+from test_push_pull import shared_artifacts
 
 from hub_msif import hub
 from hub_msif.apps.cli import main as cli_main
 from hub_msif.artifacts.atomic import file_sha256
 from hub_msif.artifacts.manifest import GRADINDEX, gradindex_files, read_manifest
-from hub_msif.data import CorpusSpec
 from hub_msif.errors import HubIntegrityError, HubValueError
-from hub_msif.factors.fit import FitConfig, fit_stage
 from hub_msif.hub.cards import public_gradindex_manifest
 from hub_msif.models import folder_revision
 from hub_msif.toy.examples import example_texts
@@ -35,20 +34,19 @@ DIMS = 16
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny base model, its pre-trained stage (fitted here), and gradient index folders of it."""
+    """A tiny base model's pre-trained stage, fitted for test_push_pull (built once per session and
+    shared), and gradient index folders of it."""
+    artifacts = shared_artifacts(tmp_path_factory)
     root = tmp_path_factory.mktemp("gradindex-hub")
-    pair = save_tiny_pair(root)
-    stage = root / "base-stage"
-    fit_stage(str(pair["pretrained"]), str(pair["pretrain"]), stage,
-              FitConfig(stage="pretrained", batch_size=8, checkpoint_every=0),
-              corpus=CorpusSpec(data=str(pair["pretrain"])), show_progress=False)
+    stage = artifacts.factors["v1"]  # a pair: its pre-trained stage is pushed alone
     documents = [{"id": f"doc{i}", "text": t} for i, t in enumerate(example_texts(23, seed=0))]
     folders = {"v1": root / "gradindex-v1", "v2": root / "gradindex-v2"}
     write_gradindex(folders["v1"], stage, documents, f"{STAGE_REPO}@v1", dims=DIMS, seed=0, processes=2)
     # Another version: other vectors, three processes (other shard names), and a check result.
     write_gradindex(folders["v2"], stage, documents, f"{STAGE_REPO}@v1", dims=DIMS, seed=1, processes=3,
                     check={"recall": 0.96, "queries": 25, "sample": 23})
-    return {"root": root, "pair": pair, "stage": stage, "documents": documents, "folders": folders}
+    return {"root": root, "artifacts_root": artifacts.root, "pretrained": artifacts.pretrained, "stage": stage,
+            "documents": documents, "folders": folders}
 
 
 _PUSHED: dict = {}
@@ -142,10 +140,10 @@ def test_find_factors_lists_the_gradient_index_beside_its_stage(published, world
     (other / "gradindex.json").write_text(json.dumps(manifest))
     hub.push_gradindex(other, OTHER_MODEL_REPO)
 
-    pretrained = str(world["pair"]["pretrained"])
+    pretrained = str(world["pretrained"])
     assert cli_main(["find-factors", "--model", pretrained, "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
-    assert {f["model"]["revision"] for f in found} == {folder_revision(world["pair"]["pretrained"])}
+    assert {f["model"]["revision"] for f in found} == {folder_revision(world["pretrained"])}
     mine = [f for f in found if f["location"] == f"{STAGE_REPO}@v1"]
     assert len(mine) == 1 and mine[0]["stage"] == "pretrained"
     indexes = {g["location"]: g for g in mine[0]["gradient_indexes"]}
@@ -161,7 +159,7 @@ def test_find_factors_lists_the_gradient_index_beside_its_stage(published, world
     assert v2["model"] == {k: mine[0]["model"][k] for k in ("id", "revision", "local")}
     assert v2["corpus"]["data"] == "pretrain.jsonl"
     assert indexes[f"{LOCAL_GRADINDEX_REPO}@v1"]["pinned"] is False
-    assert indexes[f"{LOCAL_GRADINDEX_REPO}@v1"]["stage_location"] == "base-stage"  # the folder's name only
+    assert indexes[f"{LOCAL_GRADINDEX_REPO}@v1"]["stage_location"] == "factors-v1"  # the folder's name only
     # Another published version of the same model's stage holds none of the pinned indexes.
     for entry in found:
         if entry["location"] != f"{STAGE_REPO}@v1":
@@ -173,7 +171,7 @@ def test_find_factors_lists_the_gradient_index_beside_its_stage(published, world
     at = next(i for i, line in enumerate(lines) if line.startswith(f"{STAGE_REPO}@v1  pretrained  "))
     below = lines[at + 1:at + 4]
     assert below[0].startswith(f"    gradient index {LOCAL_GRADINDEX_REPO}@v1: ") and \
-        "; built from base-stage" in below[0]
+        "; built from factors-v1" in below[0]
     assert below[1].startswith(f"    gradient index {GRADINDEX_REPO}@v2: {len(world['documents'])} documents of "
                                f"pretrain.jsonl, {DIMS * 2 + 4} bytes per document, kronecker projection "
                                f"(dims {DIMS}, seed 1); check recall 0.96  (")
@@ -222,17 +220,17 @@ def test_the_card_names_model_stage_corpus_sizes_projection_check_and_usage(publ
 
 def test_nothing_published_names_a_path_of_this_machine(world, hub_server, tmp_path, capsys):
     folder = tmp_path / "gradindex-paths"
-    corpus = {"data": str(world["pair"]["pretrain"].resolve()), "documents_sha256": "0" * 64}
+    corpus = {"data": str((world["artifacts_root"] / "pretrain.jsonl").resolve()), "documents_sha256": "0" * 64}
     write_gradindex(folder, world["stage"], world["documents"], str(world["stage"].resolve()), dims=8, seed=4,
                     corpus=corpus, check={"recall": 1.0, "queries": str(world["root"] / "queries.jsonl"),
                                           "sample": 23})
     assert cli_main(["push", "gradindex", str(folder), "--repo", PATHLESS_REPO, "--model-name", "tiny-base"]) == 0
     capsys.readouterr()
     paths = [p for p in {str(Path.home()), os.getcwd(), str(world["root"]), str(world["root"].resolve()),
-                         str(tmp_path)} if len(p) > 1]
+                         str(world["artifacts_root"]), str(tmp_path)} if len(p) > 1]
     assert not machine_paths_published([(PATHLESS_REPO, "dataset")], paths, tmp_path / "downloads")
     pulled = read_manifest(hub.pull_gradindex(f"{PATHLESS_REPO}@v1"), GRADINDEX)
-    assert pulled["stage"]["location"] == "base-stage" and pulled["corpus"]["data"] == "pretrain.jsonl"
+    assert pulled["stage"]["location"] == "factors-v1" and pulled["corpus"]["data"] == "pretrain.jsonl"
     assert pulled["check"]["queries"] == "queries.jsonl"
     assert pulled == public_gradindex_manifest(read_manifest(folder, GRADINDEX))
 
