@@ -148,8 +148,10 @@ def test_find_factors_lists_the_gradient_index_beside_its_stage(published, world
     assert len(mine) == 1 and mine[0]["stage"] == "pretrained"
     indexes = {g["location"]: g for g in mine[0]["gradient_indexes"]}
     assert set(indexes) == {f"{GRADINDEX_REPO}@v2", f"{GRADINDEX_REPO}@v1", f"{LOCAL_GRADINDEX_REPO}@v1"}
-    assert [g["location"] for g in mine[0]["gradient_indexes"]] == [  # newest first
-        f"{LOCAL_GRADINDEX_REPO}@v1", f"{GRADINDEX_REPO}@v2", f"{GRADINDEX_REPO}@v1"]
+    order = [g["location"] for g in mine[0]["gradient_indexes"]]
+    dates = [g["date"] for g in mine[0]["gradient_indexes"]]
+    assert all(dates) and dates == sorted(dates, reverse=True)  # newest first
+    assert order.index(f"{GRADINDEX_REPO}@v2") < order.index(f"{GRADINDEX_REPO}@v1")
     v2 = indexes[f"{GRADINDEX_REPO}@v2"]
     assert v2["pinned"] is True and v2["stage_location"] == f"{STAGE_REPO}@v1"
     assert v2["commit"] == published["v2"].commit and v2["num_documents"] == len(world["documents"])
@@ -169,13 +171,14 @@ def test_find_factors_lists_the_gradient_index_beside_its_stage(published, world
     assert cli_main(["find-factors", "--model", pretrained]) == 0
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(f"{STAGE_REPO}@v1  pretrained  "))
-    below = lines[at + 1:at + 4]
-    assert below[0].startswith(f"    gradient index {LOCAL_GRADINDEX_REPO}@v1: ") and \
-        "; built from factors-v1" in below[0]
-    assert below[1].startswith(f"    gradient index {GRADINDEX_REPO}@v2: {len(world['documents'])} documents of "
-                               f"pretrain.jsonl, {DIMS * 2 + 4} bytes per document, kronecker projection "
-                               f"(dims {DIMS}, seed 1); check recall 0.96  (")
-    assert below[2].startswith(f"    gradient index {GRADINDEX_REPO}@v1: ") and "built from" not in below[2]
+    below = {line.split(": ")[0].split()[-1]: line for line in lines[at + 1:at + 4]}
+    assert all(line.startswith("    gradient index ") for line in below.values())
+    assert [below[location] for location in order] == lines[at + 1:at + 4]  # in the JSON's order
+    assert "; built from factors-v1" in below[f"{LOCAL_GRADINDEX_REPO}@v1"]
+    assert below[f"{GRADINDEX_REPO}@v2"].startswith(
+        f"    gradient index {GRADINDEX_REPO}@v2: {len(world['documents'])} documents of pretrain.jsonl, "
+        f"{DIMS * 2 + 4} bytes per document, kronecker projection (dims {DIMS}, seed 1); check recall 0.96  (")
+    assert "built from" not in below[f"{GRADINDEX_REPO}@v1"] and "check" not in below[f"{GRADINDEX_REPO}@v1"]
     assert OTHER_MODEL_REPO not in "\n".join(lines)
     # Only the pre-trained stage has gradient indexes; the fine-tuned filter lists no stage here.
     assert cli_main(["find-factors", "--model", pretrained, "--stage", "finetuned", "--json"]) == 0
