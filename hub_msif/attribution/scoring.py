@@ -46,6 +46,7 @@ from hub_msif.factors.storage import StageFactors
 
 GRADIENT_METHODS = ("ms-if", "ss-if", "gdp")
 _MAX_CHUNK_ELEMENTS = 32 * 1024 * 1024
+_BLOCK = 256  # elements of the d_out * d_in axis per float32 partial product (docs/design.md, "Fast path")
 _OVERSAMPLE = 8  # extra columns of the randomized range finder (truncated SVD)
 _POWER_ITERATIONS = 2
 _METRIC_FLOOR = 1e-3  # Lambda's row and column means are floored at this fraction of their mean
@@ -338,33 +339,44 @@ class _Scorer:
 
 
 class _DenseScorer(_Scorer):
-    """Full-rank queries ``W_q`` [Q, d_out, d_in]: each candidate's ``G_c = g^T a``, in chunks, times all queries."""
+    """Full-rank queries ``W_q`` [Q, d_out, d_in]: each candidate's ``G_c = g^T a``, in chunks, times all
+    queries in fixed blocks of the ``d_out * d_in`` axis (docs/design.md, "Fast path")."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], by_name: Mapping[str, TrackedModule], num_candidates: int,
                  device: torch.device, dtype: torch.dtype, token_shares: bool, normalize: bool):
         self.w = {name: weights[name].to(device=device, dtype=dtype) for name in by_name}
         num_queries = next(iter(self.w.values())).shape[0]
-        self.w_flat = {name: wq.reshape(num_queries, -1).double() for name, wq in self.w.items()}  # [Q, d_out * d_in]
+        # Views, no copies: [n, _BLOCK, Q] (block k of every query side by side) and [rest, Q] (the tail).
+        self.blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, wq in self.w.items():
+            flat = wq.reshape(num_queries, -1)  # [Q, d_out * d_in]
+            main = flat.shape[1] // _BLOCK * _BLOCK
+            self.blocks[name] = (flat[:, :main].reshape(num_queries, -1, _BLOCK).permute(1, 2, 0), flat[:, main:].T)
         super().__init__(by_name, num_queries, num_candidates, device, dtype, token_shares, normalize)
         if normalize:
-            self.query_sq = cast(torch.Tensor, sum(wf.square().sum(1) for wf in self.w_flat.values())).to(dtype)
+            self.query_sq = cast(torch.Tensor, sum(wq.reshape(num_queries, -1).square().sum(1, dtype=torch.float64)
+                                                   for wq in self.w.values())).to(dtype)
 
     def consume(self, spec: TrackedModule, a: torch.Tensor, g: torch.Tensor) -> None:  # a: [B, T, d_in], g: [B, T, d_out]
-        wq, wq_flat = self.w[spec.name], self.w_flat[spec.name]  # [Q, d_out, d_in], [Q, d_out * d_in]
+        blocks, tail = self.blocks[spec.name]  # [n, _BLOCK, Q], [rest, Q]
+        main = blocks.shape[0] * _BLOCK
         out = self.per_module[spec.name]  # [C, Q]
         chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
         for start in range(0, a.shape[0], chunk):
             grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
-            rows = slice(self.batch_start + start, self.batch_start + start + grad.shape[0])
-            # One matrix product: einsum("boi,qoi->bq") took 9x (Q=32) to 40x (Q=1) longer on CPU. In float64:
-            # a float32 sum over d_out * d_in terms moved by ~1e-6 of the scale with the batch's shape
-            # (candidates per batch, queries per pass), so one query alone and many together disagreed.
-            out[rows] += (grad.reshape(grad.shape[0], -1).double() @ wq_flat.T).to(out.dtype)  # += : module used twice
+            b = grad.shape[0]
+            flat = grad.reshape(b, -1)
+            rows = slice(self.batch_start + start, self.batch_start + start + b)
+            # float32 partial products over fixed blocks of _BLOCK elements, summed in float64: a score moves
+            # with the batch's shape only by one block's float32 rounding, not by that of a d_out * d_in sum.
+            scores = (flat[:, :main].reshape(b, -1, _BLOCK).transpose(0, 1) @ blocks).sum(0, dtype=torch.float64)
+            if tail.shape[0]:
+                scores += flat[:, main:] @ tail
+            out[rows] += scores.to(out.dtype)  # += : a module used twice
             if self.candidate_sq is not None:
                 self.candidate_sq[rows] += grad.square().sum((1, 2))
         if self.token_shares:
-            share = torch.einsum("bto,qoi,bti->btq", g, wq, a)
-            self.batch_tokens[spec.name] = share
+            self.batch_tokens[spec.name] = torch.einsum("bto,qoi,bti->btq", g, self.w[spec.name], a)
 
 
 class _LowRankScorer(_Scorer):
@@ -395,7 +407,7 @@ class _LowRankScorer(_Scorer):
         through_gradient = t * spec.d_out * spec.d_in + spec.d_out * spec.d_in * num_queries * r
         if (factored <= through_gradient if _PATH is None else _PATH == "factors") or self.token_shares:
             per_token = (g @ uc) * (a @ vc)  # [B, T, Q*r]: (g_t . u_qr)(a_t . v_qr)
-            out[rows] += per_token.sum(1).reshape(b, num_queries, r).sum(-1)
+            out[rows] += per_token.sum(1, dtype=torch.float64).reshape(b, num_queries, r).sum(-1).to(out.dtype)
             if self.token_shares:
                 self.batch_tokens[spec.name] = per_token.reshape(b, t, num_queries, r).sum(-1)
             if candidate_sq is not None:  # ||sum_t g_t a_t^T||^2 = sum_{t,t'} (g_t . g_t')(a_t . a_t')
@@ -405,7 +417,8 @@ class _LowRankScorer(_Scorer):
             for start in range(0, b, chunk):
                 grad = g[start : start + chunk].transpose(1, 2) @ a[start : start + chunk]  # [b, d_out, d_in]
                 part = slice(self.batch_start + start, self.batch_start + start + grad.shape[0])
-                out[part] += ((grad @ vc) * uc).sum(1).reshape(grad.shape[0], num_queries, r).sum(-1)
+                summed = ((grad @ vc) * uc).sum(1, dtype=torch.float64)  # [b, Q*r]
+                out[part] += summed.reshape(grad.shape[0], num_queries, r).sum(-1).to(out.dtype)
                 if candidate_sq is not None:
                     candidate_sq[part] += grad.square().sum((1, 2))
 

@@ -10,13 +10,13 @@ its device in each phase of one attribution (MS-IF, the default; SS-IF and GDP h
    activation-only backward under the fine-tuned model, and its per-module gradients ``G_q``;
 2. preconditioning: the weights, the factors, ``G_q``, the preconditioned query ``W_q`` and one
    module's temporaries of ``precondition_twice``;
-3. the candidates: the weights, the factors, ``W_q`` (with its float64 copy for the dense scoring
-   product), one candidate batch's forward and activation-only backward under the pre-trained
-   model and its per-candidate gradient chunk (``scoring.py``'s fast path).
+3. the candidates: the weights, the factors, ``W_q``, one candidate batch's forward and
+   activation-only backward under the pre-trained model and its per-candidate gradient chunk with
+   its blockwise partial products (``scoring.py``'s fast path).
 
 The total is the largest phase. Exact (from shapes and the code): weights, factors (in their
-storage dtype, as they are loaded onto the device), ``G_q``, ``W_q`` and its float64 copy, the
-gradient chunk, the score matrix. Estimated: activations, logits and the loss, temporaries (the
+storage dtype, as they are loaded onto the device), ``G_q``, ``W_q``, the gradient chunk, the
+score matrix. Estimated: activations, logits and the loss, temporaries (the
 same per-layer terms as the fit's plan, ``hub_msif.factors.memory_plan``). Not included: the runtime
 (Python, torch, a CUDA context), allocator caching and fragmentation.
 """
@@ -41,9 +41,10 @@ from hub_msif.factors.memory_plan import (
 
 PHASES = ("query gradients", "preconditioning", "candidates")
 CHUNK_ELEMENTS = 32 * 1024 * 1024  # scoring.py's _MAX_CHUNK_ELEMENTS: per-candidate gradients formed at once
+PRODUCT_BLOCK = 256  # scoring.py's _BLOCK: elements of d_out * d_in per partial product
 DEFAULT_BATCH = 8  # Attributor.score_methods' candidate batch
 EXACT = ("pretrained weights", "finetuned weights", "pretrained factors", "finetuned factors", "preconditioned query",
-         "query float64 copy", "query gradients", "candidate gradient chunk", "scores")
+         "query gradients", "candidate gradient chunk", "scores")
 NOT_INCLUDED = ("the Python/torch runtime (a few hundred MB on the CPU), a CUDA context (about 0.5-1 GB), "
                 "the tokenizer and documents, allocator caching and fragmentation")
 
@@ -222,22 +223,20 @@ def plan_attribution(stages: Mapping[str, Mapping], configs: Mapping[str, object
         "pretrained factors": sum(stored_bytes(e) for e in entries["pretrained"]),
         "finetuned factors": sum(stored_bytes(e) for e in entries["finetuned"]),
         "preconditioned query": queries * query_elements * c,
-        # score_candidates' dense product runs in float64: [Q, d_out * d_in] per module, next to W_q.
-        "query float64 copy": queries * full * 8 if query_rank is None else 0,
         "query gradients": queries * full * c,
         "query pass activations": _pass_bytes(shape_of("finetuned"), d_in_sum, min(queries, DEFAULT_BATCH),
                                               query_length, DTYPE_BYTES[dtypes["finetuned"]], c),
         "preconditioning temporaries": max(_precondition_temporaries(m, queries, c, query_rank) for m in tracked),
         "candidate batch activations": _pass_bytes(shape_of("pretrained"), d_in_sum, batch, length,
                                                    DTYPE_BYTES[dtypes["pretrained"]], c),
-        "candidate gradient chunk": max(_chunk_bytes(m, batch, c, query_rank) for m in tracked),
+        "candidate gradient chunk": max(_chunk_bytes(m, batch, c, queries, query_rank) for m in tracked),
         "scores": len(tracked) * candidates * queries * c,
     }
     resident = ("pretrained weights", "finetuned weights", "pretrained factors", "finetuned factors")
     phases = {
         "query gradients": [*resident, "query gradients", "query pass activations"],
         "preconditioning": [*resident, "query gradients", "preconditioned query", "preconditioning temporaries"],
-        "candidates": [*resident, "preconditioned query", "query float64 copy", "candidate batch activations",
+        "candidates": [*resident, "preconditioned query", "candidate batch activations",
                        "candidate gradient chunk", "scores"],
     }
     return AttributionPlan(
@@ -264,17 +263,17 @@ def _precondition_temporaries(m: Mapping, queries: int, c: int, rank: int | None
     return base + (queries * full * c if rank is not None else 0)  # the dense coefficients before truncation
 
 
-def _chunk_bytes(m: Mapping, batch: int, c: int, rank: int | None) -> int:
+def _chunk_bytes(m: Mapping, batch: int, c: int, queries: int, rank: int | None) -> int:
     """Per-candidate gradients ``G_c`` of one module formed at once (at most 32 Mi elements, at least
-    one candidate) in the compute dtype, and their float64 copy for the dense product."""
+    one candidate) in the compute dtype and, for full-rank queries, their partial products with the
+    queries, one per block of ``PRODUCT_BLOCK`` elements."""
     full = int(m["d_out"]) * int(m["d_in"])
     chunk = min(batch, max(1, CHUNK_ELEMENTS // full))
-    return chunk * full * (c + (8 if rank is None else 0))
+    return chunk * full * c + (chunk * (full // PRODUCT_BLOCK) * queries * c if rank is None else 0)
 
 
 _LABELS = {
     "preconditioned query": "one preconditioned query W_q",
-    "query float64 copy": "its float64 copy (dense scoring product)",
     "query gradients": "query gradients G_q",
 }
 

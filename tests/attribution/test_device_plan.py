@@ -190,7 +190,12 @@ def test_attribute_plan_text_rank_and_dtype(pair, capsys):
     assert low["model_dtypes"] == {"pretrained": "bfloat16", "finetuned": "bfloat16"}
     assert low["compute_dtype"] == "float32"
     assert 2 * low["weight_bytes"] < full["weight_bytes"] + 64  # floating tensors halve (integer buffers do not)
-    assert low["parts"]["query float64 copy"] == 0 < full["parts"]["query float64 copy"]
+    from hub_msif.attribution import scoring
+    from hub_msif.factors import attribution_plan
+
+    assert (attribution_plan.PRODUCT_BLOCK, attribution_plan.CHUNK_ELEMENTS) == (scoring._BLOCK, scoring._MAX_CHUNK_ELEMENTS)
+    assert "query float64 copy" not in full["parts"]  # the dense product takes no copy of W_q
+    assert low["parts"]["candidate gradient chunk"] < full["parts"]["candidate gradient chunk"]  # no block products
     assert low["parts"]["preconditioned query"] < full["parts"]["preconditioned query"]
 
 

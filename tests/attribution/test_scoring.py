@@ -22,8 +22,9 @@ from conftest import random_sequences
 from scipy.stats import spearmanr
 
 from hub_msif.artifacts.manifest import check_stage_pair, read_manifest
-from hub_msif.attribution.scoring import per_example_gradients, precondition_queries, score_candidates
-from hub_msif.factors.architectures import TrackedModule
+from hub_msif.attribution.scoring import LowRankQueries, per_example_gradients, precondition_queries, score_candidates
+from hub_msif.factors.architectures import TrackedModule, find_modules
+from hub_msif.factors.capture import compute_dtype
 from hub_msif.factors.fit import FitConfig, fit_factors
 from hub_msif.factors.storage import StageFactors, load_stage
 from hub_msif.toy.examples import tiny_model
@@ -302,6 +303,64 @@ def test_token_shares_match_output_gradients(pair):
     assert _rel_err(result.tokens[0], expected) < 1e-9
 
 
+# -- 5. batches: many queries and candidates together score as one at a time ------------------------
+@pytest.fixture(scope="module")
+def float32_world():
+    """A float32 model wide enough (d_out * d_in up to 590k) that one float32 product over a module's
+    whole gradient moves with the batch's shape by more than 1e-6 of the scores; 32 GDP queries."""
+    model = tiny_model("gpt_neox", vocab_size=VOCAB, hidden=384, ffn=1536, layers=1, seed=0)
+    specs = find_modules(model, "all")
+    queries = random_sequences(32, VOCAB, min_len=5, max_len=16, seed=3, prompt_len=3)
+    candidates = random_sequences(9, VOCAB, min_len=4, max_len=16, seed=4)
+    return model, specs, per_example_gradients(model, specs, queries, PAD), candidates
+
+
+def _worst_batch_difference(model, specs, weights, candidates, single) -> float:
+    """The largest difference, over modules, candidates and the first and last query, between
+    scoring all queries with candidate batches of 8 and one query with batches of 1, over that
+    module's largest |score| for the query."""
+    together = score_candidates(model, specs, weights, candidates, PAD, batch_size=8).per_module
+    worst = 0.0
+    for q in (0, 31):  # of the 32 queries
+        alone = score_candidates(model, specs, single(q), candidates, PAD, batch_size=1).per_module
+        for name, scores in alone.items():
+            scale = float(together[name][:, q].abs().max())
+            worst = max(worst, float((scores[:, 0] - together[name][:, q]).abs().max()) / scale)
+    return worst
+
+
+def test_float32_batch_scores_equal_single_query_scores(float32_world, monkeypatch):
+    """Q=32 with candidate batches of 8 against Q=1 with batches of 1, float32 model: within 1e-6 of
+    the largest score (docs/design.md, "Fast path"). One float32 product over the whole
+    ``d_out * d_in`` axis (a block larger than any module) misses that here; fixed blocks do not."""
+    from hub_msif.attribution import scoring
+
+    model, specs, grads, candidates = float32_world
+    assert compute_dtype(model) == torch.float32
+
+    def single(q):
+        return {name: g[q : q + 1] for name, g in grads.items()}
+
+    assert _worst_batch_difference(model, specs, grads, candidates, single) < 1e-6
+    monkeypatch.setattr(scoring, "_BLOCK", 1 << 40)
+    assert _worst_batch_difference(model, specs, grads, candidates, single) > 1e-6
+
+
+@pytest.mark.parametrize("path", ["factors", "gradient"])
+def test_float32_low_rank_batch_scores_equal_single_query_scores(float32_world, path, monkeypatch):
+    from hub_msif.attribution import scoring
+
+    model, specs, grads, candidates = float32_world
+    weights = precondition_queries(grads, "gdp", None, None, DAMPING, rank=8)
+    monkeypatch.setattr(scoring, "_PATH", path)
+
+    def single(q):
+        return LowRankQueries({n: u[q : q + 1] for n, u in weights.u.items()},
+                              {n: v[q : q + 1] for n, v in weights.v.items()})
+
+    assert _worst_batch_difference(model, specs, weights, candidates, single) < 1e-6
+
+
 # -- argument errors ----------------------------------------------------------------------------
 def test_scoring_argument_errors(pair):
     grads = per_example_gradients(pair.finetuned, pair.specs, pair.queries[:1], PAD)
@@ -328,7 +387,6 @@ def test_normalised_scores_are_cosines(pair, method, rank):
     per-example gradients from autograd one sequence at a time (float64); W_q is the query's
     preconditioned gradient written out here, or at rank 2 the dense form of its factors; the
     per-module scores still sum to the total and the token shares to each candidate's."""
-    from hub_msif.attribution.scoring import LowRankQueries
 
     n = 10
     gq = _cached_grads(pair, "finetuned", "queries")
