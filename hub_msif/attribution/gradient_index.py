@@ -82,11 +82,12 @@ def _resolve(location, token: str | None) -> Path:
     where = parse_location(location)
     if where.folder is not None:
         return where.folder
-    try:
-        from hub_msif.hub.pull import pull_gradindex  # type: ignore[attr-defined]
-    except ImportError:
+    from hub_msif.hub import pull
+
+    pull_gradindex = getattr(pull, "pull_gradindex", None)  # written beside pull_index (issue 18, publishing)
+    if pull_gradindex is None:
         raise RetrievalError(f"{location} is not a local folder, and pulling gradient indexes from the Hub is not "
-                             "available in this hub_msif: give the index folder") from None
+                             "available in this hub_msif: give the index folder")
     return Path(pull_gradindex(str(location), token=token))
 
 
