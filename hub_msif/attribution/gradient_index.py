@@ -13,8 +13,9 @@ file's sha256 against the manifest over the exact bytes it parses, never unpickl
 faiss index from the shards (no faiss file is ever read):
 
 - ``flat`` (default): ``IndexFlatIP``, exact inner products;
-- ``ivf,pq``: ``IVF<nlist>,PQ<m>x<nbits>`` over inner products, ``nlist = clamp(4 sqrt(N), 1, N / 39)``
-  (faiss wants 39 training points per list), ``m`` the largest divisor of ``dims`` up to ``dims / 8``
+- ``ivf,pq``: ``IVF<nlist>,PQ<m>x<nbits>`` over inner products, ``nlist = clamp(4 sqrt(N), 1, min(N / 39, 1024))``
+  (faiss wants 39 training points per list; the lists' k-means runs 10 iterations on a seeded sample of
+  64 points per list), ``m`` the largest divisor of ``dims`` up to ``dims / 8``
   (8 numbers per sub-quantizer), ``nbits = min(8, log2 N)``, k-means seeded with ``IVF_SEED``,
   ``nprobe = min(nlist, 64)``; the best ``4 k`` by the codes are rescored with float16 copies of the
   vectors (``IndexRefine``, as stored in the shards). ``search_parameters()`` gives them.
@@ -49,6 +50,9 @@ SHARD_FOLDER = "shards"
 IVF_SEED = 1234
 IVF_POINTS_PER_LIST = 39  # faiss warns below 39 training points per cluster
 PQ_NUMBERS_PER_CODE = 8
+MAX_NLIST = 1024  # as bergson's IVF1024
+TRAIN_POINTS_PER_LIST = 64
+TRAIN_ITERATIONS = 10
 MAX_NPROBE = 64
 REFINE_FACTOR = 4  # ivf,pq: the best REFINE_FACTOR * k by the codes are rescored with the float16 vectors
 
@@ -59,7 +63,7 @@ def shard_name(rank: int, number: int) -> str:
 
 def ivf_pq_parameters(num_documents: int, dims: int) -> dict:
     """The ``ivf,pq`` parameters for ``num_documents`` vectors of ``dims`` numbers (see the module docstring)."""
-    nlist = max(1, min(round(4 * math.sqrt(num_documents)), num_documents // IVF_POINTS_PER_LIST))
+    nlist = max(1, min(round(4 * math.sqrt(num_documents)), num_documents // IVF_POINTS_PER_LIST, MAX_NLIST))
     m = max(d for d in range(1, dims + 1) if dims % d == 0 and d <= max(1, dims // PQ_NUMBERS_PER_CODE))
     nbits = max(1, min(8, int(math.log2(max(2, num_documents)))))
     return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, MAX_NPROBE), "seed": IVF_SEED,
@@ -152,6 +156,10 @@ class GradientIndex:
                 for clustering in (index.cp, index.pq.cp):  # seeded; few points per centroid is fine here
                     clustering.seed = p["seed"]
                     clustering.min_points_per_centroid = 1
+                # k-means on a seeded sample of 64 points per list, 10 iterations: at 1M x 1000 all points
+                # and faiss' 25 iterations would take hours on a CPU, for no better lists.
+                index.cp.max_points_per_centroid = TRAIN_POINTS_PER_LIST
+                index.cp.niter = TRAIN_ITERATIONS
                 index.nprobe = p["nprobe"]
                 exact = faiss.IndexScalarQuantizer(self.dims, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
                 index = faiss.IndexRefine(index, exact)
