@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from hub_msif.errors import MsifValueError
 
 METHODS = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
+DEFAULT_DAMPING = 0.1  # relative: 0.1 x mean(Lambda) per module, as in Grosse et al.
 
 
 class ArgumentError(MsifValueError):
