@@ -47,6 +47,9 @@ PILE_TOKENS = 300e9  # one epoch of the Pile in GPT-NeoX tokens (the Pythia pape
 GPU_PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 GPU_UTILISATION = 0.4  # an assumed model-FLOPs utilisation, stated with the result
 GPUS = 8
+# Compressions compared with the default on each world's documents (docs/design.md, "Gradient index").
+SWEEP = ({"balance": 1.0}, {"balance": 0.0}, {"k": 32, "dims": 2000}, {"k": 64, "dims": 4000, "balance": 1.0},
+         {"k": 64, "dims": 16000, "balance": 1.0})
 
 
 # --- 3. latency at scale -------------------------------------------------------------------------
@@ -157,18 +160,25 @@ def run_world(name: str, cache: Path, candidates: int, batch_size: int) -> dict:
     from hub_msif.attribution.attributor import DEFAULT_DAMPING, Attributor
     from hub_msif.attribution.gradient_index import GradientIndex
     from hub_msif.attribution.gradient_index_build import build_gradindex
-    from hub_msif.attribution.gradient_projection import GradientProjection
+    from hub_msif.attribution.gradient_projection import GradientProjection, candidate_vectors
     from hub_msif.attribution.retrieval import DocumentIndex
     from hub_msif.attribution.scoring import per_example_gradients
     from hub_msif.data import CorpusSpec
-    from hub_msif.toy.demo import fitted_factors, trained_pair
+    from hub_msif.toy.demo import default_cache, fitted_factors, prepare, trained_pair
     from hub_msif.toy.factworld import save_world
 
-    world = world_of(name)
     folder = cache / name
     folder.mkdir(parents=True, exist_ok=True)
-    paths = save_world(world, folder / "world")
-    factors = fitted_factors(trained_pair(world, folder), paths, world, folder)
+    if name == "factworld":  # the demo's world, pair, factors and embedding index, reused from its cache
+        demo = prepare(default_cache())
+        world, paths, factors, models, embedding_index = (demo[k] for k in ("world", "paths", "factors", "models",
+                                                                              "index"))
+    else:
+        world = world_of(name)
+        paths = save_world(world, folder / "world")
+        models = trained_pair(world, folder)
+        factors = fitted_factors(models, paths, world, folder)
+        embedding_index = None
     att = Attributor(factors)
     texts = [d["text"] for d in world.documents]
     ids = [d["id"] for d in world.documents]
@@ -186,11 +196,6 @@ def run_world(name: str, cache: Path, candidates: int, batch_size: int) -> dict:
     build_seconds = time.perf_counter() - started
     sequences = [att.document_sequence(t) for t in texts]
     model = att.models["pretrained"]
-    started = time.perf_counter()
-    plain_pass(model, sequences, batch_size)
-    pass_seconds = time.perf_counter() - started
-    for p in model.parameters():
-        p.requires_grad_(False)
 
     # Exact whole-corpus MS-IF, stage one of the index, the embedding's candidates.
     started = time.perf_counter()
@@ -205,45 +210,80 @@ def run_world(name: str, cache: Path, candidates: int, batch_size: int) -> dict:
     vectors = projection.query_vectors(grads, att.factors["finetuned"], att.factors["pretrained"], DEFAULT_DAMPING, True)
     hits = index.search(vectors.float().numpy(), candidates)
     stage_one_ms = 1000 * (time.perf_counter() - started) / len(queries)
+    # The build's pass alone (its steady-state throughput) against a plain forward+backward over the same
+    # documents, batches and model: alternated, three rounds, the fastest of each (the machine is shared).
+    pass_times, vector_times = [], []
+    for _ in range(3):
+        started = time.perf_counter()
+        plain_pass(model, sequences, batch_size)
+        pass_times.append(time.perf_counter() - started)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        started = time.perf_counter()
+        candidate_vectors(model, att.specs, projection, sequences, att.pad_id, batch_size)
+        vector_times.append(time.perf_counter() - started)
+    pass_seconds, vectors_seconds = min(pass_times), min(vector_times)
     approx = torch.from_numpy(index.vectors()).double() @ vectors.T.cpu()  # [D, Q]: every document's stage-one score
-    embedding = DocumentIndex.build(texts, ids).search([f"{p} {a}" for p, a in queries], candidates)
-
-    from bench.common import per_query_correlations
-
-    everything = list(range(len(texts)))
-    rows = []
-    for q, query in enumerate(world.queries):
-        found = [i for i, _ in hits[q]]
-        near = [i for i, _ in embedding[q]]
-        top10 = sorted(everything, key=lambda r: -float(exact[r, q]))[:10]
-        rows.append({"recall_at_10": len(set(top10) & set(found)) / 10,
-                     "exact": first_proponent(exact[:, q], everything, ids, query.proponents),
-                     "two-stage": first_proponent(exact[:, q], found, ids, query.proponents),
-                     "embedding": first_proponent(exact[:, q], near, ids, query.proponents),
-                     "embedding_misses": not set(query.proponents) & {ids[i] for i in near}})
-    missed = [r for r in rows if r["embedding_misses"]]
-    correlations = per_query_correlations(approx.T, exact.T)
-    result = {
-        "documents": len(texts), "queries": len(queries), "candidates": candidates,
-        "test_accuracy": json.loads((folder / "models" / "training.json").read_text())["test_accuracy"],
-        "recall_at_10": statistics.fmean(r["recall_at_10"] for r in rows),
-        "recall_at_10_min": min(r["recall_at_10"] for r in rows),
-        "mrr": {m: statistics.fmean(r[m] for r in rows) for m in ("two-stage", "exact", "embedding")},
-        "embedding_misses": {"queries": len(missed), **({m: statistics.fmean(r[m] for r in missed)
-                                                         for m in ("two-stage", "exact", "embedding")} if missed else {})},
-        "stage_one_vs_exact": correlations,
-        "bytes_per_document": index_bytes(out) / len(texts),
-        "projection": {k: v for k, v in index.metadata["projection"].items() if k != "k"},
-        "seconds": {"build": build_seconds, "plain_pass": pass_seconds, "exact_whole_corpus": exact_seconds,
-                    "stage_one_per_query_ms": stage_one_ms},
-        "build_ratio_to_fwd_bwd": pass_seconds / build_seconds,
-    }
+    if embedding_index is None:
+        embedding_index = DocumentIndex.build(texts, ids)
+    embedding = embedding_index.search([f"{p} {a}" for p, a in queries], candidates)
+    near = [[i for i, _ in found] for found in embedding]
+    result = {"documents": len(texts), "queries": len(queries), "candidates": candidates,
+              "test_accuracy": json.loads((models / "training.json").read_text())["test_accuracy"],
+              **quality(world, exact, [[i for i, _ in found] for found in hits], near, approx),
+              "bytes_per_document": index_bytes(out) / len(texts),
+              "projection": {k: v for k, v in index.metadata["projection"].items() if k != "k"},
+              "seconds": {"build": build_seconds, "vectors_pass": vectors_seconds, "plain_pass": pass_seconds,
+                          "exact_whole_corpus": exact_seconds, "stage_one_per_query_ms": stage_one_ms},
+              "build_ratio_to_fwd_bwd": pass_seconds / vectors_seconds,
+              "build_ratio_to_fwd_bwd_end_to_end": pass_seconds / build_seconds}
+    # Other compressions, from the same pass (no index written): what recall costs in bytes.
+    result["sweep"] = []
+    for settings in SWEEP:
+        other = GradientProjection(att.factors["pretrained"], **settings)
+        cands = candidate_vectors(model, att.specs, other, sequences, att.pad_id, batch_size).double()
+        scores = cands @ other.query_vectors(grads, att.factors["finetuned"], att.factors["pretrained"],
+                                             DEFAULT_DAMPING, True).T.cpu()
+        top = [scores[:, q].argsort(descending=True)[:candidates].tolist() for q in range(len(queries))]
+        row = {"settings": settings, "dims": other.dims, "bytes_per_document": 2 * other.dims + 12,
+               **quality(world, exact, top, near, scores)}
+        row.pop("stage_one_vs_exact")
+        result["sweep"].append(row)
+        print(f"  {name} {settings}: {other.dims} dims, recall@10 {row['recall_at_10']:.3f}, "
+              f"MRR two-stage {row['mrr']['two-stage']:.3f}", flush=True)
     print(f"{name}: {len(texts)} documents, {len(queries)} queries: recall@10 in top {candidates} "
           f"{result['recall_at_10']:.3f} (min {result['recall_at_10_min']:.1f}); MRR two-stage "
-          f"{result['mrr']['two-stage']:.3f}, exact {result['mrr']['exact']:.3f}, embedding {result['mrr']['embedding']:.3f}; "
-          f"{len(missed)} queries where the embedding misses every proponent; build {build_seconds:.1f} s vs plain "
-          f"pass {pass_seconds:.1f} s (throughput ratio {result['build_ratio_to_fwd_bwd']:.2f})", flush=True)
+          f"{result['mrr']['two-stage']:.3f}, exact {result['mrr']['exact']:.3f}, embedding "
+          f"{result['mrr']['embedding']:.3f}; {result['embedding_misses']['queries']} queries where the embedding "
+          f"misses every proponent; vectors pass {vectors_seconds:.1f} s (build {build_seconds:.1f} s end to end) vs "
+          f"plain pass {pass_seconds:.1f} s", flush=True)
     return result
+
+
+def quality(world, exact, found: list[list[int]], near: list[list[int]], approx) -> dict:
+    """Recall@10 of the exact top 10 in ``found`` (stage one's lists), and MRR of exact whole-corpus
+    MS-IF, of two-stage (``found`` rescored exactly) and of embedding candidates (``near`` rescored)."""
+    from bench.common import per_query_correlations
+
+    ids = [d["id"] for d in world.documents]
+    everything = list(range(len(ids)))
+    rows = []
+    for q, query in enumerate(world.queries):
+        top10 = exact[:, q].argsort(descending=True)[:10].tolist()
+        rows.append({"recall_at_10": len(set(top10) & set(found[q])) / 10,
+                     "exact": first_proponent(exact[:, q], everything, ids, query.proponents),
+                     "two-stage": first_proponent(exact[:, q], found[q], ids, query.proponents),
+                     "embedding": first_proponent(exact[:, q], near[q], ids, query.proponents),
+                     "embedding_misses": not set(query.proponents) & {ids[i] for i in near[q]}})
+    missed = [r for r in rows if r["embedding_misses"]]
+    methods = ("two-stage", "exact", "embedding")
+    return {"recall_at_10": statistics.fmean(r["recall_at_10"] for r in rows),
+            "recall_at_10_min": min(r["recall_at_10"] for r in rows),
+            "mrr": {m: statistics.fmean(r[m] for r in rows) for m in methods},
+            "embedding_misses": {"queries": len(missed),
+                                 **({m: statistics.fmean(r[m] for r in missed) for m in methods} if missed else {})},
+            "stage_one_vs_exact": {k: v for k, v in per_query_correlations(approx.T, exact.T).items()
+                                   if not k.endswith("per_query")}}
 
 
 def index_bytes(folder: Path) -> int:
