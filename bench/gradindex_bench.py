@@ -52,6 +52,58 @@ SWEEP = ({"balance": 1.0}, {"balance": 0.0}, {"k": 32, "dims": 2000}, {"k": 64, 
          {"k": 64, "dims": 16000, "balance": 1.0})
 
 
+# --- 2b. build cost at a real model's width ------------------------------------------------------
+
+def shaped_throughput(layers: int, documents: int, length: int, batch_size: int, rounds: int = 3) -> dict:
+    """The build's pass against a plain forward+backward on a GPT-NeoX of Pythia-410m's width (hidden 1024,
+    16 heads, ffn 4096; ``layers`` layers, vocabulary 4096 so that the head's share of the work is about the
+    real model's), random weights and random factors of the right shapes (the projection's cost does not
+    depend on their values), random tokens. Alternated rounds, the fastest of each."""
+    import torch
+
+    from bench.common import make_sequences, plain_pass
+    from hub_msif.attribution.gradient_projection import GradientProjection, candidate_vectors
+    from hub_msif.factors.architectures import find_modules
+    from hub_msif.factors.ekfac import ModuleFactors
+    from hub_msif.factors.storage import StageFactors
+    from hub_msif.toy.examples import tiny_model
+
+    vocab = 4096
+    model = tiny_model("gpt_neox", vocab_size=vocab, hidden=1024, layers=layers, heads=16, ffn=4096,
+                       max_positions=max(512, length))
+    specs = find_modules(model)
+    generator = torch.Generator().manual_seed(0)
+
+    def orthogonal(*shape):
+        return torch.linalg.qr(torch.randn(*shape, generator=generator)).Q
+
+    modules = {}
+    for spec in specs:
+        blocks, size = spec.num_blocks, spec.block_size
+        modules[spec.name] = ModuleFactors(spec, orthogonal(spec.d_in, spec.d_in), orthogonal(blocks, size, size),
+                                           torch.rand(blocks, size, spec.d_in, generator=generator) + 1e-3,
+                                           torch.rand(spec.d_in, generator=generator), torch.rand(blocks, size, generator=generator))
+    projection = GradientProjection(StageFactors("pretrained", {}, modules))
+    sequences = make_sequences(documents, length, vocab)
+    pass_times, vector_times = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        plain_pass(model, sequences, batch_size)
+        pass_times.append(time.perf_counter() - started)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        started = time.perf_counter()
+        candidate_vectors(model, specs, projection, sequences, 0, batch_size)
+        vector_times.append(time.perf_counter() - started)
+    row = {"model": f"GPT-NeoX, Pythia-410m width, {layers} layers, vocabulary {vocab}", "documents": documents,
+           "tokens": length, "batch_size": batch_size, "plain_pass_seconds": min(pass_times),
+           "vectors_pass_seconds": min(vector_times), "ratio": min(pass_times) / min(vector_times),
+           "modules": len(specs), "dims": projection.dims}
+    print(f"{row['model']}: {documents} x {length} tokens, build pass {row['vectors_pass_seconds']:.1f} s vs plain "
+          f"pass {row['plain_pass_seconds']:.1f} s (throughput ratio {row['ratio']:.2f})", flush=True)
+    return row
+
+
 # --- 3. latency at scale -------------------------------------------------------------------------
 
 def latency(size: int, dims: int, queries: int, top: int, threads: int) -> dict:
@@ -302,6 +354,7 @@ def main(argv=None) -> int:
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape-layers", type=int, default=2, help="layers of the Pythia-410m-wide model timed (0: skip)")
     parser.add_argument("--cache", default=None, help="default: $HUB_MSIF_CACHE/bench/gradindex")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "gradindex.json"))
     args = parser.parse_args(argv)
@@ -312,6 +365,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     worlds = {name: run_world(name, cache, args.candidates, args.batch_size)
               for name in args.worlds.split(",") if name}
+    shaped = shaped_throughput(args.shape_layers, 8, 128, 4) if args.shape_layers else None
     latencies = [latency(int(s), DEFAULT_DIMS, args.queries, args.candidates, args.threads)
                  for s in args.sizes.split(",") if s]
     vector_bytes = 2 * DEFAULT_DIMS + 4 + 8  # float16 row, float32 norm, int64 row number
@@ -320,7 +374,9 @@ def main(argv=None) -> int:
         "bytes_per_document": vector_bytes,
         "query_ms_1m": next((r["ivf,pq"]["query_median_ms"] for r in latencies if r["documents"] == 1_000_000), None),
         "query_ms_1m_flat": next((r["flat"]["query_median_ms"] for r in latencies if r["documents"] == 1_000_000), None),
-        "build_ratio_to_fwd_bwd": min((w["build_ratio_to_fwd_bwd"] for w in worlds.values()), default=None),
+        "build_ratio_to_fwd_bwd": shaped["ratio"] if shaped else None,
+        "build_ratio_tiny_worlds": min((w["build_ratio_to_fwd_bwd"] for w in worlds.values()), default=None),
+        "build_pythia_width": shaped,
         "worlds": worlds,
         "latency": latencies,
         "on_paper": on_paper(vector_bytes),
