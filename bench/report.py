@@ -528,6 +528,13 @@ def gradindex_section(d: dict | None) -> str:
     text += table(["world", "documents", "queries", "pair's accuracy", "recall@10 in top 100", "target >= 0.95",
                    "MRR two-stage", "MRR exact", "MRR embedding", "queries the embedding misses",
                    "Spearman stage one vs exact", "throughput ratio", "target >= 0.8", "end to end"], rows)
+    shaped = d.get("build_pythia_width")
+    if shaped:
+        text += (f"\nThe build's pass at a real width: {shaped['model']}, random weights and factors, {shaped['documents']} "
+                 f"documents x {shaped['tokens']} tokens, batch {shaped['batch_size']}: {f2(shaped['vectors_pass_seconds'])} s "
+                 f"against {f2(shaped['plain_pass_seconds'])} s for a plain forward+backward, throughput ratio "
+                 f"**{f2(shaped['ratio'])}** ({verdict(shaped['ratio'], 0.8, higher_is_better=True)}). On the tiny worlds "
+                 "the hooks' fixed costs weigh more than the models' work.\n")
     sweep = []
     for name, w in d["worlds"].items():
         base = {k: v for k, v in w["projection"].items() if k in ("kind", "dims", "balance")}
