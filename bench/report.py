@@ -2,9 +2,9 @@
 
 Reads ``fit_bench.json``, ``score_bench.json``, ``retrieval_bench.json``, ``scale.json`` and, when
 present, ``accuracy.json``, ``fact_tracing.json`` (+ ``fact_tracing_mrr.png``) and
-``fact_tracing_demo.json``, ``attribute.json`` and ``counterfactual.json`` (+ ``counterfactual_details.json``,
+``fact_tracing_demo.json``, ``attribute.json``, ``gradindex.json`` and ``counterfactual.json`` (+ ``counterfactual_details.json``,
 ``counterfactual.png``). A missing JSON becomes a line naming the command that produces it.
-``--only attribute|counterfactual|scale|speed`` rewrites those sections of an existing page in place (the
+``--only attribute|counterfactual|gradindex|scale|speed`` rewrites those sections of an existing page in place (the
 others keep what they say), for a machine that ran only those benchmarks.
 
     .venv/bin/python -m bench.report [--out-dir bench/out] [--doc docs/benchmarks.md] [--only NAME]
@@ -33,8 +33,10 @@ COMMANDS = {
     "fact_tracing_demo": f"{PY} -m bench.fact_tracing_demo",
     "counterfactual": "make bench-counterfactual",
     "attribute": f"{PY} -m bench.attribute_bench",
+    "gradindex": "make bench-gradindex",
 }
 ATTRIBUTE_HEAD = "## Attribution memory and time (`attribute.json`)"
+GRADINDEX_HEAD = "## Gradient index: whole-corpus search, recall and cost (`gradindex.json`)"
 COUNTERFACTUAL_HEAD = "## Counterfactual benchmarks: multi-stage LDS and top-k removal (`counterfactual.json`)"
 
 
@@ -497,11 +499,81 @@ def attribute_section(d: dict | None) -> str:
     return text
 
 
+def gradindex_section(d: dict | None) -> str:
+    """The gradient index (issue 18): recall of exact MS-IF's top 10, MRR of two-stage against exact and
+    embedding candidates, bytes, the build's pass against a plain pass, latency at 1M, and scale on paper."""
+    text = GRADINDEX_HEAD + "\n\n"
+    if d is None:
+        return text + missing("gradindex")
+    text += (f"`{command_of('gradindex', d)}`; load average {', '.join(f'{x:.1f}' for x in d['machine']['load_average'])} "
+             f"at the end of the run ({f2(d['seconds'], 0)} s). Each world's pair is trained and fitted as the demo "
+             "does; every pre-training document is indexed at the default compression and every held-out query is "
+             "scored exactly against the whole corpus. Recall@10: the share of exact MS-IF's top 10 in the index's "
+             "top 100. MRR: 1 / rank of the first proponent (0 when the list misses all): exact whole-corpus MS-IF, "
+             "two-stage (the index's top 100 rescored exactly) and embedding candidates (the sentence-embedding "
+             "top 100 rescored exactly). Throughput ratio: a plain forward+backward over the documents divided by "
+             "the build's pass over them (same model and batches; the fastest of three alternated rounds); "
+             "end to end adds loading and writing.\n\n")
+    rows = []
+    for name, w in d["worlds"].items():
+        missed = w["embedding_misses"]
+        rows.append([name, w["documents"], w["queries"], f"{w['test_accuracy']:.0%}", f2(w["recall_at_10"]),
+                     verdict(w["recall_at_10"], 0.95, higher_is_better=True), f2(w["mrr"]["two-stage"]),
+                     f2(w["mrr"]["exact"]), f2(w["mrr"]["embedding"]),
+                     f"{missed['queries']}" + (f" (two-stage {f2(missed['two-stage'])}, embedding "
+                                              f"{f2(missed['embedding'])})" if missed["queries"] else ""),
+                     f2(w["stage_one_vs_exact"]["spearman_mean"]), f2(w["build_ratio_to_fwd_bwd"]),
+                     verdict(w["build_ratio_to_fwd_bwd"], 0.8, higher_is_better=True),
+                     f2(w["build_ratio_to_fwd_bwd_end_to_end"])])
+    text += table(["world", "documents", "queries", "pair's accuracy", "recall@10 in top 100", "target >= 0.95",
+                   "MRR two-stage", "MRR exact", "MRR embedding", "queries the embedding misses",
+                   "Spearman stage one vs exact", "throughput ratio", "target >= 0.8", "end to end"], rows)
+    shaped = d.get("build_pythia_width")
+    if shaped:
+        text += (f"\nThe build's pass at a real width: {shaped['model']}, random weights and factors, {shaped['documents']} "
+                 f"documents x {shaped['tokens']} tokens, batch {shaped['batch_size']}: {f2(shaped['vectors_pass_seconds'])} s "
+                 f"against {f2(shaped['plain_pass_seconds'])} s for a plain forward+backward, throughput ratio "
+                 f"**{f2(shaped['ratio'])}** ({verdict(shaped['ratio'], 0.8, higher_is_better=True)}). On the tiny worlds "
+                 "the hooks' fixed costs weigh more than the models' work.\n")
+    sweep = []
+    for name, w in d["worlds"].items():
+        base = {k: v for k, v in w["projection"].items() if k in ("kind", "dims", "balance")}
+        sweep.append([name, f"default {base}", f"{w['bytes_per_document']:.0f}", f2(w["recall_at_10"]),
+                      f2(w["mrr"]["two-stage"])])
+        sweep += [[name, str(r["settings"]), r["bytes_per_document"], f2(r["recall_at_10"]), f2(r["mrr"]["two-stage"])]
+                  for r in w.get("sweep", [])]
+    text += "\nOther compressions of the same documents (bytes: float16 vector, float32 norm, int64 row):\n\n"
+    text += table(["world", "projection", "bytes per document", "recall@10 in top 100", "MRR two-stage"], sweep)
+    rows = []
+    for r in d["latency"]:
+        for ann in ("flat", "ivf,pq"):
+            e = r[ann]
+            rows.append([f"{r['documents']:,}", r["dims"], ann, f"{e['build_seconds']:.1f}", f2(e["query_median_ms"], 1),
+                         f2(e["query_p90_ms"], 1), f2(e.get("recall_at_top_of_flat")) if ann != "flat" else "1 (reference)",
+                         verdict(e["query_median_ms"], 50) if r["documents"] == 1_000_000 else ""])
+    text += ("\nOne query's top-100 search over synthetic vectors of the default dimension (`GradientIndex.search`, "
+             f"{d['latency'][0]['threads'] if d['latency'] else '?'} faiss thread(s)):\n\n")
+    text += table(["documents", "dims", "search", "index built in s", "median ms", "p90 ms", "recall of flat top 100",
+                   "target <= 50 ms"], rows)
+    rows = [[r["model"], f"{r['parameters'] / 1e9:.2f}B", r["bytes_per_document"],
+             f"{r['document_bytes_over_model_bytes']:.1e}", gb(r["pile_index_bytes"]), f"{r['build_hours']:.0f}"]
+            for r in d["on_paper"]]
+    p = d["on_paper"][0] if d["on_paper"] else {}
+    text += (f"\nScale on paper: the Pile ({p.get('pile_documents', 0) / 1e6:.0f}M documents, "
+             f"{p.get('pile_tokens', 0) / 1e9:.0f}B tokens) on {p.get('gpus')} GPUs; build FLOPs = 4 x parameters x tokens "
+             f"(forward and input-only backward), at {p.get('gpu_utilisation', 0):.0%} of "
+             f"{p.get('gpu_peak_flops', 0) / 1e12:.0f} TFLOP/s per GPU (an assumption, not a measurement):\n\n")
+    text += table(["model", "parameters", "bytes per document", "document / model (bf16) bytes", "Pile index",
+                   "build hours on 8 GPUs"], rows)
+    return text
+
+
 # ``--only NAME``: the sections (by the start of their heading) that NAME rewrites in place.
 ONLY = {
     "counterfactual": [COUNTERFACTUAL_HEAD],
     "scale": ["## Scale on paper"],
     "attribute": [ATTRIBUTE_HEAD],
+    "gradindex": [GRADINDEX_HEAD],
     "speed": ["## Summary: speed and size", "## Fitting (", "## Scoring (", "## Retrieval latency"],
 }
 
@@ -536,6 +608,7 @@ def main(argv=None) -> int:
         "## Scale on paper": lambda: scale_section(data["scale"]),
         COUNTERFACTUAL_HEAD: lambda: counterfactual,
         ATTRIBUTE_HEAD: lambda: attribute_section(data["attribute"]),
+        GRADINDEX_HEAD: lambda: gradindex_section(data["gradindex"]),
     }
     if args.only:
         if not doc.is_file():
@@ -562,6 +635,7 @@ def main(argv=None) -> int:
         fact_tracing_demo_section(data["fact_tracing_demo"]),
         counterfactual,
         attribute_section(data["attribute"]),
+        gradindex_section(data["gradindex"]),
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(p.rstrip("\n") + "\n" for p in parts))
