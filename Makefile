@@ -7,7 +7,7 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test test-slow bench bench-counterfactual demo lint clean
+.PHONY: install test test-slow bench bench-counterfactual bench-gradindex demo lint clean
 
 $(STAMP): pyproject.toml requirements/main.txt requirements/dev.txt requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ test: $(STAMP) $(CHROMIUM)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
 
-BENCH_SCRIPTS := fit_bench fit_memory score_bench query_rank_accuracy queries_bench retrieval_bench scale accuracy fact_tracing fact_tracing_demo counterfactual report
+BENCH_SCRIPTS := fit_bench fit_memory score_bench query_rank_accuracy queries_bench retrieval_bench scale accuracy fact_tracing fact_tracing_demo counterfactual gradindex_bench report
 
 # Every benchmark writes bench/out/<name>.json; report.py turns them into docs/benchmarks.md.
 # (bench/gpu_check.py is not here: it needs a CUDA machine.)
@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.fact_tracing
 	$(BIN)/python -m bench.fact_tracing_demo
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.counterfactual --workers 2
+	$(BIN)/python -m bench.gradindex_bench
 	$(BIN)/python -m bench.report
 
 # Multi-stage LDS and top-k removal on two fact worlds (issue 11): trains ~280 tiny model pairs on
@@ -55,6 +56,13 @@ bench: $(STAMP)
 bench-counterfactual: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.counterfactual --workers 2
 	$(BIN)/python -m bench.report --only counterfactual
+
+# The gradient index (issue 18): recall and MRR on both fact worlds, the build against a plain pass, search
+# latency over 1M synthetic documents, scale on paper -> bench/out/gradindex.json and its section of
+# docs/benchmarks.md. Needs about 12 GB of memory for the 1M-document point.
+bench-gradindex: $(STAMP)
+	$(BIN)/python -m bench.gradindex_bench
+	$(BIN)/python -m bench.report --only gradindex
 
 demo: $(STAMP)
 	$(BIN)/hub-msif demo
