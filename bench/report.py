@@ -176,7 +176,26 @@ def fit_section(d: dict | None) -> str:
     text += table(["", "wall s", "CPU s", "/ floor", "folder size"], rows)
     checks = [[k, f2(r[k]), verdict(r[k], d["targets"][k])] for k in d["targets"]]
     text += "\n" + table(["ratio", "value", "target"], checks)
-    return text
+    return text + phase_table(d)
+
+
+def phase_table(d: dict) -> str:
+    """Where hub_msif's fit spends its time (the manifest's ``fit.phase_seconds``), per model."""
+    runs = []
+    if "phase_seconds" in d["results"]["hub_msif"]:
+        s = d["setup"]
+        runs.append((f"bench model ({s['sequences']} x {s['seq_len']} tokens)", d["results"]["hub_msif"]))
+    if d.get("phases"):
+        p = d["phases"]
+        runs.append((f"{p['model']} ({p['sequences']} x {p['seq_len']} tokens)", p))
+    if not runs:
+        return ""
+    names = list(runs[0][1]["phase_seconds"])
+    rows = [[label, f2(run["seconds"])] + [f"{run['phase_seconds'][k]:.2f} ({run['phase_seconds'][k] / run['seconds']:.0%})"
+                                           for k in names] for label, run in runs]
+    return ("\nWhere the fit's time goes (wall seconds of the main process, share of the whole fit; "
+            "`forward_backward` includes the capture hooks):\n\n"
+            + table(["fit", "total s", *names], rows))
 
 
 def score_section(d: dict | None) -> str:
