@@ -150,13 +150,13 @@ class CovarianceAccumulator:
 
     def update(self, a: torch.Tensor, g: torch.Tensor) -> None:
         """Adds one batch: ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]`` (zero on padding)."""
-        a = a.reshape(-1, self.spec.d_in)
-        self.a += _gram(a).to(self.a.dtype)
+        # One Gram matrix per batch in the compute dtype, added into the (wider) sum without a converted copy.
+        self.a += _gram(a.reshape(-1, self.spec.d_in))
         if self.spec.num_blocks == 1:
-            self.s[0] += _gram(g.reshape(-1, self.spec.d_out)).to(self.s.dtype)
+            self.s[0] += _gram(g.reshape(-1, self.spec.d_out))
         else:
             g = g.reshape(-1, self.spec.num_blocks, self.spec.block_size)
-            self.s += torch.einsum("nbi,nbj->bij", g, g).to(self.s.dtype)
+            self.s += torch.einsum("nbi,nbj->bij", g, g)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"a": self.a, "s": self.s}
