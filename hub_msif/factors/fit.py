@@ -289,8 +289,8 @@ def fit_factors(
     (``hub_msif.data.TokenStream``). ``info`` (model, tokenizer and data descriptions;
     ``info["data"]["fingerprint"]`` and ``info["model"]["revision"]`` identify the run for
     resuming) goes into the manifest. ``on_checkpoint(step)`` is called after each committed
-    checkpoint; ``on_reduce(group, kept)`` after each group's final reduction, with the names of
-    the modules whose eigenvalues and Lambda this process still holds (its owned ones).
+    checkpoint; ``on_reduce(group, kept)`` after each group's Lambda pass, with the names of the
+    modules whose eigenvalues and Lambda this process holds (its owned ones, the only ones it ever sums).
     Returns the saved factors, or None with ``load_result=False`` (then no process ever holds
     more than its own modules: loading every module at the end would cost the artifact's size).
 
