@@ -273,6 +273,7 @@ def main(argv=None) -> int:
         print("warning: the machine was busy with other work; times (and ratios) are noisy")
 
     report = {
+        "command": "python -m bench.fit_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setup": {"model": "gpt_neox", "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
                   "ffn": args.ffn, "vocab": args.vocab, "sequences": args.sequences, "seq_len": args.seq_len,
                   "batch_size": args.batch_size, "repeats": args.repeats, "modules": module_names,

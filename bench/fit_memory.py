@@ -196,7 +196,8 @@ def main(argv=None) -> None:
         "planned_increase_over_k1": max(r["planned_increase_mib"]) / max(base["planned_increase_mib"]),
         "time_over_k1": r["fit_seconds"] / base["fit_seconds"],
         "cpu_time_over_k1": r["fit_cpu_seconds"] / base["fit_cpu_seconds"]} for r in runs}
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
+    report = {"command": "python -m bench.fit_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "config": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
               "machine": machine_info(), "accumulators": expected_accumulators(args), "runs": runs, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
