@@ -388,10 +388,10 @@ def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], ph
     # the label draw's float64 softmax and running sum of one sequence.
     logits = tokens * shape["vocab"] * (e + 2 * 4) + 2 * 8 * length * shape["vocab"]
     # The largest of: one layer's forward temporaries, and one module's update temporaries:
-    # covariance pass: its float Gram matrix and the float64 copy; Lambda pass: the rotated
-    # inputs and gradients, the per-sequence chunk and its square, their sum and its float64 copy.
+    # covariance pass: its Gram matrix (added into the sum without a converted copy); Lambda pass:
+    # the rotated inputs and gradients, the per-sequence chunk (squared in place) and its sum.
     if phase == "covariance":
-        update = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in group) * (c + acc)
+        update = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in group) * c
     else:
         update = max(_lambda_update(m, tokens, batch_size, c, acc) for m in group)
     return saved + hooks + logits + max(per_layer_bytes, update)
@@ -400,7 +400,7 @@ def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], ph
 def _lambda_update(m: ModulePlan, tokens: int, batch_size: int, c: int, acc: int) -> int:
     per_sequence = m.d_out * m.d_in
     chunk = min(batch_size, max(1, LAMBDA_CHUNK_ELEMENTS // per_sequence))
-    return tokens * (m.d_in + m.d_out) * c + 2 * chunk * per_sequence * c + per_sequence * (c + acc)
+    return tokens * (m.d_in + m.d_out) * c + chunk * per_sequence * c + per_sequence * c
 
 
 def _eigh_matrices(acc_bytes: int) -> int:
