@@ -184,8 +184,9 @@ def fit_section(d: dict | None) -> str:
                  + (" (busy with other work: wall times are noisy, CPU seconds less so)."
                     if max(m["load_average_start"][0], m.get("load_average_end", [0])[0]) > (m.get("cpu_count") or 1)
                     else ".") + "\n")
-    checks = [[k, f2(r[k]), verdict(r[k], d["targets"][k])] for k in d["targets"]]
-    text += "\n" + table(["ratio", "value", "target"], checks)
+    cpu = d.get("cpu_ratios", {})
+    checks = [[k, f2(r[k]), f2(cpu.get(k)), verdict(r[k], d["targets"][k])] for k in d["targets"]]
+    text += "\n" + table(["ratio", "wall", "CPU seconds", "target (wall)"], checks)
     return text + phase_table(d)
 
 
