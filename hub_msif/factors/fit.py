@@ -6,8 +6,9 @@ samples. With K module partitions the modules are fitted in K groups, one after 
 passes), so only one group's accumulators live at a time. Sequences are sharded ``rank::world``
 across processes; every module has one owner process (hub_msif/factors/partition.py) to which each
 batch's captured inputs and gradients of the module are gathered: the owner alone holds its sums,
-eigendecomposes, keeps and writes the module's file, and rank 0 writes the manifest last. Any number of processes and partitions gives the same factors (labels
-are seeded per sequence); docs/design.md, "Module partitions and owners", "Precision", "Streaming data".
+eigendecomposes, keeps and writes the module's file, and rank 0 writes the manifest last. Any
+number of processes and partitions gives the same factors (labels are seeded per sequence);
+docs/design.md, "Module partitions and owners", "Precision", "Streaming data".
 
 Checkpoints: every ``checkpoint_every`` batches each process writes its partial sums atomically;
 rank 0 then commits the step in ``latest.json``. At the end of each group (but the last) a
