@@ -4,7 +4,7 @@ Reads ``fit_bench.json``, ``score_bench.json``, ``retrieval_bench.json``, ``scal
 present, ``accuracy.json``, ``fact_tracing.json`` (+ ``fact_tracing_mrr.png``) and
 ``fact_tracing_demo.json``, ``attribute.json``, ``gradindex.json`` and ``counterfactual.json`` (+ ``counterfactual_details.json``,
 ``counterfactual.png``). A missing JSON becomes a line naming the command that produces it.
-``--only attribute|counterfactual|gradindex|scale|speed`` rewrites those sections of an existing page in place (the
+``--only attribute|counterfactual|fit_memory|gradindex|scale|speed`` rewrites those sections of an existing page in place (the
 others keep what they say), for a machine that ran only those benchmarks.
 
     .venv/bin/python -m bench.report [--out-dir bench/out] [--doc docs/benchmarks.md] [--only NAME]
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = ".venv/bin/python"
 COMMANDS = {
     "fit_bench": f"{PY} -m bench.fit_bench",
+    "fit_memory": f"{PY} -m bench.fit_memory",
     "score_bench": f"{PY} -m bench.score_bench",
     "retrieval_bench": f"{PY} -m bench.retrieval_bench",
     "scale": f"{PY} -m bench.scale",
@@ -37,6 +38,7 @@ COMMANDS = {
 }
 ATTRIBUTE_HEAD = "## Attribution memory and time (`attribute.json`)"
 GRADINDEX_HEAD = "## Gradient index: whole-corpus search, recall and cost (`gradindex.json`)"
+FIT_MEMORY_HEAD = "## Fit memory per process (`fit_memory.json`)"
 COUNTERFACTUAL_HEAD = "## Counterfactual benchmarks: multi-stage LDS and top-k removal (`counterfactual.json`)"
 
 
@@ -176,9 +178,62 @@ def fit_section(d: dict | None) -> str:
     for phase, p in kron.get("phases", {}).items():
         rows.append([f"  of which kronfluence {phase}", f2(p["seconds"]), f2(p["cpu_seconds"]), "", ""])
     text += table(["", "wall s", "CPU s", "/ floor", "folder size"], rows)
-    checks = [[k, f2(r[k]), verdict(r[k], d["targets"][k])] for k in d["targets"]]
-    text += "\n" + table(["ratio", "value", "target"], checks)
-    return text
+    m = d.get("machine", {})
+    if "load_average_start" in m:
+        text += (f"\nMachine: {m.get('cpu')}, {m.get('cpu_count')} CPUs, {m.get('torch_threads')} torch threads; "
+                 f"1-minute load average {m['load_average_start'][0]:.1f} at the start and "
+                 f"{m.get('load_average_end', [float('nan')])[0]:.1f} at the end of this run"
+                 + (" (busy with other work: wall times are noisy, CPU seconds less so)."
+                    if max(m["load_average_start"][0], m.get("load_average_end", [0])[0]) > (m.get("cpu_count") or 1)
+                    else ".") + "\n")
+    cpu = d.get("cpu_ratios", {})
+    checks = [[k, f2(r[k]), f2(cpu.get(k)), verdict(r[k], d["targets"][k])] for k in d["targets"]]
+    text += "\n" + table(["ratio", "wall", "CPU seconds", "target (wall)"], checks)
+    return text + phase_table(d)
+
+
+def phase_table(d: dict) -> str:
+    """Where hub_msif's fit spends its time (the manifest's ``fit.phase_seconds``), per model."""
+    runs = []
+    if "phase_seconds" in d["results"]["hub_msif"]:
+        s = d["setup"]
+        runs.append((f"bench model ({s['sequences']} x {s['seq_len']} tokens)", d["results"]["hub_msif"]))
+    if d.get("phases"):
+        p = d["phases"]
+        runs.append((f"{p['model']} ({p['sequences']} x {p['seq_len']} tokens)", p))
+    if not runs:
+        return ""
+    names = list(runs[0][1]["phase_seconds"])
+    rows = [[label, f2(run["seconds"])] + [f"{run['phase_seconds'][k]:.2f} ({run['phase_seconds'][k] / run['seconds']:.0%})"
+                                           for k in names] for label, run in runs]
+    return ("\nWhere the fit's time goes (wall seconds of the main process, share of the whole fit; "
+            "`forward_backward` includes the capture hooks):\n\n"
+            + table(["fit", "total s", *names], rows))
+
+
+def fit_memory_section(d: dict | None) -> str:
+    """Per-process peak memory of real fits at 1, 2 and 4 processes, next to each rank's plan."""
+    head = FIT_MEMORY_HEAD + "\n\n"
+    if not d:
+        return head + missing("fit_memory")
+    c = d["config"]
+    text = head + (f"GPT-NeoX, {c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, FFN {c['ffn']}, vocab "
+                   f"{c['vocab']}, float32, random init; {c['sequences']} sequences x {c['seq_len']} tokens, batch "
+                   f"{c['batch_size']}, float64 sums; each setting in fresh processes (`accelerate launch`, gloo, "
+                   f"one thread each). Increase = peak resident memory during the fit (`VmHWM` reset just before) "
+                   f"less the resident memory before it; plan = the rank's planned peak less the model weights. "
+                   f"Command: `{command_of('fit_memory', d)}`.\n\n")
+    rows = []
+    for run in d["runs"]:
+        key = f"p{run['processes']}_k{run['partitions']}"
+        ratio = d["ratios"][key]
+        rows.append([run["processes"], run["partitions"], run["passes"], f2(run["fit_seconds"], 1),
+                     f2(run["fit_cpu_seconds"], 1),
+                     ", ".join(f2(p["fit_increase_mib"], 1) for p in run["per_process"]),
+                     ", ".join(f2(x, 1) for x in run.get("planned_increase_mib", [])),
+                     f2(ratio["fit_increase_over_k1"]), f2(ratio.get("planned_increase_over_k1"))])
+    return text + table(["processes", "K", "passes", "fit wall s", "fit CPU s (all)", "increase per rank MiB",
+                         "plan per rank MiB", "largest increase / 1 process K=1", "plan / 1 process K=1"], rows)
 
 
 def score_section(d: dict | None) -> str:
@@ -575,6 +630,7 @@ ONLY = {
     "attribute": [ATTRIBUTE_HEAD],
     "gradindex": [GRADINDEX_HEAD],
     "speed": ["## Summary: speed and size", "## Fitting (", "## Scoring (", "## Retrieval latency"],
+    "fit_memory": [FIT_MEMORY_HEAD],
 }
 
 
@@ -609,6 +665,7 @@ def main(argv=None) -> int:
         COUNTERFACTUAL_HEAD: lambda: counterfactual,
         ATTRIBUTE_HEAD: lambda: attribute_section(data["attribute"]),
         GRADINDEX_HEAD: lambda: gradindex_section(data["gradindex"]),
+        FIT_MEMORY_HEAD: lambda: fit_memory_section(data["fit_memory"]),
     }
     if args.only:
         if not doc.is_file():
@@ -627,6 +684,7 @@ def main(argv=None) -> int:
         commands_section(data),
         summary_section(data),
         fit_section(data["fit_bench"]),
+        fit_memory_section(data["fit_memory"]),
         score_section(data["score_bench"]),
         retrieval_section(data["retrieval_bench"]),
         scale_section(data["scale"]),

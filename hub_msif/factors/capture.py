@@ -37,14 +37,29 @@ class GradientCapture:
         self.tracked = list(tracked)
         self.consumer = consumer
         self.dtype = compute_dtype(model)
-        self.mask: torch.Tensor | None = None
+        self._mask_value: torch.Tensor | None = None
+        self._all_real = False  # no padding in the batch: the masks change nothing, so no masked copies
         self._handles: list = []
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask_value
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._mask_value = value
+        self._all_real = value is not None and bool(value.all())
 
     def _activation(self, spec: TrackedModule, inputs: tuple) -> torch.Tensor:
         a = inputs[0].detach().to(self.dtype)
         if spec.has_bias:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-        return a * self._mask().unsqueeze(-1).to(self.dtype)
+        mask = self._mask()
+        if self._all_real:
+            # The concatenation is already a fresh tensor; a bare input is copied, since the model
+            # could change it in place before the backward reaches this module.
+            return a if spec.has_bias else a.clone()
+        return a * mask.unsqueeze(-1).to(self.dtype)
 
     def _mask(self) -> torch.Tensor:
         if self.mask is None:
@@ -58,7 +73,9 @@ class GradientCapture:
             a = self._activation(spec, inputs)
 
             def on_grad(grad):
-                g = grad.detach().to(self.dtype) * self.mask.unsqueeze(-1).to(self.dtype)
+                g = grad.detach().to(self.dtype)
+                if not self._all_real:
+                    g = g * self._mask().unsqueeze(-1).to(self.dtype)
                 self.consumer(spec, a, g)
 
             output.register_hook(on_grad)

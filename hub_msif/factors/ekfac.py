@@ -150,13 +150,13 @@ class CovarianceAccumulator:
 
     def update(self, a: torch.Tensor, g: torch.Tensor) -> None:
         """Adds one batch: ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]`` (zero on padding)."""
-        a = a.reshape(-1, self.spec.d_in)
-        self.a += _gram(a).to(self.a.dtype)
+        # One Gram matrix per batch in the compute dtype, added into the (wider) sum without a converted copy.
+        self.a += _gram(a.reshape(-1, self.spec.d_in))
         if self.spec.num_blocks == 1:
-            self.s[0] += _gram(g.reshape(-1, self.spec.d_out)).to(self.s.dtype)
+            self.s[0] += _gram(g.reshape(-1, self.spec.d_out))
         else:
             g = g.reshape(-1, self.spec.num_blocks, self.spec.block_size)
-            self.s += torch.einsum("nbi,nbj->bij", g, g).to(self.s.dtype)
+            self.s += torch.einsum("nbi,nbj->bij", g, g)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"a": self.a, "s": self.s}
@@ -188,19 +188,25 @@ class LambdaAccumulator:
         )
 
     def update(self, a: torch.Tensor, g: torch.Tensor) -> None:
-        """Adds each sequence of one batch: ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]``."""
+        """Adds each sequence of one batch: ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]``.
+
+        Per token, ``a`` and ``g`` are rotated once (``T d_in^2 + T d_out bs``); each sequence's
+        rotated gradient is then one batched matrix product over its tokens, squared in place and
+        summed over the batch in the compute dtype before the addition into ``lam``."""
         spec = self.spec
         a_rot = a @ self.q_a  # [B, T, d_in]
-        g_rot = torch.einsum(
-            "btni,nij->btnj", g.reshape(*g.shape[:2], spec.num_blocks, spec.block_size), self.q_s
-        )  # [B, T, nb, bs]
-        per_sequence = spec.d_out * spec.d_in
-        chunk = max(1, _MAX_CHUNK_ELEMENTS // per_sequence)
+        if spec.num_blocks == 1:
+            g_rot = g @ self.q_s[0]  # [B, T, d_out]
+        else:
+            g_rot = torch.einsum(
+                "btni,nij->btnj", g.reshape(*g.shape[:2], spec.num_blocks, spec.block_size), self.q_s
+            ).reshape(g.shape)
+        lam = self.lam.view(spec.d_out, spec.d_in)
+        chunk = max(1, _MAX_CHUNK_ELEMENTS // (spec.d_out * spec.d_in))
         for start in range(0, a.shape[0], chunk):
-            rotated = torch.einsum(
-                "btnj,bti->bnji", g_rot[start : start + chunk], a_rot[start : start + chunk]
-            )  # [b, nb, bs, d_in]: each sequence's rotated gradient
-            self.lam += rotated.square().sum(0).to(self.lam.dtype)
+            # [b, d_out, d_in]: each sequence's rotated gradient, squared in place
+            rotated = torch.bmm(g_rot[start : start + chunk].transpose(1, 2), a_rot[start : start + chunk])
+            lam += rotated.square_().sum(0)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"lam": self.lam}

@@ -4,10 +4,11 @@ Two passes over the data (docs/design.md, "Fitting EK-FAC"): a covariance pass, 
 eigendecomposition of the summed covariances) an eigenvalue-correction pass with fresh label
 samples. With K module partitions the modules are fitted in K groups, one after the other (2K
 passes), so only one group's accumulators live at a time. Sequences are sharded ``rank::world``
-across processes; every module has one owner process (hub_msif/factors/partition.py) to which its
-sums are reduced: the owner alone eigendecomposes, keeps and writes the module's file, and rank 0
-writes the manifest last. Any number of processes and partitions gives the same factors (labels
-are seeded per sequence); docs/design.md, "Module partitions and owners", "Precision", "Streaming data".
+across processes; every module has one owner process (hub_msif/factors/partition.py) to which each
+batch's captured inputs and gradients of the module are gathered: the owner alone holds its sums,
+eigendecomposes, keeps and writes the module's file, and rank 0 writes the manifest last. Any
+number of processes and partitions gives the same factors (labels are seeded per sequence);
+docs/design.md, "Module partitions and owners", "Precision", "Streaming data".
 
 Checkpoints: every ``checkpoint_every`` batches each process writes its partial sums atomically;
 rank 0 then commits the step in ``latest.json``. At the end of each group (but the last) a
@@ -59,6 +60,13 @@ CHECKPOINT_DIR = ".msif-checkpoints"
 
 ACCUMULATE_DTYPES = {name: getattr(torch, name) for name in ACCUMULATE_DTYPE_NAMES}
 MODEL_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPE_NAMES}
+# Where a fit's time goes, per process (recorded in the manifest's ``fit.phase_seconds``): forward and
+# backward passes with the capture hooks, label sampling and loss, the accumulator updates of each pass,
+# gathering inputs and gradients to the owners, eigendecompositions and writing the module files.
+PHASES = ("forward_backward", "labels", "covariance_updates", "exchange", "eigendecomposition", "lambda_updates",
+          "writing")
+# Bumped when the checkpoint's contents change meaning (2: each module's sums are held by its owner only).
+CHECKPOINT_LAYOUT = 2
 
 
 class _Distributed:
@@ -87,14 +95,21 @@ class _Distributed:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
 
-    def reduce(self, tensor: torch.Tensor, owner: int) -> None:
-        """Sums ``tensor`` over processes into the ``owner``'s copy (the others' copies are then garbage)."""
-        if self.world > 1:
-            torch.distributed.reduce(tensor, dst=owner, op=torch.distributed.ReduceOp.SUM)
+    def gather(self, tensor: torch.Tensor, owner: int) -> list[torch.Tensor] | None:
+        """Every process's ``tensor`` (all the same shape), in rank order, on the ``owner``; None elsewhere."""
+        if self.world == 1:
+            return [tensor]
+        received = [torch.empty_like(tensor) for _ in range(self.world)] if self.rank == owner else None
+        torch.distributed.gather(tensor, received, dst=owner)
+        return received
 
-    def broadcast(self, tensor: torch.Tensor, owner: int) -> None:
-        if self.world > 1:
-            torch.distributed.broadcast(tensor, src=owner)
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's ``tensor`` (all the same shape), in rank order, on every process."""
+        if self.world == 1:
+            return [tensor]
+        received = [torch.empty_like(tensor) for _ in range(self.world)]
+        torch.distributed.all_gather(received, tensor)
+        return received
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -119,7 +134,7 @@ def _run_fingerprint(config: FitConfig, tracked: Sequence[TrackedModule], data_f
     payload = json.dumps(
         {"config": asdict(config) | {"checkpoint_every": None, "storage_dtype": None},
          "modules": [spec_to_json(t) for t in tracked], "data": data_fingerprint, "model": model_revision,
-         "world": world},
+         "world": world, "layout": CHECKPOINT_LAYOUT},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -275,8 +290,8 @@ def fit_factors(
     (``hub_msif.data.TokenStream``). ``info`` (model, tokenizer and data descriptions;
     ``info["data"]["fingerprint"]`` and ``info["model"]["revision"]`` identify the run for
     resuming) goes into the manifest. ``on_checkpoint(step)`` is called after each committed
-    checkpoint; ``on_reduce(group, kept)`` after each group's final reduction, with the names of
-    the modules whose eigenvalues and Lambda this process still holds (its owned ones).
+    checkpoint; ``on_reduce(group, kept)`` after each group's Lambda pass, with the names of the
+    modules whose eigenvalues and Lambda this process holds (its owned ones, the only ones it ever sums).
     Returns the saved factors, or None with ``load_result=False`` (then no process ever holds
     more than its own modules: loading every module at the end would cost the artifact's size).
 
@@ -367,6 +382,7 @@ class _FitRun:
                                 self.num_batches, local, self._checkpoint)
         if self.on_reduce is not None:
             self.on_reduce(g, {"eigenvalues": sorted(fitter.eigen), "lambda": sorted(kept)})
+        started = time.perf_counter()
         for t in self.groups[g]:
             if t.name in kept:  # the owner: final factors of this module, written now
                 eig_a, q_a, eig_s, q_s = fitter.eigen.pop(t.name)
@@ -376,6 +392,7 @@ class _FitRun:
                 self.done.append(save_module_file(self.out_dir, config.stage, factors, config.storage_dtype))
         fitter.eigen.clear()
         del kept
+        fitter.seconds["writing"] += time.perf_counter() - started
         step = offset + self.per_group
         if config.checkpoint_every and step < self.total_steps:  # group boundary: finished files are reused
             self._save(step, {})
@@ -394,6 +411,7 @@ class _FitRun:
                 "modules": config.modules if isinstance(config.modules, str) else "explicit",
                 "num_processes": dist.world, "num_sequences": source.count, "num_tokens": source.tokens,
                 "seconds": round(seconds, 3), "hub_msif_version": __version__,
+                "phase_seconds": {k: round(v, 3) for k, v in self.fitter.seconds.items()},  # the main process's
                 "torch_version": torch.__version__,
                 "module_partitions": config.module_partitions, "samples_per_sequence": config.samples_per_sequence,
                 "accumulate_dtype": config.accumulate_dtype, "model_dtype": config.model_dtype,
@@ -408,7 +426,13 @@ class _FitRun:
 
 
 class _GroupFitter:
-    """Both passes over the data for one group of modules, with reductions to each module's owner."""
+    """Both passes over the data for one group of modules; each module's sums live on its owner only.
+
+    With several processes, every batch's captured inputs and output gradients of a module are
+    gathered to the module's owner as its backward produces them (docs/design.md, "Module partitions
+    and owners"): the owner alone accumulates the module's covariances and Lambda, eigendecomposes
+    and keeps its float64 eigenbasis; the other processes keep no sums and no eigenbasis of it.
+    """
 
     def __init__(self, model, config: FitConfig, dist: _Distributed, owners: dict[str, int], source: _Source,
                  pad_id: int, show_progress: bool):
@@ -418,103 +442,149 @@ class _GroupFitter:
         self.accumulate = ACCUMULATE_DTYPES[config.accumulate_dtype]
         self.eigen: dict[str, tuple] = {}  # owned modules of the current group: (eig_a, q_a, eig_s, q_s)
         self.progress = None if show_progress and dist.is_main else True  # tqdm: None = only on a terminal
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)  # this process's time per phase
+        self._tokens: list[tuple[int, int]] = []  # (sequences, length) of every process's current batch
+        self._index: dict[str, int] = {}  # module name -> position in the group, checked at each exchange
 
     def _bar(self, **kwargs):
         return _progress_bar(disable=self.progress, **kwargs)
 
+    def _owned(self, specs: Sequence[TrackedModule]) -> list[TrackedModule]:
+        return [t for t in specs if self.owners[t.name] == self.dist.rank]
+
     def fit_group(self, g: int, num_groups: int, specs: Sequence[TrackedModule], offset: int, done_steps: int,
                   num_batches: int, state: dict, checkpoint) -> dict[str, LambdaAccumulator]:
-        """Runs the group's remaining steps; returns the Lambda accumulators this process owns (reduced)."""
+        """Runs the group's remaining steps; returns the Lambda accumulators of the modules this process owns."""
         dist = self.dist
         label = f" (group {g + 1}/{num_groups})" if num_groups > 1 else ""
+        owned = self._owned(specs)
+        self._index = {t.name: i for i, t in enumerate(specs)}
         covariances: dict[str, CovarianceAccumulator] = {}
         lambdas: dict[str, LambdaAccumulator] = {}
-        bases: dict[str, tuple] = {}  # float64 (q_a, q_s) of every module of the group, for checkpoints
         if done_steps <= num_batches:
-            covariances = {t.name: CovarianceAccumulator(t, dist.device, self.accumulate) for t in specs}
-            for t in specs if done_steps else ():
+            covariances = {t.name: CovarianceAccumulator(t, dist.device, self.accumulate) for t in owned}
+            for t in owned if done_steps else ():
                 covariances[t.name].load_state({"a": state[f"{t.name}/a"], "s": state[f"{t.name}/s"]})
         else:
-            for t in specs:
-                q_a, q_s = (state[f"{t.name}/{k}"].to(dist.device) for k in ("q_a", "q_s"))
-                if self.owners[t.name] == dist.rank:
-                    eig_a, eig_s = (state[f"{t.name}/{k}"].to(dist.device) for k in ("eig_a", "eig_s"))
-                    self.eigen[t.name] = (eig_a, q_a, eig_s, q_s)
-                bases[t.name] = (q_a, q_s)
+            for t in owned:
+                eig_a, q_a, eig_s, q_s = (state[f"{t.name}/{k}"].to(dist.device) for k in ("eig_a", "q_a", "eig_s", "q_s"))
+                self.eigen[t.name] = (eig_a, q_a, eig_s, q_s)
                 lambdas[t.name] = LambdaAccumulator(t, q_a, q_s, self.dtype, self.accumulate)
                 lambdas[t.name].load_state({"lam": state[f"{t.name}/lam"].to(dist.device)})
 
         if done_steps < num_batches:
             self._pass(0, specs, covariances, offset, done_steps, num_batches, f"covariance{label}",
-                       lambda: {k: v for t in specs for k, v in (
+                       lambda: {k: v for t in owned for k, v in (
                            (f"{t.name}/a", covariances[t.name].a), (f"{t.name}/s", covariances[t.name].s))},
                        checkpoint)
         if not lambdas:
-            # Phase boundary: sum each module's covariances on its owner, which eigendecomposes them in
-            # float64 and sends the eigenvectors to every process for the Lambda pass.
-            for t in self._bar(iterable=specs, desc=f"eigendecomposition{label}", unit="module"):
-                acc, owner = covariances.pop(t.name), self.owners[t.name]
-                dist.reduce(acc.a, owner)
-                dist.reduce(acc.s, owner)
-                if owner == dist.rank:
-                    # Contiguous, like the tensors a resumed run loads from its checkpoint: eigh's
-                    # column-major output would take other matmul paths and round differently.
-                    self.eigen[t.name] = tuple(x.contiguous() for x in acc.eigendecompose())
-                    q_a, q_s = self.eigen[t.name][1], self.eigen[t.name][3]
-                else:
-                    q_a = torch.empty(t.d_in, t.d_in, dtype=torch.float64, device=dist.device)
-                    q_s = torch.empty(t.num_blocks, t.block_size, t.block_size, dtype=torch.float64, device=dist.device)
+            # Phase boundary: each owner decomposes its modules' covariances in float64, one at a time.
+            started = time.perf_counter()
+            for t in self._bar(iterable=owned, desc=f"eigendecomposition{label}", unit="module"):
+                acc = covariances.pop(t.name)
+                # Contiguous, like the tensors a resumed run loads from its checkpoint: eigh's
+                # column-major output would take other matmul paths and round differently.
+                self.eigen[t.name] = tuple(x.contiguous() for x in acc.eigendecompose())
                 del acc  # A and S are not needed any more: free them early
-                dist.broadcast(q_a, owner)
-                dist.broadcast(q_s, owner)
-                bases[t.name] = (q_a, q_s)
+                _, q_a, _, q_s = self.eigen[t.name]
                 lambdas[t.name] = LambdaAccumulator(t, q_a, q_s, self.dtype, self.accumulate)
+            self.seconds["eigendecomposition"] += time.perf_counter() - started
 
         def lambda_state() -> dict:
             out = {}
-            for t in specs:
-                (out[f"{t.name}/q_a"], out[f"{t.name}/q_s"]), out[f"{t.name}/lam"] = bases[t.name], lambdas[t.name].lam
-                if t.name in self.eigen:
-                    out[f"{t.name}/eig_a"], out[f"{t.name}/eig_s"] = self.eigen[t.name][0], self.eigen[t.name][2]
+            for t in owned:
+                eig_a, q_a, eig_s, q_s = self.eigen[t.name]
+                out.update({f"{t.name}/q_a": q_a, f"{t.name}/q_s": q_s, f"{t.name}/lam": lambdas[t.name].lam,
+                            f"{t.name}/eig_a": eig_a, f"{t.name}/eig_s": eig_s})
             return out
 
         self._pass(1, specs, lambdas, offset + num_batches, max(done_steps - num_batches, 0), num_batches,
                    f"Lambda{label}", lambda_state, checkpoint)
-        bases.clear()
-        kept = {}
-        for t in specs:
-            owner = self.owners[t.name]
-            dist.reduce(lambdas[t.name].lam, owner)
-            if owner == dist.rank:
-                kept[t.name] = lambdas[t.name]
-        lambdas.clear()
-        return kept
+        return lambdas
 
     def _pass(self, phase: int, specs, accumulators: dict, first_step: int, skip: int, num_batches: int,
               desc: str, state, checkpoint) -> None:
-        """One pass over this process's batches (after the first ``skip``), feeding ``accumulators``."""
+        """One pass over this process's batches (after the first ``skip``), feeding the owned ``accumulators``."""
         dist, config = self.dist, self.config
         samples = config.samples_per_sequence if phase == 1 else 1
-        capture = GradientCapture(self.model, specs, lambda spec, a, g: accumulators[spec.name].update(a, g))
+        update_phase = "covariance_updates" if phase == 0 else "lambda_updates"
+
+        def consume(spec: TrackedModule, a: torch.Tensor, g: torch.Tensor) -> None:
+            if dist.world == 1:
+                started = time.perf_counter()
+                accumulators[spec.name].update(a, g)
+                self.seconds[update_phase] += time.perf_counter() - started
+            else:
+                self._exchange(spec, a, g, accumulators, update_phase)
+
+        capture = GradientCapture(self.model, specs, consume)
         bar = self._bar(total=num_batches, initial=skip, desc=desc, unit="batch")
         step = first_step + skip
         try:
             with capture:
                 for indices, sequences in self.source.batches(dist.rank, dist.world, config.batch_size, skip):
+                    started = time.perf_counter()
+                    before = self.seconds["labels"] + self.seconds[update_phase] + self.seconds["exchange"]
                     if indices:
                         batch = collate(sequences, indices, self.pad_id, dist.device)
                         capture.mask = batch["attention_mask"]
+                    else:  # an empty last batch still takes part in every exchange (not in any sum)
+                        batch = collate([{"input_ids": [self.pad_id] * 2, "labels": [-100] * 2}], [0], self.pad_id,
+                                        dist.device)
+                        capture.mask = torch.zeros_like(batch["attention_mask"])
+                    if dist.world > 1:
+                        shape = torch.tensor(list(batch["input_ids"].shape) if indices else [0, 0], device=dist.device)
+                        self._tokens = [(int(x[0]), int(x[1])) for x in dist.all_gather(shape)]
+                    if indices or dist.world > 1:
                         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                             use_cache=False).logits
                         for sample in range(samples):
                             pass_index = 0 if phase == 0 else _lambda_pass_index(sample)
+                            labelled = time.perf_counter()
                             loss = lm_loss(logits, batch, config.label_mode, config.seed, pass_index=pass_index)
+                            self.seconds["labels"] += time.perf_counter() - labelled
                             loss.backward(retain_graph=sample + 1 < samples)
+                    inner = self.seconds["labels"] + self.seconds[update_phase] + self.seconds["exchange"] - before
+                    self.seconds["forward_backward"] += time.perf_counter() - started - inner
                     bar.update(1)
                     step += 1
                     checkpoint(step, state())
         finally:
             bar.close()
+
+    def _exchange(self, spec: TrackedModule, a: torch.Tensor, g: torch.Tensor, accumulators: dict,
+                  update_phase: str) -> None:
+        """Gathers this batch's ``a`` and ``g`` of one module from every process to its owner, which
+        adds them to its sums in rank order. One message per process: the module's position in the
+        group (every process must reach the modules in the same order), then ``a`` and ``g``."""
+        dist = self.dist
+        started = time.perf_counter()
+        owner, index = self.owners[spec.name], self._index[spec.name]
+        sizes = [b * t for b, t in self._tokens]
+        mine = sizes[dist.rank]
+        message = a.new_empty(1 + max(sizes) * (spec.d_in + spec.d_out))
+        message[0] = index
+        if mine:
+            message[1 : 1 + mine * spec.d_in] = a.reshape(-1)
+            message[1 + mine * spec.d_in : 1 + mine * (spec.d_in + spec.d_out)] = g.reshape(-1)
+        received = dist.gather(message, owner)
+        self.seconds["exchange"] += time.perf_counter() - started
+        if received is None:
+            return
+        started = time.perf_counter()
+        for rank, (message, (b, t)) in enumerate(zip(received, self._tokens)):
+            if int(message[0]) != index:
+                raise FactorError(f"process {rank} sent module {int(message[0])} of the group while this process "
+                                  f"expected {index} ({spec.name}); the processes ran the backward in other orders")
+            if not b * t:
+                continue
+            if rank == dist.rank:
+                accumulators[spec.name].update(a, g)
+            else:
+                n = b * t * spec.d_in
+                accumulators[spec.name].update(message[1 : 1 + n].view(b, t, spec.d_in),
+                                               message[1 + n : 1 + n + b * t * spec.d_out].view(b, t, spec.d_out))
+        self.seconds[update_phase] += time.perf_counter() - started
 
 
 def _files_intact(out_dir: Path, done: Sequence[dict], dist: _Distributed) -> bool:

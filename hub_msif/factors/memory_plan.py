@@ -40,14 +40,16 @@ EIGH_MATRICES = 4
 PHASES = ("covariance", "eigendecomposition", "lambda")
 
 ASSUMPTIONS = (
-    "Per process and phase, the largest over the module partitions. Covariance pass: model weights, one "
-    "batch's activations, and the partial sums A [d_in, d_in] and S [blocks, bs, bs] (accumulation dtype) of "
-    "every module of the partition (every process sums every module of the partition over its share of the "
-    "data before the sums are reduced to the module's owner). Eigendecomposition: the owner's reduced A and S "
-    "of its modules in the partition, turning into float64 eigenbases one module at a time, plus 4 n^2 float64 "
-    "(symmetrised input, eigenvectors, LAPACK workspace) of its largest matrix. Lambda pass: model weights, "
-    "activations, every process's copies of the partition's eigenbases in the compute dtype and its Lambda "
-    "accumulators [d_out, d_in] (accumulation dtype), and the owner's float64 eigenbases. Activations "
+    "Per process and phase, the largest over the module partitions. A process holds the sums, eigenbases and "
+    "Lambda of the modules it owns only: each batch's inputs and gradients of a module are gathered to its owner "
+    "(with several processes, one module at a time: every process's message of tokens x (d_in + d_out) values in "
+    "the compute dtype, and on the owner all of them at once). Covariance pass: model weights, one batch's "
+    "activations, the exchange buffers and the sums A [d_in, d_in] and S [blocks, bs, bs] (accumulation dtype) "
+    "of the owned modules of the partition. Eigendecomposition: the owned A and S turning into float64 "
+    "eigenbases one module at a time, plus 4 n^2 float64 (symmetrised input, eigenvectors, LAPACK workspace) of "
+    "the matrix being decomposed. Lambda pass: model weights, activations, the exchange buffers, and of the "
+    "owned modules the float64 eigenbases, their compute-dtype copies, the Lambda accumulators [d_out, d_in] "
+    "(accumulation dtype) and the eigenvalues. Activations "
     "(estimate): saved for backward with frozen parameters, per token and layer in the model dtype, the "
     "residual stream, q/k/v (after the rotary embedding) and the attention output, with eager attention the "
     "softmax probabilities (heads x length), and the MLP activation's input (gated MLPs: gate, up and the "
@@ -386,10 +388,10 @@ def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], ph
     # the label draw's float64 softmax and running sum of one sequence.
     logits = tokens * shape["vocab"] * (e + 2 * 4) + 2 * 8 * length * shape["vocab"]
     # The largest of: one layer's forward temporaries, and one module's update temporaries:
-    # covariance pass: its float Gram matrix and the float64 copy; Lambda pass: the rotated
-    # inputs and gradients, the per-sequence chunk and its square, their sum and its float64 copy.
+    # covariance pass: its Gram matrix (added into the sum without a converted copy); Lambda pass:
+    # the rotated inputs and gradients, the per-sequence chunk (squared in place) and its sum.
     if phase == "covariance":
-        update = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in group) * (c + acc)
+        update = max(max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) for m in group) * c
     else:
         update = max(_lambda_update(m, tokens, batch_size, c, acc) for m in group)
     return saved + hooks + logits + max(per_layer_bytes, update)
@@ -398,7 +400,7 @@ def _activation_bytes(shape: dict, hooked_d_in: int, group: list[ModulePlan], ph
 def _lambda_update(m: ModulePlan, tokens: int, batch_size: int, c: int, acc: int) -> int:
     per_sequence = m.d_out * m.d_in
     chunk = min(batch_size, max(1, LAMBDA_CHUNK_ELEMENTS // per_sequence))
-    return tokens * (m.d_in + m.d_out) * c + 2 * chunk * per_sequence * c + per_sequence * (c + acc)
+    return tokens * (m.d_in + m.d_out) * c + chunk * per_sequence * c + per_sequence * c
 
 
 def _eigh_matrices(acc_bytes: int) -> int:
@@ -408,44 +410,48 @@ def _eigh_matrices(acc_bytes: int) -> int:
 
 
 def _process_phases(num_processes: int, groups: list[list[ModulePlan]], model_bytes: int, act, acc_bytes: int,
-                    compute_bytes: int) -> list[ProcessPlan]:
+                    compute_bytes: int, tokens: int) -> list[ProcessPlan]:
     """The peak of each phase on every rank: the largest over the module partitions.
 
-    Mirrors fit.py: at the phase boundary the modules of the partition are taken one at a time:
-    reduced to the owner, eigendecomposed there, and the float64 eigenbasis is broadcast to every
-    process, which keeps it (it is checkpointed) next to its compute-dtype copy and a fresh Lambda
-    accumulator.
+    Mirrors fit.py: a process holds the sums, float64 eigenbases, compute-dtype copies and Lambda of
+    the modules it owns only; with several processes each batch's inputs and gradients of a module are
+    gathered to its owner (one message per process, the owner receives all of them at once). At the
+    phase boundary the owner turns its covariances into eigenbases one module at a time.
     """
     copies = 0 if compute_bytes == 8 else compute_bytes  # a float64 model rotates with the float64 basis itself
     per_rank: list[dict[str, dict[str, int]]] = [{phase: {} for phase in PHASES} for _ in range(num_processes)]
     for group in groups:
-        basis = [8 * m.covariance_elements for m in group]
-        after = [b // 8 * copies + acc_bytes * m.lambda_elements for b, m in zip(basis, group)]
-        covs = [acc_bytes * m.covariance_elements for m in group]
         hooked = sum(m.d_in for m in group)
-        covariance = {"model_weights": model_bytes, "activations": act(hooked, group, "covariance"),
-                      "covariance_accumulators": sum(covs)}
-        lam_shared = {"model_weights": model_bytes, "activations": act(hooked, group, "lambda"),
-                      "eigenbases_float64": sum(basis), "eigenbasis_copies": sum(b // 8 * copies for b in basis),
-                      "lambda_accumulators": acc_bytes * sum(m.lambda_elements for m in group)}
         for rank in range(num_processes):
-            worst = per_rank[rank]
-            # Module i: the sums of modules i.. are still held, those before i are eigenbases already.
-            best: dict[str, int] | None = None
+            mine = [m for m in group if m.owner == rank]
+            basis = [8 * m.covariance_elements for m in mine]
+            after = [b // 8 * copies + acc_bytes * m.lambda_elements for b, m in zip(basis, mine)]
+            covs = [acc_bytes * m.covariance_elements for m in mine]
+            # One module's exchange at a time: every process's message (1 + tokens (d_in + d_out) values),
+            # the owner also holds what it receives from every process.
+            exchange = 0 if num_processes == 1 else max(
+                (num_processes + 1 if m.owner == rank else 1) * (1 + tokens * (m.d_in + m.d_out)) * compute_bytes
+                for m in group)
+            covariance = {"model_weights": model_bytes, "activations": act(hooked, group, "covariance"),
+                          "exchange_buffers": exchange, "covariance_accumulators": sum(covs)}
+            lam = {"model_weights": model_bytes, "activations": act(hooked, group, "lambda"),
+                   "exchange_buffers": exchange, "eigenbases_float64": sum(basis),
+                   "eigenbasis_copies": sum(b // 8 * copies for b in basis),
+                   "lambda_accumulators": acc_bytes * sum(m.lambda_elements for m in mine),
+                   "owned_eigenvalues_float64": 8 * sum(m.eigenvalue_elements for m in mine)}
+            # Module i: the sums of owned modules i.. are still held, those before i are eigenbases already.
+            best = {"model_weights": model_bytes, "covariance_accumulators_left": 0, "eigenbases_and_lambda_so_far": 0,
+                    "eigh_workspace": 0}
             remaining, done = sum(covs), 0
-            for i, m in enumerate(group):
-                temp = 8 * _eigh_matrices(acc_bytes) * max(m.d_in ** 2, m.num_blocks * m.block_size ** 2) \
-                    if m.owner == rank else 0
+            for i, m in enumerate(mine):
+                temp = 8 * _eigh_matrices(acc_bytes) * max(m.d_in ** 2, m.num_blocks * m.block_size ** 2)
                 parts = {"model_weights": model_bytes, "covariance_accumulators_left": remaining,
                          "eigenbases_and_lambda_so_far": done, "eigh_workspace": temp}
-                if best is None or sum(parts.values()) > sum(best.values()):
+                if sum(parts.values()) > sum(best.values()):
                     best = parts
                 remaining -= covs[i]
                 done += basis[i] + after[i]
-            if best is None:
-                raise RuntimeError("an empty module partition")  # module_groups never makes one
-            lam = dict(lam_shared)
-            lam["owned_eigenvalues_float64"] = 8 * sum(m.eigenvalue_elements for m in group if m.owner == rank)
+            worst = per_rank[rank]
             for phase, parts in (("covariance", covariance), ("eigendecomposition", best), ("lambda", lam)):
                 if sum(parts.values()) > sum(worst[phase].values()):
                     worst[phase] = parts
@@ -485,7 +491,7 @@ def _plan_once(base: dict, k: int) -> FitPlan:
         return _activation_bytes(base["shape"], hooked, group, phase, e, c, acc, base["batch_size"], base["max_length"],
                                  base["attention"])
 
-    processes = _process_phases(n, groups, base["model_bytes"], act, acc, c)
+    processes = _process_phases(n, groups, base["model_bytes"], act, acc, c, base["batch_size"] * base["max_length"])
     rank = base["query_rank"]
     return FitPlan(
         model=base["model"], model_type=base["model_type"], parameters=base["parameters"], stage=base["stage"],

@@ -56,8 +56,8 @@ def module_groups(specs: Sequence[TrackedModule], k: int) -> list[list[str]]:
 def module_owners(specs: Sequence[TrackedModule], world: int) -> dict[str, int]:
     """The owner rank of each module among ``world`` processes, balanced by accumulator size.
 
-    The owner receives the module's reduced sums, eigendecomposes them, keeps the factors and
-    writes the module's file. With more processes than modules some ranks own nothing.
+    The owner receives every process's inputs and gradients of the module and alone holds its sums,
+    eigendecomposes them, keeps the factors and writes the module's file. With more processes than modules some ranks own nothing.
     """
     if not isinstance(world, int) or world < 1:
         raise MsifValueError(f"the number of processes must be a positive integer, got {world!r}")

@@ -9,6 +9,7 @@ batch). The model is float64, so the factors agree up to summation order (~1e-12
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -189,3 +190,58 @@ def test_a_launch_without_a_process_group_is_refused(monkeypatch, example, tmp_p
         fit_factors(torch.nn.Linear(2, 2), [{"input_ids": [1, 2], "labels": [1, 2]}], tmp_path / "out", FitConfig(),
                     pad_id=0, info={}, accelerator=lone)
     assert not (tmp_path / "out").exists()
+
+
+HELD_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    from hub_msif.factors.fit import FitConfig, fit_stage
+
+    model, corpus, out, record = sys.argv[1:5]
+    held = []
+
+    def look(step):
+        rank = dist.get_rank()
+        path = Path(out) / ".msif-checkpoints" / "pretrained" / f"step{step:08d}-rank{rank}.safetensors"
+        with safe_open(str(path), framework="pt") as handle:
+            held.append({"step": step, "tensors": {k: str(handle.get_tensor(k).dtype) for k in handle.keys()}})
+
+    fit_stage(model, corpus, out, FitConfig(batch_size=5, storage_dtype="float64", checkpoint_every=1),
+              show_progress=False, on_checkpoint=look)
+    with open(f"{record}-rank{dist.get_rank()}.json", "w") as handle:
+        json.dump(held, handle)
+    """
+)
+
+
+def test_a_process_holds_sums_and_eigenbases_of_its_owned_modules_only(example, reference, tmp_path):
+    """What a process checkpoints is everything it holds (the partial sums, float64 eigenbases,
+    eigenvalues and Lambda): at every step of both passes of a 2-process fit, each rank holds
+    exactly its owned modules' tensors, the eigenbases in float64, and nothing of the others."""
+    from hub_msif.factors.partition import module_owners
+
+    model, corpus = example
+    script = tmp_path / "held_worker.py"
+    script.write_text(HELD_WORKER)
+    out, record = tmp_path / "factors", tmp_path / "held"
+    _launch_two([str(script), str(model), str(corpus), str(out), str(record)], cwd=tmp_path)
+
+    owners = module_owners(reference.specs, 2)
+    batches = math.ceil(math.ceil(NUM_SEQUENCES / 2) / 5)  # per pass, on each rank (the same on both)
+    for rank in (0, 1):
+        held = json.loads(Path(f"{record}-rank{rank}.json").read_text())
+        owned = {n for n, o in owners.items() if o == rank}
+        assert owned and owned != set(owners)
+        assert [h["step"] for h in held] == list(range(1, 2 * batches))  # the last step is the group's end
+        for h in held:
+            names = {key.rsplit("/", 1)[0] for key in h["tensors"]}
+            assert names == owned, f"rank {rank}, step {h['step']}: holds {sorted(names ^ owned)}"
+            kinds = ("a", "s") if h["step"] <= batches else ("q_a", "q_s", "eig_a", "eig_s", "lam")
+            assert set(h["tensors"]) == {f"{n}/{k}" for n in owned for k in kinds}, (rank, h["step"])
+            assert set(h["tensors"].values()) == {"torch.float64"}
+    assert_same_factors(load_stage(out, "pretrained"), reference, rtol=1e-9)
