@@ -26,6 +26,7 @@ from hub_msif.attribution import baselines
 from hub_msif.attribution.checks import (
     METHODS,
     check_candidates,
+    check_damping,
     check_dampings,
     check_methods,
     check_prompt,
@@ -44,7 +45,7 @@ from hub_msif.attribution.scoring import (
     score_candidates,
     stack_queries,
 )
-from hub_msif.attribution.stage_one import StageOne, check_modules, choose_source, query_vectors, recorded_check, union
+from hub_msif.attribution.stage_one import StageOne, choose_source, index_projection, query_vectors, recorded_check, union
 from hub_msif.data import DEFAULT_TEMPLATE, collate
 from hub_msif.errors import FactorError, MsifValueError
 from hub_msif.factors.objectives import shifted_targets
@@ -168,7 +169,8 @@ class Attributor:
         self._place(device, model_dtype)
         self._root = self  # views (restrict) share it: stage one projects over every module the index covers
         self._token = token
-        self._checked_gradindexes: set[int] = set()
+        # id(gradient index) -> (the index, kept alive so that its id stays its own; its GradientProjection)
+        self._projections: dict[int, tuple[Any, Any]] = {}
         self.gradindex = self._gradient_index(gradindex) if gradindex is not None else None
 
     def _place(self, device: str, model_dtype: str | None) -> None:
@@ -290,16 +292,27 @@ class Attributor:
             embedded = [index.documents[i] for i, _ in index.search([f"{prompt} {answer}"], k)[0]]
             searched["embedding"] = len(index.documents)
         if source in ("gradient", "both"):
-            root = self._root
             self._check_corpus(gradindex)
-            vectors = query_vectors(gradindex, root.models["finetuned"], root.specs, root.factors["finetuned"],
-                                    root.factors["pretrained"], root.pad_id, [self.query_sequence(prompt, answer)],
-                                    damping, relative)
+            vectors = self.gradient_query_vectors([(prompt, answer)], gradindex, damping, relative)
             by_gradient = [gradindex.documents[i] for i, _ in gradindex.search(vectors, k)[0]]
             searched["gradient"] = len(gradindex.documents)
         documents = union(by_gradient, embedded)
         return documents, StageOne(source, len(documents), searched, time.perf_counter() - started,
                                    recorded_check(gradindex) if gradindex is not None and by_gradient else None)
+
+    def gradient_query_vectors(self, queries: Sequence[tuple[str, str]], gradindex=None,
+                               damping: float = DEFAULT_DAMPING, relative: bool = True):
+        """``[Q, dims]`` float32 (numpy) vectors of (prompt, answer) ``queries`` for ``gradindex``
+        (default: this attributor's): each query's multi-stage vector at ``damping``, projected as
+        the index's documents were; their inner products with the index's vectors are its scores
+        (docs/design.md, "Gradient index")."""
+        gradindex = self._gradient_index(gradindex)
+        if gradindex is None:
+            raise MsifValueError("no gradient index given (gradindex=, --gradindex)")
+        root = self._root
+        return query_vectors(root._projections[id(gradindex)][1], root.models["finetuned"], root.factors["finetuned"],
+                             root.factors["pretrained"], root.pad_id, [self.query_sequence(p, a) for p, a in queries],
+                             check_damping(damping), relative)
 
     def _gradient_index(self, gradindex=None):
         """``gradindex`` (a ``GradientIndex`` or its location), else this attributor's, else None;
@@ -313,10 +326,10 @@ class Attributor:
 
             gradindex = GradientIndex.load(gradindex, token=self._token)
         root = self._root
-        if id(gradindex) not in root._checked_gradindexes:
-            gradindex.check_stage(root.factors["pretrained"].info)
-            check_modules(gradindex, root.specs, root.locations["pretrained"])
-            root._checked_gradindexes.add(id(gradindex))
+        if id(gradindex) not in root._projections:
+            where = root.locations["pretrained"]
+            gradindex.check_stage(root.factors["pretrained"].info, where)
+            root._projections[id(gradindex)] = (gradindex, index_projection(gradindex, root.factors["pretrained"], where))
         return gradindex
 
     def _answered(self, prompt: str, answer: str | None) -> tuple[str, bool]:

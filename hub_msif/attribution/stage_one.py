@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +20,10 @@ import torch
 from hub_msif.attribution.checks import CANDIDATE_SOURCES, check_candidates_from
 from hub_msif.attribution.scoring import per_example_gradients
 from hub_msif.errors import MsifValueError
-from hub_msif.factors.architectures import TrackedModule
 from hub_msif.factors.storage import StageFactors
+
+if TYPE_CHECKING:
+    from hub_msif.attribution.gradient_projection import GradientProjection
 
 
 @dataclass
@@ -69,30 +72,32 @@ def recorded_check(gradindex) -> dict | None:
     return dict(check) if isinstance(check, dict) else None
 
 
-def index_modules(gradindex) -> list[str]:
-    """The tracked modules a gradient index's vectors cover (its projection's)."""
-    return list(gradindex.projection.modules)
+def index_projection(gradindex, pretrained: StageFactors, where: str) -> GradientProjection:
+    """The projection a gradient index was built with, remade from its manifest over the pre-trained
+    stage's factors (``pretrained``, already checked to be the index's stage): every module the
+    index covers must be loaded (an attributor of ``modules='mlp'`` lacks the attention modules)."""
+    from hub_msif.attribution.gradient_projection import GradientProjection
 
-
-def check_modules(gradindex, specs: Sequence[TrackedModule], where: str) -> None:
-    """The attributor's factors must cover every module of the gradient index: the query's vector
-    needs each module's gradient and both stages' factors there."""
-    have = {spec.name for spec in specs}
-    missing = [name for name in index_modules(gradindex) if name not in have]
+    settings = (gradindex.metadata or {}).get("projection") or {}
+    names = list(settings.get("k") or {})
+    missing = [name for name in names if name not in pretrained.modules]
     if missing:
         raise MsifValueError(f"the gradient index covers {len(missing)} module(s) that the factors from {where} do "
                              f"not load (first: {missing[0]}); load them with modules='all' (--modules all)")
+    covered = StageFactors(pretrained.stage, pretrained.info, {n: pretrained.modules[n] for n in names})
+    return GradientProjection.from_json(settings, covered)
 
 
-def query_vectors(gradindex, model: torch.nn.Module, specs: Sequence[TrackedModule], finetuned: StageFactors,
+def query_vectors(projection: GradientProjection, model: torch.nn.Module, finetuned: StageFactors,
                   pretrained: StageFactors, pad_id: int, sequences: Sequence[dict], damping: float,
                   relative: bool) -> np.ndarray:
     """The gradient index's query vectors ``[Q, dims]`` (float32) of query ``sequences``: each one's
-    answer-loss gradient under the fine-tuned ``model`` (``per_example_gradients``, one query per
-    pass, as stage two takes them), preconditioned by both stages at ``damping`` and projected as
-    the index's candidates were (``GradientProjection.query_vectors``)."""
-    grads = per_example_gradients(model, specs, sequences, pad_id, 1)
-    vectors = gradindex.projection.query_vectors(grads, finetuned, pretrained, damping, relative)
+    answer-loss gradient under the fine-tuned ``model`` over the projection's modules
+    (``per_example_gradients``, one query per pass, as stage two takes them), preconditioned by both
+    stages at ``damping`` and projected as the index's candidates were
+    (``GradientProjection.query_vectors``)."""
+    grads = per_example_gradients(model, projection.specs, sequences, pad_id, 1)
+    vectors = projection.query_vectors(grads, finetuned, pretrained, damping, relative)
     array = vectors.detach().to(device="cpu", dtype=torch.float32).numpy()
     if not np.all(np.isfinite(array)):
         raise MsifValueError("the query's gradient-index vector is not finite; try a larger damping")
@@ -115,5 +120,5 @@ def union(first: Sequence[dict], second: Sequence[dict]) -> list[dict]:
     return out
 
 
-__all__ = ["CANDIDATE_SOURCES", "StageOne", "check_modules", "choose_source", "query_vectors", "recorded_check",
+__all__ = ["CANDIDATE_SOURCES", "StageOne", "choose_source", "index_projection", "query_vectors", "recorded_check",
            "union"]
