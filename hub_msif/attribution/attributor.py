@@ -45,7 +45,14 @@ from hub_msif.attribution.scoring import (
     score_candidates,
     stack_queries,
 )
-from hub_msif.attribution.stage_one import StageOne, choose_source, index_projection, query_vectors, recorded_check, union
+from hub_msif.attribution.stage_one import (
+    StageOne,
+    choose_source,
+    index_projection,
+    query_vectors,
+    recorded_check,
+    union,
+)
 from hub_msif.data import DEFAULT_TEMPLATE, collate
 from hub_msif.errors import FactorError, MsifValueError
 from hub_msif.factors.objectives import shifted_targets

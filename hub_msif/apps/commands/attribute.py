@@ -10,6 +10,7 @@ from pathlib import Path
 from hub_msif.apps.arguments import (
     check_location,
     check_model,
+    name_folder,
     non_empty,
     non_negative_int,
     positive_finite_float,
@@ -30,7 +31,7 @@ def add(sub) -> None:
                         "that stage of --factors): one published base stage serves every fine-tune of it")
     p.add_argument("--factors-finetuned", type=non_empty, metavar="LOC",
                    help="the fine-tuned stage's factors from their own place (folder or REPO[@REV])")
-    p.add_argument("--model-path", type=_name_folder, action="append", default=[], metavar="NAME=FOLDER",
+    p.add_argument("--model-path", type=name_folder, action="append", default=[], metavar="NAME=FOLDER",
                    help="where a model that the factors record as a local folder (by NAME and its weights' sha256) "
                         "lies on this machine (repeatable; default: a folder this machine has seen with those weights)")
     p.add_argument("--index", type=non_empty, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
@@ -86,15 +87,6 @@ def add(sub) -> None:
         "--index/--gradindex/--documents and --prompt/--queries are then not needed"))
     g.add_argument("--plan-tokens", type=positive_int, metavar="T",
                    help="tokens per candidate document and per query in the plan (default: the model's maximum)")
-
-
-def _name_folder(text: str) -> tuple[str, str]:
-    name, sep, folder = text.partition("=")
-    if not sep or not name.strip() or not folder.strip():
-        raise argparse.ArgumentTypeError(f"must be NAME=FOLDER, got {text!r}")
-    if not Path(folder).expanduser().is_dir():
-        raise argparse.ArgumentTypeError(f"no such model folder: {folder}")
-    return name, str(Path(folder).expanduser())
 
 
 def _stage_file(text: str) -> tuple[str, str]:
