@@ -48,14 +48,18 @@ FACTORS = ArtifactKind("factors", "msif.json", "hub_msif.factors", 1, FactorErro
                        FactorIntegrityError)
 INDEX = ArtifactKind("index", "index.json", "hub_msif.index", 1, RetrievalError, IndexNotFoundError,
                      IndexIntegrityError)
-KINDS = {kind.name: kind for kind in (FACTORS, INDEX)}
+# The gradient index (docs/design.md, "Gradient index"): documents plus per-process shards of vectors.
+GRADINDEX = ArtifactKind("gradindex", "gradindex.json", "hub_msif.gradindex", 1, RetrievalError, IndexNotFoundError,
+                         IndexIntegrityError)
+KINDS = {kind.name: kind for kind in (FACTORS, INDEX, GRADINDEX)}
+_LABELS = {"factors": "factor", "index": "index", "gradindex": "gradient index"}
 
 
 def read_manifest(folder: str | Path, kind: ArtifactKind = FACTORS) -> dict:
     """The parsed manifest of a ``kind`` folder, or the kind's error saying what is wrong."""
     folder = Path(folder)
     path = folder / kind.manifest_name
-    label = "factor" if kind is FACTORS else "index"
+    label = _LABELS[kind.name]
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise kind.not_found(f"{label} folder {folder} {what}")
@@ -242,6 +246,30 @@ def index_files(manifest: dict) -> dict[str, str]:
             raise RetrievalError(f"{INDEX.manifest_name} lists no sha256 for {name}")
         out[safe_relative(name, INDEX.manifest_name)] = files[name]["sha256"]
     return out
+
+
+def gradindex_files(manifest: dict) -> dict[str, str]:
+    """``{relative path: sha256}`` of a gradient index's data files: ``documents.parquet`` and
+    every shard its manifest lists (``shards/...``)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(files.get(DOCUMENTS_NAME), dict):
+        raise RetrievalError(f"{GRADINDEX.manifest_name} lists no {DOCUMENTS_NAME}")
+    out = {}
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise RetrievalError(f"{GRADINDEX.manifest_name} lists no sha256 for {name!r}")
+        if name != DOCUMENTS_NAME and not (isinstance(name, str) and name.startswith("shards/")):
+            raise RetrievalError(f"{GRADINDEX.manifest_name} lists an unexpected file {name!r}")
+        out[safe_relative(name, GRADINDEX.manifest_name, RetrievalError)] = entry["sha256"]
+    return out
+
+
+def stage_sha256(info: dict) -> str:
+    """sha256 of one stage's manifest entry (canonical JSON): names the exact factors an artifact
+    derived from them (a gradient index) was made with."""
+    from hub_msif.artifacts.atomic import sha256_bytes
+
+    return sha256_bytes(json.dumps(info, sort_keys=True, separators=(",", ":")).encode())
 
 
 def stage_differences(modules_a: list[dict], modules_b: list[dict]) -> list[str]:

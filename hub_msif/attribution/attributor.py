@@ -24,6 +24,7 @@ import torch
 from hub_msif.artifacts.manifest import FACTORS, STAGES, check_same_modules, read_manifest, stage_info
 from hub_msif.attribution import baselines
 from hub_msif.attribution.checks import (
+    DEFAULT_DAMPING,
     METHODS,
     check_candidates,
     check_damping,
@@ -64,7 +65,6 @@ from hub_msif.models import generate_answer, load_model, pad_token_id, recorded_
 logger = logging.getLogger(__name__)
 # METHODS (ms-if, ss-if, gdp, repsim, bm25) is defined with the checks (hub_msif.attribution.checks).
 DAMPED_METHODS = ("ms-if", "ss-if")
-DEFAULT_DAMPING = 0.1  # relative: 0.1 x mean(Lambda) per module, as in Grosse et al.
 # Which model's gradients (or hidden states) each method takes of the candidates.
 CANDIDATE_STAGE = {"ms-if": "pretrained", "gdp": "pretrained", "repsim": "pretrained", "ss-if": "finetuned"}
 

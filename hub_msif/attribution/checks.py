@@ -16,6 +16,7 @@ from hub_msif.errors import MsifValueError
 
 METHODS = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
 CANDIDATE_SOURCES = ("embedding", "gradient", "both")  # where stage one finds candidates (``candidates_from``)
+DEFAULT_DAMPING = 0.1  # relative: 0.1 x mean(Lambda) per module, as in Grosse et al.
 
 
 class ArgumentError(MsifValueError):

@@ -19,7 +19,6 @@ faiss index from the embeddings (no faiss binary is read, so none has to be trus
 from __future__ import annotations
 
 import copy
-import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from hub_msif.artifacts.manifest import (
     index_files,
     read_manifest,
 )
+from hub_msif.attribution.documents import documents_from_parquet, documents_sha256, documents_to_parquet
 from hub_msif.attribution.embeddings import (
     DEFAULT_BATCH_SIZE,
     NORM_TOLERANCE,
@@ -134,7 +134,7 @@ class DocumentIndex:
             "metric": METRIC,
             "normalised": True,
             "num_documents": len(documents),
-            "corpus": dict(corpus or {}) | {"documents_sha256": _documents_sha256(documents)},
+            "corpus": dict(corpus or {}) | {"documents_sha256": documents_sha256(documents)},
             "index_type": index_type,
         }
         if example_questions:
@@ -285,7 +285,7 @@ class DocumentIndex:
         folder = Path(folder)
         self.validate()
         payloads = {
-            DOCUMENTS_NAME: _documents_to_parquet(self.documents),
+            DOCUMENTS_NAME: documents_to_parquet(self.documents),
             EMBEDDINGS_NAME: st_save({EMBEDDINGS_KEY: self.embeddings}, metadata={"format": INDEX.format_name}),
         }
         files = {}
@@ -329,7 +329,7 @@ class DocumentIndex:
         embeddings = tensors[EMBEDDINGS_KEY]
         if embeddings.dtype != np.float32:
             raise RetrievalError(f"{folder / EMBEDDINGS_NAME}: embeddings must be float32, got {embeddings.dtype}")
-        documents = _documents_from_parquet(payloads[DOCUMENTS_NAME], folder / DOCUMENTS_NAME)
+        documents = documents_from_parquet(payloads[DOCUMENTS_NAME], folder / DOCUMENTS_NAME)
         metadata = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "library_version", "files")}
         try:
             return cls(documents, embeddings, metadata)
@@ -340,49 +340,6 @@ class DocumentIndex:
 def _check_index_type(index_type) -> None:
     if index_type not in INDEX_TYPES:
         raise RetrievalError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}")
-
-
-def _documents_sha256(documents: Sequence[dict]) -> str:
-    """sha256 over the ids and texts, in order (a fingerprint of the indexed corpus)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for doc in documents:
-        for value in (doc["id"], doc["text"]):
-            raw = value.encode("utf-8")
-            digest.update(len(raw).to_bytes(8, "little") + raw)
-    return digest.hexdigest()
-
-
-def _documents_to_parquet(documents: Sequence[dict]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"id": pa.array([d["id"] for d in documents], type=pa.string()),
-                      "text": pa.array([d["text"] for d in documents], type=pa.string())})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def _documents_from_parquet(data: bytes, path: Path) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    # Read from a copy that arrow owns: a reader over Python bytes may be released by an arrow worker
-    # thread during interpreter shutdown, which then takes the GIL and aborts the process
-    # ("terminate called without an active exception") when torch is loaded.
-    owned = pa.allocate_buffer(len(data))
-    np.frombuffer(owned, dtype=np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
-    try:
-        table = pq.read_table(pa.BufferReader(owned))
-    except (pa.ArrowException, OSError) as err:
-        raise RetrievalError(f"{path} cannot be read as parquet: {one_line(err)}") from err
-    missing = [c for c in ("id", "text") if c not in table.column_names]
-    if missing:
-        raise RetrievalError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(table.column_names)}")
-    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-    return [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

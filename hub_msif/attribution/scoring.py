@@ -238,6 +238,24 @@ def _metric_coefficients(method: str, grad: torch.Tensor, finetuned: ModuleFacto
     return inner.reshape(grad.shape)
 
 
+def finetuned_in_pretrained_basis(query_grads: Mapping[str, torch.Tensor], finetuned: StageFactors,
+                                  pretrained: StageFactors, damping: float, relative: bool = True
+                                  ) -> dict[str, torch.Tensor]:
+    """``X = Q_S2^T P_ft(G_q) Q_A2`` per module (``[Q, d_out, d_in]``, blocks of the pre-trained stage
+    laid out as the rows of ``d_out``): each query preconditioned by the fine-tuned stage, rotated
+    into the pre-trained stage's eigenbasis (the query side of the gradient index, docs/design.md,
+    "Gradient index"). MS-IF is then ``<X / (Lambda_pt + damping), Q_S2^T G_c Q_A2>``."""
+    out = {}
+    for name, grad in query_grads.items():
+        source, target = finetuned.modules.get(name), pretrained.modules.get(name)
+        if source is None or target is None:
+            raise MsifValueError(f"no factors of both stages for module {name}")
+        if source.spec.block_labels != target.spec.block_labels:
+            raise MsifValueError(f"module {name!r}: the two stages split the output into different blocks")
+        out[name] = _metric_coefficients("ss-if", grad, source, target, damping, relative)
+    return out
+
+
 def _truncate_coefficients(coefficients: torch.Tensor, rank: int, factors: ModuleFactors
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, V)`` from ``W``'s coefficients ``Q_S^T W Q_A`` in the eigenbasis of ``factors``: see ``truncate``."""
