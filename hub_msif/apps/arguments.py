@@ -108,6 +108,16 @@ def check_unicode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                                      "give UTF-8 text")
 
 
+def name_folder(text: str) -> tuple[str, str]:
+    """``--model-path NAME=FOLDER``: a model name and an existing folder."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"must be NAME=FOLDER, got {text!r}")
+    if not Path(folder).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"no such model folder: {folder}")
+    return name, str(Path(folder).expanduser())
+
+
 def check_target_folder(path: str | Path, option: str) -> None:
     """A folder the command creates or writes into: refused when it, or a folder above it, is a file."""
     path = Path(path).expanduser()

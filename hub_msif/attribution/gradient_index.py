@@ -40,11 +40,11 @@ from hub_msif.artifacts.manifest import (
 )
 from hub_msif.attribution.documents import documents_from_parquet
 from hub_msif.attribution.embeddings import one_line
+from hub_msif.attribution.gradient_defaults import ANN_CHOICES
 from hub_msif.errors import IndexIntegrityError, RetrievalError
 
 MANIFEST_NAME = GRADINDEX.manifest_name
 SHARD_FOLDER = "shards"
-ANN_CHOICES = ("flat", "ivf,pq")
 IVF_SEED = 1234
 IVF_POINTS_PER_LIST = 39  # faiss warns below 39 training points per cluster
 PQ_NUMBERS_PER_CODE = 4
@@ -145,8 +145,9 @@ class GradientIndex:
                 quantizer = faiss.IndexFlatIP(self.dims)
                 index = faiss.IndexIVFPQ(quantizer, self.dims, p["nlist"], p["m"], p["nbits"],
                                          faiss.METRIC_INNER_PRODUCT)
-                index.cp.seed = p["seed"]
-                index.pq.cp.seed = p["seed"]
+                for clustering in (index.cp, index.pq.cp):  # seeded; few points per centroid is fine here
+                    clustering.seed = p["seed"]
+                    clustering.min_points_per_centroid = 1
                 index.train(vectors)
                 index.nprobe = p["nprobe"]
             index.add(vectors)

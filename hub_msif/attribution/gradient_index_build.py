@@ -42,19 +42,16 @@ from hub_msif.artifacts.manifest import (
 from hub_msif.attribution.checks import DEFAULT_DAMPING
 from hub_msif.attribution.device import resolve_device
 from hub_msif.attribution.documents import documents_sha256, documents_to_parquet
-from hub_msif.attribution.gradient_index import (
+from hub_msif.attribution.gradient_defaults import (
     ANN_CHOICES,
-    SHARD_FOLDER,
-    ivf_pq_parameters,
-    shard_name,
-)
-from hub_msif.attribution.gradient_projection import (
     DEFAULT_BALANCE,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_DIMS,
     DEFAULT_K,
-    CandidateVectors,
-    GradientProjection,
+    DEFAULT_SHARD_SIZE,
 )
+from hub_msif.attribution.gradient_index import SHARD_FOLDER, ivf_pq_parameters, shard_name
+from hub_msif.attribution.gradient_projection import CandidateVectors, GradientProjection
 from hub_msif.data import CorpusSpec, load_rows, public_data, remember_source, report_skipped, row_text
 from hub_msif.errors import CorpusError, MsifValueError, RetrievalError
 from hub_msif.hub.location import parse_location
@@ -63,8 +60,6 @@ from hub_msif.models import load_model, pad_token_id, recorded_model
 
 logger = logging.getLogger(__name__)
 BUILD_STATE = ".gradindex-build.json"
-DEFAULT_SHARD_SIZE = 4096
-DEFAULT_BATCH_SIZE = 8
 
 
 class _Processes:

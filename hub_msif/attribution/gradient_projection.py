@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from hub_msif.attribution.checks import DEFAULT_DAMPING
+from hub_msif.attribution.gradient_defaults import DEFAULT_BALANCE, DEFAULT_DIMS, DEFAULT_K, PROJECTION_KINDS
 from hub_msif.attribution.scoring import finetuned_in_pretrained_basis
 from hub_msif.data import collate
 from hub_msif.errors import MsifValueError
@@ -36,11 +37,6 @@ from hub_msif.factors.capture import GradientCapture, compute_dtype, input_gradi
 from hub_msif.factors.ekfac import ModuleFactors
 from hub_msif.factors.objectives import lm_loss
 from hub_msif.factors.storage import StageFactors
-
-PROJECTION_KINDS = ("kronecker", "identity")
-DEFAULT_K = 16  # per side and module (bergson's default: 16 x 16 = 256 numbers per module)
-DEFAULT_DIMS = 1000  # numbers per document after mixing
-DEFAULT_BALANCE = 0.5  # the side scales fit M^0.5: half of the damped inverse on each side of the product
 
 
 def _seeded(seed: int, name: str, what: str) -> torch.Generator:

@@ -6,7 +6,7 @@ work; returns the exit status). ``common`` holds what several share (``--threads
 the ``--plan`` action); ``hub_msif.apps.cli`` builds the top parser from them and keeps ``main``.
 """
 
-from hub_msif.apps.commands import attribute, demo, find_factors, fit, hub, index, pull, push
+from hub_msif.apps.commands import attribute, demo, find_factors, fit, gradindex, hub, index, pull, push
 
-COMMANDS = {"fit": fit, "demo": demo, "index": index, "attribute": attribute, "push": push, "pull": pull,
+COMMANDS = {"fit": fit, "demo": demo, "index": index, "gradindex": gradindex, "attribute": attribute, "push": push, "pull": pull,
             "find-factors": find_factors, "hub": hub}
