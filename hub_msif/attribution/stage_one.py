@@ -84,7 +84,9 @@ def index_projection(gradindex, pretrained: StageFactors, where: str) -> Gradien
     if missing:
         raise MsifValueError(f"the gradient index covers {len(missing)} module(s) that the factors from {where} do "
                              f"not load (first: {missing[0]}); load them with modules='all' (--modules all)")
-    covered = StageFactors(pretrained.stage, pretrained.info, {n: pretrained.modules[n] for n in names})
+    # in the factors' order, as the build made it (identity lays the modules out in that order)
+    covered = StageFactors(pretrained.stage, pretrained.info,
+                           {n: m for n, m in pretrained.modules.items() if n in set(names)})
     return GradientProjection.from_json(settings, covered)
 
 
