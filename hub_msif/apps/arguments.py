@@ -148,16 +148,6 @@ def check_location(location: str, what: str) -> None:
         check_existing_folder(parsed.folder, what)
 
 
-def name_folder(text: str) -> tuple[str, str]:
-    """``NAME=FOLDER`` of ``--model-path``: a model's recorded name and the folder it lies in here."""
-    name, sep, folder = text.partition("=")
-    if not sep or not name.strip() or not folder.strip():
-        raise argparse.ArgumentTypeError(f"must be NAME=FOLDER, got {text!r}")
-    if not Path(folder).expanduser().is_dir():
-        raise argparse.ArgumentTypeError(f"no such model folder: {folder}")
-    return name, str(Path(folder).expanduser())
-
-
 def check_model(model: str | None) -> None:
     """A model given as a path (``.``, ``/`` or ``~`` first, as for locations) must be a folder;
     anything else is a Hub id, resolved later."""
