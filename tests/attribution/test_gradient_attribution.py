@@ -12,43 +12,18 @@ import json
 
 import numpy as np
 import pytest
-from conftest import QA_TEMPLATE, fit_tiny_pair, qa_rows, save_tiny_pair
+from conftest import QA_TEMPLATE
 
 from hub_msif.errors import MsifError, MsifValueError, RetrievalError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-NUM_DOCUMENTS = 150  # more than the check's index top 100, so that its recall is not 1 by construction
+NUM_DOCUMENTS = 150  # gradient_world's corpus: more than the check's index top 100 (no recall of 1 by construction)
 FLOAT16_UNIT = 2.0 ** -11  # float16 rounds each element to within this fraction of itself
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The tiny pair with both stages' factors, a corpus of 150 distinct documents, its embedding
-    index, and three gradient indexes of it: identity and default projections of the pre-trained
-    stage, and one of the fine-tuned stage (to be refused)."""
-    from hub_msif.attribution.gradient_index import GradientIndex
-    from hub_msif.attribution.gradient_index_build import build_gradindex
-    from hub_msif.attribution.retrieval import build_index
-    from hub_msif.data import CorpusSpec
-    from hub_msif.toy.examples import example_texts
-
-    root = tmp_path_factory.mktemp("gradient-attribution")
-    pair = save_tiny_pair(root / "models")
-    factors = root / "factors"
-    fit_tiny_pair(pair, factors)
-    texts = list(dict.fromkeys(example_texts(2 * NUM_DOCUMENTS, seed=2)))[:NUM_DOCUMENTS]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    spec = CorpusSpec(data=str(corpus))
-    folders = {}
-    for name, settings in (("identity", {"kind": "identity"}), ("default", {}), ("finetuned", {"stage": "finetuned"})):
-        folders[name] = root / f"gradindex-{name}"
-        build_gradindex(str(factors), spec, folders[name], device="cpu", show_progress=False, **settings)
-    index = build_index(spec, out=root / "index")
-    queries = [(r["prompt"], r["response"]) for r in qa_rows(16)[:4]]
-    return {"root": root, "pair": pair, "factors": factors, "corpus": corpus, "folders": folders, "index": index,
-            "gradindexes": {name: GradientIndex.load(folder) for name, folder in folders.items()},
-            "queries": queries}
+def world(gradient_world):
+    return gradient_world
 
 
 @pytest.fixture(scope="module")
