@@ -134,6 +134,15 @@ CASES = [
      "invalid choice: 'bm25'"),
     ("attribute-missing-gradindex", "attribute --factors {dir} --gradindex {tmp}/nope --prompt hi",
      "gradient index folder {tmp}/nope does not exist"),
+    # gradindex check (issue 18): refused before any index or model loads
+    ("gradindex-check-missing-index", "gradindex check --index {tmp}/nope --queries {jsonl[good]} --sample 1 "
+     "--factors {dir}", "gradient index folder {tmp}/nope does not exist"),
+    ("gradindex-check-sample-0", "gradindex check --index {dir} --queries {jsonl[good]} --sample 0 --factors {dir}",
+     "argument --sample: must be at least 1, got 0"),
+    ("gradindex-check-no-factors", "gradindex check --index {dir} --queries {jsonl[good]} --sample 2",
+     "give --factors (a pair of stages) or --factors-finetuned"),
+    ("gradindex-check-record-hub", "gradindex check --index alice/gradindex@v1 --queries {jsonl[good]} --sample 2 "
+     "--factors {dir} --record", "--record writes into a local gradient index folder"),
     ("attribute-top-0", "attribute --factors {dir} --index {index} --prompt hi --top 0",
      "argument --top: must be at least 1, got 0"),
     ("attribute-top-negative", "attribute --factors {dir} --index {index} --prompt hi --top -1",
