@@ -1,4 +1,4 @@
-"""Building a gradient index from a stage's factors and a corpus (docs/design.md, "Gradient index", "Build").
+"""Building a gradient index from a stage's factors and a corpus (docs/design.md, "Gradient index": Build).
 
 The corpus streams (``hub_msif.data.load_rows``: memory-mapped, read row by row); document ``i``
 (rows with empty text skipped and not numbered) goes to process ``i mod W``. Each process computes
