@@ -151,6 +151,87 @@ def fit_tiny_pair(pair: dict, folder, **corpus) -> None:
                   corpus=CorpusSpec(data=str(data), **corpus, **columns), show_progress=False)
 
 
+def write_gradindex(folder, stage_folder, documents: list[dict], location: str, dims: int = 16, seed: int = 0,
+                    processes: int = 2, corpus: dict | None = None, check: dict | None = None,
+                    **extra) -> dict:
+    """A gradient index folder in the format of docs/design.md ("Gradient index"), written directly
+    (not by the builder): ``documents.parquet`` through ``DocumentIndex.save`` (the index's own
+    parquet writer), one shard per process ``shards/r<rank>-0.safetensors`` holding the documents
+    ``i`` with ``i mod processes == rank`` (seeded random unit float16 rows, float32 norms, int64 row
+    numbers), and ``gradindex.json`` last with real sha256s. Its ``stage`` is the pre-trained stage
+    of the factor folder ``stage_folder`` (model and tokenizer as recorded by the fit), found at
+    ``location``. ``extra``: more manifest keys. Returns the manifest."""
+    import hashlib
+    import json
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import save as st_save
+
+    from hub_msif import __version__
+    from hub_msif.artifacts.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes
+    from hub_msif.artifacts.manifest import read_manifest
+    from hub_msif.attribution.retrieval import DocumentIndex
+
+    folder = Path(folder)
+    entry = read_manifest(stage_folder)["stages"]["pretrained"]
+    n = len(documents)
+    scratch = folder.parent / f".{folder.name}-documents"
+    DocumentIndex(documents, np.eye(n, dtype=np.float32), {"embedding_model": {"id": "none", "revision": "none"},
+                                                           "corpus": {}}).save(scratch)
+    payloads = {"documents.parquet": (scratch / "documents.parquet").read_bytes()}
+    shutil.rmtree(scratch)
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dims))
+    norms = np.linalg.norm(vectors, axis=1)
+    for rank in range(processes):
+        rows = np.arange(rank, n, processes, dtype=np.int64)
+        payloads[f"shards/r{rank}-0.safetensors"] = st_save({
+            "vectors": (vectors[rows] / norms[rows, None]).astype(np.float16),
+            "norms": norms[rows].astype(np.float32), "rows": rows})
+    files = {}
+    for name, data in payloads.items():
+        atomic_write_bytes(folder / name, data)
+        files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+    names = [m["name"] for m in entry["modules"]]
+    manifest = {
+        "format": "hub_msif.gradindex", "format_version": 1, "library_version": __version__,
+        "stage": {"model": entry["model"], "tokenizer": entry["tokenizer"], "location": location,
+                  "manifest_sha256": hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest(),
+                  "modules": names},
+        "projection": {"kind": "kronecker", "seed": seed, "k": {name: [4, 4] for name in names}, "dims": dims,
+                       "balance": 0.5, "damping": 0.1, "relative": True},
+        "corpus": corpus or {"data": "pretrain.jsonl", "documents_sha256": sha256_bytes(payloads["documents.parquet"])},
+        "num_documents": n, "max_length": 64, "files": files, **extra,
+    }
+    if check is not None:
+        manifest["check"] = check
+    atomic_write_json(folder / "gradindex.json", manifest)
+    return manifest
+
+
+def machine_paths_published(repos, paths, cache_dir) -> list[str]:
+    """``REPO/FILE: PATH`` for every path of ``paths`` (of the pushing machine) found in any file of
+    the Hub repos ``repos`` (``(repo id, repo type)``; a wheel's files are read inside it)."""
+    import zipfile
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    hits = []
+    for repo, kind in repos:
+        folder = Path(snapshot_download(repo, repo_type=kind, cache_dir=cache_dir))
+        for path in folder.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                if path.suffix == ".whl":
+                    with zipfile.ZipFile(path) as wheel:
+                        data = b"".join(wheel.read(n) for n in wheel.namelist())
+                hits += [f"{repo}/{path.relative_to(folder)}: {p}" for p in paths if p.encode() in data]
+    return hits
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from pathlib import Path
 from hub_msif import __version__
 from hub_msif.artifacts.manifest import DOCUMENTS_NAME, MODULE_CHOICES, STAGES
 from hub_msif.data import CorpusSpec
-from hub_msif.errors import HubError, MsifValueError
+from hub_msif.errors import HubError, HubValueError, MsifValueError
 from hub_msif.factors.config import FitConfig
 from hub_msif.models import check_model_name, is_commit_sha, is_local_record, looks_like_path
 from hub_msif.options import command_args, command_text
@@ -26,6 +26,7 @@ from hub_msif.options import command_args, command_text
 CARD_NAME = "README.md"
 FACTOR_TAGS = ["hub-msif", "ekfac", "influence-functions"]
 INDEX_TAGS = ["hub-msif", "document-index", "influence-functions", "sentence-embeddings"]
+GRADINDEX_TAGS = ["hub-msif", "gradient-index", "influence-functions"]
 DEFAULT_LICENSE = "apache-2.0"
 _CARD_DIR_ENV = "HUB_MSIF_CARD_TEMPLATES"
 
@@ -82,6 +83,18 @@ def model_name(model: dict, given: str | None = None) -> str:
     return f"{last} (sha256:{revision[7:19]})" if revision.startswith("sha256:") else last
 
 
+def public_record(record) -> dict:
+    """A model or tokenizer record with an older manifest's path id cut to its folder's name, marked local."""
+    record = dict(record or {})
+    if looks_like_path(str(record.get("id") or "")):
+        record["id"] = Path(str(record["id"]).replace("\\", "/").rstrip("/")).name or "local model"
+        record["local"] = True
+    base = record.get("base")
+    if isinstance(base, dict) and looks_like_path(str(base.get("id") or "")):
+        record["base"] = {**base, "id": Path(str(base["id"]).replace("\\", "/").rstrip("/")).name, "local": True}
+    return record
+
+
 def public_manifest(manifest: dict, stages) -> dict:
     """The factor manifest as published: only ``stages``, and no path of this machine (a local
     model recorded by its path in older manifests becomes its folder's name, marked local; local
@@ -90,14 +103,7 @@ def public_manifest(manifest: dict, stages) -> dict:
     for stage in stages:
         info = dict(manifest["stages"][stage])
         for key in ("model", "tokenizer"):
-            record = dict(info.get(key) or {})
-            if looks_like_path(str(record.get("id") or "")):
-                record["id"] = Path(str(record["id"]).replace("\\", "/").rstrip("/")).name or "local model"
-                record["local"] = True
-            base = record.get("base")
-            if isinstance(base, dict) and looks_like_path(str(base.get("id") or "")):
-                record["base"] = {**base, "id": Path(str(base["id"])).name, "local": True}
-            info[key] = record
+            info[key] = public_record(info.get(key))
         data = dict(info.get("data") or {})
         if "data" in data:
             data["data"] = public_source(data["data"])
@@ -303,7 +309,134 @@ def index_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], li
     )
 
 
-# ---------------------------------------------------------------------------------------------
+# -- gradient indexes (docs/design.md, "Gradient index", "Hub artifacts") -------------------------
+
+
+def _paths_in(value, where: str = "") -> list[str]:
+    """The keys (``a.b[2]``) of ``value`` holding a string written as a path (``looks_like_path``)."""
+    if isinstance(value, dict):
+        return [hit for key, item in value.items() for hit in _paths_in(item, f"{where}.{key}" if where else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, item in enumerate(value) for hit in _paths_in(item, f"{where}[{i}]")]
+    return [where] if isinstance(value, str) and looks_like_path(value) else []
+
+
+def public_gradindex_manifest(manifest: dict) -> dict:
+    """A gradient index manifest as published: no path of this machine. The stage's factors built
+    from a local folder (``stage.location``), a local model recorded by its path (older factors),
+    local corpus files and a check's local query file are cut to their last component; any other
+    value written as a path is refused (``HubValueError`` naming its key) rather than published."""
+    out = dict(manifest)
+    stage = dict(out.get("stage") or {})
+    for key in ("model", "tokenizer"):
+        if isinstance(stage.get(key), dict):
+            stage[key] = public_record(stage[key])
+    if "location" in stage:
+        stage["location"] = public_source(stage["location"])
+    out["stage"] = stage
+    corpus = dict(out.get("corpus") or {})
+    if "data" in corpus:
+        corpus["data"] = public_source(corpus["data"])
+    out["corpus"] = corpus
+    if isinstance(out.get("check"), dict):
+        check = dict(out["check"])
+        for key in ("queries", "queries_file", "data"):
+            if isinstance(check.get(key), (str, list)):
+                check[key] = public_source(check[key])
+        out["check"] = check
+    left = [key for key in _paths_in({k: v for k, v in out.items() if k != "files"})]
+    if left:
+        raise HubValueError(f"gradindex.json records a path of this machine at {', '.join(left)}: refusing to "
+                            "publish it (a pushed index must mean the same on every machine)")
+    return out
+
+
+def _k_text(k, num_modules: int) -> str:
+    """A projection's ``k`` (one value, or one per module) as the card shows it."""
+    def one(value) -> str:
+        return " × ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    if isinstance(k, dict):
+        values = {one(v) for v in k.values()}
+        if len(values) == 1:
+            return f"{values.pop()} (each of {len(k)} modules)"
+        return ", ".join(f"`{name}` {one(v)}" for name, v in k.items())
+    return "none (identity)" if k is None else f"{one(k)} (each of {num_modules} modules)"
+
+
+def gradindex_bytes_per_document(manifest: dict, dims: int | None = None) -> int | None:
+    """What one document costs in the shards' vectors: ``dims`` float16 numbers and a float32 norm
+    (``dims * 2 + 4``; ``dims`` from the projection unless given, e.g. read from a shard)."""
+    dims = dims if dims is not None else (manifest.get("projection") or {}).get("dims")
+    return dims * 2 + 4 if isinstance(dims, int) and not isinstance(dims, bool) else None
+
+
+def gradindex_card(manifest: dict, repo_id: str, tag: str, sizes: dict[str, int], license: str = DEFAULT_LICENSE,
+                   model_name_given: str | None = None, dims: int | None = None):
+    """The ``DatasetCard`` of a gradient index: the model and its pre-trained stage, the corpus, the
+    number of documents and their bytes, the projection, the last check, and how to use it; tagged
+    ``hub-msif`` + ``gradient-index`` so that ``find-factors`` lists it beside its stage.
+    ``model_name_given`` names a local model (see ``model_name``); ``dims`` is the vectors' width
+    when the projection does not record it (``identity``)."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    from hub_msif.hub.location import parse_location
+
+    stage = dict(manifest.get("stage") or {})
+    model = dict(stage.get("model") or {})
+    model = {"id": model_name(model, model_name_given), "revision": model.get("revision")}
+    projection = dict(manifest.get("projection") or {})
+    dims = projection.get("dims") if isinstance(projection.get("dims"), int) else dims
+    corpus = dict(manifest.get("corpus") or {})
+    if "data" in corpus:
+        corpus["data"] = public_source(corpus["data"])
+    source = corpus.get("data")
+    corpus_text = (", ".join(map(str, source)) if isinstance(source, list) else str(source)) if source else "documents"
+    location = str(stage.get("location") or "not recorded")
+    on_hub = isinstance(stage.get("location"), str) and not looks_like_path(location) and \
+        parse_location(location).repo_id is not None
+    modules = stage.get("modules") or []
+    size = sum(sizes.values())
+    check = manifest.get("check") if isinstance(manifest.get("check"), dict) else None
+    meta = {
+        "artifact": "gradindex",
+        "format_version": manifest.get("format_version"),
+        "library_version": manifest.get("library_version") or __version__,
+        "pushed_with": __version__,
+        "model": model,
+        "stage": {"name": "pretrained", "location": stage.get("location"),
+                  "manifest_sha256": stage.get("manifest_sha256"), "num_modules": len(modules)},
+        "projection": projection,
+        "num_documents": manifest.get("num_documents"),
+        "max_length": manifest.get("max_length"),
+        "bytes_per_document": gradindex_bytes_per_document(manifest, dims),
+        "corpus": corpus,
+        "size_bytes": size,
+    }
+    if check is not None:
+        meta["check"] = check
+    card_data = DatasetCardData(
+        license=license,
+        pretty_name=f"hub_msif gradient index of {corpus_text} for {model['id']}",
+        tags=list(GRADINDEX_TAGS),
+        task_categories=["text-retrieval"],
+        size_categories=[_size_category(int(manifest.get("num_documents") or 0))],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": DOCUMENTS_NAME}]}],
+        hub_msif=meta,
+    )
+    factors_args = (f"--factors-pretrained {location} --factors-finetuned <FINETUNED_REPO>@<TAG>" if on_hub
+                    else "--factors <FACTORS_REPO>@<TAG>")
+    return DatasetCard.from_template(
+        card_data, template_path=str(card_template("gradindex")), repo_id=repo_id, tag=tag,
+        library_version=meta["library_version"], model=model, stage_location=location,
+        manifest_sha256=stage.get("manifest_sha256") or "not recorded", num_modules=len(modules),
+        corpus_text=corpus_text,
+        corpus_revision=corpus.get("revision") or "not recorded (local files or the default branch)",
+        documents_sha256=corpus.get("documents_sha256", ""), num_documents=meta["num_documents"],
+        max_length=meta["max_length"], bytes_per_document=meta["bytes_per_document"], dims=dims,
+        size_text=_size_text(size), projection=projection, k_text=_k_text(projection.get("k"), len(modules)),
+        check=check, factors_args=factors_args,
+    )
 
 
 # -- a factor card's links to the Spaces that serve it (docs/design.md, "Space") -----------------

@@ -4,7 +4,8 @@ A model is identified by its revision: a Hub commit sha, or a sha256 over a loca
 weights (which identifies the weights wherever the folder lies). Both searches read the dataset
 repos tagged ``hub-msif`` and ``ekfac`` and their version tags ``vN``: ``find_factors`` returns the
 newest version recorded on both models of a pair; ``find_stages`` lists every published stage of
-one model (a pre-trained stage serves every fine-tune of its base), newest first.
+one model (a pre-trained stage serves every fine-tune of its base), newest first, each pre-trained
+stage with the gradient indexes built from it (repos tagged ``hub-msif`` and ``gradient-index``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import json
 import logging
 from pathlib import Path
 
-from hub_msif.artifacts.manifest import FACTORS, STAGES
+from hub_msif.artifacts.manifest import FACTORS, GRADINDEX, STAGES, ArtifactKind
 from hub_msif.errors import HubError, RepositoryNotFoundError
-from hub_msif.hub.cards import FACTOR_TAGS, public_source
+from hub_msif.hub.cards import FACTOR_TAGS, GRADINDEX_TAGS, gradindex_bytes_per_document, public_source
 from hub_msif.hub.connectivity import require_hub
 from hub_msif.hub.hub_errors import endpoint, first_line, hub_failures
-from hub_msif.hub.location import REPO_TYPE
+from hub_msif.hub.location import REPO_TYPE, parse_location
 from hub_msif.hub.push import version_number
 from hub_msif.models import ModelRef, folder_revision, is_commit_sha, local_name
 
@@ -60,11 +61,13 @@ def same_model(recorded: dict, ref: ModelRef) -> bool:
     return str(revision).startswith("sha256:") or recorded.get("id") == ref.id
 
 
-def _published_versions(api, author: str | None, token: str | None, what: str):
+def _published_versions(api, author: str | None, token: str | None, what: str, kind: ArtifactKind = FACTORS):
     """``(repos searched, iterator of (repo id, tag, commit, date, manifest))`` over every version
-    ``vN`` of every factor repo, each repo's newest first; unreadable ones are skipped (logged)."""
+    ``vN`` of every factor repo (``kind`` GRADINDEX: every gradient index repo), each repo's newest
+    first; unreadable ones are skipped (logged)."""
+    tags = GRADINDEX_TAGS[:2] if kind is GRADINDEX else FACTOR_TAGS[:2]
     with hub_failures("(search)", None, what, token):
-        candidates = list(api.list_datasets(filter=FACTOR_TAGS[:2], author=author))
+        candidates = list(api.list_datasets(filter=tags, author=author))
 
     def versions():
         for dataset in candidates:
@@ -79,11 +82,13 @@ def _published_versions(api, author: str | None, token: str | None, what: str):
                               key=lambda item: item[0])
             for _, tag in numbered:
                 try:
-                    path = api.hf_hub_download(repo_id, FACTORS.manifest_name, repo_type=REPO_TYPE,
+                    path = api.hf_hub_download(repo_id, kind.manifest_name, repo_type=REPO_TYPE,
                                                revision=tag.target_commit)
                     manifest = json.loads(Path(path).read_text())
-                    if not isinstance(manifest.get("stages"), dict):
-                        raise ValueError("the manifest has no stages")
+                    if kind is GRADINDEX and manifest.get("format") != kind.format_name:
+                        raise ValueError(f"the manifest is not a {kind.format_name} manifest")
+                    if not isinstance(manifest.get("stages" if kind is FACTORS else "stage"), dict):
+                        raise ValueError("the manifest records no stage")
                 except Exception as err:
                     logger.info("skipping %s@%s: %s", repo_id, tag.name, first_line(err))
                     continue
@@ -111,8 +116,10 @@ def _stage_summary(repo_id: str, tag: str, commit: str, date, stage: str, manife
 
 
 def find_stages(model: str | Path | ModelRef, revision: str | None = None, stage: str | None = None,
-                token: str | None = None, author: str | None = None) -> list[dict]:
-    """Every published stage of ``model``, newest first (by the date of the tagged commit).
+                token: str | None = None, author: str | None = None, gradindexes: bool = True) -> list[dict]:
+    """Every published stage of ``model``, newest first (by the date of the tagged commit), each
+    with the published gradient indexes built from it (``gradient_indexes``; ``gradindexes=False``:
+    not searched).
 
     ``model``: a Hub id (every revision, unless ``revision`` or ``ID@REV`` is given: then that
     commit only), a local folder (matched by its weights' sha256), or a ``ModelRef``. ``stage``:
@@ -141,7 +148,72 @@ def find_stages(model: str | Path | ModelRef, revision: str | None = None, stage
             if matches:
                 found.append(_stage_summary(repo_id, tag, commit, date, name, manifest))
     found.sort(key=lambda e: (e["date"] is not None, e["date"] or "", e["location"]), reverse=True)
+    if gradindexes:
+        _attach_gradindexes(api, found, author, token)
     return found
+
+
+def _gradindex_summary(repo_id: str, tag: str, commit: str, date, manifest: dict) -> dict:
+    """One published gradient index as ``find_stages`` lists it beside its stage."""
+    stage, projection = dict(manifest.get("stage") or {}), dict(manifest.get("projection") or {})
+    corpus, model = dict(manifest.get("corpus") or {}), dict(stage.get("model") or {})
+    return {
+        "location": f"{repo_id}@{tag}", "repo": repo_id, "tag": tag, "commit": commit,
+        "date": date.isoformat() if hasattr(date, "isoformat") else date,
+        "model": {k: model[k] for k in ("id", "revision", "local") if k in model},
+        "stage_location": stage.get("location"), "stage_manifest_sha256": stage.get("manifest_sha256"),
+        "num_documents": manifest.get("num_documents"),
+        "corpus": {**{k: corpus[k] for k in ("split", "revision", "documents_sha256") if corpus.get(k) is not None},
+                   "data": public_source(corpus.get("data"))},
+        "projection": {k: projection[k] for k in ("kind", "k", "dims", "balance", "seed", "damping", "relative")
+                       if k in projection},
+        "bytes_per_document": gradindex_bytes_per_document(manifest),
+        "check": manifest.get("check"),
+    }
+
+
+def _names_version(location, entry: dict) -> bool | None:
+    """Whether a gradient index's recorded stage ``location`` names the published stage ``entry``
+    (its repo at its tag or commit); None when it names no published version at all (a local
+    folder, or a branch such as ``main``), so that only the model can tell."""
+    if not isinstance(location, str):
+        return None
+    try:
+        where = parse_location(location)
+    except HubError:
+        return None
+    if where.repo_id is None:
+        return None
+    if where.repo_id == entry["repo"] and where.revision in (entry["tag"], entry["commit"]):
+        return True
+    if where.revision is None or (version_number(where.revision) is None and not is_commit_sha(where.revision)):
+        return None  # a branch: which version it pointed at when the index was built is not recorded
+    return False
+
+
+def _attach_gradindexes(api, found: list[dict], author: str | None, token: str | None) -> None:
+    """Adds ``gradient_indexes`` to each listed stage: every published gradient index built from it
+    (for a pre-trained stage). An index belongs to a stage when it records the stage's model (same
+    revision) and names that stage's version (``REPO@TAG`` or commit) as its ``stage.location``
+    (``pinned``); an index whose location names no published version (built from a local folder or
+    a branch) is listed beside every pre-trained stage of its model, ``pinned`` false."""
+    for entry in found:
+        entry["gradient_indexes"] = []
+    stages = [e for e in found if e["stage"] == "pretrained"]
+    if not stages:
+        return
+    _, versions = _published_versions(api, author, token, "cannot search the Hub for gradient indexes", GRADINDEX)
+    for repo_id, tag, commit, date, manifest in versions:
+        summary = _gradindex_summary(repo_id, tag, commit, date, manifest)
+        for entry in stages:
+            if not same_model(summary["model"], ModelRef(entry["model"]["id"], entry["model"]["revision"])):
+                continue
+            pinned = _names_version(summary["stage_location"], entry)
+            if pinned is not False:
+                entry["gradient_indexes"].append({**summary, "pinned": bool(pinned)})
+    for entry in stages:
+        entry["gradient_indexes"].sort(key=lambda g: (g["date"] is not None, g["date"] or "", g["location"]),
+                                       reverse=True)
 
 
 def _by_date(item: tuple) -> tuple:

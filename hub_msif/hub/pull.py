@@ -1,6 +1,6 @@
 """The one place that turns an artifact location into a local folder (docs/design.md, "Hub artifacts").
 
-``pull_factors`` / ``pull_index`` take a folder (checked to be an artifact folder: its manifest
+``pull_factors`` / ``pull_index`` / ``pull_gradindex`` take a folder (checked to be an artifact folder: its manifest
 must read) or ``REPO[@REV]``: the manifest is read at the revision, the commit it resolved to is
 pinned, and exactly the files needed (``modules="mlp"``: MLP files only) are downloaded into the
 Hugging Face cache, each checked against the manifest's sha256. A file that fails the check is
@@ -21,12 +21,14 @@ from pathlib import Path
 from hub_msif.artifacts.integrity import verify_file
 from hub_msif.artifacts.manifest import (
     FACTORS,
+    GRADINDEX,
     INDEX,
     KINDS,
     MODULE_CHOICES,
     ArtifactKind,
     artifact_path,
     factor_files,
+    gradindex_files,
     index_files,
     read_manifest,
 )
@@ -188,6 +190,18 @@ def pull_index(location: str | Path, token: str | None = None, cache_dir: str | 
         return where.folder
     return _pull(where, INDEX.manifest_name, lambda folder: index_files(read_manifest(folder, INDEX)), "index", token,
                  cache_dir)
+
+
+def pull_gradindex(location: str | Path, token: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The local folder of the gradient index at ``location``: a gradient index folder (returned as
+    is once its manifest ``gradindex.json`` reads), or ``REPO[@REV]`` pulled into the Hugging Face
+    cache: the manifest, the card, the documents and every shard, each sha256-checked."""
+    where = parse_location(location)
+    if where.folder is not None:  # where.is_local
+        read_manifest(where.folder, GRADINDEX)
+        return where.folder
+    return _pull(where, GRADINDEX.manifest_name, lambda folder: gradindex_files(read_manifest(folder, GRADINDEX)),
+                 "gradindex", token, cache_dir)
 
 
 def reuse_stage(location: str | Path, out: str | Path, stage: str = "pretrained", token: str | None = None,

@@ -1,4 +1,5 @@
-"""Publishing a factor or index folder as one version of a Hub dataset repo (docs/design.md, "Hub artifacts").
+"""Publishing a factor, index or gradient index folder as one version of a Hub dataset repo (docs/design.md,
+"Hub artifacts").
 
 One version is one atomic commit (``HfApi.create_commit`` with the manifest's files, the manifest
 and a card, and the deletion of every other file but ``.gitattributes``, so that a version holds
@@ -25,6 +26,7 @@ from hub_msif.artifacts.atomic import sha256_bytes
 from hub_msif.artifacts.integrity import verify_file
 from hub_msif.artifacts.manifest import (
     FACTORS,
+    GRADINDEX,
     INDEX,
     KINDS,
     STAGES,
@@ -32,6 +34,7 @@ from hub_msif.artifacts.manifest import (
     check_module_record,
     check_stage_pair,
     factor_files,
+    gradindex_files,
     index_files,
     read_manifest,
 )
@@ -40,7 +43,9 @@ from hub_msif.hub.cards import (
     CARD_NAME,
     DEFAULT_LICENSE,
     factors_card,
+    gradindex_card,
     index_card,
+    public_gradindex_manifest,
     public_index_manifest,
     public_manifest,
 )
@@ -372,3 +377,92 @@ def push_index(folder: str | Path, repo_id: str, tag: str | None = None, private
 
     return _push(folder, repo_id, INDEX.manifest_name, files, render, "index", tag, private, token, commit_message,
                  manifest=data)
+
+
+def _shard_header(path: Path) -> dict:
+    """The tensors of a safetensors file (``{name: {"dtype", "shape", ...}}``), read from its
+    header alone (8 bytes little-endian length, then JSON): no torch, no tensor data read."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = file.read(size) if 0 < size <= 100_000_000 else b""
+    try:
+        parsed = json.loads(header) if len(header) == size else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError("not a safetensors file (bad header)")
+    return {name: entry for name, entry in parsed.items() if name != "__metadata__"}
+
+
+_SHARD_TENSORS = {"vectors": ("F16", 2), "norms": ("F32", 1), "rows": ("I64", 1)}
+
+
+def _check_shards(folder: Path, manifest: dict, files: dict[str, str]) -> int | None:
+    """The shards of a gradient index hold ``vectors`` float16 [n, dims], ``norms`` float32 [n] and
+    ``rows`` int64 [n] (docs/design.md, "Gradient index"), one ``dims`` for all, and as many rows in
+    all as the manifest's documents; read from the headers alone. Returns ``dims``. The sha256s are
+    checked separately (``_verify_local``)."""
+    refuse = f"refusing to push gradindex {folder}"
+    shards = sorted(p for p in files if p.startswith("shards/"))
+    if not shards:
+        raise HubValueError(f"{refuse}: {GRADINDEX.manifest_name} lists no shards/*.safetensors")
+    widths, rows = set(), 0
+    for relative in shards:
+        try:
+            path = artifact_path(folder, relative, GRADINDEX)  # nothing outside the folder is opened
+        except MsifValueError as err:
+            raise HubValueError(f"{refuse}: {err}") from err
+        if not path.is_file():
+            continue  # reported by the sha256 checks
+        try:
+            tensors = _shard_header(path)
+        except (OSError, ValueError) as err:
+            raise HubValueError(f"{refuse}: {relative}: {err}") from err
+        lengths = set()
+        for name, (dtype, ndim) in _SHARD_TENSORS.items():
+            entry = tensors.get(name)
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict) or not isinstance(shape, list) or len(shape) != ndim \
+                    or entry.get("dtype") != dtype:
+                raise HubValueError(f"{refuse}: {relative} lacks a {dtype} tensor {name!r} of {ndim} dimension(s) "
+                                    f"(found {entry!r:.120})")
+            lengths.add(shape[0])
+        if len(lengths) != 1:
+            raise HubValueError(f"{refuse}: {relative} holds vectors, norms and rows of different lengths "
+                                f"{sorted(lengths)}")
+        widths.add(tensors["vectors"]["shape"][1])
+        rows += lengths.pop()
+    if len(widths) > 1:
+        raise HubValueError(f"{refuse}: its shards hold vectors of different widths {sorted(widths)}")
+    dims = widths.pop() if widths else None
+    recorded = (manifest.get("projection") or {}).get("dims")
+    if dims is not None and isinstance(recorded, int) and recorded != dims:
+        raise HubValueError(f"{refuse}: the manifest records {recorded} dims, its shards hold {dims}")
+    if dims is not None and rows != manifest.get("num_documents"):
+        raise HubValueError(f"{refuse}: its shards hold {rows} rows, the manifest records "
+                            f"{manifest.get('num_documents')} documents")
+    return dims if dims is not None else (recorded if isinstance(recorded, int) else None)
+
+
+def push_gradindex(folder: str | Path, repo_id: str, tag: str | None = None, private: bool = False,
+                   token: str | None = None, commit_message: str | None = None,
+                   license: str = DEFAULT_LICENSE, model_name: str | None = None) -> Pushed:
+    """Publishes a gradient index folder (``gradindex.json``: docs/design.md, "Gradient index") like
+    ``push_index``: the folder checked first (manifest, every listed file's sha256, the shards'
+    tensors and rows against the manifest), then its files, a manifest holding no path of this
+    machine (``cards.public_gradindex_manifest``) and a card (``templates/gradindex.md``) in one
+    commit, tagged ``vN`` (or ``tag``). ``model_name`` names a local model on the card. Returns
+    ``(commit sha, tag)``."""
+    folder = Path(folder)
+    manifest = public_gradindex_manifest(read_manifest(folder, GRADINDEX))
+    files = gradindex_files(manifest)
+    dims = _check_shards(folder, manifest, files)
+    gradindex_card(manifest, repo_id, "v1", {}, license, model_name, dims)  # a bad name is refused before any upload
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+    def render(repo, version, sizes):
+        return gradindex_card(manifest, repo, version, sizes, license, model_name, dims)
+
+    return _push(folder, repo_id, GRADINDEX.manifest_name, files, render, "gradindex", tag, private, token,
+                 commit_message, manifest=data)

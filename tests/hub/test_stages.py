@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import QA_TEMPLATE, save_tiny_pair
+from conftest import QA_TEMPLATE, machine_paths_published, save_tiny_pair
 
 from hub_msif.apps.cli import main as cli_main
 from hub_msif.artifacts.manifest import read_manifest
@@ -192,19 +192,9 @@ def test_nothing_published_names_a_path_of_this_machine(world, hub_server, tmp_p
     assert cli_main(["push", "space", "--repo", SPACE_REPO, "--factors-pretrained", "alice/tiny-pathless-base@v1",
                      "--factors-finetuned", "alice/tiny-pathless-pair@v1", "--index", f"{INDEX_REPO}@v1"]) == 0
     capsys.readouterr()
-    hits = []
-    for repo, kind in (("alice/tiny-pathless-pair", "dataset"), ("alice/tiny-pathless-base", "dataset"),
-                       (INDEX_REPO, "dataset"), (SPACE_REPO, "space")):
-        folder = Path(snapshot_download(repo, repo_type=kind, cache_dir=tmp_path / "downloads"))
-        for path in folder.rglob("*"):
-            if path.is_file():
-                data = path.read_bytes()
-                if path.suffix == ".whl":
-                    import zipfile
-
-                    with zipfile.ZipFile(path) as wheel:
-                        data = b"".join(wheel.read(n) for n in wheel.namelist())
-                hits += [f"{repo}/{path.relative_to(folder)}: {p}" for p in _machine_paths(world) if p.encode() in data]
+    repos = [("alice/tiny-pathless-pair", "dataset"), ("alice/tiny-pathless-base", "dataset"), (INDEX_REPO, "dataset"),
+             (SPACE_REPO, "space")]
+    hits = machine_paths_published(repos, _machine_paths(world), tmp_path / "downloads")
     assert not hits, hits
     space = json.loads((Path(snapshot_download(SPACE_REPO, repo_type="space", cache_dir=tmp_path / "downloads"))
                         / "msif_space.json").read_text())

@@ -1,4 +1,5 @@
-"""``hub-msif find-factors``: published stages of a model, or the newest factors of a pair.
+"""``hub-msif find-factors``: published stages of a model (with the gradient indexes built from each),
+or the newest factors of a pair.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ def add(sub) -> None:
     p = sub.add_parser("find-factors", help="find published factors for a model or a model pair", description=(
         "Search the Hub for factor repos (tags hub-msif, ekfac). With --model: list every published stage of that "
         "model, newest first, with what it was fitted on and how (a pre-trained stage serves every fine-tune of its "
-        "base). With --pretrained and --finetuned: print REPO@TAG of the newest version holding both stages of "
+        "base), and under each pre-trained stage the gradient indexes built from it (tags hub-msif, gradient-index). "
+        "With --pretrained and --finetuned: print REPO@TAG of the newest version holding both stages of "
         "exactly these two models (same revisions)."))
     p.add_argument("--model", type=non_empty, help="Hub ID[@REV] or local folder: list its published stages")
     p.add_argument("--revision", type=non_empty, help="with --model: only factors of this revision (branch, tag, sha)")
@@ -61,4 +63,21 @@ def run(args) -> int:
         print(f"{printable(entry['location'])}  {entry['stage']}  {printable(model['id'])}@{str(model['revision'])[:19]}  "
               f"fitted on {printable(data)}: {entry['num_sequences']} sequences, {entry['num_tokens']} tokens"
               + (f"; {settings}" if settings else "") + (f"  ({entry['date'][:10]})" if entry.get("date") else ""))
+        for index in entry.get("gradient_indexes") or []:
+            print("    " + _gradindex_line(index))
     return 0
+
+
+def _gradindex_line(index: dict) -> str:
+    """One published gradient index, printed under the stage it was built from."""
+    corpus = index["corpus"].get("data")
+    corpus = ", ".join(map(str, corpus)) if isinstance(corpus, list) else corpus
+    projection = index["projection"]
+    shown = ", ".join(f"{k} {projection[k]}" for k in ("dims", "seed") if projection.get(k) is not None)
+    check: dict = index["check"] if isinstance(index.get("check"), dict) else {}
+    return (f"gradient index {printable(index['location'])}: {index['num_documents']} documents of "
+            f"{printable(corpus)}, {index['bytes_per_document']} bytes per document, {projection.get('kind')} "
+            f"projection" + (f" ({shown})" if shown else "")
+            + (f"; check recall {check['recall']}" if check.get("recall") is not None else "")
+            + ("" if index.get("pinned") else f"; built from {printable(index['stage_location'])}")
+            + (f"  ({index['date'][:10]})" if index.get("date") else ""))

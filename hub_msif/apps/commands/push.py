@@ -1,4 +1,4 @@
-"""``hub-msif push factors|index|space``: publish a folder as a versioned Hub dataset repo, or a Space.
+"""``hub-msif push factors|index|gradindex|space``: publish a folder as a versioned Hub dataset repo, or a Space.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from hub_msif.errors import MsifValueError
 
 
 def add(sub) -> None:
-    p = sub.add_parser("push", help="publish factors or an index as a versioned Hub dataset repo, or a Space", description=(
-        "Publish a factor folder or an index folder to a Hub dataset repo: the folder is checked (manifest, "
-        "sha256 of every file), then all its files and a dataset card go up in one commit, tagged with the next "
+    p = sub.add_parser("push", help="publish factors, an index or a gradient index as a versioned Hub dataset repo, or a Space", description=(
+        "Publish a factor folder, an index folder or a gradient index folder to a Hub dataset repo: the folder is "
+        "checked (manifest, sha256 of every file), then all its files and a dataset card go up in one commit, tagged with the next "
         "version vN (or --tag). The repo is created when missing. `push space` publishes a Gradio Space serving "
         "published ones. Needs a token with write access (HF_TOKEN)."))
     psub = p.add_subparsers(dest="artifact", required=True, metavar="ARTIFACT")
-    for kind, what in (("factors", "factor folder (one stage or both)"), ("index", "document index folder")):
+    for kind, what in (("factors", "factor folder (one stage or both)"), ("index", "document index folder"),
+                       ("gradindex", "gradient index folder")):
         q = psub.add_parser(kind, help=f"push a {what}", description=f"Push a {what} as one commit plus a version tag.")
         q.add_argument("folder", type=non_empty, help=what)
         q.add_argument("--repo", required=True, type=non_empty, help="dataset repo id, namespace/name (created when missing)")
@@ -42,8 +43,9 @@ def add(sub) -> None:
                            help="what the card calls a stage's model when it is a local folder (repeatable; default: "
                                 "the folder's name and its weights' short sha256, never its path)")
         else:
+            model = "embedding model" if kind == "index" else "model of the index's pre-trained stage"
             q.add_argument("--model-name", type=model_name, metavar="NAME",
-                           help="what the card calls the embedding model when it is a local folder (default: the "
+                           help=f"what the card calls the {model} when it is a local folder (default: the "
                                 "folder's name and its weights' short sha256, never its path)")
     _add_space(psub)
 
@@ -102,8 +104,9 @@ def run(args) -> int:
     if args.artifact == "space":
         return _run_space(args)
     check_repo_id(args.repo)  # push checks it too, but only after hashing every file of the folder
-    check_existing_folder(args.folder, "factor folder" if args.artifact == "factors" else "index folder")
-    from hub_msif.hub import push_factors, push_index
+    check_existing_folder(args.folder, {"factors": "factor folder", "index": "index folder",
+                                        "gradindex": "gradient index folder"}[args.artifact])
+    from hub_msif.hub import push_factors, push_gradindex, push_index
 
     if args.artifact == "factors":
         names = {}
@@ -114,7 +117,7 @@ def run(args) -> int:
         push: Callable[..., Any] = push_factors
         naming: dict[str, Any] = {"model_names": names or None, "stages": args.stage}
     else:
-        push, naming = push_index, {"model_name": args.model_name}
+        push, naming = push_index if args.artifact == "index" else push_gradindex, {"model_name": args.model_name}
     pushed = push(args.folder, args.repo, tag=args.tag, private=args.private, token=args.token,
                   commit_message=args.message, license=args.license, **naming)
     commit, tag = pushed
