@@ -568,7 +568,7 @@ class Attributor:
             pools = [list(range(len(documents)))] * len(answered)
             pool_docs = list(documents)
         else:  # each query's stage one, as `attribute` runs it; the pools share rows by document id
-            pools, pool_docs, rows = [], [], {}
+            pools, pool_docs, row_of = [], [], {}
             for q, (prompt, answer) in enumerate(answered):
                 found, stage = self.stage_one(prompt, answer, candidates, index, gradindex, candidates_from, damping,
                                               relative)
@@ -576,10 +576,10 @@ class Attributor:
                 seconds[q] += stage.seconds
                 pool = []
                 for doc in found:
-                    if doc["id"] not in rows:
-                        rows[doc["id"]] = len(pool_docs)
+                    if doc["id"] not in row_of:
+                        row_of[doc["id"]] = len(pool_docs)
                         pool_docs.append(doc)
-                    pool.append(rows[doc["id"]])
+                    pool.append(row_of[doc["id"]])
                 pools.append(pool)
         chunk = self.query_chunk(max(len(pool) for pool in pools), len(pool_docs))
         results: list[Attribution] = []
@@ -605,10 +605,11 @@ class Attributor:
                                           [pool_docs[i] for i in pools[q]], top))
             for q in part:  # each query's share of its chunk's scoring
                 seconds[q] += (time.perf_counter() - started) / len(part)
-        for q, (result, logprob) in enumerate(zip(results, self.answer_logprobs(answered), strict=True)):
+        for how, result, logprob in zip(stages, results, self.answer_logprobs(answered), strict=True):
             result.answer_logprob = logprob
-            result.stage_one = stages[q].to_json() if stages[q] is not None else None
-            result.seconds = seconds[q]
+            result.stage_one = how.to_json() if how is not None else None
+        for result, spent in zip(results, seconds, strict=True):
+            result.seconds = spent
         return results
 
     @torch.no_grad()

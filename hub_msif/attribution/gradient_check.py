@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,8 +94,10 @@ def restricted_search(gradindex, vectors: np.ndarray, rows: Sequence[int], k: in
         return [[i for i, _ in hits] for hits in gradindex.search(vectors, k)]
     index = gradindex.faiss_index()
     selector = faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64))
-    params = (faiss.SearchParametersIVF(sel=selector, nprobe=int(index.nprobe)) if hasattr(index, "nprobe")
-              else faiss.SearchParameters(sel=selector))
+    params: Any = faiss.SearchParametersIVF() if hasattr(index, "nprobe") else faiss.SearchParameters()
+    params.sel = selector
+    if hasattr(index, "nprobe"):
+        params.nprobe = int(index.nprobe)
     _, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(rows)), params=params)
     return [[int(i) for i in row if i >= 0] for row in found]
 

@@ -80,7 +80,7 @@ def _resolve(location, token: str | None) -> Path:
     if where.folder is not None:
         return where.folder
     try:
-        from hub_msif.hub.pull import pull_gradindex  # type: ignore[attr-defined]
+        from hub_msif.hub.pull import pull_gradindex
     except ImportError:
         raise RetrievalError(f"{location} is not a local folder, and pulling gradient indexes from the Hub is not "
                              "available in this hub_msif: give the index folder") from None

@@ -29,20 +29,20 @@ if TYPE_CHECKING:
 @dataclass
 class StageOne:
     """How one query's candidates were found: ``source`` (``embedding``, ``gradient`` or ``both``),
-    ``candidates`` (how many documents stage two scored), ``searched`` (how many documents the
-    searched index or indexes hold, counted once), ``seconds`` (the search's wall time, the query's
+    ``candidates`` (how many documents stage two scored), ``searched`` (``{"embedding": N,
+    "gradient": N}``: how many documents each index searched holds), ``seconds`` (the search's wall time, the query's
     gradient and projection included) and ``check`` (the gradient index's last recorded ``gradindex
     check``: ``recall_at_10`` and its settings; None when none is recorded or no gradient index was
     searched)."""
 
     source: str
     candidates: int
-    searched: int
+    searched: dict[str, int]
     seconds: float
     check: dict | None = None
 
     def to_json(self) -> dict:
-        out: dict = {"source": self.source, "candidates": self.candidates, "searched": self.searched,
+        out: dict = {"source": self.source, "candidates": self.candidates, "searched": dict(self.searched),
                      "seconds": self.seconds}
         if self.check is not None:
             out["check"] = dict(self.check)

@@ -234,3 +234,21 @@ def test_record_writes_the_check_into_the_manifest_only(world, attributor, tmp_p
     reloaded = GradientIndex.load(folder)  # every sha256 still holds
     result = attributor.attribute(*world["queries"][0], candidates=5, gradindex=reloaded)
     assert result.stage_one["check"]["recall_at_10"] == check.recall_at_10
+
+
+def test_restricted_search_keeps_to_the_sample_flat_and_ivf_pq(world):
+    """The check's search among a sample: flat gives the brute-force top of the sample's inner products;
+    ``ivf,pq`` (the index's own approximate search, its nprobe kept) returns sample rows only."""
+    from hub_msif.attribution.gradient_check import restricted_search
+    from hub_msif.attribution.gradient_index import GradientIndex
+
+    flat = world["gradindexes"]["default"]
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((3, flat.dims)).astype(np.float32)
+    rows = sorted(rng.choice(len(flat), 110, replace=False).tolist())
+    vectors = flat.vectors().astype(np.float64)[rows]
+    for query, got in zip(queries, restricted_search(flat, queries, rows, 100), strict=True):
+        assert set(got) == {rows[i] for i in np.argsort(-(vectors @ query.astype(np.float64)))[:100]}
+    approximate = GradientIndex.load(world["folders"]["default"], ann="ivf,pq")
+    for got in restricted_search(approximate, queries, rows, 100):
+        assert set(got) <= set(rows) and len(got) == len(set(got)) > 0

@@ -89,7 +89,7 @@ def run_check(args) -> int:
                             gradindex=gradindex)
     result = check_gradindex(attributor, gradindex, [(q.id, q.prompt, q.answer) for q in queries], args.sample,
                              args.corpus_sample, args.seed, args.damping, not args.absolute_damping)
-    if args.record:
+    if args.record and local is not None:  # --record was refused above for a Hub location
         record_check(local, result)
     if args.json:
         print_json({"index": args.index, **result.to_json(), "recorded": bool(args.record)})
