@@ -282,6 +282,20 @@ def hub_server(hub_root):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def fact_gradindex(fact_world, tmp_path_factory):
+    """The default gradient index of the fact world's pre-training corpus (its pre-trained stage, max
+    length 64 as the demo fits it): ``folder`` and the loaded ``index`` (tests/apps: the Space)."""
+    from hub_msif.attribution.gradient_index import GradientIndex
+    from hub_msif.attribution.gradient_index_build import build_gradindex
+    from hub_msif.data import CorpusSpec
+
+    out = tmp_path_factory.mktemp("fact-gradindex") / "gradindex"
+    build_gradindex(str(fact_world["factors"]), CorpusSpec(data=str(fact_world["paths"]["pretrain"]), max_length=64),
+                    out, device="cpu", show_progress=False)
+    return {"folder": out, "index": GradientIndex.load(out)}
+
+
 GRADIENT_WORLD_DOCUMENTS = 150
 
 

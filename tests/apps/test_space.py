@@ -121,19 +121,6 @@ def served(artifacts):
 
 
 @pytest.fixture(scope="module")
-def fact_gradindex(artifacts, tmp_path_factory):
-    """The default gradient index of the fact world's pre-training corpus (its pre-trained stage)."""
-    from hub_msif.attribution.gradient_index import GradientIndex
-    from hub_msif.attribution.gradient_index_build import build_gradindex
-    from hub_msif.data import CorpusSpec
-
-    out = tmp_path_factory.mktemp("fact-gradindex") / "gradindex"
-    build_gradindex(str(artifacts["factors"]), CorpusSpec(data=str(artifacts["paths"]["pretrain"]), max_length=64),
-                    out, device="cpu", show_progress=False)
-    return {"folder": out, "index": GradientIndex.load(out)}
-
-
-@pytest.fixture(scope="module")
 def gradient_served(served, artifacts, fact_gradindex):
     """A second app over the first one's loaded attributor and the same document index, with a
     gradient index (given by its folder): the page offers the candidate source."""
