@@ -50,7 +50,8 @@ INTRO = """# Which pre-training documents made the fine-tuned model say that?
 Ask a question. The **fine-tuned** model answers it (greedily; you can edit the answer), and
 **multi-stage influence functions (MS-IF)** rank candidate documents from the **pre-training**
 corpus by how much training on each one supports that answer. Candidates are the documents nearest
-to the question and answer in an embedding index. A positive score means the document supports the
+to the question and answer in an embedding index or, when the Space has a gradient index, those
+with the highest compressed MS-IF over the whole corpus. A positive score means the document supports the
 answer; *relative score* is the score over the largest absolute score among the candidates.
 """
 
