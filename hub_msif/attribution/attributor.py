@@ -485,7 +485,7 @@ class Attributor:
         started = time.perf_counter()
         methods, dampings = check_methods(methods), check_dampings(dampings)
         check_prompt(prompt)
-        self._check_sources(documents, candidates, index, gradindex, candidates_from)
+        gradindex = self._check_sources(documents, candidates, index, gradindex, candidates_from)
         check_top(top)
         answer, generated = self._answered(prompt, answer)  # before any retrieval work
         stage = None
@@ -505,16 +505,19 @@ class Attributor:
             result.seconds = time.perf_counter() - started
         return results
 
-    def _check_sources(self, documents, candidates, index, gradindex, candidates_from) -> None:
+    def _check_sources(self, documents, candidates, index, gradindex, candidates_from):
         """Before any work: given documents take no index; otherwise the candidate count and the
-        indexes that ``candidates_from`` needs (docs/design.md, "Gradient index")."""
+        indexes that ``candidates_from`` needs (docs/design.md, "Gradient index"). Returns the
+        gradient index given (loaded when given by its location, and checked), or None."""
         if documents is not None:
             if gradindex is not None or candidates_from is not None:
                 raise MsifValueError("given candidate documents are scored as they are: no gradindex or "
                                      "candidates_from with them")
-            return
+            return None
         check_candidates(candidates)
-        choose_source(candidates_from, index if index is not None else self.index, self._gradient_index(gradindex))
+        loaded = self._gradient_index(gradindex) if gradindex is not None else None
+        choose_source(candidates_from, index if index is not None else self.index, loaded or self._gradient_index())
+        return loaded
 
     def attribute(self, prompt: str, answer: str | None = None, documents: Sequence[dict] | None = None,
                   index=None, candidates: int = 100, top: int = 10, method: str = "ms-if",
@@ -544,7 +547,7 @@ class Attributor:
         check_dampings([damping])
         if not queries:
             raise MsifValueError("no queries")
-        self._check_sources(documents, candidates, index, gradindex, candidates_from)
+        gradindex = self._check_sources(documents, candidates, index, gradindex, candidates_from)
         check_top(top)
         if documents is not None and not documents:
             raise MsifValueError("no candidate documents to score (zero candidates)")
