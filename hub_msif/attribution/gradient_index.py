@@ -14,9 +14,10 @@ faiss index from the shards (no faiss file is ever read):
 
 - ``flat`` (default): ``IndexFlatIP``, exact inner products;
 - ``ivf,pq``: ``IVF<nlist>,PQ<m>x<nbits>`` over inner products, ``nlist = clamp(4 sqrt(N), 1, N / 39)``
-  (faiss wants 39 training points per list), ``m`` the largest divisor of ``dims`` up to ``dims / 4``
-  (4 numbers per sub-quantizer), ``nbits = min(8, log2 N)``, k-means seeded with ``IVF_SEED``, and
-  ``nprobe = min(nlist, 32)``; the parameters go into ``metadata["search"]``.
+  (faiss wants 39 training points per list), ``m`` the largest divisor of ``dims`` up to ``dims / 8``
+  (8 numbers per sub-quantizer), ``nbits = min(8, log2 N)``, k-means seeded with ``IVF_SEED``,
+  ``nprobe = min(nlist, 64)``; the best ``4 k`` by the codes are rescored with float16 copies of the
+  vectors (``IndexRefine``, as stored in the shards). ``search_parameters()`` gives them.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ MANIFEST_NAME = GRADINDEX.manifest_name
 SHARD_FOLDER = "shards"
 IVF_SEED = 1234
 IVF_POINTS_PER_LIST = 39  # faiss warns below 39 training points per cluster
-PQ_NUMBERS_PER_CODE = 4
-MAX_NPROBE = 32
+PQ_NUMBERS_PER_CODE = 8
+MAX_NPROBE = 64
+REFINE_FACTOR = 4  # ivf,pq: the best REFINE_FACTOR * k by the codes are rescored with the float16 vectors
 
 
 def shard_name(rank: int, number: int) -> str:
@@ -60,7 +62,8 @@ def ivf_pq_parameters(num_documents: int, dims: int) -> dict:
     nlist = max(1, min(round(4 * math.sqrt(num_documents)), num_documents // IVF_POINTS_PER_LIST))
     m = max(d for d in range(1, dims + 1) if dims % d == 0 and d <= max(1, dims // PQ_NUMBERS_PER_CODE))
     nbits = max(1, min(8, int(math.log2(max(2, num_documents)))))
-    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, MAX_NPROBE), "seed": IVF_SEED}
+    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, MAX_NPROBE), "seed": IVF_SEED,
+            "refine": "fp16", "refine_factor": REFINE_FACTOR}
 
 
 def _faiss():
@@ -79,11 +82,12 @@ def _resolve(location, token: str | None) -> Path:
     where = parse_location(location)
     if where.folder is not None:
         return where.folder
-    try:
-        from hub_msif.hub.pull import pull_gradindex
-    except ImportError:
+    from hub_msif.hub import pull
+
+    pull_gradindex = getattr(pull, "pull_gradindex", None)  # written beside pull_index (issue 18, publishing)
+    if pull_gradindex is None:
         raise RetrievalError(f"{location} is not a local folder, and pulling gradient indexes from the Hub is not "
-                             "available in this hub_msif: give the index folder") from None
+                             "available in this hub_msif: give the index folder")
     return Path(pull_gradindex(str(location), token=token))
 
 
@@ -148,8 +152,11 @@ class GradientIndex:
                 for clustering in (index.cp, index.pq.cp):  # seeded; few points per centroid is fine here
                     clustering.seed = p["seed"]
                     clustering.min_points_per_centroid = 1
-                index.train(vectors)
                 index.nprobe = p["nprobe"]
+                exact = faiss.IndexScalarQuantizer(self.dims, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+                index = faiss.IndexRefine(index, exact)
+                index.k_factor = p["refine_factor"]
+                index.train(vectors)
             index.add(vectors)
             self._faiss_index = index
         return self._faiss_index

@@ -276,6 +276,8 @@ def build_gradindex(
         if local <= done:
             continue
         ids = tokenizer(text, add_special_tokens=True)["input_ids"][: corpus.max_length]
+        if len(ids) < 2:  # as Attributor.document_sequence: one token carries no loss, so one more
+            ids = ids + [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_token_id(tokenizer)]
         pending.append({"input_ids": ids, "labels": list(ids)})
         pending_rows.append(number)
         if len(pending) == batch_size or len(shard_rows) + len(pending) >= shard_size:
@@ -290,27 +292,34 @@ def build_gradindex(
         raise RetrievalError(f"{out} holds more documents for process {processes.rank} than the corpus has: it was "
                              "built from another corpus; remove it and build again")
     processes.barrier()
-    manifest = None
+    manifest, failure = None, None
     if processes.rank == 0:
-        manifest = _finish(out, rows, corpus, text_column, id_column, num_documents, fingerprint, settings,
-                           corpus_record, processes.world, time.perf_counter() - started, ann, projection.dims)
+        try:
+            manifest = _finish(out, rows, corpus, text_column, id_column, num_documents, fingerprint, settings,
+                               corpus_record, processes.world, time.perf_counter() - started, ann, projection.dims)
+        except Exception as err:  # raised after the barrier: the other processes must not wait forever
+            failure = err
     processes.barrier()
+    if failure is not None:
+        raise failure
     return manifest
 
 
 def _check_or_record(out: Path, settings: dict, processes: _Processes) -> None:
     """The settings of a partial folder must be these (one line naming what differs); a new one records them."""
     path = out / BUILD_STATE
-    if processes.rank == 0:
-        if path.is_file():
-            _compare(path, settings)
+    failure = None
+    if processes.rank == 0 and not path.is_file():
+        if (out / SHARD_FOLDER).exists() and any((out / SHARD_FOLDER).iterdir()):
+            failure = RetrievalError(f"{out / SHARD_FOLDER} holds shards of an unknown build: remove them and build again")
         else:
-            if (out / SHARD_FOLDER).exists() and any((out / SHARD_FOLDER).iterdir()):
-                raise RetrievalError(f"{out / SHARD_FOLDER} holds shards of an unknown build: remove them and build again")
             atomic_write_json(path, settings)
-    processes.barrier()
-    if processes.rank != 0:
-        _compare(path, settings)
+    processes.barrier()  # every process decides after rank 0 has looked (none waits for one that failed)
+    if failure is not None:
+        raise failure
+    if not path.is_file():
+        raise RetrievalError(f"{out} holds shards of an unknown build: remove them and build again")
+    _compare(path, settings)
 
 
 def _compare(path: Path, settings: dict) -> None:

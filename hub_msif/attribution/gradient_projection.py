@@ -239,27 +239,35 @@ class GradientProjection:
 
 
 class _VectorSink:
-    """Adds each module's projected candidate gradients of a batch into ``out`` (inside the hook)."""
+    """Each module's projected gradients of a batch, laid side by side in ``blocks`` [B, sum k_s k_a]
+    (inside the hook); ``end`` mixes them into ``out`` with one matrix product (``[sum k_s k_a, dims]``,
+    the ``B_m^T`` stacked) or, for ``identity``, copies them."""
 
-    def __init__(self, projection: GradientProjection, out: torch.Tensor, device, dtype):
-        self.out = out
+    def __init__(self, projection: GradientProjection, device, dtype):
         self.operators = projection.candidate_operators(device, dtype)
-        self.mixing = {n: (m.to(device=device, dtype=dtype).T if (m := projection.mixing(n)) is not None else None)
-                       for n in projection.names}
         self.offsets = projection.offsets()
+        self.width = sum(ks * ka for ks, ka in projection.k.values())
+        mixing = [projection.mixing(n) for n in projection.names]
+        self.mixing = (None if projection.kind == "identity" else
+                       torch.cat([m.T for m in mixing if m is not None]).to(device=device, dtype=dtype))
+        self.device, self.dtype = device, dtype
+        self.out = torch.zeros(0, projection.dims, dtype=dtype, device=device)
+        self.blocks = torch.zeros(0, self.width, dtype=dtype, device=device)
         self.batch_start = 0
+
+    def begin(self, batch_start: int, size: int) -> None:
+        self.batch_start = batch_start
+        self.blocks = torch.zeros(size, self.width, dtype=self.dtype, device=self.device)
 
     def consume(self, spec: TrackedModule, a: torch.Tensor, g: torch.Tensor) -> None:
         ps, pa = self.operators[spec.name]
         block = (g @ ps).transpose(1, 2) @ (a @ pa)  # [B, k_s, k_a] = sum_t (g_t P_S R_S)^T (a_t P_A R_A)
-        block = block.reshape(block.shape[0], -1)
-        rows = slice(self.batch_start, self.batch_start + block.shape[0])
-        mixing = self.mixing[spec.name]
-        if mixing is None:
-            start = self.offsets[spec.name]
-            self.out[rows, start : start + block.shape[1]] += block  # += : a module may run twice
-        else:
-            self.out[rows] += block @ mixing
+        start = self.offsets[spec.name]
+        self.blocks[:, start : start + block.shape[1] * block.shape[2]] += block.reshape(block.shape[0], -1)  # module may run twice
+
+    def end(self) -> None:
+        rows = slice(self.batch_start, self.batch_start + self.blocks.shape[0])
+        self.out[rows] = self.blocks if self.mixing is None else self.blocks @ self.mixing
 
 
 class CandidateVectors:
@@ -273,7 +281,7 @@ class CandidateVectors:
         self.model, self.specs, self.projection, self.pad_id = model, list(specs), projection, pad_id
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(model)
-        self.sink = _VectorSink(projection, torch.zeros(0, projection.dims), self.device, self.dtype)
+        self.sink = _VectorSink(projection, self.device, self.dtype)
 
     def __call__(self, sequences: Sequence[dict], batch_size: int = 8) -> torch.Tensor:
         """``[N, dims]`` on the model's device, in its compute dtype."""
@@ -285,11 +293,12 @@ class CandidateVectors:
                 chunk = sequences[start : start + batch_size]
                 batch = collate(chunk, range(start, start + len(chunk)), self.pad_id, self.device)
                 capture.mask = batch["attention_mask"]
-                sink.batch_start = start
+                sink.begin(start, len(chunk))
                 outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      use_cache=False)
                 lm_loss(outputs.logits, batch, "empirical").backward()
-        out, sink.out = sink.out, torch.zeros(0, self.projection.dims)
+                sink.end()
+        out, sink.out = sink.out, sink.out[:0]
         return out
 
 

@@ -155,8 +155,11 @@ def test_seeded_projection_is_reproducible_and_unbiased_in_scale(exact):
     assert GradientProjection.from_json(one.to_json(), stage).to_json() == one.to_json()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 target missed: Spearman of the default compression against exact "
-                   "MS-IF is 0.28 and 0.64 (two of the queries) on the tiny pair; see the report in the commit log")
+# Measured: Spearman 0.131, -0.111, 0.382 for the three queries (32 documents); the query's and the documents'
+# scaled vectors have a cosine of about 0.004, so a projection to 1000 numbers (noise ~ 1/sqrt(1000)) cannot
+# rank them here (docs/design.md, "Gradient index": Accuracy on the tiny models).
+@pytest.mark.xfail(strict=True, reason="issue 18 target missed on the tiny pair: Spearman 0.13, -0.11, 0.38 at the "
+                   "defaults (target 0.9)")
 def test_default_compression_ranks_like_exact_ms_if(exact):
     projection = GradientProjection(exact["stages"]["pretrained"])
     want, got = exact_ms_if(exact, 0.1), projected_scores(exact, projection, 0.1)
@@ -238,7 +241,7 @@ def test_ivf_pq_search_is_rebuilt_from_the_shards_with_recorded_parameters(built
     index = GradientIndex.load(built, ann="ivf,pq")
     params = index.search_parameters()
     assert params == {"ann": "ivf,pq"} | ivf_pq_parameters(32, 1000)
-    assert params["m"] == 250 and 1000 % params["m"] == 0
+    assert params["m"] == 125 and params["refine_factor"] == 4
     flat = GradientIndex.load(built)
     vectors = flat.vectors()[:4]
     approx, exact_hits = index.search(vectors, 5), flat.search(vectors, 5)
