@@ -123,3 +123,21 @@ def test_check_refusals_in_one_line(gradient_world, tmp_path, capsys):
         status = cli.main(["gradindex", "check", "--queries", str(path), "--sample", "2", *extra])
         err = capsys.readouterr().err
         assert status == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_attribute_with_a_gradient_index_pulled_from_the_hub(gradient_world, attributor, hub_server, capsys):
+    """``--gradindex REPO@REV``: pushed to the loopback Hub, pulled on demand (every file sha256-checked),
+    the same candidates and scores as from the folder."""
+    from hub_msif.hub import push_gradindex
+
+    world = gradient_world
+    published = push_gradindex(world["folders"]["default"], "msif-team/tiny-gradindex")
+    prompt, answer = world["queries"][1]
+    assert cli.main(["attribute", "--factors", str(world["factors"]), "--gradindex",
+                     f"msif-team/tiny-gradindex@{published.tag}", "--prompt", prompt, "--answer", answer,
+                     "--candidates", "20", "--top", "20", "--threads", "1", "--json"]) == 0
+    got = strict_json(capsys.readouterr().out)
+    want = attributor.attribute(prompt, answer, candidates=20, top=20)
+    assert got["stage_one"]["source"] == "gradient"
+    assert [r["id"] for r in got["rows"]] == [r.id for r in want.rows]
+    assert [r["score"] for r in got["rows"]] == pytest.approx([r.score for r in want.rows], rel=1e-6)
