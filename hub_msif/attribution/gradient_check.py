@@ -87,17 +87,24 @@ def sample_rows(total: int, count: int | None, rng: random.Random) -> list[int]:
 
 def restricted_search(gradindex, vectors: np.ndarray, rows: Sequence[int], k: int) -> list[list[int]]:
     """Each query's top ``k`` rows of ``gradindex`` among ``rows`` only: the index's own faiss search
-    (flat or ``ivf,pq`` with its ``nprobe``) through an id selector."""
+    (flat, or ``ivf,pq`` with its ``nprobe`` and its exact refinement of ``k_factor`` times ``k``
+    candidates) through an id selector on the searched index."""
     import faiss
 
     if len(rows) == len(gradindex):
         return [[i for i, _ in hits] for hits in gradindex.search(vectors, k)]
     index = gradindex.faiss_index()
+    refine = isinstance(index, faiss.IndexRefine)
+    base = faiss.downcast_index(index.base_index) if refine else index
     selector = faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64))
-    params: Any = faiss.SearchParametersIVF() if hasattr(index, "nprobe") else faiss.SearchParameters()
+    params: Any = faiss.SearchParametersIVF() if hasattr(base, "nprobe") else faiss.SearchParameters()
     params.sel = selector
-    if hasattr(index, "nprobe"):
-        params.nprobe = int(index.nprobe)
+    if hasattr(base, "nprobe"):
+        params.nprobe = int(base.nprobe)
+    if refine:  # the selector and nprobe go to the base index, whose candidates are then rescored
+        base_params, params = params, faiss.IndexRefineSearchParameters()
+        params.k_factor = float(index.k_factor)
+        params.base_index_params = base_params
     _, found = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(rows)), params=params)
     return [[int(i) for i in row if i >= 0] for row in found]
 

@@ -95,8 +95,14 @@ class Attribution:
     stage_one: dict | None = None
     seconds: float | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self, timing: bool = False) -> dict:
+        """A JSON-ready dict; wall times (``seconds``, ``stage_one.seconds``) only with ``timing``, so
+        that the same attribution gives the same JSON."""
         out = {k: v for k, v in asdict(self).items() if k not in ("rows", "opponents")}
+        if not timing:
+            out.pop("seconds")
+            if out.get("stage_one"):
+                out["stage_one"] = {k: v for k, v in out["stage_one"].items() if k != "seconds"}
         out["rows"] = [row.to_json() for row in self.rows]
         out["opponents"] = [row.to_json() for row in self.opponents]
         return out

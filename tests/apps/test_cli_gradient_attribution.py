@@ -48,6 +48,7 @@ def test_attribute_gradindex_json_is_the_attributors_result_with_stage_one(gradi
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "stage one: 30 candidates (top by compressed MS-IF) from the gradient index (150 documents) in " in out
+    assert "; the whole query " in out
     assert "ms-if over 30 candidates" in out
 
 
@@ -128,14 +129,20 @@ def test_check_refusals_in_one_line(gradient_world, tmp_path, capsys):
 def test_attribute_with_a_gradient_index_pulled_from_the_hub(gradient_world, attributor, hub_server, capsys):
     """``--gradindex REPO@REV``: pushed to the loopback Hub, pulled on demand (every file sha256-checked),
     the same candidates and scores as from the folder."""
+    from huggingface_hub import HfApi
+
     from hub_msif.hub import push_gradindex
 
     world = gradient_world
-    published = push_gradindex(world["folders"]["default"], "msif-team/tiny-gradindex")
+    repo = "msif-team/tiny-gradindex-attribute"
+    published = push_gradindex(world["folders"]["default"], repo)
     prompt, answer = world["queries"][1]
-    assert cli.main(["attribute", "--factors", str(world["factors"]), "--gradindex",
-                     f"msif-team/tiny-gradindex@{published.tag}", "--prompt", prompt, "--answer", answer,
-                     "--candidates", "20", "--top", "20", "--threads", "1", "--json"]) == 0
+    try:
+        assert cli.main(["attribute", "--factors", str(world["factors"]), "--gradindex", f"{repo}@{published.tag}",
+                         "--prompt", prompt, "--answer", answer, "--candidates", "20", "--top", "20", "--threads", "1",
+                         "--json"]) == 0
+    finally:  # the session's Hub is shared: find-factors of the same tiny model must not list it
+        HfApi().delete_repo(repo, repo_type="dataset")
     got = strict_json(capsys.readouterr().out)
     want = attributor.attribute(prompt, answer, candidates=20, top=20)
     assert got["stage_one"]["source"] == "gradient"
