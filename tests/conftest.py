@@ -280,3 +280,53 @@ def hub_server(hub_root):
     server = HubServer(hub_root, host="127.0.0.1", port=HUB_PORT, tokens=HUB_TOKENS).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def fact_gradindex(fact_world, tmp_path_factory):
+    """The default gradient index of the fact world's pre-training corpus (its pre-trained stage, max
+    length 64 as the demo fits it): ``folder`` and the loaded ``index`` (tests/apps: the Space)."""
+    from hub_msif.attribution.gradient_index import GradientIndex
+    from hub_msif.attribution.gradient_index_build import build_gradindex
+    from hub_msif.data import CorpusSpec
+
+    out = tmp_path_factory.mktemp("fact-gradindex") / "gradindex"
+    build_gradindex(str(fact_world["factors"]), CorpusSpec(data=str(fact_world["paths"]["pretrain"]), max_length=64),
+                    out, device="cpu", show_progress=False)
+    return {"folder": out, "index": GradientIndex.load(out)}
+
+
+GRADIENT_WORLD_DOCUMENTS = 150
+
+
+@pytest.fixture(scope="session")
+def gradient_world(tmp_path_factory):
+    """The tiny pair with both stages' factors, a corpus of 150 distinct documents, its embedding
+    index, and three gradient indexes of it: identity and default projections of the pre-trained
+    stage, and one of the fine-tuned stage (to be refused); four Q&A queries (issue 18: two-stage
+    attribution and ``gradindex check``, tests/attribution and tests/apps)."""
+    import json
+
+    from hub_msif.attribution.gradient_index import GradientIndex
+    from hub_msif.attribution.gradient_index_build import build_gradindex
+    from hub_msif.attribution.retrieval import build_index
+    from hub_msif.data import CorpusSpec
+    from hub_msif.toy.examples import example_texts
+
+    root = tmp_path_factory.mktemp("gradient-attribution")
+    pair = save_tiny_pair(root / "models")
+    factors = root / "factors"
+    fit_tiny_pair(pair, factors)
+    texts = list(dict.fromkeys(example_texts(2 * GRADIENT_WORLD_DOCUMENTS, seed=2)))[:GRADIENT_WORLD_DOCUMENTS]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    spec = CorpusSpec(data=str(corpus))
+    folders = {}
+    for name, settings in (("identity", {"kind": "identity"}), ("default", {}), ("finetuned", {"stage": "finetuned"})):
+        folders[name] = root / f"gradindex-{name}"
+        build_gradindex(str(factors), spec, folders[name], device="cpu", show_progress=False, **settings)
+    index = build_index(spec, out=root / "index")
+    queries = [(r["prompt"], r["response"]) for r in qa_rows(16)[:4]]
+    return {"root": root, "pair": pair, "factors": factors, "corpus": corpus, "folders": folders, "index": index,
+            "gradindexes": {name: GradientIndex.load(folder) for name, folder in folders.items()},
+            "queries": queries}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from hub_msif.attribution.checks import (
     DEFAULT_DAMPING,
     METHODS,
     check_candidates,
+    check_damping,
     check_dampings,
     check_methods,
     check_prompt,
@@ -43,6 +45,14 @@ from hub_msif.attribution.scoring import (
     precondition_queries,
     score_candidates,
     stack_queries,
+)
+from hub_msif.attribution.stage_one import (
+    StageOne,
+    choose_source,
+    index_projection,
+    query_vectors,
+    recorded_check,
+    union,
 )
 from hub_msif.data import DEFAULT_TEMPLATE, collate
 from hub_msif.errors import FactorError, MsifValueError
@@ -85,7 +95,10 @@ class Attributor:
     fitted for another model or revision than the one given is refused before any factor file or
     weights load (``allow_revision_mismatch`` warns instead).
     ``modules``: ``all`` or ``mlp``. ``token``: for pulling private factors. ``index``: the
-    ``DocumentIndex`` that ``candidates`` searches when none is passed to it.
+    ``DocumentIndex`` that ``candidates`` searches when none is passed to it. ``gradindex``: a
+    ``GradientIndex`` (or its location, a folder or ``REPO[@REV]``, loaded here) of the pre-trained
+    stage, searched over the whole corpus for candidates (``candidates_from``; docs/design.md,
+    "Gradient index"); one built for another model or stage is refused here.
     ``query_rank``: keep each module's preconditioned query as a rank-r factorization (None: full
     rank, the default; docs/design.md, "Low-rank queries"). ``normalize``: gradient-method scores
     are cosines ``<W_q, G_c> / (||W_q|| ||G_c||)`` ("Unit-normalised scores"). ``base_model``: the
@@ -107,7 +120,8 @@ class Attributor:
                  normalize: bool = False, base_model: str | None = None, refine_steps: int = 0,
                  curvature_data: Mapping | None = None, curvature_size: int = DEFAULT_CURVATURE_SEQUENCES,
                  factors_pretrained: str | Path | None = None, factors_finetuned: str | Path | None = None,
-                 model_paths: Mapping[str, str] | None = None, device: str = "auto", model_dtype: str | None = None):
+                 model_paths: Mapping[str, str] | None = None, device: str = "auto", model_dtype: str | None = None,
+                 gradindex=None):
         if modules not in ("all", "mlp"):
             raise MsifValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
         self.query_rank = check_rank(query_rank) if query_rank is not None else None
@@ -160,6 +174,11 @@ class Attributor:
         self.refine_steps, self.curvature_data, self.curvature_size = refine_steps, dict(curvature_data or {}), curvature_size
         self._curvature: dict[str, list[dict]] = {}
         self._place(device, model_dtype)
+        self._root = self  # views (restrict) share it: stage one projects over every module the index covers
+        self._token = token
+        # id(gradient index) -> (the index, kept alive so that its id stays its own; its GradientProjection)
+        self._projections: dict[int, tuple[Any, Any]] = {}
+        self.gradindex = self._gradient_index(gradindex) if gradindex is not None else None
 
     def _place(self, device: str, model_dtype: str | None) -> None:
         """Both models (cast to ``model_dtype`` when given) and both stages' factors on ``device``
@@ -253,16 +272,72 @@ class Attributor:
             )
         return generate_answer(self.models["finetuned"], self.tokenizer, text, min(max_new_tokens, room))
 
-    def candidates(self, prompt: str, answer: str, k: int = 100, index=None) -> list[dict]:
-        """The ``k`` documents of ``index`` (default: this attributor's) nearest to the prompt and
-        answer text, best first, as dicts with ``id`` and ``text``."""
-        index = index if index is not None else self.index
-        if index is None:
-            raise MsifValueError("give candidate documents or an index to retrieve them from")
+    def candidates(self, prompt: str, answer: str, k: int = 100, index=None, gradindex=None,
+                   candidates_from: str | None = None, damping: float = DEFAULT_DAMPING,
+                   relative: bool = True) -> list[dict]:
+        """Stage one: the ``k`` documents of ``index`` (default: this attributor's) nearest to the
+        prompt and answer text, or of ``gradindex`` (default: this attributor's) with the largest
+        compressed MS-IF at ``damping``, or the union of both (``candidates_from``: ``embedding``,
+        ``gradient``, ``both``; by default the gradient index when there is one), best first (the
+        gradient index's first), as dicts with ``id`` and ``text``."""
         check_candidates(k)
-        self._check_corpus(index)
-        hits = index.search([f"{prompt} {answer}"], k)[0]
-        return [index.documents[i] for i, _ in hits]
+        return self.stage_one(prompt, answer, k, index, gradindex, candidates_from, damping, relative)[0]
+
+    def stage_one(self, prompt: str, answer: str, k: int, index=None, gradindex=None,
+                  candidates_from: str | None = None, damping: float = DEFAULT_DAMPING,
+                  relative: bool = True) -> tuple[list[dict], StageOne]:
+        """``candidates`` with how they were found (``StageOne``): docs/design.md, "Gradient index"."""
+        index = index if index is not None else self.index
+        gradindex = self._gradient_index(gradindex)
+        source = choose_source(candidates_from, index, gradindex)
+        started = time.perf_counter()
+        embedded: list[dict] = []
+        by_gradient: list[dict] = []
+        searched: dict[str, int] = {}
+        if source in ("embedding", "both"):
+            self._check_corpus(index)
+            embedded = [index.documents[i] for i, _ in index.search([f"{prompt} {answer}"], k)[0]]
+            searched["embedding"] = len(index.documents)
+        if source in ("gradient", "both"):
+            self._check_corpus(gradindex)
+            vectors = self.gradient_query_vectors([(prompt, answer)], gradindex, damping, relative)
+            by_gradient = [gradindex.documents[i] for i, _ in gradindex.search(vectors, k)[0]]
+            searched["gradient"] = len(gradindex.documents)
+        documents = union(by_gradient, embedded)
+        return documents, StageOne(source, len(documents), searched, time.perf_counter() - started,
+                                   recorded_check(gradindex) if gradindex is not None and by_gradient else None)
+
+    def gradient_query_vectors(self, queries: Sequence[tuple[str, str]], gradindex=None,
+                               damping: float = DEFAULT_DAMPING, relative: bool = True):
+        """``[Q, dims]`` float32 (numpy) vectors of (prompt, answer) ``queries`` for ``gradindex``
+        (default: this attributor's): each query's multi-stage vector at ``damping``, projected as
+        the index's documents were; their inner products with the index's vectors are its scores
+        (docs/design.md, "Gradient index")."""
+        gradindex = self._gradient_index(gradindex)
+        if gradindex is None:
+            raise MsifValueError("no gradient index given (gradindex=, --gradindex)")
+        root = self._root
+        return query_vectors(root._projections[id(gradindex)][1], root.models["finetuned"], root.factors["finetuned"],
+                             root.factors["pretrained"], root.pad_id, [self.query_sequence(p, a) for p, a in queries],
+                             check_damping(damping), relative)
+
+    def _gradient_index(self, gradindex=None):
+        """``gradindex`` (a ``GradientIndex`` or its location), else this attributor's, else None;
+        checked once against the pre-trained stage's factors (model, stage, modules)."""
+        if gradindex is None:
+            gradindex = getattr(self, "gradindex", None)
+        if gradindex is None:
+            return None
+        if isinstance(gradindex, (str, Path)):
+            from hub_msif.attribution.gradient_index import GradientIndex
+
+            gradindex = GradientIndex.load(gradindex, token=self._token)
+        root = self._root
+        if id(gradindex) not in root._projections:
+            where = root.locations["pretrained"]
+            gradindex.check_stage(root.factors["pretrained"].info, where)
+            root._projections[id(gradindex)] = (gradindex, index_projection(gradindex, root.factors["pretrained"], where))
+        return gradindex
 
     def _answered(self, prompt: str, answer: str | None) -> tuple[str, bool]:
         """``(answer, generated)``: the given answer, or the fine-tuned model's greedy one when it is
@@ -395,23 +470,28 @@ class Attributor:
     def compare(self, prompt: str, answer: str | None = None, documents: Sequence[dict] | None = None,
                 index=None, candidates: int = 100, top: int = 10, methods: Sequence[str] = METHODS,
                 dampings: Sequence[float] = (DEFAULT_DAMPING,), relative: bool = True, token_shares: bool = False,
-                show_progress: bool = False) -> list[Attribution]:
+                show_progress: bool = False, gradindex=None, candidates_from: str | None = None) -> list[Attribution]:
         """Ranks the same candidate documents for one prompt under several methods and dampings.
 
         The answer is generated greedily when None or blank. Candidates are ``documents`` (dicts
         with ``id`` and ``text``) or the ``candidates`` nearest documents of ``index`` (default:
-        this attributor's). Returns one ``Attribution`` per method and, for MS-IF and SS-IF, per
-        damping, in that order, each with its ``top`` rows. ``token_shares`` adds each top row's
-        per-token shares (gradient methods).
+        this attributor's), of ``gradindex`` (default: this attributor's) or both, as
+        ``candidates_from`` says (``stage_one``; by default the gradient index when there is one; its
+        query vector takes the first of ``dampings``). Returns one ``Attribution`` per method and,
+        for MS-IF and SS-IF, per damping, in that order, each with its ``top`` rows and how its
+        candidates were found (``stage_one``). ``token_shares`` adds each top row's per-token shares
+        (gradient methods).
         """
+        started = time.perf_counter()
         methods, dampings = check_methods(methods), check_dampings(dampings)
         check_prompt(prompt)
-        if documents is None:
-            check_candidates(candidates)
+        gradindex = self._check_sources(documents, candidates, index, gradindex, candidates_from)
         check_top(top)
         answer, generated = self._answered(prompt, answer)  # before any retrieval work
+        stage = None
         if documents is None:
-            documents = self.candidates(prompt, answer, candidates, index)
+            documents, stage = self.stage_one(prompt, answer, candidates, index, gradindex, candidates_from,
+                                              dampings[0], relative)
         if not documents:
             raise MsifValueError("no candidate documents to score (zero candidates)")
         texts = [d["text"] for d in documents]
@@ -421,27 +501,44 @@ class Attributor:
         results = [self._rank(s, prompt, answer, generated, relative, documents, top) for s in scored]
         for result in results:
             result.answer_logprob = logprob
+            result.stage_one = stage.to_json() if stage is not None else None
+            result.seconds = time.perf_counter() - started
         return results
+
+    def _check_sources(self, documents, candidates, index, gradindex, candidates_from):
+        """Before any work: given documents take no index; otherwise the candidate count and the
+        indexes that ``candidates_from`` needs (docs/design.md, "Gradient index"). Returns the
+        gradient index given (loaded when given by its location, and checked), or None."""
+        if documents is not None:
+            if gradindex is not None or candidates_from is not None:
+                raise MsifValueError("given candidate documents are scored as they are: no gradindex or "
+                                     "candidates_from with them")
+            return None
+        check_candidates(candidates)
+        loaded = self._gradient_index(gradindex) if gradindex is not None else None
+        choose_source(candidates_from, index if index is not None else self.index, loaded or self._gradient_index())
+        return loaded
 
     def attribute(self, prompt: str, answer: str | None = None, documents: Sequence[dict] | None = None,
                   index=None, candidates: int = 100, top: int = 10, method: str = "ms-if",
                   damping: float = DEFAULT_DAMPING, relative: bool = True, token_shares: bool = False,
-                  show_progress: bool = False) -> Attribution:
+                  show_progress: bool = False, gradindex=None, candidates_from: str | None = None) -> Attribution:
         """Ranks candidate documents for one prompt (and answer; generated greedily when None)
         under one method: ``compare`` with one method and damping."""
         (result,) = self.compare(prompt, answer, documents, index, candidates, top, [method], [damping], relative,
-                                 token_shares, show_progress)
+                                 token_shares, show_progress, gradindex, candidates_from)
         return result
 
     def attribute_many(self, queries: Sequence[tuple[str, str | None]], documents: Sequence[dict] | None = None,
                        index=None, candidates: int = 100, top: int = 10, method: str = "ms-if",
                        damping: float = DEFAULT_DAMPING, relative: bool = True, token_shares: bool = False,
-                       show_progress: bool = False) -> list[Attribution]:
+                       show_progress: bool = False, gradindex=None,
+                       candidates_from: str | None = None) -> list[Attribution]:
         """``attribute`` for many (prompt, answer) queries in one pass (docs/design.md, "Many queries").
 
         The same results as one ``attribute`` call per query, for less: answers left None or blank
-        are generated, candidates of all queries are retrieved in one search (or are ``documents``
-        for every query), and queries go through ``score_methods`` together, chunk by chunk
+        are generated, each query's candidates are found as ``attribute`` finds them (``stage_one``;
+        or are ``documents`` for every query), and queries go through ``score_methods`` together, chunk by chunk
         (``query_chunk``), each chunk against the union of its queries' candidates: one gradient
         pass over the chunk's queries and one over each candidate per model, however many of the
         chunk's queries share it. Each query is then ranked among its own candidates only.
@@ -450,8 +547,7 @@ class Attributor:
         check_dampings([damping])
         if not queries:
             raise MsifValueError("no queries")
-        if documents is None:
-            check_candidates(candidates)
+        gradindex = self._check_sources(documents, candidates, index, gradindex, candidates_from)
         check_top(top)
         if documents is not None and not documents:
             raise MsifValueError("no candidate documents to score (zero candidates)")
@@ -459,29 +555,39 @@ class Attributor:
             check_prompt(prompt)
         from tqdm.auto import tqdm
 
-        answered, generated = [], []
+        answered, generated, seconds = [], [], []
         for number, (prompt, answer) in enumerate(tqdm(queries, desc="generating answers", leave=False, disable=(
                 not show_progress or all(a and a.strip() for _, a in queries))), start=1):
+            started = time.perf_counter()
             try:
                 answer, blank = self._answered(prompt, answer)  # before any scoring work
             except MsifValueError as err:
                 raise MsifValueError(f"query {number} of {len(queries)}: {err}") from err
             answered.append((prompt, answer))
             generated.append(blank)
+            seconds.append(time.perf_counter() - started)
+        stages: list[StageOne | None] = [None] * len(answered)
         if documents is not None:
             pools = [list(range(len(documents)))] * len(answered)
             pool_docs = list(documents)
-        else:
-            index = index if index is not None else self.index
-            if index is None:
-                raise MsifValueError("give candidate documents or an index to retrieve them from")
-            self._check_corpus(index)
-            hits = index.search([f"{p} {a}" for p, a in answered], candidates)
-            pools = [[i for i, _ in found] for found in hits]
-            pool_docs = index.documents
+        else:  # each query's stage one, as `attribute` runs it; the pools share rows by document id
+            pools, pool_docs, row_of = [], [], {}
+            for q, (prompt, answer) in enumerate(answered):
+                found, stage = self.stage_one(prompt, answer, candidates, index, gradindex, candidates_from, damping,
+                                              relative)
+                stages[q] = stage
+                seconds[q] += stage.seconds
+                pool = []
+                for doc in found:
+                    if doc["id"] not in row_of:
+                        row_of[doc["id"]] = len(pool_docs)
+                        pool_docs.append(doc)
+                    pool.append(row_of[doc["id"]])
+                pools.append(pool)
         chunk = self.query_chunk(max(len(pool) for pool in pools), len(pool_docs))
         results: list[Attribution] = []
         for start in range(0, len(answered), chunk):
+            started = time.perf_counter()
             part = range(start, min(start + chunk, len(answered)))
             union = sorted({i for q in part for i in pools[q]})
             where = {doc: row for row, doc in enumerate(union)}
@@ -500,8 +606,13 @@ class Attributor:
                 prompt, answer = answered[q]
                 results.append(self._rank(mine, prompt, answer, generated[q], relative,
                                           [pool_docs[i] for i in pools[q]], top))
-        for result, logprob in zip(results, self.answer_logprobs(answered), strict=True):
+            for q in part:  # each query's share of its chunk's scoring
+                seconds[q] += (time.perf_counter() - started) / len(part)
+        for how, result, logprob in zip(stages, results, self.answer_logprobs(answered), strict=True):
             result.answer_logprob = logprob
+            result.stage_one = how.to_json() if how is not None else None
+        for result, spent in zip(results, seconds, strict=True):
+            result.seconds = spent
         return results
 
     @torch.no_grad()

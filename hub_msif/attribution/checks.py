@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from hub_msif.errors import MsifValueError
 
 METHODS = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
+CANDIDATE_SOURCES = ("embedding", "gradient", "both")  # where stage one finds candidates (``candidates_from``)
 DEFAULT_DAMPING = 0.1  # relative: 0.1 x mean(Lambda) per module, as in Grosse et al.
 
 
 class ArgumentError(MsifValueError):
-    """A refused argument. ``argument``: ``prompt``, ``candidates``, ``top``, ``method`` or
-    ``damping``; ``problem``: ``empty``, ``not_whole``, ``too_small``, ``unknown``, ``not_number``
+    """A refused argument. ``argument``: ``prompt``, ``candidates``, ``top``, ``method``,
+    ``damping`` or ``candidates_from``; ``problem``: ``empty``, ``not_whole``, ``too_small``, ``unknown``, ``not_number``
     or ``not_positive``; ``value``: the value refused (a count as the whole number it was read as)."""
 
     def __init__(self, message: str, argument: str, problem: str, value=None):
@@ -72,6 +73,14 @@ def check_methods(methods: str | Sequence[str]) -> list[str]:
     for method in methods:
         check_method(method)
     return list(dict.fromkeys(methods))
+
+
+def check_candidates_from(source: str | None) -> str | None:
+    """None (the default for the indexes given) or one of ``CANDIDATE_SOURCES``."""
+    if source is not None and source not in CANDIDATE_SOURCES:
+        raise ArgumentError(f"candidates come from {', '.join(CANDIDATE_SOURCES)}, not {source!r}",
+                            "candidates_from", "unknown", source)
+    return source
 
 
 def check_damping(damping) -> float:

@@ -74,7 +74,10 @@ class Attribution:
     for; each keeps its ``rank`` among all candidates from the top (the most negative of C
     candidates has rank C), so a document has the same rank in both lists. ``answer_logprob``:
     ``sum_t log p(answer_t | prompt, answer_<t)`` under the fine-tuned model (natural log; None
-    when not computed).
+    when not computed). ``stage_one``: how the candidates were found when an index was searched
+    (``StageOne.to_json()``: ``source``, ``candidates``, ``searched``, ``seconds``, and the gradient
+    index's recorded ``check`` recall; None for given documents). ``seconds``: wall time of this
+    query's attribution, stage one included (with many queries, its share of its chunk's scoring).
     """
 
     prompt: str
@@ -89,9 +92,17 @@ class Attribution:
     rows: list[ResultRow] = field(default_factory=list)
     opponents: list[ResultRow] = field(default_factory=list)
     answer_logprob: float | None = None
+    stage_one: dict | None = None
+    seconds: float | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self, timing: bool = False) -> dict:
+        """A JSON-ready dict; wall times (``seconds``, ``stage_one.seconds``) only with ``timing``, so
+        that the same attribution gives the same JSON."""
         out = {k: v for k, v in asdict(self).items() if k not in ("rows", "opponents")}
+        if not timing:
+            out.pop("seconds")
+            if out.get("stage_one"):
+                out["stage_one"] = {k: v for k, v in out["stage_one"].items() if k != "seconds"}
         out["rows"] = [row.to_json() for row in self.rows]
         out["opponents"] = [row.to_json() for row in self.opponents]
         return out

@@ -8,7 +8,8 @@
   wheel given), so the Space depends on no unpublished package;
 - ``requirements.txt``: the wheel's own dependencies, pinned to ``templates/space_requirements.txt``
   (the versions the project is tested with; gradio at the README's ``sdk_version``), and ``./<wheel>``;
-- ``msif_space.json``: the factor and index locations the app serves (a file rather than Space
+- ``msif_space.json``: the factor and index locations the app serves, and the gradient index's
+  when one is given (docs/design.md, "Gradient index"; a file rather than Space
   variables: it lands in the same commit as the app, so every commit says what it serves, and it
   needs no API beyond commits);
 - ``README.md``: the Space's front matter (sdk, sdk_version, app_file, python_version, models,
@@ -38,12 +39,15 @@ from typing import Any, NamedTuple
 from hub_msif import __version__
 from hub_msif.artifacts.manifest import (
     FACTORS,
+    GRADINDEX,
     INDEX,
     STAGES,
     check_same_modules,
     factor_files,
+    gradindex_files,
     index_files,
     read_manifest,
+    stage_sha256,
 )
 from hub_msif.errors import FactorError, HubError, HubValueError, Interrupted, MsifError, TokenRefusedError
 from hub_msif.hub.cards import CARD_NAME, DEFAULT_LICENSE, card_template, with_space_link
@@ -329,15 +333,16 @@ def _repos_of(factors: str) -> list[str]:
 
 
 def space_files(repo_id: str, factors: str | dict, index: str, manifest: dict, factor_bytes: int, endpoint: str,
-                hardware: str | None = None, wheel: str | Path | None = None) -> dict[str, bytes]:
+                hardware: str | None = None, wheel: str | Path | None = None,
+                gradindex: str | None = None) -> dict[str, bytes]:
     """``{path: content}`` of every file of the Space (see the module docstring); ``factors`` is a pair
-    location or ``{stage: location}``."""
+    location or ``{stage: location}``; ``gradindex`` (optional) the gradient index's location."""
     name, data = given_wheel(wheel) if wheel is not None else pack_wheel()
     requirements = ("# The hub_msif wheel's own dependencies, pinned to the versions hub_msif is tested with (gradio at "
                     "README.md's sdk_version).\n" + "".join(f"{p}\n" for p in pinned_requirements(data))
                     + f"# hub_msif {__version__} itself, shipped in this repo\n./{name}\n")
     config = ({f"factors_{stage}": location for stage, location in factors.items()} if isinstance(factors, dict)
-              else {"factors": factors}) | {"index": index}
+              else {"factors": factors}) | {"index": index} | ({"gradindex": gradindex} if gradindex else {})
     shown = (" + ".join(f"{stage} {location}" for stage, location in factors.items()) if isinstance(factors, dict)
              else factors)
     return {
@@ -355,7 +360,8 @@ def space_files(repo_id: str, factors: str | dict, index: str, manifest: dict, f
 def push_space(repo_id: str, factors: str | None, index: str, private: bool = False, hardware: str | None = None,
                token: str | None = None, wheel: str | Path | None = None, commit_message: str | None = None,
                link_card: bool = True, factors_pretrained: str | None = None,
-               factors_finetuned: str | None = None, replace: bool = False) -> SpacePushed:
+               factors_finetuned: str | None = None, replace: bool = False,
+               gradindex: str | None = None) -> SpacePushed:
     """Publishes a Gradio Space that serves ``factors`` (a pair) or ``factors_pretrained`` and
     ``factors_finetuned`` (each stage from its own repo; either replaces that stage of ``factors``)
     and ``index``, all ``REPO@REV`` of published artifacts, as one commit to the space repo
@@ -368,11 +374,13 @@ def push_space(repo_id: str, factors: str | None, index: str, private: bool = Fa
     not make, whose files this commit would delete, is refused unless ``replace``. A private
     artifact behind a public Space is warned about. Then each factor repo's card links the Space,
     when ``link_card`` and the token may write there. Ctrl-C raises ``Interrupted`` saying whether
-    the Space commit landed. Returns ``(commit, url, card_linked)``."""
+    the Space commit landed. ``gradindex`` (``REPO@REV``, optional): a published gradient index of
+    the pre-trained stage, checked like the others and to be built from exactly that stage's factors,
+    served beside the index (docs/design.md, "Gradient index"). Returns ``(commit, url, card_linked)``."""
     progress = {"step": "prepare", "api": None, "head": None, "commit": None}
     try:
         return _push_space(repo_id, factors, index, private, hardware, token, wheel, commit_message, link_card,
-                           factors_pretrained, factors_finetuned, replace, progress)
+                           factors_pretrained, factors_finetuned, replace, progress, gradindex)
     except Interrupted:
         raise
     except KeyboardInterrupt as err:
@@ -399,7 +407,7 @@ def _interrupted_space(repo_id: str, progress: dict) -> str:
 
 
 def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit_message, link_card,
-                factors_pretrained, factors_finetuned, replace, progress) -> SpacePushed:
+                factors_pretrained, factors_finetuned, replace, progress, gradindex=None) -> SpacePushed:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import get_token
@@ -409,6 +417,7 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
     locations = {stage: _hub_location(value, f"--factors-{stage}" if value != factors else "--factors")
                  for stage, value in given.items()}
     index_location = _hub_location(index, "--index")
+    gradindex_location = _hub_location(gradindex, "--gradindex") if gradindex is not None else None
     if hardware is not None and hardware not in hardware_flavors():
         raise HubValueError(f"--hardware {hardware!r} is not a Space hardware flavour; use one of "
                             f"{', '.join(hardware_flavors())}")
@@ -432,6 +441,9 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
     except FactorError as err:
         raise HubValueError(f"{doing}: {err}") from None
     private_repos[index_location.repo_id] = _read_index(api, index_location, doing)
+    if gradindex_location is not None:
+        private_repos[gradindex_location.repo_id] = _read_gradindex(api, gradindex_location,
+                                                                    manifest["stages"]["pretrained"], doing)
     pair = locations["pretrained"] == locations["finetuned"]
     served: str | dict[str, str]
     if pair:
@@ -439,7 +451,8 @@ def _push_space(repo_id, factors, index, private, hardware, token, wheel, commit
     else:
         served = {stage: str(loc) for stage, loc in locations.items()}
         described = " + ".join(f"{stage} {loc}" for stage, loc in served.items())
-    content = space_files(repo_id, served, str(index_location), manifest, factor_bytes, api.endpoint, hardware, wheel)
+    content = space_files(repo_id, served, str(index_location), manifest, factor_bytes, api.endpoint, hardware, wheel,
+                          str(gradindex_location) if gradindex_location is not None else None)
     with hub_failures(repo_id, None, doing, token):
         require_write_access(api, repo_id, doing)
         existed = api.repo_exists(repo_id, repo_type=SPACE_TYPE)
@@ -518,7 +531,7 @@ def _listed_sha256(api, location, siblings: dict, files: dict[str, str], doing: 
 def _read_artifact(api, location, kind, doing: str) -> tuple[dict, dict, bool]:
     """``(manifest, {path: sibling}, private)`` of the artifact published at ``location``, its
     manifest read by ``read_manifest`` (format and version), as ``pull`` reads it."""
-    what = "factors" if kind is FACTORS else "index"
+    what = {"factors": "factors", "index": "index", "gradindex": "gradient index"}[kind.name]
     with hub_failures(location.repo_id, location.revision, f"{doing}: reading the {what}"):
         manifest_path = Path(api.hf_hub_download(location.repo_id, kind.manifest_name, repo_type=REPO_TYPE,
                                                  revision=location.revision))
@@ -546,6 +559,25 @@ def _read_factors(api, location, stage: str, doing: str) -> tuple[dict, dict[str
                             f"{type(err).__name__}: {err}") from err
     _listed_sha256(api, location, siblings, files, doing)
     return manifest, {path: s.size or 0 for path, s in siblings.items()}, private
+
+
+def _read_gradindex(api, location, pretrained: dict, doing: str) -> bool:
+    """Checks the gradient index published at ``location`` as ``GradientIndex.load`` reads it (manifest,
+    the sha256 of its documents and shards) and that it was built from exactly the served pre-trained
+    stage (``pretrained``: that stage's manifest entry, by its sha256). Returns whether the repo is private."""
+    manifest, siblings, private = _read_artifact(api, location, GRADINDEX, doing)
+    try:
+        files = gradindex_files(manifest)
+    except MsifError as err:
+        raise HubValueError(f"{doing}: {location}: {err}") from None
+    _listed_sha256(api, location, siblings, files, doing)
+    built = manifest.get("stage") or {}
+    if built.get("manifest_sha256") != stage_sha256(pretrained):
+        model = built.get("model") or {}
+        raise HubValueError(f"{doing}: the gradient index {location} was built for other pre-trained factors "
+                            f"({model.get('id')}@{model.get('revision')}, {built.get('location')}) than the Space "
+                            "serves: build one for these factors (hub-msif gradindex build)")
+    return private
 
 
 def _read_index(api, location, doing: str) -> bool:

@@ -111,7 +111,7 @@ CASES = [
     ("index-empty-text-column", ["index", "build", "--data", "d.jsonl", "--out", "{tmp}/i", "--text-column", ""],
      "argument --text-column: must not be empty"),
     # attribute ({index} is valid; {dir} passes the location check but holds no factors)
-    ("attribute-no-args", "attribute", "one of the arguments --index --documents is required"),
+    ("attribute-no-args", "attribute", "one of the arguments --prompt --queries is required"),
     ("attribute-no-factors", "attribute --index {index} --prompt hi",
      "give --factors (a pair of stages), or --factors-pretrained and --factors-finetuned"),
     ("attribute-one-stage-only", "attribute --factors-pretrained {dir} --index {index} --prompt hi",
@@ -123,7 +123,26 @@ CASES = [
     ("attribute-no-prompt", "attribute --factors {dir} --index {index}",
      "one of the arguments --prompt --queries is required"),
     ("attribute-no-index", "attribute --factors {dir} --prompt hi",
-     "one of the arguments --index --documents is required"),
+     "give --index, --gradindex or --documents: where the candidates come from"),
+    ("attribute-gradient-without-gradindex", "attribute --factors {dir} --index {index} --prompt hi "
+     "--candidates-from gradient", "--candidates-from gradient needs --gradindex (a gradient index)"),
+    ("attribute-both-without-index", "attribute --factors {dir} --gradindex {dir} --prompt hi --candidates-from both",
+     "--candidates-from both needs --index (a document index)"),
+    ("attribute-candidates-from-documents", "attribute --factors {dir} --documents {jsonl[docs]} --prompt hi "
+     "--candidates-from embedding", "--candidates-from goes with --index and --gradindex, not with --documents"),
+    ("attribute-bad-candidates-from", "attribute --factors {dir} --index {index} --prompt hi --candidates-from bm25",
+     "invalid choice: 'bm25'"),
+    ("attribute-missing-gradindex", "attribute --factors {dir} --gradindex {tmp}/nope --prompt hi",
+     "gradient index folder {tmp}/nope does not exist"),
+    # gradindex check (issue 18): refused before any index or model loads
+    ("gradindex-check-missing-index", "gradindex check --index {tmp}/nope --queries {jsonl[good]} --sample 1 "
+     "--factors {dir}", "gradient index folder {tmp}/nope does not exist"),
+    ("gradindex-check-sample-0", "gradindex check --index {dir} --queries {jsonl[good]} --sample 0 --factors {dir}",
+     "argument --sample: must be at least 1, got 0"),
+    ("gradindex-check-no-factors", "gradindex check --index {dir} --queries {jsonl[good]} --sample 2",
+     "give --factors (a pair of stages) or --factors-finetuned"),
+    ("gradindex-check-record-hub", "gradindex check --index alice/gradindex@v1 --queries {jsonl[good]} --sample 2 "
+     "--factors {dir} --record", "--record writes into a local gradient index folder"),
     ("attribute-top-0", "attribute --factors {dir} --index {index} --prompt hi --top 0",
      "argument --top: must be at least 1, got 0"),
     ("attribute-top-negative", "attribute --factors {dir} --index {index} --prompt hi --top -1",
@@ -181,7 +200,7 @@ CASES = [
     ("attribute-prompt-and-queries", "attribute --factors {dir} --index {index} --prompt hi --queries {jsonl[good]}",
      "argument --queries: not allowed with argument --prompt"),
     ("attribute-index-and-documents", "attribute --factors {dir} --index {index} --documents {jsonl[docs]} --prompt hi",
-     "argument --documents: not allowed with argument --index"),
+     "--documents are scored as they are: not with --index or --gradindex"),
     ("attribute-answer-with-queries", "attribute --factors {dir} --index {index} --queries {jsonl[good]} --answer a",
      "--answer goes with --prompt"),
     ("queries-missing-file", "attribute --factors {dir} --index {index} --queries {tmp}/nope.jsonl",

@@ -121,16 +121,27 @@ def served(artifacts):
 
 
 @pytest.fixture(scope="module")
+def gradient_served(served, artifacts, fact_gradindex):
+    """A second app over the first one's loaded attributor and the same document index, with a
+    gradient index (given by its folder): the page offers the candidate source."""
+    app = build_app(served[0].msif_backend.attributor("all"), artifacts["index_folder"], artifacts["examples"], SETTINGS,
+                    gradindex=str(fact_gradindex["folder"]))
+    app.launch(server_name="127.0.0.1", server_port=None, share=False, prevent_thread_lock=True, quiet=True)
+    yield app, app.local_url
+    app.close()
+
+
+@pytest.fixture(scope="module")
 def client(served):
     from gradio_client import Client
 
     return Client(served[1], verbose=False, analytics_enabled=False, download_files=False)
 
 
-def _attribute(client, prompt, answer="", method="ms-if", damping=0.1, candidates=100, mlp_only=False):
+def _attribute(client, prompt, answer="", method="ms-if", damping=0.1, candidates=100, mlp_only=False, **source):
     """``(answer, answer log-probability, proponents table, opponents table, chart, status, token
-    shading HTML, result JSON)``."""
-    return client.predict(prompt, answer, method, damping, candidates, mlp_only, api_name="/attribute")
+    shading HTML, result JSON)``; ``candidates_from=...`` picks the candidate source (default: the Space's)."""
+    return client.predict(prompt, answer, method, damping, candidates, mlp_only, api_name="/attribute", **source)
 
 
 def _served_expectation(artifacts) -> dict:
@@ -371,6 +382,59 @@ def test_api_describe_names_what_the_space_serves_and_outputs_are_labelled(clien
                                                                         "Answer"]
 
 
+def test_api_with_a_gradient_index(gradient_served, client, artifacts, fact_gradindex):
+    """With a gradient index the Space's candidates come from it by default (the whole corpus, stage
+    one), or from the document index, or both; the results are the attributor's own; describe names
+    the gradient index. A Space without one refuses it in one line."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    app, url = gradient_served
+    gradient_client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    attributor = app.msif_backend.attributor("all")
+    query = artifacts["examples"][0]
+    *_, status, _shading, result = _attribute(gradient_client, query.prompt, query.answer, candidates=40)
+    assert "ranked 40 candidates (from the whole corpus by the gradient index)" in status
+    assert "The gradient index searched 720 documents in" in status
+    assert result["stage_one"]["source"] == "gradient" and result["stage_one"]["searched"] == {"gradient": 720}
+    want = attributor.attribute(query.prompt, query.answer, candidates=40, top=SETTINGS.top,
+                                gradindex=fact_gradindex["index"], candidates_from="gradient")
+    assert [row["id"] for row in result["rows"]] == [row.id for row in want.rows]
+    for source, text in (("both", "the union of the embedding and gradient indexes' tops"),
+                         ("embedding", "nearest by sentence embedding")):
+        *_, status, _shading, result = _attribute(gradient_client, query.prompt, query.answer, candidates=40,
+                                                  candidates_from=source)
+        assert text in status and result["stage_one"]["source"] == source
+        assert (result["num_candidates"] >= 40) if source == "both" else (result["num_candidates"] == 40)
+    _answer, _table, status, summary = gradient_client.predict(query.prompt, query.answer, 0.1, 30, False, "both",
+                                                               api_name="/compare")
+    assert "the union of the embedding and gradient indexes' tops" in status and summary["candidates"] >= 30
+    served = gradient_client.predict(api_name="/describe")[1]
+    assert served["gradindex"]["location"] == str(fact_gradindex["folder"])
+    assert served["gradindex"]["documents"] == 720 and served["gradindex"]["projection"] == "kronecker"
+    with pytest.raises(AppError, match="This Space has no gradient index") as info:
+        _attribute(client, query.prompt, query.answer, candidates=10, candidates_from="gradient")
+    assert "Traceback" not in str(info.value)
+    assert client.predict(api_name="/describe")[1]["gradindex"] is None
+
+
+def test_space_gradindex_from_the_environment_or_the_config_file(tmp_path):
+    import json
+
+    from hub_msif.apps.space.settings import space_gradindex
+
+    config = tmp_path / "msif_space.json"
+    assert space_gradindex({}, config) == ""
+    config.write_text(json.dumps({"factors": "org/f@v1", "index": "org/i@v1", "gradindex": "org/g@v2"}))
+    assert space_gradindex({}, config) == "org/g@v2"
+    assert space_gradindex({"MSIF_GRADINDEX": "org/h@v3"}, config) == "org/h@v3"
+    # the variables say what is served: the file's gradient index is not mixed into them
+    assert space_gradindex({"MSIF_FACTORS": "a/b@v1", "MSIF_INDEX": "c/d@v1"}, config) == ""
+    config.write_text(json.dumps({"factors": "org/f@v1", "index": "org/i@v1", "gradindex": ""}))
+    with pytest.raises(SpaceError, match="'gradindex' as a non-empty string"):
+        space_gradindex({}, config)
+
+
 def test_mlp_only_equals_an_mlp_attributor(artifacts):
     """The MLP-only view (what the Space's checkbox uses) shares the loaded models; its scores equal a
     modules="mlp" Attributor's."""
@@ -518,7 +582,7 @@ def _dismiss_toasts(page) -> None:
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian Chromium is not installed at {CHROMIUM} "
                     "(apt-get install -y chromium chromium-driver)")
-def test_browser_page(served, artifacts):
+def test_browser_page(served, artifacts, gradient_served, fact_gradindex):
     from playwright.sync_api import sync_playwright
 
     _app, url = served
@@ -626,6 +690,28 @@ def test_browser_page(served, artifacts):
             page.locator("#attribute").click()
             wait_for_text(page, "#status", "ranked 100 candidates")
             wait_for_text(page, "#results", "doc-")
+
+            # No gradient index here: the page offers no choice of candidate source.
+            assert not page.locator("#candidates-from").is_visible()
+
+            # With a gradient index: the served panel names it, the page offers the source, and the
+            # candidates come from where the visitor chose.
+            gradient_url = gradient_served[1]
+            bases.append(gradient_url.rstrip("/"))
+            page.goto(gradient_url)
+            page.locator("#prompt textarea").wait_for(timeout=60_000)
+            wait_for_text(page, "#served", "gradient index")
+            wait_for_text(page, "#served", str(fact_gradindex["folder"]))
+            page.locator("#candidates-from").wait_for(state="visible", timeout=30_000)
+            page.locator("#prompt textarea").fill(query.prompt)
+            page.locator("#attribute").click()
+            wait_for_text(page, "#status", "from the whole corpus by the gradient index")
+            wait_for_text(page, "#results", "doc-")
+            page.locator("#candidates-from").get_by_text("Both (union)").click()
+            page.locator("#attribute").click()
+            wait_for_text(page, "#status", "the union of the embedding and gradient indexes' tops")
+            wait_for_text(page, "#results", "doc-")
+            page.screenshot(path=str(OUTPUT / "space-gradindex.png"), full_page=True)
 
             # Given no examples, the page offers the index's own example questions (the loaded
             # attributor is shared: nothing is loaded twice).

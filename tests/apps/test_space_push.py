@@ -30,7 +30,7 @@ pytest.importorskip("gradio")
 from huggingface_hub import HfApi, snapshot_download  # noqa: E402
 
 from hub_msif.apps.cli import main as cli_main  # noqa: E402
-from hub_msif.hub import push_factors, push_index  # noqa: E402
+from hub_msif.hub import push_factors, push_gradindex, push_index  # noqa: E402
 from hub_msif.hub.space_push import CONFIG_NAME, push_space, wheel_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -373,6 +373,39 @@ def test_push_space_refuses_artifacts_that_attribute_refuses(pushed, fact_world,
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err and "Traceback" not in err, (location, err)
         assert not api.repo_exists(space, repo_type="space")  # nothing written
+
+
+def test_push_space_with_a_gradient_index(pushed, fact_gradindex, tmp_path, capsys):
+    """``--gradindex REPO@REV``: checked (sha256, built from the served pre-trained stage), written into
+    msif_space.json, which the Space's settings read; one of other factors is refused in one line."""
+    import uuid
+
+    from hub_msif.apps.space.settings import space_gradindex, space_locations
+
+    api = HfApi()
+    tag = uuid.uuid4().hex[:6]
+    published = push_gradindex(fact_gradindex["folder"], f"alice/fact-world-gradindex-{tag}")
+    location = f"alice/fact-world-gradindex-{tag}@{published.tag}"
+    space = f"alice/gradindex-space-{tag}"
+    argv = [*_space_push_args(space, pushed["factors"], pushed["index"]), "--gradindex", location]
+    assert cli_main([*argv, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["gradindex"] == location and summary["index"] == pushed["index"]
+    config = Path(api.hf_hub_download(space, CONFIG_NAME, repo_type="space"))
+    assert json.loads(config.read_text()) == {"factors": pushed["factors"], "index": pushed["index"],
+                                              "gradindex": location}
+    assert space_locations({}, config) == (pushed["factors"], pushed["index"])
+    assert space_gradindex({}, config) == location
+
+    manifest = json.loads((fact_gradindex["folder"] / "gradindex.json").read_text())
+    other = {**manifest, "stage": {**manifest["stage"], "manifest_sha256": "0" * 64}}
+    copy = _copy_artifact(api, fact_gradindex["folder"], f"alice/other-gradindex-{tag}",
+                          edits={"gradindex.json": json.dumps(other).encode()})
+    refused = f"alice/refused-space-{tag}"
+    assert cli_main([*_space_push_args(refused, pushed["factors"], pushed["index"]), "--gradindex", copy]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "was built for other pre-trained factors" in err and "Traceback" not in err
+    assert not api.repo_exists(refused, repo_type="space")  # nothing written
 
 
 def test_push_space_over_a_space_of_another_sdk_needs_replace(pushed, capsys):

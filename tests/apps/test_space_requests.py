@@ -23,7 +23,8 @@ class NoBackend:
     def attributor(self, *args, **kwargs):
         raise AssertionError("loaded before the checks")
 
-    index = describe = attributor
+    index = describe = gradindex = attributor
+    has_gradindex = False  # configured or not is known before anything loads
 
 
 # --- the shared checks -------------------------------------------------------------------------
@@ -90,6 +91,12 @@ def test_the_cli_damping_option_uses_the_shared_check():
     (lambda r: r.compare("q", "", -1, 10, False),
      "Damping must be a positive number (relative to the mean eigenvalue), got -1."),
     (lambda r: r.compare("q", "", None, 10, False), "Damping must be a positive number, got None."),
+    (lambda r: r.attribute("q", "", "ms-if", 0.1, 10, False, "gradient"),
+     "This Space has no gradient index (MSIF_GRADINDEX): its candidates come from the document index only."),
+    (lambda r: r.compare("q", "", 0.1, 10, False, "both"),
+     "This Space has no gradient index (MSIF_GRADINDEX): its candidates come from the document index only."),
+    (lambda r: r.attribute("q", "", "ms-if", 0.1, 10, False, "bm25"),
+     "Unknown candidate source 'bm25'; use one of embedding, gradient, both."),
 ])
 def test_space_requests_refuse_bad_input_in_the_pages_words_before_loading(call, message):
     requests = SpaceRequests(NoBackend(), SETTINGS)

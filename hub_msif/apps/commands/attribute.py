@@ -10,6 +10,7 @@ from pathlib import Path
 from hub_msif.apps.arguments import (
     check_location,
     check_model,
+    name_folder,
     non_empty,
     non_negative_int,
     positive_finite_float,
@@ -30,13 +31,19 @@ def add(sub) -> None:
                         "that stage of --factors): one published base stage serves every fine-tune of it")
     p.add_argument("--factors-finetuned", type=non_empty, metavar="LOC",
                    help="the fine-tuned stage's factors from their own place (folder or REPO[@REV])")
-    p.add_argument("--model-path", type=_name_folder, action="append", default=[], metavar="NAME=FOLDER",
+    p.add_argument("--model-path", type=name_folder, action="append", default=[], metavar="NAME=FOLDER",
                    help="where a model that the factors record as a local folder (by NAME and its weights' sha256) "
                         "lies on this machine (repeatable; default: a folder this machine has seen with those weights)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--index", type=non_empty, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
-    where.add_argument("--documents", type=non_empty, metavar="FILE.jsonl",
-                       help="score exactly these candidates instead of retrieving them: JSON Lines with id and text")
+    p.add_argument("--index", type=non_empty, help="document index folder (hub-msif index build) or Hub REPO[@REV]")
+    p.add_argument("--gradindex", type=non_empty, metavar="LOCATION",
+                   help="gradient index of the pre-trained stage (hub-msif gradindex build), folder or Hub REPO[@REV]: "
+                        "candidates from the whole corpus by compressed MS-IF, then scored exactly")
+    p.add_argument("--candidates-from", choices=["embedding", "gradient", "both"], help=(
+        "where the --candidates come from: the document index (embedding), the gradient index (gradient), or the "
+        "union of both top N (both); default: gradient when --gradindex is given, else embedding"))
+    p.add_argument("--documents", type=non_empty, metavar="FILE.jsonl",
+                   help="score exactly these candidates instead of retrieving them: JSON Lines with id and text "
+                        "(not with --index or --gradindex)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", type=non_empty, help="the question or prompt")
     what.add_argument("--queries", type=non_empty, metavar="FILE.jsonl",
@@ -74,21 +81,12 @@ def add(sub) -> None:
     add_device(p)
     g = p.add_argument_group("attribution plan (attribute --plan: print the memory plan and exit; reads only the "
                              "factor manifest and the models' configs)")
-    g.add_argument("--plan", action=PlanAction, frees=("index", "documents", "prompt", "queries"), help=(
+    g.add_argument("--plan", action=PlanAction, frees=("prompt", "queries"), help=(
         "print the bytes one attribution needs on its device (both models' weights, both stages' factors, one "
         "query at --query-rank, the --candidates batch's working set; no weights or factor files read) and exit; "
-        "--index/--documents and --prompt/--queries are then not needed"))
+        "--index/--gradindex/--documents and --prompt/--queries are then not needed"))
     g.add_argument("--plan-tokens", type=positive_int, metavar="T",
                    help="tokens per candidate document and per query in the plan (default: the model's maximum)")
-
-
-def _name_folder(text: str) -> tuple[str, str]:
-    name, sep, folder = text.partition("=")
-    if not sep or not name.strip() or not folder.strip():
-        raise argparse.ArgumentTypeError(f"must be NAME=FOLDER, got {text!r}")
-    if not Path(folder).expanduser().is_dir():
-        raise argparse.ArgumentTypeError(f"no such model folder: {folder}")
-    return name, str(Path(folder).expanduser())
 
 
 def _stage_file(text: str) -> tuple[str, str]:
@@ -150,12 +148,24 @@ def run(args) -> int:
         return _run_attribute_plan(args)
     if args.plan_tokens is not None:
         raise MsifValueError("--plan-tokens goes with --plan")
+    if args.documents is not None and (args.index is not None or args.gradindex is not None):
+        raise MsifValueError("--documents are scored as they are: not with --index or --gradindex")
+    if args.documents is None and args.index is None and args.gradindex is None:
+        raise MsifValueError("give --index, --gradindex or --documents: where the candidates come from")
+    if args.candidates_from is not None and args.documents is not None:
+        raise MsifValueError("--candidates-from goes with --index and --gradindex, not with --documents")
+    if args.candidates_from in ("embedding", "both") and args.index is None:
+        raise MsifValueError(f"--candidates-from {args.candidates_from} needs --index (a document index)")
+    if args.candidates_from in ("gradient", "both") and args.gradindex is None:
+        raise MsifValueError(f"--candidates-from {args.candidates_from} needs --gradindex (a gradient index)")
     if args.answer is not None and args.queries is not None:
         raise MsifValueError("--answer goes with --prompt; with --queries, give each query's answer in the file")
     queries = read_queries(args.queries) if args.queries is not None else None  # no heavy import before these
     documents = read_documents(args.documents) if args.documents is not None else None
     if args.index is not None:
         check_location(args.index, "index folder")
+    if args.gradindex is not None:
+        check_location(args.gradindex, "gradient index folder")
     _check_factor_locations(args)
     check_model(args.pretrained)  # loaded only after the index and both stages' factors
     check_model(args.finetuned)
@@ -170,29 +180,38 @@ def run(args) -> int:
     index = DocumentIndex.load(args.index, token=args.token) if args.index is not None else None
     if index is not None:
         index.model_paths = dict(args.model_path)  # a local embedding model, too
+    gradindex = None
+    if args.gradindex is not None:
+        from hub_msif.attribution.gradient_index import GradientIndex
+
+        gradindex = GradientIndex.load(args.gradindex, token=args.token)
     attributor = Attributor(args.factors, args.pretrained, args.finetuned, args.modules, args.allow_revision_mismatch,
                             token=args.token, index=index, query_rank=args.query_rank, normalize=args.normalize,
                             base_model=args.base_model, refine_steps=args.refine_steps,
                             curvature_data=dict(args.refine_data), curvature_size=args.refine_sequences,
                             factors_pretrained=args.factors_pretrained, factors_finetuned=args.factors_finetuned,
-                            model_paths=dict(args.model_path), device=args.device, model_dtype=args.model_dtype)
+                            model_paths=dict(args.model_path), device=args.device, model_dtype=args.model_dtype,
+                            gradindex=gradindex)
     settings = {"candidates": args.candidates, "top": args.top, "method": args.method, "damping": args.damping,
-                "relative": not args.absolute_damping}
+                "relative": not args.absolute_damping, "candidates_from": args.candidates_from}
     if queries is not None:
         results = attributor.attribute_many([(q.prompt, q.answer) for q in queries], documents, **settings,
                                             show_progress=show_progress())
-        lines = [json_line({"id": q.id, **r.to_json()}) for q, r in zip(queries, results, strict=True)]
+        lines = [json_line({"id": q.id, **r.to_json(timing=True)}) for q, r in zip(queries, results, strict=True)]
         print("\n".join(lines), flush=True)  # all checked first: no half-written output on a refusal
         return 0
     result = attributor.attribute(args.prompt, args.answer, documents=documents, **settings,
                                   show_progress=show_progress(args.json))
     if args.json:
-        print_json(result.to_json())
+        print_json(result.to_json(timing=True))
         return 0
     print(f"prompt: {printable(result.prompt)}")
     print(f"answer: {printable(result.answer)}" + ("   (generated by the fine-tuned model)" if result.answer_generated else "")
           + (f"   log p(answer) = {result.answer_logprob:.4f}" if result.answer_logprob is not None else ""))
     print(f"{result.method} over {result.num_candidates} candidates, modules: {printable(result.modules)}")
+    if result.stage_one is not None:
+        print(stage_one_line(result.stage_one) + (f"; the whole query {result.seconds:.2f} s"
+                                                  if result.seconds is not None else ""))
     _print_rows(result.rows)
     if result.opponents:
         print(f"opponents (the most negative scores; rank among all {result.num_candidates} candidates):")
@@ -203,6 +222,18 @@ def run(args) -> int:
           f"it); rel: score / the largest |score| of the {result.num_candidates} candidates; log p(answer): natural-log "
           "probability of the answer's tokens given the prompt under the fine-tuned model")
     return 0
+
+
+def stage_one_line(stage: dict) -> str:
+    """How the candidates were found, in one line (``Attribution.stage_one``)."""
+    searched = " and ".join(f"the {'gradient' if k == 'gradient' else 'document'} index ({n} documents)"
+                            for k, n in stage["searched"].items())
+    check = stage.get("check")
+    recall = (f"; the gradient index's last check: recall@10 {check['recall_at_10']:.3f} over {check.get('queries')} "
+              f"queries" if check and "recall_at_10" in check else "")
+    what = {"embedding": "nearest by sentence embedding", "gradient": "top by compressed MS-IF",
+            "both": "union of the embedding and compressed MS-IF tops"}[stage["source"]]
+    return f"stage one: {stage['candidates']} candidates ({what}) from {searched} in {stage['seconds']:.3f} s{recall}"
 
 
 def _print_rows(rows) -> None:

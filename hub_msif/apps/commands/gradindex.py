@@ -5,8 +5,8 @@ folder; run it under ``accelerate launch -m hub_msif gradindex build ...`` to sp
 across processes (each writes its own shards; rank 0 writes the manifest last). A killed build
 resumes when started again with the same arguments.
 
-Each action is a parser added in ``add`` and a runner in ``ACTIONS`` (``check``, the recall of the
-index against exact MS-IF, is to be added beside ``build``).
+Each action is a parser added in ``add`` and a runner in ``ACTIONS``; ``gradindex check`` (the recall
+of the index against exact MS-IF) lives in ``gradindex_check``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from hub_msif.apps.arguments import (
     positive_int,
 )
 from hub_msif.apps.commands.common import add_threads, device_text, use_threads
+from hub_msif.apps.commands.gradindex_check import add_check, run_check
 from hub_msif.apps.output import print_json, printable, show_progress
 
 
 def add(sub) -> None:
-    p = sub.add_parser("gradindex", help="build a gradient index (whole-corpus MS-IF candidates)",
+    p = sub.add_parser("gradindex", help="build or check a gradient index (whole-corpus MS-IF candidates)",
                        description="Gradient indexes: every document's pre-trained-stage gradient, projected and "
                                    "compressed, searched with faiss by a query's multi-stage vector.")
     gsub = p.add_subparsers(dest="gradindex_command", required=True, metavar="ACTION")
     _add_build(gsub)
+    add_check(gsub)
 
 
 def _add_build(gsub) -> None:
@@ -129,4 +131,4 @@ def _run_build(args) -> int:
     return 0
 
 
-ACTIONS = {"build": _run_build}
+ACTIONS = {"build": _run_build, "check": run_check}

@@ -62,6 +62,9 @@ def _add_space(psub) -> None:
     q.add_argument("--factors-finetuned", type=non_empty, metavar="REPO@REV",
                    help="the published fine-tuned stage (its own repo, or a pair's)")
     q.add_argument("--index", required=True, type=non_empty, help="published document index, REPO@REV")
+    q.add_argument("--gradindex", type=non_empty, metavar="REPO@REV",
+                   help="a published gradient index of the pre-trained stage, served beside the index: the page then "
+                        "offers candidates from the whole corpus")
     q.add_argument("--private", action="store_true", help="create the Space private (when it does not exist)")
     q.add_argument("--hardware", type=non_empty, help="Space hardware to request (cpu-basic, t4-small, a10g-small, "
                                                       "l4x1, a100-large, zero-a10g, ...)")
@@ -83,17 +86,19 @@ def _run_space(args) -> int:
     pushed = push_space(args.repo, args.factors, args.index, private=args.private, hardware=args.hardware,
                         token=args.token, wheel=args.wheel, commit_message=args.message,
                         link_card=not args.no_card_link, factors_pretrained=args.factors_pretrained,
-                        factors_finetuned=args.factors_finetuned, replace=args.replace)
+                        factors_finetuned=args.factors_finetuned, replace=args.replace, gradindex=args.gradindex)
     factors = args.factors if not (args.factors_pretrained or args.factors_finetuned) else {
         "pretrained": args.factors_pretrained or args.factors, "finetuned": args.factors_finetuned or args.factors}
     summary = {"repo": args.repo, "commit": pushed.commit, "url": pushed.url, "factors": factors,
-               "index": args.index, "card_linked": pushed.card_linked}
+               "index": args.index, "card_linked": pushed.card_linked} | (
+                   {"gradindex": args.gradindex} if args.gradindex else {})
     if args.json:
         print_json(summary)
     else:
         shown = factors if isinstance(factors, str) else f"{factors['pretrained']} + {factors['finetuned']}"
         print(f"pushed the Space {args.repo} (commit {pushed.commit}) serving {printable(shown)} and "
-              f"{printable(args.index)}: {pushed.url}" + ("" if pushed.card_linked or args.no_card_link else
+              f"{printable(args.index)}" + (f" and {printable(args.gradindex)}" if args.gradindex else "")
+              + f": {pushed.url}" + ("" if pushed.card_linked or args.no_card_link else
                                                           "; the factor card does not link it (see the warning)"))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from hub_msif.apps.space.settings import model_paths
 from hub_msif.attribution.attributor import Attributor
@@ -24,12 +25,16 @@ class Backend:
     again. Model computations run one at a time (gradient capture hooks the models). ``device``
     (``MSIF_DEVICE``, default ``auto``: CUDA when there is one when the attributor loads, on ZeroGPU
     inside a ``spaces.GPU`` call) is where the attributor puts both models and the factors.
+    ``gradindex`` (optional): a gradient index location or a ready ``GradientIndex`` of the
+    pre-trained stage, for candidates from the whole corpus (docs/design.md, "Gradient index").
     """
 
-    def __init__(self, factors, index, device: str = "auto"):
+    def __init__(self, factors, index, device: str = "auto", gradindex=None):
         self.factors_location, self.index_location, self.device = factors, index, device
+        self.gradindex_location = gradindex
         self._attributor = factors if isinstance(factors, Attributor) else None
         self._index = index if isinstance(index, DocumentIndex) else None
+        self._gradindex = gradindex if gradindex is not None and not isinstance(gradindex, (str, Path)) else None
         self._load_lock = threading.Lock()
         self.compute_lock = threading.Lock()
 
@@ -72,16 +77,45 @@ class Backend:
             return self._index
 
 
+    @property
+    def has_gradindex(self) -> bool:
+        """Whether a gradient index is configured (known before anything loads)."""
+        return self.gradindex_location is not None
+
+    def gradindex(self, progress: Callable | None = None):
+        """The gradient index (loaded on first use), or None when none is configured."""
+        if self.gradindex_location is None:
+            return None
+        with self._load_lock:
+            if self._gradindex is None:
+                from hub_msif.attribution.gradient_index import GradientIndex
+
+                report_progress(progress, 0.35, f"Getting the gradient index from {self.gradindex_location}")
+                try:
+                    self._gradindex = GradientIndex.load(self.gradindex_location)
+                except (MsifError, OSError, ValueError) as err:
+                    raise SpaceError(f"cannot load the gradient index from {str(self.gradindex_location)!r}: "
+                                     f"{one_line(err)}") from err
+            return self._gradindex
+
     def describe(self, progress: Callable | None = None) -> dict:
         """What this Space serves, from what is loaded (loading it first): ``models`` ``{stage:
         "id@revision"}`` as the factors' manifest records them, ``factors`` ``{stage: location}``
         (a pair's location serves both), ``index`` (its location), ``documents`` (how many the
         index holds), ``corpus`` (where they came from; local files by their name only),
-        ``modules`` and the index's ``example_questions``."""
+        ``modules`` and the index's ``example_questions``; ``gradindex`` (None without one): its
+        ``location``, ``documents``, ``dims``, ``projection`` (kind) and recorded ``check``."""
         from hub_msif.hub.cards import public_source
 
-        attributor, index = self._loaded(progress), self.index(progress)
+        attributor, index, gradindex = self._loaded(progress), self.index(progress), self.gradindex(progress)
         corpus = public_source((index.metadata.get("corpus") or {}).get("data"))
+        described = None
+        if gradindex is not None:
+            projection = gradindex.metadata.get("projection") or {}
+            where = self.gradindex_location
+            described = {"location": str(where) if isinstance(where, (str, Path)) else "a GradientIndex given in Python",
+                         "documents": len(gradindex), "dims": projection.get("dims"),
+                         "projection": projection.get("kind"), "check": gradindex.metadata.get("check")}
         return {
             "models": {stage: _model_ref(f.info.get("model") or {}) for stage, f in attributor.factors.items()},
             "factors": dict(attributor.locations),
@@ -91,6 +125,7 @@ class Backend:
             "corpus": ", ".join(map(str, corpus)) if isinstance(corpus, list) else str(corpus or "not recorded"),
             "modules": attributor.modules,
             "example_questions": index.example_questions,
+            "gradindex": described,
         }
 
 

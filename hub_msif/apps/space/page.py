@@ -33,6 +33,7 @@ from hub_msif.apps.space.render import (
     RESULT_TYPES,
     SCORE_LEGEND,
     SERVED_PENDING,
+    SOURCE_CHOICES,
     ColumnType,
     empty_chart,
     empty_compare_table,
@@ -49,23 +50,28 @@ INTRO = """# Which pre-training documents made the fine-tuned model say that?
 Ask a question. The **fine-tuned** model answers it (greedily; you can edit the answer), and
 **multi-stage influence functions (MS-IF)** rank candidate documents from the **pre-training**
 corpus by how much training on each one supports that answer. Candidates are the documents nearest
-to the question and answer in an embedding index. A positive score means the document supports the
+to the question and answer in an embedding index or, when the Space has a gradient index, those
+with the highest compressed MS-IF over the whole corpus. A positive score means the document supports the
 answer; *relative score* is the score over the largest absolute score among the candidates.
 """
 
 
 def build_app(factors, index, examples=None, settings: SpaceSettings | None = None,
-              title: str = "MS-IF attribution") -> gr.Blocks:
+              title: str = "MS-IF attribution", gradindex=None) -> gr.Blocks:
     """The Space's page and API, ready to ``launch()``.
 
     ``factors``: ``REPO[@REV]``, a local factor folder or an ``Attributor``; ``index``:
     ``REPO[@REV]``, an index folder or a ``DocumentIndex``. Both are loaded on first use.
+    ``gradindex`` (optional): ``REPO[@REV]``, a gradient index folder or a ``GradientIndex`` of the
+    pre-trained stage; the page then offers where the candidates come from (docs/design.md,
+    "Gradient index").
     ``examples``: questions shown under the prompt (strings, or ``factworld.Query`` objects whose
     proponents are then marked with a star in the results). The queue admits
     ``settings.concurrency`` requests at a time and ``settings.queue_size`` waiting ones.
     """
     settings = settings or SpaceSettings()
-    return layout(SpaceRequests(Backend(factors, index, device=settings.device), settings, examples), title=title)
+    return layout(SpaceRequests(Backend(factors, index, device=settings.device, gradindex=gradindex), settings,
+                                examples), title=title)
 
 
 def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Blocks:
@@ -139,6 +145,11 @@ def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Bloc
                                            label=f"Number of candidates (1 to {requests.settings.max_candidates}, "
                                                  "retrieved from the index)")
                 mlp_box = gr.Checkbox(value=False, label="MLP modules only", elem_id="mlp-only")
+                # Shown only when a gradient index is configured; the API's default (None) is the Space's.
+                source_box = gr.Radio(SOURCE_CHOICES, value=requests.check_source(None), label="Candidates from",
+                                      elem_id="candidates-from", visible=requests.backend.has_gradindex,
+                                      info="the gradient index searches the whole corpus by compressed MS-IF; the "
+                                           "embedding index finds the documents nearest to the question's words")
         status_box = gr.Markdown("", elem_id="status", label="Status")
         markdown: ColumnType = "markdown"
         compare_types: list[ColumnType] = ["number", *[markdown] * len(METHOD_LABELS)]
@@ -183,14 +194,17 @@ def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Bloc
 
         @gpu_task
         def on_attribute(prompt: str, answer: str, method: str, damping: float, candidates: int, mlp_only: bool,
-                         request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+                         request: gr.Request, candidates_from: str | None = None,
+                         progress=gr.Progress(track_tqdm=True)):  # noqa: B008
             return run_guarded(request, requests.attribute, prompt, answer, method, damping, candidates, mlp_only,
-                               progress=progress)
+                               candidates_from, progress=progress)
 
         @gpu_task
         def on_compare(prompt: str, answer: str, damping: float, candidates: int, mlp_only: bool,
-                       request: gr.Request, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
-            return run_guarded(request, requests.compare, prompt, answer, damping, candidates, mlp_only, progress=progress)
+                       request: gr.Request, candidates_from: str | None = None,
+                       progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+            return run_guarded(request, requests.compare, prompt, answer, damping, candidates, mlp_only,
+                               candidates_from, progress=progress)
 
         # A new question makes the old answer stale, and a new answer its log-probability.
         prompt_box.change(lambda: ("", None), None, [answer_box, logprob_box], api_visibility="private", queue=False)
@@ -205,12 +219,12 @@ def layout(requests: SpaceRequests, title: str = "MS-IF attribution") -> gr.Bloc
             generate_button.click(on_generate, [prompt_box], [answer_box, status_box], api_name="generate",
                                   show_progress_on=[answer_box]),
             attribute_button.click(on_attribute, [prompt_box, answer_box, method_box, damping_box, candidates_box,
-                                                  mlp_box],
+                                                  mlp_box, source_box],
                                    [answer_box, logprob_box, results_box, opponents_box, chart_box, status_box,
                                     tokens_box, json_box],
                                    api_name="attribute",
                                    show_progress_on=[results_box]),
-            compare_button.click(on_compare, [prompt_box, answer_box, damping_box, candidates_box, mlp_box],
+            compare_button.click(on_compare, [prompt_box, answer_box, damping_box, candidates_box, mlp_box, source_box],
                                  [answer_box, compare_box, status_box, compare_json], api_name="compare",
                                  show_progress_on=[compare_box]),
         ]

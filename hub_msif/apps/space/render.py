@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 METHOD_CHOICES = [("MS-IF", "ms-if"), ("SS-IF", "ss-if"), ("GDP", "gdp"), ("RepSim", "repsim"), ("BM25", "bm25")]
 METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES)
+SOURCE_CHOICES = [("Gradient index (whole corpus)", "gradient"), ("Embedding index", "embedding"),
+                  ("Both (union)", "both")]
+SOURCE_TEXT = {"embedding": "nearest by sentence embedding", "gradient": "from the whole corpus by the gradient index",
+               "both": "the union of the embedding and gradient indexes' tops"}
 RESULT_COLUMNS = ["rank", "score", "relative score", "MLP", "attention", "document", "text"]
 COMPARE_COLUMNS = ["rank", *METHOD_LABELS.values()]
 ColumnType = Literal["str", "number", "bool", "date", "markdown", "html"]  # a gr.Dataframe datatype
@@ -114,7 +118,8 @@ def compare_table(results: dict[str, Attribution], terms: set[str], proponents: 
 
 def served_markdown(served: dict) -> str:
     """The "what this Space serves" panel from ``Backend.describe()``: both models (id@revision),
-    each stage's factor location, the index's location and its corpus size."""
+    each stage's factor location, the index's location and its corpus size, and the gradient index
+    when there is one (its location, size, projection and recorded check)."""
     def code(text) -> str:
         return f"`{str(text).replace('`', chr(39))}`"
 
@@ -125,6 +130,14 @@ def served_markdown(served: dict) -> str:
         lines.append(f"| {name} stage's factors | {code(served['factors'][stage])} |")
     lines.append(f"| document index | {code(served['index'])}: {served['documents']} documents of "
                  f"{code(served['corpus'])} |")
+    gradindex = served.get("gradindex")
+    if gradindex:
+        check = gradindex.get("check") or {}
+        recall = (f"; its last check: recall@10 {check['recall_at_10']:.3f} of exact MS-IF's top 10 in its top 100"
+                  if isinstance(check.get("recall_at_10"), (int, float)) else "")
+        lines.append(f"| gradient index | {code(gradindex['location'])}: {gradindex['documents']} documents, "
+                     f"{gradindex['dims']} numbers each (projection {escape_markdown(str(gradindex['projection']))})"
+                     f"{recall} |")
     lines.append(f"| modules | {escape_markdown(str(served.get('modules', 'all')))} |")
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from hub_msif.apps.space.page import build_app
-from hub_msif.apps.space.settings import SpaceSettings, space_locations
+from hub_msif.apps.space.settings import SpaceSettings, space_gradindex, space_locations
 from hub_msif.errors import SpaceError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def serve_demo(cache: str | Path, port: int | None = None, settings: SpaceSettin
 
 
 def main(environ: Mapping[str, str] | None = None, config: str | Path | None = None) -> None:
-    """The Space entry point: serves ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or folders),
+    """The Space entry point: serves ``MSIF_FACTORS`` and ``MSIF_INDEX`` (``REPO[@REV]`` or folders;
+    a gradient index too with ``MSIF_GRADINDEX``),
     else the locations of the ``config`` file (``msif_space.json``, see ``space_locations``), with
     limits from ``MSIF_*`` (see ``SpaceSettings``); with neither, the toy fact world demo. Listens
     on ``GRADIO_SERVER_NAME`` (default 0.0.0.0 on a Space, else 127.0.0.1) and
@@ -58,11 +59,13 @@ def main(environ: Mapping[str, str] | None = None, config: str | Path | None = N
     settings = SpaceSettings.from_env(environ)
     try:
         factors, index = space_locations(environ, config)
+        gradindex = space_gradindex(environ, config) or None
     except SpaceError as err:
         raise SystemExit(str(err)) from None
     if factors:
-        logger.info("serving factors %s and index %s", factors, index)
-        app = build_app(factors, index, settings=settings)
+        logger.info("serving factors %s and index %s%s", factors, index,
+                    f" and gradient index {gradindex}" if gradindex else "")
+        app = build_app(factors, index, settings=settings, gradindex=gradindex)
     else:
         logger.info("MSIF_FACTORS and MSIF_INDEX are not set: serving the toy fact world demo")
         app = demo_app(default_cache() / "demo", settings)

@@ -96,6 +96,27 @@ def space_locations(environ: Mapping[str, str] | None = None, config: str | Path
                               "'index' as non-empty strings (REPO@REV)")
 
 
+def space_gradindex(environ: Mapping[str, str] | None = None, config: str | Path | None = None) -> str:
+    """The gradient index the Space serves besides its document index (docs/design.md, "Gradient
+    index"): ``MSIF_GRADINDEX``; else, when no ``MSIF_FACTORS*`` / ``MSIF_INDEX`` variable says what
+    is served, the ``gradindex`` of the ``config`` file; else ``""`` (none)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("MSIF_GRADINDEX", "").strip()
+    if value or any(environ.get(var, "").strip() for var in
+                    ("MSIF_FACTORS", "MSIF_FACTORS_PRETRAINED", "MSIF_FACTORS_FINETUNED", "MSIF_INDEX")):
+        return value
+    if config is None or not Path(config).is_file():
+        return ""
+    try:
+        data = json.loads(Path(config).read_text())
+    except (OSError, ValueError):
+        return ""  # space_locations says what is wrong with the file
+    stored = data.get("gradindex") if isinstance(data, dict) else None
+    if stored is not None and not (isinstance(stored, str) and stored.strip()):
+        raise SpaceError(f"{config} must give 'gradindex' as a non-empty string (REPO@REV) when it gives one")
+    return (stored or "").strip()
+
+
 def _factors_and_index(given: dict, problem: str) -> tuple[str | dict, str]:
     stages = {"pretrained": given["factors_pretrained"] or given["factors"],
               "finetuned": given["factors_finetuned"] or given["factors"]}
