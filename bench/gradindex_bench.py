@@ -52,6 +52,27 @@ SWEEP = ({"balance": 1.0}, {"balance": 0.0}, {"k": 32, "dims": 2000}, {"k": 64, 
          {"k": 64, "dims": 16000, "balance": 1.0})
 
 
+def passes_side_by_side(model, specs, projection, sequences, pad_id: int, batch_size: int, rounds: int = 3
+                        ) -> tuple[float, float]:
+    """Seconds of a plain forward+backward (parameter gradients) and of the build's pass (projected
+    vectors) over the same documents, batches and model: alternated, the fastest of ``rounds`` of each
+    (the machine is shared; the first build pass also forms the projection's operators)."""
+    from bench.common import plain_pass
+    from hub_msif.attribution.gradient_projection import candidate_vectors
+
+    pass_times, vector_times = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        plain_pass(model, sequences, batch_size)
+        pass_times.append(time.perf_counter() - started)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        started = time.perf_counter()
+        candidate_vectors(model, specs, projection, sequences, pad_id, batch_size)
+        vector_times.append(time.perf_counter() - started)
+    return min(pass_times), min(vector_times)
+
+
 # --- 2b. build cost at a real model's width ------------------------------------------------------
 
 def shaped_throughput(layers: int, documents: int, length: int, batch_size: int, rounds: int = 3) -> dict:
@@ -61,8 +82,8 @@ def shaped_throughput(layers: int, documents: int, length: int, batch_size: int,
     depend on their values), random tokens. Alternated rounds, the fastest of each."""
     import torch
 
-    from bench.common import make_sequences, plain_pass
-    from hub_msif.attribution.gradient_projection import GradientProjection, candidate_vectors
+    from bench.common import make_sequences
+    from hub_msif.attribution.gradient_projection import GradientProjection
     from hub_msif.factors.architectures import find_modules
     from hub_msif.factors.ekfac import ModuleFactors
     from hub_msif.factors.storage import StageFactors
@@ -85,19 +106,10 @@ def shaped_throughput(layers: int, documents: int, length: int, batch_size: int,
                                            torch.rand(spec.d_in, generator=generator), torch.rand(blocks, size, generator=generator))
     projection = GradientProjection(StageFactors("pretrained", {}, modules))
     sequences = make_sequences(documents, length, vocab)
-    pass_times, vector_times = [], []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        plain_pass(model, sequences, batch_size)
-        pass_times.append(time.perf_counter() - started)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        started = time.perf_counter()
-        candidate_vectors(model, specs, projection, sequences, 0, batch_size)
-        vector_times.append(time.perf_counter() - started)
+    pass_seconds, vectors_seconds = passes_side_by_side(model, specs, projection, sequences, 0, batch_size, rounds)
     row = {"model": f"GPT-NeoX, Pythia-410m width, {layers} layers, vocabulary {vocab}", "documents": documents,
-           "tokens": length, "batch_size": batch_size, "plain_pass_seconds": min(pass_times),
-           "vectors_pass_seconds": min(vector_times), "ratio": min(pass_times) / min(vector_times),
+           "tokens": length, "batch_size": batch_size, "plain_pass_seconds": pass_seconds,
+           "vectors_pass_seconds": vectors_seconds, "ratio": pass_seconds / vectors_seconds,
            "modules": len(specs), "dims": projection.dims}
     print(f"{row['model']}: {documents} x {length} tokens, build pass {row['vectors_pass_seconds']:.1f} s vs plain "
           f"pass {row['plain_pass_seconds']:.1f} s (throughput ratio {row['ratio']:.2f})", flush=True)
@@ -208,7 +220,6 @@ def first_proponent(scores, rows: list[int], ids: list[str], proponents: list[st
 def run_world(name: str, cache: Path, candidates: int, batch_size: int) -> dict:
     import torch
 
-    from bench.common import plain_pass
     from hub_msif.attribution.attributor import DEFAULT_DAMPING, Attributor
     from hub_msif.attribution.gradient_index import GradientIndex
     from hub_msif.attribution.gradient_index_build import build_gradindex
@@ -262,19 +273,7 @@ def run_world(name: str, cache: Path, candidates: int, batch_size: int) -> dict:
     vectors = projection.query_vectors(grads, att.factors["finetuned"], att.factors["pretrained"], DEFAULT_DAMPING, True)
     hits = index.search(vectors.float().numpy(), candidates)
     stage_one_ms = 1000 * (time.perf_counter() - started) / len(queries)
-    # The build's pass alone (its steady-state throughput) against a plain forward+backward over the same
-    # documents, batches and model: alternated, three rounds, the fastest of each (the machine is shared).
-    pass_times, vector_times = [], []
-    for _ in range(3):
-        started = time.perf_counter()
-        plain_pass(model, sequences, batch_size)
-        pass_times.append(time.perf_counter() - started)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        started = time.perf_counter()
-        candidate_vectors(model, att.specs, projection, sequences, att.pad_id, batch_size)
-        vector_times.append(time.perf_counter() - started)
-    pass_seconds, vectors_seconds = min(pass_times), min(vector_times)
+    pass_seconds, vectors_seconds = passes_side_by_side(model, att.specs, projection, sequences, att.pad_id, batch_size)
     approx = torch.from_numpy(index.vectors()).double() @ vectors.T.cpu()  # [D, Q]: every document's stage-one score
     if embedding_index is None:
         embedding_index = DocumentIndex.build(texts, ids)
