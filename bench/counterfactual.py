@@ -640,6 +640,9 @@ def plot(details: dict, path: Path) -> None:
                      f"{len(d['seeds'])} seeds (95% CI)", loc="left")
         ax = axes[row, 1]
         keys = list(d["removal"])
+        if not keys:
+            ax.set_title(f"{name}: no removal pair trained yet", loc="left")
+            continue
         vals = [d["removal"][k]["loss_increase"] for k in keys]
         errs = np.array([[d["removal"][k]["loss_increase"] - d["removal"][k]["loss_increase_ci"][0],
                           d["removal"][k]["loss_increase_ci"][1] - d["removal"][k]["loss_increase"]] for k in keys]).T

@@ -131,6 +131,9 @@ def removal_summary(base_loss: Sequence[float], removed_loss: Sequence[float], b
             "removals": int(len(base))}
 
 
+MIN_PAIRED = 5  # fewer paired queries than this: no verdict, whatever the interval
+
+
 def heldout_split(num_queries: int, seed: int) -> tuple[list[int], list[int]]:
     """A seeded split of ``range(num_queries)`` into two disjoint halves ``(select, report)``:
     settings are chosen on ``select`` and reported on ``report`` (the larger half when odd), for
@@ -144,8 +147,8 @@ def heldout_split(num_queries: int, seed: int) -> tuple[list[int], list[int]]:
 
 def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict:
     """``a - b`` paired by query (NaN pairs dropped): mean, bootstrap 95% interval, and ``beats``
-    (1 when the interval lies above 0, -1 below, 0 when it holds 0): "A beats B" only when the
-    interval excludes 0."""
+    (1 when the interval lies above 0, -1 below, 0 when it holds 0 or fewer than ``MIN_PAIRED``
+    queries are paired): "A beats B" only when the interval excludes 0."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise MsifValueError(f"paired values must be two equally long vectors, got {a.shape} and {b.shape}")
@@ -153,8 +156,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0) -> 
     if len(diff) == 0:
         raise MsifValueError("no query has both values finite")
     lo, hi = bootstrap_ci(diff, seed=seed)
-    return {"mean": float(diff.mean()), "ci": [lo, hi], "beats": 1 if lo > 0 else -1 if hi < 0 else 0,
-            "queries": int(len(diff))}
+    enough = len(diff) >= MIN_PAIRED  # a bootstrap over a handful of queries says nothing
+    return {"mean": float(diff.mean()), "ci": [lo, hi],
+            "beats": (1 if lo > 0 else -1 if hi < 0 else 0) if enough else 0, "queries": int(len(diff))}
 
 
 def mean_with_ci(values: Sequence[float], seed: int = 0) -> dict:

@@ -130,6 +130,7 @@ def test_paired_difference_and_ceiling():
     assert lds.paired_difference(b, b + 1.0)["beats"] == -1
     with_nan = lds.paired_difference([1.0, np.nan, 3.0], [0.0, 0.0, 1.0])
     assert with_nan["queries"] == 2 and with_nan["mean"] == pytest.approx(1.5)
+    assert with_nan["ci"][0] > 0 and with_nan["beats"] == 0  # two queries: no verdict
     ceiling = lds.indicator_scores(5, [{0, 3}, {4}])
     assert ceiling.tolist() == [[1, 0], [0, 0], [0, 0], [1, 0], [0, 1]]
     # the ceiling's predicted effect is the number of proponents a subset kept
