@@ -604,6 +604,7 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
                "subsets": len(have), "subsets_planned": args.subsets, "top_k": args.top_k,
                "random_draws": len(draws),
                "complete": len(have) == args.subsets and len(done) == len({j["path"] for j in randoms + per_query_jobs}),
+               "removal_pairs_done": len(done), "removal_pairs_planned": len({j["path"] for j in randoms + per_query_jobs}),
                "pairs_trained": len(pair_seconds),
                "pair_seconds": {"mean": float(np.mean(pair_seconds)), "max": float(np.max(pair_seconds)),
                                 "cpu_mean": float(np.mean(pair_cpu)) if pair_cpu else None},

@@ -453,7 +453,9 @@ def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, 
                      f"draws).\n\n")
             if not info.get("complete", True):
                 text += (f"**Partial run** (reported from the cache before every pair was trained): LDS over "
-                         f"{info['subsets']} of the {info.get('subsets_planned')} planned subsets. "
+                         f"{info['subsets']} of the {info.get('subsets_planned')} planned subsets, "
+                         f"{info.get('removal_pairs_done', '?')} of {info.get('removal_pairs_planned', '?')} removal "
+                         f"pairs (a removal counts once all its seeds are trained). "
                          f"`{COMMANDS['counterfactual']}` resumes it.\n\n")
         best = w.get("chosen", {})
         rem, recall = w.get("removal", {}), info.get("top_k_proponent_recall", {})
@@ -491,7 +493,7 @@ def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, 
         if parts:
             text += (f"Which parts carry the fact: the chosen MS-IF setting ({best.get('ms-if')}) summed over one "
                      "layer's or one role's modules (`attribute --modules` restricts the same way):\n\n")
-            text += table(["modules", "held-out LDS [95% CI]", "MRR", "share of |score|"],
+            text += table(["modules", "held-out LDS [95% CI]", "MRR", "sum |part score| / sum |total score|"],
                           [[k, _ci(v["lds"]), f2(v["mrr"], 3), f2(v["score_share"])] for k, v in parts.items()]) + "\n"
         select = info.get("lds_select", {})
         rows = [[key, f2(select.get(key), 3), _ci(v), f2(w["mrr"].get(key), 3)]
