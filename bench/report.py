@@ -400,6 +400,8 @@ def _setting_order(key: str) -> tuple:
 def _verdict(diff: dict | None) -> str:
     if not diff:
         return "-"
+    if diff.get("queries", 0) < 5:  # lds.MIN_PAIRED: no verdict from a handful of queries
+        return f"no verdict ({diff.get('queries')} queries)"
     return {1: "**A beats B**", -1: "B beats A", 0: "no difference shown"}[diff["beats"]]
 
 
@@ -465,7 +467,7 @@ def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, 
                 c = w["ceiling"]
                 r = c.get("removal") or {}
                 rows.append(["**ceiling** (proponent indicator)", "-", _ci(c["lds"]), f2(c.get("mrr"), 3),
-                             _ci(r) if r else "-", f2(r.get("flip_rate")), "1.00"])
+                             _ci(r, "loss_increase") if r else "-", f2(r.get("flip_rate")), "1.00"])
                 continue
             if key == "random":
                 r = rem.get("random")
