@@ -1,48 +1,53 @@
-"""Counterfactual benchmarks of multi-stage attribution (issue 11): multi-stage LDS and top-k removal.
+"""Counterfactual benchmarks of multi-stage attribution (issues 11, 19): held-out multi-stage LDS
+and top-k removal, with paired seeds, a ceiling, and settings chosen on other queries.
 
-For each world (the demo's fact world at bench size, and the harder world of
-``bench.hardworld``):
+For each world (the demo's fact world at bench size, and the harder world of ``bench.hardworld``):
 
 1. **The full pair**: pre-trained on the whole pre-training corpus, fine-tuned on the Q&A pairs
-   (``factworld``'s training loop, tiny GPT-NeoX); both stages' factors fitted with ``fit_stage``
-   (as the demo does); every method setting of ``SETTINGS`` scores every pre-training document for
-   every held-out query (``Attributor.score_methods``: one pass per model for all settings).
-2. **LDS**: ``--subsets`` (M >= 32) pairs, each pre-trained from the same initialisation and
-   with the same seed on a random half of the corpus, then fine-tuned identically; each held-out
-   query's answer loss is measured under every pair. Per setting, a query's LDS is the Spearman
-   correlation over the M subsets between the predicted effect (sum of the scores of the kept
-   documents) and the measured answer log-probability; the mean over queries with a bootstrap 95%
-   interval is reported (``bench.lds``).
-3. **Top-k removal**: for ``--removal-queries`` held-out queries (those the full pair answers
-   right first), each method's top ``--top-k`` documents (best setting by LDS, scored over the
-   whole corpus) are removed and the pair is retrained with the full pair's seed; the increase
-   of the answer loss over the full pair and the share of right answers that flip are reported,
-   beside removing the fact's true proponents and ``--random-draws`` random draws of k documents
-   (their spread shows the retraining noise).
+   (``factworld.train_loop``, tiny GPT-NeoX), once per seed of ``--seeds``; the first seed's pair
+   is attributed: both stages' factors fitted with ``fit_stage`` (as the demo does), and every
+   method setting of ``SETTINGS`` scores every pre-training document for every held-out query.
+2. **Fixed schedule, paired seeds**: every pair of a seed trains along the full corpus's batch
+   schedule with the removed documents masked out of their batches (``factworld.masked_schedule``),
+   from that seed's initialisation; a measured effect is the mean over the seeds of (subset or
+   removal pair - the same seed's full pair), so retraining noise shrinks with the seeds.
+3. **Known facts only**: queries are evaluated only where the attributed pair answers right and
+   the answer's log-probability beats the relation's most frequent other answer by ``MARGIN`` nats
+   (mean over seeds).
+4. **Held-out settings**: a seeded split of the queries into two halves; each method's setting
+   (damping, per-stage dampings, contrastive query, unit normalisation) is chosen by mean LDS on
+   the ``select`` half and everything is reported on the ``report`` half, for every method alike.
+5. **LDS**: ``--subsets`` half-corpus masks, each trained under every seed; a query's LDS is the
+   Spearman correlation over the masks between the predicted effect (sum of the kept documents'
+   scores) and the seed-averaged answer log-probability (``bench.lds``). **Ceiling**: the
+   proponent-indicator score (1 on the fact's proponents, 0 elsewhere).
+6. **Top-k removal**: for ``--removal-queries`` known report-half queries, each method's top
+   ``--top-k`` (chosen setting) are removed and the pair retrained under every seed; beside them
+   the true proponents (the removal ceiling) and ``--random-draws`` random draws of k documents,
+   whose spread over draws (seed-averaged) is the noise floor (``random_spread``).
+7. Every difference "A beats B" is a paired difference over the same queries with a bootstrap 95%
+   interval; A beats B only when the interval excludes 0.
 
 Every trained pair's measurements are cached under ``--cache`` (one JSON per pair, keyed by a
-hash of the world, the training settings and the kept documents; atomic writes), so a rerun
-resumes; the full pair's models and factors are kept there too. Subset and removal pairs keep only
-their measurements, not their weights. Writes ``--out`` (the issue's format) and
-``counterfactual_details.json`` + ``counterfactual.png`` beside it.
+hash of the world, the training settings, the seed and the kept documents; atomic writes), so a
+rerun resumes; the attributed pair's models and factors are kept there too. Writes ``--out``
+(``counterfactual.json``) and ``counterfactual_details.json`` + ``counterfactual.png`` beside it.
 
-A method setting is one entry of ``SETTINGS`` (name -> a ``score_methods`` call of an Attributor
-built with the setting's options); a new variant (say ``Setting("ms-if+norm@1e-3", "ms-if", 1e-3,
-(("normalize", True),), "ms-if+norm")``) is one more line.
-
-    .venv/bin/python -m bench.counterfactual [--workers 2] [--subsets 32] [--removal-queries 20]
-        [--worlds factworld,hardworld] [--cache DIR] [--out bench/out/counterfactual.json]
+    .venv/bin/python -m bench.counterfactual [--workers 2] [--seeds 3] [--subsets 16]
+        [--removal-queries 8] [--random-draws 4] [--worlds factworld,hardworld] [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,10 +59,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # noqa: E402 -- before anything impo
 from bench import lds
 from hub_msif.artifacts.atomic import atomic_write_json
 
-CODE_VERSION = 1  # bump when training or measurement changes, so cached pairs are not reused
+CODE_VERSION = 2  # bump when training or measurement changes, so cached pairs are not reused
 DAMPINGS = ("1e-4", "1e-3", "1e-2", "1e-1", "1")
+STAGE_DAMPINGS = ("1e-2", "1e-1", "1")
 FAMILIES = ("ms-if", "ss-if", "gdp", "repsim", "bm25")
 REMOVAL_FAMILIES = ("ms-if", "ss-if", "bm25", "gdp")
+DEFAULT_SETTING = "ms-if@1e-1"  # the product's default (Attributor: ms-if, relative damping 0.1)
+MARGIN = 1.0  # nats by which a known answer's log-probability beats the relation's most frequent other answer
 
 
 class NotReady(Exception):
@@ -85,16 +93,14 @@ SETTINGS: list[Setting] = (
     [Setting(f"ms-if@{d}", "ms-if", float(d)) for d in DAMPINGS]
     + [Setting(f"ss-if@{d}", "ss-if", float(d)) for d in DAMPINGS]
     + [Setting("gdp", "gdp"), Setting("repsim", "repsim"), Setting("bm25", "bm25")]
-    # Issue 11's levers, at the plain methods' best damping (0.1 on both worlds): unit-normalised
-    # scores, refined query iHVPs (5 CG steps on 64 sequences of each stage's data), and factors
-    # fitted with 4 label samples per sequence in the Lambda pass. Each is a family of its own, so
-    # the plain methods' best settings (and their removal runs) stay those of the plain methods.
-    + [Setting("ms-if+norm@1e-1", "ms-if", 0.1, (("normalize", True),), "ms-if+norm"),
-       Setting("ss-if+norm@1e-1", "ss-if", 0.1, (("normalize", True),), "ss-if+norm"),
-       Setting("ms-if+refine5@1e-1", "ms-if", 0.1, (("refine_steps", 5),), "ms-if+refine5"),
-       Setting("ss-if+refine5@1e-1", "ss-if", 0.1, (("refine_steps", 5),), "ss-if+refine5"),
-       Setting("ms-if+samples4@1e-1", "ms-if", 0.1, (("samples_per_sequence", 4),), "ms-if+samples4"),
-       Setting("ss-if+samples4@1e-1", "ss-if", 0.1, (("samples_per_sequence", 4),), "ss-if+samples4")]
+    # Issue 19's levers, all in their method's family (chosen on the select half like the dampings):
+    # per-stage dampings (the call's damping is the pre-trained stage's, damping_finetuned replaces
+    # the fine-tuned one), the contrastive subject query, and unit-normalised scores.
+    + [Setting(f"ms-if@pt{p}/ft{f}", "ms-if", float(p), (("damping_finetuned", float(f)),))
+       for f in STAGE_DAMPINGS for p in STAGE_DAMPINGS if p != f]
+    + [Setting(f"{m}+contrast@{d}", m, float(d), (("contrast", "subject"),)) for m in ("ms-if", "ss-if")
+       for d in STAGE_DAMPINGS]
+    + [Setting(f"{m}+norm@1e-1", m, 0.1, (("normalize", True),)) for m in ("ms-if", "ss-if")]
 )
 
 
@@ -177,14 +183,43 @@ def query_tokens(tokenizer, world, query) -> tuple[list[int], list[int]]:
     return prompt, tokenizer(query.answer, add_special_tokens=False)["input_ids"]
 
 
-def answer_losses(model, tokenizer, world) -> list[float]:
-    """-log p(answer | templated prompt) of every held-out query (answer tokens only, summed)."""
+def relation_of(world, query) -> str:
+    return next(f.relation for f in world.facts if f.id == query.fact_id)
+
+
+def subject_of(world, query) -> str:
+    """The subject's text as the query's prompt names it (the harder world's question alias)."""
+    alias = world.config.get("question_alias", {}).get(query.fact_id)
+    return alias or next(f.subject for f in world.facts if f.id == query.fact_id)
+
+
+def relation_defaults(world) -> dict[str, list[str]]:
+    """Each relation's fine-tuning answers, most frequent first (ties: alphabetical)."""
+    relation = {f.id: f.relation for f in world.facts}
+    counts: dict[str, collections.Counter] = {}
+    for row in world.finetune:
+        counts.setdefault(relation[row["fact_id"]], collections.Counter())[row["response"]] += 1
+    return {rel: sorted(c, key=lambda a: (-c[a], a)) for rel, c in counts.items()}
+
+
+def rival_answers(world) -> list[str]:
+    """Per query, the relation's most frequent fine-tuning answer other than the true one: the
+    answer a model that does not know the fact falls back on."""
+    defaults = relation_defaults(world)
+    return [next(a for a in defaults[relation_of(world, q)] if a != q.answer) for q in world.queries]
+
+
+def answer_losses(model, tokenizer, world, answers: list[str] | None = None) -> list[float]:
+    """-log p(answer | templated prompt) of every held-out query (answer tokens only, summed); with
+    ``answers``, of those answers instead of the true ones."""
     import torch
 
     out = []
     with torch.no_grad():
-        for q in world.queries:
+        for i, q in enumerate(world.queries):
             prompt, answer = query_tokens(tokenizer, world, q)
+            if answers is not None:
+                answer = tokenizer(answers[i], add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + answer])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
             positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(answer))
@@ -193,9 +228,10 @@ def answer_losses(model, tokenizer, world) -> list[float]:
 
 
 def train_and_measure(job: dict) -> dict:
-    """Trains one pair (pre-training on the kept documents, then the fixed fine-tuning), measures
-    every held-out query, writes the measurements to ``job["path"]`` (and the models to
-    ``job["save"]`` when given)."""
+    """Trains one pair of seed ``job["seed"]`` (its initialisation and batch schedule): pre-training
+    along the whole corpus's schedule with the documents outside ``job["keep"]`` masked, then the
+    fixed fine-tuning; measures every held-out query (and its rival answer), writes the
+    measurements to ``job["path"]`` (and the models to ``job["save"]`` when given)."""
     import torch
 
     from hub_msif.models import generate_answer
@@ -209,9 +245,9 @@ def train_and_measure(job: dict) -> dict:
     t = TrainConfig(**job["train"])
     keep = job["keep"]
     model = tiny_model("gpt_neox", vocab_size=len(tokenizer), hidden=t.hidden, layers=t.layers, heads=t.heads,
-                       ffn=4 * t.hidden, seed=t.seed, max_positions=64)
-    train_loop(model, tokenizer, docs if keep is None else [docs[i] for i in keep], t.pretrain_steps, t.pretrain_lr,
-           t.batch_size, job["seed"], "pre-training")
+                       ffn=4 * t.hidden, seed=job["seed"], max_positions=64)
+    train_loop(model, tokenizer, docs, t.pretrain_steps, t.pretrain_lr, t.batch_size, job["seed"], "pre-training",
+               keep=None if keep is None else set(keep))
     if job.get("save"):
         model.save_pretrained(Path(job["save"]) / "pretrained")
         tokenizer.save_pretrained(Path(job["save"]) / "pretrained")
@@ -220,9 +256,10 @@ def train_and_measure(job: dict) -> dict:
         model.save_pretrained(Path(job["save"]) / "finetuned")
         tokenizer.save_pretrained(Path(job["save"]) / "finetuned")
     losses = answer_losses(model, tokenizer, world)
+    rival = answer_losses(model, tokenizer, world, rival_answers(world))
     correct = [generate_answer(model, tokenizer, world.template.format(prompt=q.prompt), max_new_tokens=4) == q.answer
                for q in world.queries]
-    result = {"loss": losses, "correct": correct, "seconds": time.perf_counter() - started,
+    result = {"loss": losses, "rival_loss": rival, "correct": correct, "seconds": time.perf_counter() - started,
               "cpu_seconds": time.process_time() - cpu_started,
               "kept": None if keep is None else len(keep), "seed": job["seed"]}
     if not all(np.isfinite(losses)):
@@ -262,9 +299,10 @@ def run_jobs(jobs: list[dict], workers: int, label: str, cached_only: bool = Fal
 
 
 # -- scoring with the full pair -----------------------------------------------------------------
-def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[dict[str, np.ndarray], float]:
+def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[dict[str, np.ndarray], dict, float]:
     """``{setting name: scores [D, Q]}`` of every pre-training document for every held-out query
-    under the full pair's factors (fitted here when missing); cached in ``scores.safetensors``."""
+    under the attributed pair's factors (fitted here when missing), the MS-IF settings' per-module
+    scores ``{setting: {module: [D, Q]}}`` and the seconds it took; cached in ``scores.safetensors``."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -277,22 +315,24 @@ def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[d
     cache = folder / "scores.safetensors"
     meta = folder / "scores.json"
     if cache.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == names_blob:
-        loaded = load_file(cache)
-        return {s.name: loaded[s.name].numpy() for s in settings}, json.loads(meta.read_text())["seconds"]
+        loaded = {k: v.numpy() for k, v in load_file(cache).items()}
+        return ({s.name: loaded[s.name] for s in settings}, _per_module(loaded),
+                json.loads(meta.read_text())["seconds"])
     started = time.perf_counter()
     paths = save_world(world, folder / "world")
     factors = fitted_factors(folder / "full", paths, world, folder)
     att = Attributor(factors)
     attributors = {(): att}
 
+    subjects = {q.prompt: subject_of(world, q) for q in world.queries}
+
     def attributor(options: tuple) -> Attributor:
-        """Options are Attributor settings, except ``samples_per_sequence``, which selects factors
-        fitted with that many label samples per sequence."""
+        """Options are Attributor settings; a contrastive one is given each prompt's subject."""
         if options not in attributors:
             settings = dict(options)
-            samples = settings.pop("samples_per_sequence", 1)
-            attributors[options] = Attributor(fitted_factors(folder / "full", paths, world, folder, samples),
-                                              **settings)
+            if "contrast" in settings:
+                settings["subject"] = subjects
+            attributors[options] = Attributor(factors, **settings)
         return attributors[options]
     for q in world.queries:  # the scored query is the measured one
         prompt, answer = query_tokens(att.tokenizer, world, q)
@@ -309,10 +349,14 @@ def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[d
         dampings = list(dict.fromkeys(s.damping for s in members if s.damping is not None)) or [0.1]
         for start in range(0, len(queries), 8):
             chunk = queries[start : start + 8]
-            got = {(r.method, r.damping): r.total
+            got = {(r.method, r.damping): r
                    for r in attributor(options).score_methods(chunk, texts, methods, dampings, batch_size=16)}
             for s in members:
-                out.setdefault(s.name, []).append(got[(s.method, s.damping)].double())
+                result = got[(s.method, s.damping)]
+                out.setdefault(s.name, []).append(result.total.double())
+                if s.method == "ms-if" and result.per_module is not None:
+                    for module, value in result.per_module.items():
+                        out.setdefault(f"{s.name}|{module}", []).append(value.double())
     scores = {name: torch.cat(parts, dim=1).contiguous() for name, parts in out.items()}
     for name, value in scores.items():
         if not bool(torch.isfinite(value).all()):
@@ -321,8 +365,18 @@ def score_all(spec: WorldSpec, folder: Path, settings: list[Setting]) -> tuple[d
     tmp = folder / ".scores.safetensors.tmp"
     save_file(scores, str(tmp))
     os.replace(tmp, cache)
-    atomic_write_json(meta, {"settings": names_blob, "seconds": seconds})
-    return {k: v.numpy() for k, v in scores.items()}, seconds
+    atomic_write_json(meta, {"settings": names_blob, "seconds": seconds, "roles": att.roles})
+    loaded = {k: v.numpy() for k, v in scores.items()}
+    return {s.name: loaded[s.name] for s in settings}, _per_module(loaded), seconds
+
+
+def _per_module(loaded: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in loaded.items():
+        if "|" in key:
+            name, module = key.split("|", 1)
+            out.setdefault(name, {})[module] = value
+    return out
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -347,125 +401,211 @@ def run_world(spec: WorldSpec, args, cache: Path) -> dict:
     whash = world_hash(spec)
     folder = cache / f"{spec.name}-{whash}"
     folder.mkdir(parents=True, exist_ok=True)
-    num_docs, seed = len(world.documents), spec.train.seed
+    num_docs, queries = len(world.documents), world.queries
+    num_queries = len(queries)
+    seeds = [spec.train.seed + i for i in range(args.seeds)]
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    # 1. the full pair (its models are kept for fitting and scoring)
+    # 1. the full pair of every seed (the first seed's models are kept for fitting and scoring)
     full_models = folder / "full"
-    full_job = job(spec, folder, whash, None, seed, save=full_models)
+    full_jobs = {s: job(spec, folder, whash, None, s, save=full_models if s == seeds[0] else None) for s in seeds}
     if not (full_models / "finetuned" / "config.json").is_file():
-        Path(full_job["path"]).unlink(missing_ok=True)
-    full = run_jobs([full_job], 1, f"{spec.name}: full pair", args.cached_only).get(full_job["path"])
-    if full is None:
-        raise NotReady(f"{spec.name}: the full pair is not in the cache {folder}; run without --cached-only")
-    timings["full_pair_training"] = full["seconds"]
-    (full_models / "training.json").write_text(json.dumps({"test_accuracy": float(np.mean(full["correct"]))}))
-    accuracy = float(np.mean(full["correct"]))
-    print(f"{spec.name}: {num_docs} documents, {len(world.finetune)} fine-tuning pairs, {len(world.queries)} held-out "
-          f"queries; full pair answers {accuracy:.0%} of them (one pair trains in {full['seconds']:.1f}s)", flush=True)
+        Path(full_jobs[seeds[0]]["path"]).unlink(missing_ok=True)
+    got = run_jobs(list(full_jobs.values()), args.workers, f"{spec.name}: full pairs", args.cached_only)
+    if any(j["path"] not in got for j in full_jobs.values()):
+        raise NotReady(f"{spec.name}: the full pairs are not all in the cache {folder}; run without --cached-only")
+    full = {s: got[j["path"]] for s, j in full_jobs.items()}
+    scored = full[seeds[0]]
+    timings["full_pair_training"] = scored["seconds"]
+    full_loss = np.array([full[s]["loss"] for s in seeds])  # [S, Q]
+    margin = np.mean([np.array(full[s]["rival_loss"]) - np.array(full[s]["loss"]) for s in seeds], axis=0)
+    known = [q for q in range(num_queries) if scored["correct"][q] and margin[q] >= MARGIN]
+    defaults = {rel: answers[0] for rel, answers in relation_defaults(world).items()}
+    nondefault = [q for q in range(num_queries) if queries[q].answer != defaults[relation_of(world, queries[q])]]
+    accuracy = float(np.mean(scored["correct"]))
+    accuracy_nondefault = float(np.mean([scored["correct"][q] for q in nondefault])) if nondefault else None
+    (full_models / "training.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    select, report = lds.heldout_split(num_queries, seed=args.split_seed)
+    select_known, report_known = [q for q in select if q in known], [q for q in report if q in known]
+    print(f"{spec.name}: {num_docs} documents, {len(world.finetune)} fine-tuning pairs, {num_queries} held-out queries; "
+          f"the attributed pair answers {accuracy:.0%} ({accuracy_nondefault:.0%} of the {len(nondefault)} with a "
+          f"non-default answer); {len(known)} known with a margin >= {MARGIN} nats ({len(select_known)} select, "
+          f"{len(report_known)} report); one pair trains in {scored['seconds']:.1f}s", flush=True)
+    if len(select_known) < 2 or len(report_known) < 2:
+        raise NotReady(f"{spec.name}: too few known queries in a half ({len(select_known)}, {len(report_known)})")
 
-    # 2. scores of every setting under the full pair
-    scores, timings["fit_and_score"] = score_all(spec, folder, SETTINGS)
+    # 2. scores of every setting under the attributed pair
+    scores, per_module, timings["fit_and_score"] = score_all(spec, folder, SETTINGS)
+    roles = json.loads((folder / "scores.json").read_text())["roles"]
+    proponent_sets = [{i for i, d in enumerate(world.documents) if d["fact_id"] == q.fact_id} for q in queries]
+    ceiling = lds.indicator_scores(num_docs, proponent_sets)
 
-    # 3. LDS over M half subsets
-    masks = subset_masks(num_docs, args.subsets, seed=1000 + seed)
-    lds_jobs = [job(spec, folder, whash, np.flatnonzero(m).tolist(), seed) for m in masks]
+    # 3. LDS over M half subsets, each under every seed (seed-averaged measured log-probability)
+    masks = subset_masks(num_docs, args.subsets, seed=1000 + spec.train.seed)
+    lds_jobs = [[job(spec, folder, whash, np.flatnonzero(m).tolist(), s) for s in seeds] for m in masks]
     t0 = time.perf_counter()
-    results = run_jobs(lds_jobs, args.workers, f"{spec.name}: LDS subsets", args.cached_only)
+    results = run_jobs([j for row in lds_jobs for j in row], args.workers, f"{spec.name}: LDS subsets",
+                       args.cached_only)
     timings["lds_training"] = time.perf_counter() - t0
-    have = [m for m, j in enumerate(lds_jobs) if j["path"] in results]  # all of them unless --cached-only
+    have = [m for m, row in enumerate(lds_jobs) if all(j["path"] in results for j in row)]
     if len(have) < 3:
-        raise NotReady(f"{spec.name}: only {len(have)} of {len(lds_jobs)} subset pairs are trained; need 3 for an LDS")
-    masks, lds_jobs = masks[have], [lds_jobs[m] for m in have]
-    measured = -np.array([results[j["path"]]["loss"] for j in lds_jobs])  # [M, Q] answer log-probabilities
-    lds_out, per_query_lds = {}, {}
-    for s in SETTINGS:
-        per_query = lds.lds_per_query(scores[s.name], masks, measured)
-        per_query_lds[s.name] = [None if not np.isfinite(v) else float(v) for v in per_query]
-        lds_out[s.name] = lds.summarize_lds(per_query, seed=0)
+        raise NotReady(f"{spec.name}: only {len(have)} of {len(lds_jobs)} subsets are trained under every seed")
+    masks = masks[have]
+    measured = -np.array([np.mean([results[j["path"]]["loss"] for j in lds_jobs[m]], axis=0) for m in have])  # [M, Q]
+    per_query_lds = {s.name: lds.lds_per_query(scores[s.name], masks, measured) for s in SETTINGS}
+    per_query_lds["ceiling"] = lds.lds_per_query(ceiling, masks, measured)
+    rr = {name: np.array([lds.reciprocal_rank(value[:, q], proponent_sets[q]) for q in range(num_queries)])
+          for name, value in list(scores.items())}
+
+    def on(values, qs):
+        return np.asarray(values, dtype=np.float64)[qs]
+
     best = {}
     for family in dict.fromkeys(s.key for s in SETTINGS):
         mine = [s for s in SETTINGS if s.key == family]
-        best[family] = max(mine, key=lambda s: lds_out[s.name]["mean"]).name
-    # Fact tracing over the whole pre-training corpus: reciprocal rank of a query's best-ranked
-    # true proponent under each setting (the documents that state the fact the query asks for).
-    proponent_sets = [{i for i, d in enumerate(world.documents) if d["fact_id"] == q.fact_id} for q in world.queries]
-    mrr = {s.name: float(np.mean([lds.reciprocal_rank(scores[s.name][:, q], proponent_sets[q])
-                                  for q in range(len(world.queries))])) for s in SETTINGS}
-    lds_table = {family: lds_out[name] for family, name in best.items()}
-    lds_table.update({s.name: lds_out[s.name] for s in SETTINGS if s.name != s.key})
+        best[family] = max(mine, key=lambda s: (np.nanmean(on(per_query_lds[s.name], select_known)), -mine.index(s))).name
+    lds_report = {name: lds.summarize_lds(on(values, report_known)) for name, values in per_query_lds.items()}
+    lds_select = {name: float(np.nanmean(on(values, select_known))) for name, values in per_query_lds.items()}
+    mrr = {name: float(np.mean(on(values, report_known))) for name, values in rr.items()}
+    chosen_ms = best["ms-if"]
+    comparisons: dict[str, dict] = {}
+    for other in ("ss-if", "bm25", "gdp", "repsim"):
+        comparisons[f"ms-if vs {other}"] = {"lds": lds.paired_difference(
+            on(per_query_lds[chosen_ms], report_known), on(per_query_lds[best[other]], report_known))}
+    comparisons["ms-if (chosen) vs ms-if default"] = {"lds": lds.paired_difference(
+        on(per_query_lds[chosen_ms], report_known), on(per_query_lds[DEFAULT_SETTING], report_known))}
+    # Which parts carry the fact: the chosen MS-IF setting's scores summed per layer and per role.
+    parts: dict[str, list[str]] = {}
+    for module, role in roles.items():
+        layer = re.search(r"\.(\d+)\.", module)
+        parts.setdefault(f"layer {layer.group(1) if layer else '?'}", []).append(module)
+        parts.setdefault(f"role {role}", []).append(module)
+    by_part = {}
+    for part, modules in sorted(parts.items()):
+        value = sum(per_module[chosen_ms][m] for m in modules)
+        part_lds = lds.lds_per_query(value, masks, measured)
+        by_part[part] = {"modules": modules, "lds": lds.summarize_lds(on(part_lds, report_known)),
+                         "mrr": float(np.mean([lds.reciprocal_rank(value[:, q], proponent_sets[q]) for q in report_known])),
+                         "score_share": float(np.mean([np.abs(value[:, q]).sum() / np.abs(scores[chosen_ms][:, q]).sum()
+                                                       for q in report_known]))}
 
-    # 4. top-k removal
-    order = sorted(range(len(world.queries)), key=lambda q: (not full["correct"][q], q))
-    chosen = order[: args.removal_queries]
-    removal_jobs: dict[str, list[tuple[int, dict]]] = {}
+    # 4. top-k removal on known report-half queries, every removal under every seed
+    chosen = report_known[: args.removal_queries]
+    removal_jobs: dict[str, dict[int, list[dict]]] = {}
     for q in chosen:
-        query = world.queries[q]
         for family in REMOVAL_FAMILIES:
             top = set(lds.top_k(scores[best[family]][:, q], args.top_k))
-            removal_jobs.setdefault(family, []).append(
-                (q, job(spec, folder, whash, [i for i in range(num_docs) if i not in top], seed)))
-        proponents = {i for i, d in enumerate(world.documents) if d["fact_id"] == query.fact_id}
-        removal_jobs.setdefault("true-proponents", []).append(
-            (q, job(spec, folder, whash, [i for i in range(num_docs) if i not in proponents], seed)))
-    # Random removals do not depend on the query: each draw is one retrained pair, measured on
-    # every chosen query; the spread over draws is the retraining noise.
+            keep = [i for i in range(num_docs) if i not in top]
+            removal_jobs.setdefault(family, {})[q] = [job(spec, folder, whash, keep, s) for s in seeds]
+        keep = [i for i in range(num_docs) if i not in proponent_sets[q]]
+        removal_jobs.setdefault("true-proponents", {})[q] = [job(spec, folder, whash, keep, s) for s in seeds]
     for draw in range(args.random_draws):
         rng = random.Random(f"{whash}-random-{draw}")
         gone = set(rng.sample(range(num_docs), args.top_k))
-        random_job = job(spec, folder, whash, [i for i in range(num_docs) if i not in gone], seed)
-        removal_jobs[f"random#{draw}"] = [(q, random_job) for q in chosen]
+        keep = [i for i in range(num_docs) if i not in gone]
+        row = [job(spec, folder, whash, keep, s) for s in seeds]
+        removal_jobs[f"random#{draw}"] = {q: row for q in chosen}
     t0 = time.perf_counter()
-    # Query-major order (the random draws first): an interrupted run has every method on its first queries.
-    randoms = [pairs[0][1] for family, pairs in removal_jobs.items() if family.startswith("random#")]
-    per_query_jobs = [pairs[i][1] for i in range(len(chosen)) for family, pairs in removal_jobs.items()
-                      if not family.startswith("random#")]
+    randoms = [j for family, by_q in removal_jobs.items() if family.startswith("random#") for j in by_q[chosen[0]]]
+    per_query_jobs = [j for q in chosen for family, by_q in removal_jobs.items() if not family.startswith("random#")
+                      for j in by_q[q]]
     done = run_jobs(randoms + per_query_jobs, args.workers, f"{spec.name}: removals", args.cached_only)
     timings["removal_training"] = time.perf_counter() - t0
-    removal_jobs = {family: [(q, j) for q, j in pairs if j["path"] in done] for family, pairs in removal_jobs.items()}
-    removal_jobs = {family: pairs for family, pairs in removal_jobs.items() if pairs}
-
-    def summary(pairs):
-        qs = [q for q, _ in pairs]
-        return lds.removal_summary([full["loss"][q] for q in qs], [done[j["path"]]["loss"][q] for q, j in pairs],
-                                   [full["correct"][q] for q in qs], [done[j["path"]]["correct"][q] for q, j in pairs])
-
-    removal = {family: summary(pairs) for family, pairs in removal_jobs.items() if not family.startswith("random#")}
-    random_pairs = [p for family, pairs in removal_jobs.items() if family.startswith("random#") for p in pairs]
-    if random_pairs:
-        removal["random"] = summary(random_pairs)
-        removal["random"]["per_draw_loss_increase"] = [
-            summary(pairs)["loss_increase"] for family, pairs in removal_jobs.items() if family.startswith("random#")]
-    per_query_increase = {family: [done[j["path"]]["loss"][q] - full["loss"][q] for q, j in pairs]
-                          for family, pairs in removal_jobs.items()}
-    # Retraining noise: how much two random removals of k documents disagree on the same query.
-    draws_done = [f"random#{d}" for d in range(args.random_draws) if f"random#{d}" in per_query_increase]
-    if len(draws_done) >= 2:
-        spread = np.array([per_query_increase[d] for d in draws_done])  # [R, queries]
-        removal["random"]["seed_noise_std"] = float(np.sqrt(spread.var(axis=0, ddof=1).mean()))
-    proponent_hits = {family: float(np.mean([
-        len(set(lds.top_k(scores[best[family]][:, q], args.top_k))
-            & {i for i, d in enumerate(world.documents) if d["fact_id"] == world.queries[q].fact_id})
-        / len(world.queries[q].proponents) for q in chosen])) for family in REMOVAL_FAMILIES}
-    pair_seconds = [r["seconds"] for r in results.values()] + [r["seconds"] for r in done.values()]
-    pair_cpu = [r["cpu_seconds"] for r in list(results.values()) + list(done.values()) if "cpu_seconds" in r]
+    increase: dict[str, dict[int, float]] = {}  # seed-averaged answer-loss increase per query
+    flips: dict[str, list[int]] = {}  # [flips, right before] over (query, seed)
+    single_seed: dict[str, dict[int, list[float]]] = {}
+    for family, by_q in removal_jobs.items():
+        for q, row in by_q.items():
+            if not all(j["path"] in done for j in row):
+                continue
+            deltas = [done[j["path"]]["loss"][q] - full[s]["loss"][q] for s, j in zip(seeds, row)]
+            increase.setdefault(family, {})[q] = float(np.mean(deltas))
+            single_seed.setdefault(family, {})[q] = deltas
+            counts = flips.setdefault(family, [0, 0])
+            for s, j in zip(seeds, row):
+                if full[s]["correct"][q]:
+                    counts[1] += 1
+                    counts[0] += int(not done[j["path"]]["correct"][q])
+    draws = [f for f in increase if f.startswith("random#")]
+    removal: dict[str, dict] = {}
+    for family in [f for f in increase if not f.startswith("random#")]:
+        values = list(increase[family].values())
+        summary = lds.mean_with_ci(values)
+        removal[family] = {"loss_increase": summary["mean"], "loss_increase_ci": summary["ci"], "queries": summary["n"],
+                           "flip_rate": flips[family][0] / flips[family][1] if flips[family][1] else None,
+                           "flips": flips[family][0], "right_before": flips[family][1]}
+    random_spread = single_seed_spread = None
+    if draws:
+        pooled = [v for f in draws for v in increase[f].values()]
+        summary = lds.mean_with_ci(pooled)
+        total = [sum(flips[f][i] for f in draws) for i in (0, 1)]
+        removal["random"] = {"loss_increase": summary["mean"], "loss_increase_ci": summary["ci"], "queries": summary["n"],
+                             "flip_rate": total[0] / total[1] if total[1] else None, "flips": total[0],
+                             "right_before": total[1],
+                             "per_draw_loss_increase": [float(np.mean(list(increase[f].values()))) for f in draws]}
+        common = [q for q in chosen if all(q in increase[f] for f in draws)]
+        if len(draws) >= 2 and common:
+            # the noise floor: how much two random removals of k documents disagree on one query
+            random_spread = float(np.sqrt(np.mean([np.var([increase[f][q] for f in draws], ddof=1) for q in common])))
+            single_seed_spread = float(np.sqrt(np.mean([np.var([single_seed[f][q][i] for f in draws], ddof=1)
+                                                        for q in common for i in range(len(seeds))])))
+    random_per_query = {q: float(np.mean([increase[f][q] for f in draws if q in increase[f]])) for q in chosen
+                        if any(q in increase[f] for f in draws)}
+    if "ms-if" in increase:
+        for other in ("ss-if", "bm25", "gdp", "true-proponents"):
+            qs = [q for q in chosen if q in increase["ms-if"] and q in increase.get(other, {})]
+            if qs:
+                comparisons.setdefault(f"ms-if vs {other}", {})["removal"] = lds.paired_difference(
+                    [increase["ms-if"][q] for q in qs], [increase[other][q] for q in qs])
+        qs = [q for q in chosen if q in increase["ms-if"] and q in random_per_query]
+        if qs:
+            comparisons.setdefault("ms-if vs random", {})["removal"] = lds.paired_difference(
+                [increase["ms-if"][q] for q in qs], [random_per_query[q] for q in qs])
+    proponent_hits = {family: float(np.mean([len(set(lds.top_k(scores[best[family]][:, q], args.top_k))
+                                                 & proponent_sets[q]) / len(proponent_sets[q]) for q in chosen]))
+                      for family in REMOVAL_FAMILIES}
+    all_results = list(results.values()) + list(done.values()) + list(full.values())
+    pair_seconds = [r["seconds"] for r in all_results]
+    pair_cpu = [r["cpu_seconds"] for r in all_results if "cpu_seconds" in r]
     timings["total"] = time.perf_counter() - started
-    public = {"accuracy": accuracy,
-              "lds": {k: {"mean": v["mean"], "ci": v["ci"]} for k, v in lds_table.items()},
-              "mrr": {k: mrr[best.get(k, k)] for k in lds_table},
-              "removal": {k: {"loss_increase": v["loss_increase"], "flip_rate": v["flip_rate"]} for k, v in removal.items()}}
+    families = {family: name for family, name in best.items()}
+    public = {"accuracy": accuracy, "accuracy_nondefault": accuracy_nondefault, "known_queries": len(known),
+              "heldout": True, "seeds": len(seeds), "chosen": families,
+              "lds": {**{k: {"mean": lds_report[v]["mean"], "ci": lds_report[v]["ci"]} for k, v in families.items()},
+                      **{s.name: {"mean": lds_report[s.name]["mean"], "ci": lds_report[s.name]["ci"]} for s in SETTINGS}},
+              "mrr": {**{k: mrr[v] for k, v in families.items()}, **{s.name: mrr[s.name] for s in SETTINGS}},
+              "removal": {k: {"loss_increase": v["loss_increase"], "ci": v["loss_increase_ci"], "flip_rate": v["flip_rate"]}
+                          for k, v in removal.items()},
+              "ceiling": {"lds": {"mean": lds_report["ceiling"]["mean"], "ci": lds_report["ceiling"]["ci"]},
+                          "mrr": 1.0,
+                          "removal": ({"loss_increase": removal["true-proponents"]["loss_increase"],
+                                       "ci": removal["true-proponents"]["loss_increase_ci"],
+                                       "flip_rate": removal["true-proponents"]["flip_rate"]}
+                                      if "true-proponents" in removal else None)},
+              "random_spread": random_spread,
+              "comparisons": comparisons,
+              "by_part": {k: {"lds": {"mean": v["lds"]["mean"], "ci": v["lds"]["ci"]}, "mrr": v["mrr"],
+                              "score_share": v["score_share"]} for k, v in by_part.items()}}
     details = {"hash": whash, "spec": {"kind": spec.kind, "params": spec.params, "train": asdict(spec.train)},
-               "documents": num_docs, "finetune_pairs": len(world.finetune), "queries": len(world.queries),
-               "finetune_accuracy_note": "accuracy = greedy answer of the full pair on held-out queries",
-               "best_settings": best, "lds": lds_out, "fact_tracing_mrr": mrr, "lds_per_query": per_query_lds, "removal": removal,
-               "removal_queries": [world.queries[q].prompt for q in chosen],
-               "removal_per_query_increase": per_query_increase, "top_k_proponent_recall": proponent_hits,
+               "documents": num_docs, "finetune_pairs": len(world.finetune), "queries": num_queries,
+               "seeds": seeds, "split_seed": args.split_seed, "select": select, "report": report, "known": known,
+               "select_known": select_known, "report_known": report_known, "margin_nats": MARGIN,
+               "margins": margin.tolist(), "nondefault_queries": len(nondefault),
+               "full_loss_seed_std": float(full_loss.std(axis=0, ddof=1).mean()) if len(seeds) > 1 else None,
+               "best_settings": best, "lds_report": lds_report, "lds_select": lds_select, "mrr_report": mrr,
+               "lds_per_query": {k: [None if not np.isfinite(v) else float(v) for v in vals]
+                                 for k, vals in per_query_lds.items()},
+               "by_part": by_part, "removal": removal, "comparisons": comparisons,
+               "random_spread": random_spread, "random_spread_single_seed": single_seed_spread,
+               "removal_queries": [queries[q].prompt for q in chosen],
+               "removal_per_query_increase": {f: {str(q): v for q, v in d.items()} for f, d in increase.items()},
+               "top_k_proponent_recall": proponent_hits,
                "subsets": len(have), "subsets_planned": args.subsets, "top_k": args.top_k,
-               "random_draws": len(draws_done),
-               "removal_pairs": {family: len(pairs) for family, pairs in removal_jobs.items()},
+               "random_draws": len(draws),
                "complete": len(have) == args.subsets and len(done) == len({j["path"] for j in randoms + per_query_jobs}),
-               "pairs_trained": len(pair_seconds) + 1,
+               "removal_pairs_done": len(done), "removal_pairs_planned": len({j["path"] for j in randoms + per_query_jobs}),
+               "pairs_trained": len(pair_seconds),
                "pair_seconds": {"mean": float(np.mean(pair_seconds)), "max": float(np.max(pair_seconds)),
                                 "cpu_mean": float(np.mean(pair_cpu)) if pair_cpu else None},
                "load_average_end": list(os.getloadavg()),
@@ -485,20 +625,25 @@ def plot(details: dict, path: Path) -> None:
                              squeeze=False)
     for row, name in enumerate(worlds):
         d = details[name]
-        names = [s.name for s in SETTINGS]
-        means = [d["lds"][n]["mean"] for n in names]
-        errs = np.array([[d["lds"][n]["mean"] - d["lds"][n]["ci"][0], d["lds"][n]["ci"][1] - d["lds"][n]["mean"]]
+        names = [s.name for s in SETTINGS] + ["ceiling"]
+        table = d["lds_report"]
+        means = [table[n]["mean"] for n in names]
+        errs = np.array([[table[n]["mean"] - table[n]["ci"][0], table[n]["ci"][1] - table[n]["mean"]]
                          for n in names]).T
-        colours = ["tab:blue" if n.startswith("ms-if") else "tab:orange" if n.startswith("ss-if") else "tab:gray"
-                   for n in names]
+        colours = ["tab:blue" if n.startswith("ms-if") else "tab:orange" if n.startswith("ss-if")
+                   else "tab:green" if n == "ceiling" else "tab:gray" for n in names]
         ax = axes[row, 0]
         ax.bar(range(len(names)), means, yerr=errs, color=colours, capsize=3)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_ylabel("LDS (Spearman)")
-        ax.set_title(f"{name}: multi-stage LDS, M = {d['subsets']} (bars: 95% bootstrap CI)", loc="left")
+        ax.set_title(f"{name}: held-out LDS on {len(d['report_known'])} known queries, M = {d['subsets']}, "
+                     f"{len(d['seeds'])} seeds (95% CI)", loc="left")
         ax = axes[row, 1]
         keys = list(d["removal"])
+        if not keys:
+            ax.set_title(f"{name}: no removal pair trained yet", loc="left")
+            continue
         vals = [d["removal"][k]["loss_increase"] for k in keys]
         errs = np.array([[d["removal"][k]["loss_increase"] - d["removal"][k]["loss_increase_ci"][0],
                           d["removal"][k]["loss_increase_ci"][1] - d["removal"][k]["loss_increase"]] for k in keys]).T
@@ -518,8 +663,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default=",".join(WORLDS))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--subsets", type=int, default=32, help="M half-corpus pairs for LDS")
-    parser.add_argument("--removal-queries", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=3, help="paired seeds every pair is trained under")
+    parser.add_argument("--subsets", type=int, default=16, help="M half-corpus masks for LDS (each under every seed)")
+    parser.add_argument("--removal-queries", type=int, default=8, help="known report-half queries for removal")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the select/report split of the queries")
     parser.add_argument("--random-draws", type=int, default=4, help="random removals (one pair each)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--pretrain-steps", type=int, default=0, help="override every world's (0: keep)")
@@ -533,13 +680,15 @@ def main(argv=None) -> None:
     unknown = [w for w in names if w not in WORLDS]
     if unknown or not names:
         parser.error(f"unknown world {(unknown or [''])[0]!r}; use {', '.join(WORLDS)}")
-    if args.subsets < 2 or args.workers < 1 or args.top_k < 1 or args.removal_queries < 1 or args.random_draws < 1:
-        parser.error("--subsets must be >= 2 and --workers, --top-k, --removal-queries, --random-draws >= 1")
+    if args.subsets < 2 or args.workers < 1 or args.top_k < 1 or args.removal_queries < 1 or args.random_draws < 1 \
+            or args.seeds < 1:
+        parser.error("--subsets must be >= 2 and --workers, --seeds, --top-k, --removal-queries, --random-draws >= 1")
     os.environ["TQDM_DISABLE"] = "1"
     import torch
 
     torch.set_num_threads(1)
     started = time.perf_counter()
+    load_start = list(os.getloadavg())
     public, details = {}, {}
     for name in names:
         spec = WORLDS[name]
@@ -555,11 +704,12 @@ def main(argv=None) -> None:
             continue
         public[name], details[name] = result["public"], result["details"]
         d = result["details"]
-        print(f"{name}: best {d['best_settings']}; " + ", ".join(
-            f"{k} LDS {v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for k, v in result["public"]["lds"].items()
-            if k in FAMILIES), flush=True)
+        print(f"{name}: chosen on the select half {d['best_settings']}; held-out LDS " + ", ".join(
+            f"{k} {v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for k, v in result["public"]["lds"].items()
+            if k in FAMILIES) + f"; ceiling {result['public']['ceiling']['lds']['mean']:+.3f}", flush=True)
         print(f"{name}: removal " + ", ".join(f"{k} {v['loss_increase']:+.3f} nats, flips {v['flip_rate']}"
-                                             for k, v in result["public"]["removal"].items()), flush=True)
+                                             for k, v in result["public"]["removal"].items())
+              + f"; random spread {d['random_spread']}", flush=True)
     if not public:
         raise SystemExit("no world has enough trained pairs to report")
     out = Path(args.out)
@@ -567,7 +717,8 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - started
     atomic_write_json(out.with_name("counterfactual_details.json"),
                       {"worlds": details, "seconds": seconds, "workers": args.workers, "cached_only": args.cached_only,
-                       "command": "make bench-counterfactual",
+                       "command": "make bench-counterfactual", "argv": vars(args),
+                       "load_average_start": load_start,
                        "settings": [asdict(s) for s in SETTINGS]})
     plot(details, out.with_name("counterfactual.png"))
     print(f"wrote {out}, counterfactual_details.json and counterfactual.png in {seconds:.0f}s", flush=True)

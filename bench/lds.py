@@ -129,3 +129,51 @@ def removal_summary(base_loss: Sequence[float], removed_loss: Sequence[float], b
     return {"loss_increase": float(increase.mean()), "loss_increase_ci": [lo, hi],
             "flip_rate": flips / len(right) if right else None, "flips": int(flips), "right_before": len(right),
             "removals": int(len(base))}
+
+
+MIN_PAIRED = 5  # fewer paired queries than this: no verdict, whatever the interval
+
+
+def heldout_split(num_queries: int, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split of ``range(num_queries)`` into two disjoint halves ``(select, report)``:
+    settings are chosen on ``select`` and reported on ``report`` (the larger half when odd), for
+    every method alike, so a tuned method gets no selection bonus."""
+    if num_queries < 2:
+        raise MsifValueError(f"a held-out split needs at least 2 queries, got {num_queries}")
+    order = np.random.default_rng(seed).permutation(num_queries)
+    half = num_queries // 2
+    return sorted(int(i) for i in order[:half]), sorted(int(i) for i in order[half:])
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict:
+    """``a - b`` paired by query (NaN pairs dropped): mean, bootstrap 95% interval, and ``beats``
+    (1 when the interval lies above 0, -1 below, 0 when it holds 0 or fewer than ``MIN_PAIRED``
+    queries are paired): "A beats B" only when the interval excludes 0."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise MsifValueError(f"paired values must be two equally long vectors, got {a.shape} and {b.shape}")
+    diff = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    if len(diff) == 0:
+        raise MsifValueError("no query has both values finite")
+    lo, hi = bootstrap_ci(diff, seed=seed)
+    enough = len(diff) >= MIN_PAIRED  # a bootstrap over a handful of queries says nothing
+    return {"mean": float(diff.mean()), "ci": [lo, hi],
+            "beats": (1 if lo > 0 else -1 if hi < 0 else 0) if enough else 0, "queries": int(len(diff))}
+
+
+def mean_with_ci(values: Sequence[float], seed: int = 0) -> dict:
+    """``{"mean", "ci", "n"}`` of the finite ``values`` (bootstrap 95% interval)."""
+    values = np.asarray(values, dtype=np.float64)
+    kept = values[np.isfinite(values)]
+    if len(kept) == 0:
+        raise MsifValueError("no finite values to summarise")
+    lo, hi = bootstrap_ci(kept, seed=seed)
+    return {"mean": float(kept.mean()), "ci": [lo, hi], "n": int(len(kept))}
+
+
+def indicator_scores(num_docs: int, proponent_sets: Sequence[set[int]]) -> np.ndarray:
+    """``[D, Q]`` ceiling scores: 1 on each query's true proponents, 0 elsewhere."""
+    out = np.zeros((num_docs, len(proponent_sets)))
+    for q, docs in enumerate(proponent_sets):
+        out[sorted(docs), q] = 1.0
+    return out

@@ -454,72 +454,111 @@ def _setting_order(key: str) -> tuple:
     return (bool(damping), rank, family, value)
 
 
+def _verdict(diff: dict | None) -> str:
+    if not diff:
+        return "-"
+    if diff.get("queries", 0) < 5:  # lds.MIN_PAIRED: no verdict from a handful of queries
+        return f"no verdict ({diff.get('queries')} queries)"
+    return {1: "**A beats B**", -1: "B beats A", 0: "no difference shown"}[diff["beats"]]
+
+
 def counterfactual_section(d: dict | None, details: dict | None, out_dir: Path, doc: Path) -> str:
     head = COUNTERFACTUAL_HEAD + "\n\n"
     if not d:
         return head + missing("counterfactual")
     details = details or {"worlds": {}}
     secs = details.get("seconds")
+    argv = details.get("argv") or {}
     text = head + (
-        f"Command: `{COMMANDS['counterfactual']}` (`bench/counterfactual.py`; "
-        + (f"{details.get('workers', '?')} worker " if not details.get("cached_only") else "")
-        + ("reported from the cached pairs with `--cached-only`). " if details.get("cached_only") else
-           f"process(es); {f2(secs, 0)} s for this run, counting only the pairs not already in the cache). ")
-        + "Per world, "
-        "every pair is a tiny GPT-NeoX pre-trained from the same initialisation and seed on a subset of the "
-        "pre-training corpus, then fine-tuned identically; the attribution scores come from the full-corpus pair "
-        "with both stages' factors (`fit_stage`). **LDS**: Spearman, over M half-corpus pairs, between a method's "
-        "predicted effect (sum of its scores over the kept documents) and the measured answer log-probability, "
-        "per held-out query; mean over queries [bootstrap 95% CI]. **Removal**: each method's top-k documents for a "
-        "query (best setting by LDS, scored over the whole corpus) are removed and the pair retrained; answer-loss "
-        "increase over the full pair (nats, mean [95% CI] over queries) and the share of right answers that flip. "
-        "`random`: k random documents, the same draws for every query (their spread is the retraining noise); "
-        "`true-proponents`: the fact's own proponents.\n\n")
+        f"Command: `{COMMANDS['counterfactual']}` (`bench/counterfactual.py`"
+        + (f" {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in argv.items() if k in ('seeds', 'subsets', 'removal_queries', 'random_draws', 'workers'))}"
+           if argv else "")
+        + ("; reported from the cached pairs with `--cached-only`). " if details.get("cached_only") else
+           f"; {f2(secs, 0)} s for this run, counting only the pairs not already in the cache; load average "
+           f"{f2((details.get('load_average_start') or [None])[0], 1)} at its start). ")
+        + "Protocol (docs/design.md, \"Counterfactual benchmarks\"): every pair is a tiny GPT-NeoX trained under "
+        "each of S paired seeds (its initialisation and batch schedule) along the whole corpus's batch schedule, "
+        "the removed documents masked out of their batches; a measured effect is the seed-averaged difference from "
+        "the same seed's full pair. Only **known** queries count: the attributed (first-seed) pair answers them "
+        "right and the answer's log-probability beats the relation's most frequent other answer by at least "
+        "1 nat (mean over seeds). The queries are split by a seed into a **select** half, on which each method's "
+        "setting (damping, per-stage dampings, contrastive query, unit normalisation) is chosen by mean LDS, and a "
+        "**report** half, on which every number below is measured, for every method alike. **LDS**: Spearman, over "
+        "M half-corpus masks, between a method's predicted effect (sum of its scores over the kept documents) and "
+        "the seed-averaged answer log-probability, per query; mean [bootstrap 95% CI]. **Removal**: the top k "
+        "documents of the chosen setting removed, seed-averaged answer-loss increase (nats, mean [95% CI] over "
+        "queries), share of right answers that flip (over queries x seeds). **Ceiling**: the proponent-indicator "
+        "score (1 on the fact's proponents, 0 elsewhere) for LDS; removing the true proponents for removal. "
+        "**Random spread**: the standard deviation, between random draws of k removed documents, of one query's "
+        "seed-averaged loss change (the noise floor). \"A beats B\" only where the paired difference's 95% "
+        "interval excludes 0.\n\n")
     for name, w in d["worlds"].items():
         info = details["worlds"].get(name, {})
         text += f"### {name}\n\n"
         if info:
             spec = info["spec"]
+            acc_nd = w.get("accuracy_nondefault")
             text += (f"{info['documents']} pre-training documents, {info['finetune_pairs']} fine-tuning pairs, "
-                     f"{info['queries']} held-out queries; the full pair answers **{w['accuracy']:.0%}** of the held-out "
-                     f"queries (facts seen only in pre-training). Model: hidden {spec['train']['hidden']}, "
-                     f"{spec['train']['layers']} layers, {spec['train']['pretrain_steps']} + "
-                     f"{spec['train']['finetune_steps']} steps; M = {info['subsets']}; {info['pairs_trained']} pairs "
-                     f"trained, {info['pair_seconds']['mean']:.1f} s per pair on average.\n\n")
+                     f"{info['queries']} held-out queries. The attributed pair answers **{w['accuracy']:.0%}** of them "
+                     f"and **{f2(acc_nd and 100 * acc_nd, 0)}%** of the {info['nondefault_queries']} whose answer is "
+                     f"not the relation's most frequent one; {w['known_queries']} are known with the margin "
+                     f"({len(info['select_known'])} select, {len(info['report_known'])} report). Model: hidden "
+                     f"{spec['train']['hidden']}, {spec['train']['layers']} layers, {spec['train']['pretrain_steps']} + "
+                     f"{spec['train']['finetune_steps']} steps; S = {w['seeds']} seeds, M = {info['subsets']}; "
+                     f"{info['pairs_trained']} pairs trained, {info['pair_seconds']['mean']:.1f} s per pair "
+                     f"({f2(info['pair_seconds'].get('cpu_mean'), 1)} CPU-s). Random spread "
+                     f"**{f2(w.get('random_spread'), 3)} nats** seed-averaged "
+                     f"({f2(info.get('random_spread_single_seed'), 3)} for one seed, over {info['random_draws']} "
+                     f"draws).\n\n")
             if not info.get("complete", True):
-                pairs = ", ".join(f"{k} {v}" for k, v in info.get("removal_pairs", {}).items())
                 text += (f"**Partial run** (reported from the cache before every pair was trained): LDS over "
-                         f"{info['subsets']} of the {info.get('subsets_planned')} planned subsets; removal queries per "
-                         f"method: {pairs or 'none yet'}. `{COMMANDS['counterfactual']}` resumes it.\n\n")
-        else:
-            text += f"The full pair answers {w['accuracy']:.0%} of the held-out queries.\n\n"
-        best = info.get("best_settings", {})
-        mrr = info.get("fact_tracing_mrr", {})
+                         f"{info['subsets']} of the {info.get('subsets_planned')} planned subsets, "
+                         f"{info.get('removal_pairs_done', '?')} of {info.get('removal_pairs_planned', '?')} removal "
+                         f"pairs (a removal counts once all its seeds are trained). "
+                         f"`{COMMANDS['counterfactual']}` resumes it.\n\n")
+        best = w.get("chosen", {})
+        rem, recall = w.get("removal", {}), info.get("top_k_proponent_recall", {})
         rows = []
-        for key, v in sorted(w["lds"].items(), key=lambda kv: _setting_order(kv[0])):
-            setting = best.get(key, key)
-            rows.append([f"**{key}**" if key in best else key, setting if key in best else "",
-                         _ci(v), f2(mrr[setting], 3) if setting in mrr else "-"])
-        text += table(["method", "best setting (by LDS)", "LDS mean [95% CI]",
-                       "fact-tracing MRR (whole corpus)"], rows) + "\n"
-        rem = info.get("removal", {})
-        rows = []
-        for key, v in sorted(w["removal"].items(), key=lambda kv: _setting_order(kv[0])):
-            r = rem.get(key, {})
-            inc = _ci(r, "loss_increase", "loss_increase_ci") if r.get("loss_increase_ci") else f"{v['loss_increase']:+.3f}"
-            flips = "-" if v["flip_rate"] is None else f"{v['flip_rate']:.2f}"
-            if r.get("right_before") is not None:
-                flips += f" ({r['flips']}/{r['right_before']})"
-            recall = info.get("top_k_proponent_recall", {}).get(key)
-            rows.append([key, best.get(key, ""), inc, flips, "-" if recall is None else f"{recall:.2f}"])
+        for key in [*FAMILY_ORDER[:5], "ceiling", "random"]:
+            if key == "ceiling":
+                c = w["ceiling"]
+                r = c.get("removal") or {}
+                rows.append(["**ceiling** (proponent indicator)", "-", _ci(c["lds"]), f2(c.get("mrr"), 3),
+                             _ci(r, "loss_increase") if r else "-", f2(r.get("flip_rate")), "1.00"])
+                continue
+            if key == "random":
+                r = rem.get("random")
+                if r:
+                    rows.append(["random", "-", "-", "-", _ci(r, "loss_increase"), f2(r.get("flip_rate")), "-"])
+                continue
+            if key not in w["lds"]:
+                continue
+            r = rem.get(key)
+            rows.append([f"**{key}**", best.get(key, key), _ci(w["lds"][key]), f2(w["mrr"].get(key), 3),
+                         _ci(r, "loss_increase") if r else "-", f2(r["flip_rate"]) if r else "-",
+                         f2(recall.get(key))])
         k = info.get("top_k", 10)
-        text += table(["removed", "setting", "answer-loss increase, nats [95% CI]", "flip rate (flips/right)",
-                       f"share of proponents in the top {k}"], rows)
-        noise = rem.get("random", {}).get("seed_noise_std")
-        if noise is not None:
-            text += (f"\nRetraining noise: the answer-loss change of one query differs between random removals by "
-                     f"{noise:.3f} nats (standard deviation over {info.get('random_draws')} draws).\n")
-        text += "\n"
+        text += table(["method", "setting chosen on the select half", "held-out LDS [95% CI]", "MRR (known, report)",
+                       f"top-{k} removal: loss increase, nats [95% CI]", "flip rate", f"proponents in the top {k}"],
+                      rows) + "\n"
+        rows = []
+        for pair, v in w.get("comparisons", {}).items():
+            rows.append([pair, _ci(v["lds"]) if v.get("lds") else "-", _verdict(v.get("lds")),
+                         _ci(v["removal"]) if v.get("removal") else "-", _verdict(v.get("removal"))])
+        text += "Paired differences on the report half (A - B, mean [95% CI]):\n\n"
+        text += table(["A vs B", "LDS difference", "LDS verdict", "removal difference (nats)", "removal verdict"],
+                      rows) + "\n"
+        parts = w.get("by_part", {})
+        if parts:
+            text += (f"Which parts carry the fact: the chosen MS-IF setting ({best.get('ms-if')}) summed over one "
+                     "layer's or one role's modules (`attribute --modules` restricts the same way):\n\n")
+            text += table(["modules", "held-out LDS [95% CI]", "MRR", "sum |part score| / sum |total score|"],
+                          [[k, _ci(v["lds"]), f2(v["mrr"], 3), f2(v["score_share"])] for k, v in parts.items()]) + "\n"
+        select = info.get("lds_select", {})
+        rows = [[key, f2(select.get(key), 3), _ci(v), f2(w["mrr"].get(key), 3)]
+                for key, v in sorted(w["lds"].items(), key=lambda kv: _setting_order(kv[0])) if key not in best]
+        text += "Every setting (select-half mean LDS: what the choice saw; report half: held out):\n\n"
+        text += table(["setting", "select-half LDS", "report-half LDS [95% CI]", "MRR (report)"], rows) + "\n"
     png = out_dir / "counterfactual.png"
     if png.is_file():
         shutil.copyfile(png, doc.parent / png.name)

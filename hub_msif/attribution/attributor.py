@@ -33,6 +33,7 @@ from hub_msif.attribution.checks import (
     check_prompt,
     check_top,
 )
+from hub_msif.attribution.contrast import check_contrast, find_subject, neutral_token, replace_subject, subject_for
 from hub_msif.attribution.device import model_dtype as to_model_dtype
 from hub_msif.attribution.device import resolve_device
 from hub_msif.attribution.refine import DEFAULT_CURVATURE_SEQUENCES, GGNProduct, curvature_sequences, refine_queries
@@ -112,6 +113,12 @@ class Attributor:
     their products stay there, scores come back to the CPU. ``model_dtype``: ``bfloat16``,
     ``float16`` or ``float32`` for both models' forward and backward (None: as loaded); gradients
     and preconditioning stay float32 (docs/design.md, "Device and attribution plan").
+    ``damping_pretrained`` / ``damping_finetuned``: each stage's damping (relative or absolute as
+    the call's), replacing the damping a scoring call gives for that stage (MS-IF damps both, SS-IF
+    the fine-tuned one; docs/design.md, "Per-stage damping"). ``contrast="subject"``: gradient
+    methods score the answer's gradient minus that with the prompt's subject replaced by a neutral
+    token; ``subject`` gives the subject's text (one string, or a mapping prompt -> subject), else
+    it is found from each prompt (docs/design.md, "Contrastive queries").
     """
 
     def __init__(self, factors: str | Path | None = None, pretrained: str | None = None,
@@ -121,13 +128,21 @@ class Attributor:
                  curvature_data: Mapping | None = None, curvature_size: int = DEFAULT_CURVATURE_SEQUENCES,
                  factors_pretrained: str | Path | None = None, factors_finetuned: str | Path | None = None,
                  model_paths: Mapping[str, str] | None = None, device: str = "auto", model_dtype: str | None = None,
-                 gradindex=None):
+                 gradindex=None, damping_pretrained: float | None = None, damping_finetuned: float | None = None,
+                 contrast: str | None = None, subject: str | Mapping[str, str] | None = None):
         if modules not in ("all", "mlp"):
             raise MsifValueError(f"modules must be 'all' or 'mlp', not {modules!r}")
         self.query_rank = check_rank(query_rank) if query_rank is not None else None
         if self.query_rank is not None and refine_steps:
             raise MsifValueError("refined queries are kept dense: use query_rank or refine_steps, not both")
         self.normalize = bool(normalize)
+        self.damping_pretrained = None if damping_pretrained is None else check_dampings([damping_pretrained])[0]
+        self.damping_finetuned = None if damping_finetuned is None else check_dampings([damping_finetuned])[0]
+        if refine_steps and (damping_pretrained is not None or damping_finetuned is not None):
+            raise MsifValueError("refined queries take one damping: give refine_steps or per-stage dampings, not both")
+        self.contrast, self.subject = check_contrast(contrast), subject
+        if subject is not None and contrast is None:
+            raise MsifValueError("a subject is given for a contrastive query, but no contrast is asked for")
         self.modules = modules
         self.locations = stage_locations(factors, factors_pretrained, factors_finetuned)
         self.index = index
@@ -259,6 +274,15 @@ class Attributor:
         if len(ids) < 2:
             ids = ids + [self.tokenizer.eos_token_id or self.pad_id]
         return {"input_ids": ids, "labels": list(ids)}
+
+    def contrast_prompt(self, prompt: str, answer: str) -> str:
+        """``prompt`` with its subject (given, else found by occlusion under the fine-tuned model)
+        replaced by the tokenizer's neutral token (docs/design.md, "Contrastive queries")."""
+        neutral = neutral_token(self.tokenizer)
+        subject = subject_for(prompt, self.subject)
+        if subject is None:
+            subject = find_subject(prompt, answer, neutral, self.answer_logprobs)
+        return replace_subject(prompt, subject, neutral)
 
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """The fine-tuned model's greedy answer to ``prompt``."""
@@ -399,6 +423,11 @@ class Attributor:
             if gradient:
                 grads = per_example_gradients(self.models["finetuned"], self.specs, query_sequences, self.pad_id,
                                               query_batch_size, representations=query_hidden if repsim else None)
+                if self.contrast is not None:  # scores are linear in the query gradient
+                    neutral = [self.query_sequence(self.contrast_prompt(p, a), a) for p, a in queries]
+                    base = per_example_gradients(self.models["finetuned"], self.specs, neutral, self.pad_id,
+                                                 query_batch_size)
+                    grads = {name: g - base.pop(name) for name, g in grads.items()}
             elif repsim:
                 query_hidden.append(baselines.mean_hidden_states(self.models["finetuned"], query_sequences, self.pad_id))
             candidates = [self.document_sequence(t) for t in documents]
@@ -447,8 +476,10 @@ class Attributor:
         """``W_q`` of ``method``: plain EK-FAC, or refined by ``refine_steps`` CG steps on the exact GGN
         of each stage's curvature sample (docs/design.md, "Refined queries")."""
         if not self.refine_steps or method == "gdp":
+            finetuned = damping if self.damping_finetuned is None else self.damping_finetuned
+            pretrained = damping if self.damping_pretrained is None else self.damping_pretrained
             return precondition_queries(grads, method, self.factors["finetuned"], self.factors["pretrained"],
-                                        damping, relative, rank=self.query_rank)
+                                        finetuned, relative, rank=self.query_rank, damping_pretrained=pretrained)
         products = {}
         for stage in ("finetuned",) + (("pretrained",) if method == "ms-if" else ()):
             if stage not in self._curvature:

@@ -118,6 +118,7 @@ def per_example_gradients(
 def precondition_queries(
     query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
     pretrained: StageFactors | None, damping: float, relative: bool = ..., rank: None = ...,
+    damping_pretrained: float | None = ...,
 ) -> dict[str, torch.Tensor]: ...
 
 
@@ -125,6 +126,7 @@ def precondition_queries(
 def precondition_queries(
     query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
     pretrained: StageFactors | None, damping: float, relative: bool = ..., *, rank: int,
+    damping_pretrained: float | None = ...,
 ) -> LowRankQueries: ...
 
 
@@ -132,18 +134,22 @@ def precondition_queries(
 def precondition_queries(
     query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
     pretrained: StageFactors | None, damping: float, relative: bool = ..., rank: int | None = ...,
+    damping_pretrained: float | None = ...,
 ) -> dict[str, torch.Tensor] | LowRankQueries: ...
 
 
 def precondition_queries(
     query_grads: Mapping[str, torch.Tensor], method: str, finetuned: StageFactors | None,
     pretrained: StageFactors | None, damping: float, relative: bool = True, rank: int | None = None,
+    damping_pretrained: float | None = None,
 ) -> dict[str, torch.Tensor] | LowRankQueries:
     """``W_q`` per module for ``method``: ``P_pt(P_ft(G_q))`` (MS-IF), ``P_ft(G_q)`` (SS-IF) or ``G_q`` (GDP).
 
     With ``rank`` (an int >= 1), ``LowRankQueries`` of at most that rank per module (see
     ``truncate``), one module's dense ``W_q`` at a time; its metric is that of the pre-trained
     stage (the candidates are pre-training documents), else the fine-tuned one.
+    ``damping`` damps the fine-tuned stage (and the pre-trained one too unless
+    ``damping_pretrained`` is given: MS-IF's per-stage damping, docs/design.md, "Per-stage damping").
     """
     if method not in GRADIENT_METHODS:
         raise MsifValueError(f"unknown gradient method {method!r}; use one of {', '.join(GRADIENT_METHODS)}")
@@ -157,10 +163,12 @@ def precondition_queries(
             direct = pretrained is not None and target is not None and (
                 method == "gdp" or (source is not None and source.spec.block_labels == target.spec.block_labels))
             if direct and target is not None:  # (direct implies a target)
-                coefficients = _metric_coefficients(method, grad, source, target, damping, relative)
+                coefficients = _metric_coefficients(method, grad, source, target, damping, relative,
+                                                    damping_pretrained)
                 u[name], v[name] = _truncate_coefficients(coefficients, rank, target)
             else:
-                (w,) = precondition_queries({name: grad}, method, finetuned, pretrained, damping, relative).values()
+                (w,) = precondition_queries({name: grad}, method, finetuned, pretrained, damping, relative,
+                                            damping_pretrained=damping_pretrained).values()
                 u[name], v[name] = truncate(w, rank, target)
         return LowRankQueries(u, v)
     if method == "gdp":
@@ -175,7 +183,8 @@ def precondition_queries(
     if missing:
         raise MsifValueError(f"no factors of both stages for module(s) {', '.join(missing)}")
     return {
-        name: precondition_twice(finetuned.modules[name], pretrained.modules[name], grad, damping, relative)
+        name: precondition_twice(finetuned.modules[name], pretrained.modules[name], grad, damping, relative,
+                                 damping_pretrained)
         for name, grad in query_grads.items()
     }
 
@@ -221,12 +230,12 @@ def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _metric_coefficients(method: str, grad: torch.Tensor, finetuned: ModuleFactors | None, metric: ModuleFactors,
-                         damping: float, relative: bool) -> torch.Tensor:
+                         damping: float, relative: bool, damping_pretrained: float | None = None) -> torch.Tensor:
     """``Q_S^T W_q Q_A`` (``[Q, d_out, d_in]``) in the eigenbasis of ``metric`` (the pre-trained
     stage for MS-IF), formed without ``W_q``: the rotation out of the fine-tuned eigenbasis and
     into the metric's is one change of basis, as in ``precondition_twice`` (4 full-size matrix
     products per query for MS-IF and SS-IF instead of 6 + 2)."""
-    qa2, qs2, den2 = metric.operands(grad, damping, relative)
+    qa2, qs2, den2 = metric.operands(grad, damping if damping_pretrained is None else damping_pretrained, relative)
     if method == "gdp":
         return (qs2.transpose(-1, -2) @ metric.blocks(grad) @ qa2).reshape(grad.shape)
     if finetuned is None:

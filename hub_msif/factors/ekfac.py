@@ -120,17 +120,20 @@ class ModuleFactors:
 
 
 def precondition_twice(
-    first: ModuleFactors, second: ModuleFactors, grads: torch.Tensor, damping: float, relative: bool = False
+    first: ModuleFactors, second: ModuleFactors, grads: torch.Tensor, damping: float, relative: bool = False,
+    second_damping: float | None = None,
 ) -> torch.Tensor:
     """``P_second(P_first(V))`` with six matrix products per gradient instead of eight.
 
     The rotation back out of the first eigenbasis and into the second is merged into one change
     of basis, ``Q_S2^T Q_S1`` and ``Q_A1^T Q_A2``, formed once for all gradients.
+    ``second_damping`` (default: ``damping``) damps the second stage on its own
+    (docs/design.md, "Per-stage damping").
     """
     if first.spec.block_labels != second.spec.block_labels:
         raise MsifValueError(f"module {first.spec.name!r}: the two stages split the output into different blocks")
     qa1, qs1, den1 = first.operands(grads, damping, relative)
-    qa2, qs2, den2 = second.operands(grads, damping, relative)
+    qa2, qs2, den2 = second.operands(grads, damping if second_damping is None else second_damping, relative)
     basis_s, basis_a = qs2.transpose(-1, -2) @ qs1, qa1.transpose(-1, -2) @ qa2
     inner = qs1.transpose(-1, -2) @ first.blocks(grads) @ qa1 / den1
     inner = basis_s @ inner @ basis_a / den2

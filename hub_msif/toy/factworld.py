@@ -175,22 +175,39 @@ def world_tokenizer(world: FactWorld):
     return word_tokenizer(texts)
 
 
-def _batches(rng: random.Random, items: list, batch_size: int):
-    while True:
-        order = list(items)
+def batch_schedule(num_items: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The ``steps`` batches of item indices that training on ``num_items`` items draws: each epoch a
+    seeded shuffle cut into full batches (the last partial batch of an epoch is dropped)."""
+    if num_items < 1 or batch_size < 1 or steps < 0:
+        raise MsifValueError(f"a batch schedule needs items and a batch size >= 1, got {num_items} and {batch_size}")
+    batch_size = min(batch_size, num_items)
+    rng = random.Random(seed)
+    schedule: list[list[int]] = []
+    while len(schedule) < steps:
+        order = list(range(num_items))
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield order[i : i + batch_size]
+        schedule.extend(order[i : i + batch_size] for i in range(0, num_items - batch_size + 1, batch_size))
+    return schedule[:steps]
 
 
-def train_loop(model, tokenizer, sequences: list[dict], steps: int, lr: float, batch_size: int, seed: int, desc: str) -> None:
-    """AdamW with linear warm-up and decay on tokenized ``{"input_ids", "labels"}`` sequences."""
+def masked_schedule(schedule: list[list[int]], keep: set[int] | None) -> list[list[int]]:
+    """The same schedule with every item outside ``keep`` dropped from its batches (None keeps all):
+    removing a document changes only the batches it was in, never the order or the others
+    (docs/design.md, "Counterfactual benchmarks")."""
+    return [list(b) for b in schedule] if keep is None else [[i for i in b if i in keep] for b in schedule]
+
+
+def train_loop(model, tokenizer, sequences: list[dict], steps: int, lr: float, batch_size: int, seed: int, desc: str,
+               keep: set[int] | None = None) -> None:
+    """AdamW with linear warm-up and decay on tokenized ``{"input_ids", "labels"}`` sequences, along
+    ``batch_schedule`` over all of them; with ``keep``, the sequences outside it are masked out of
+    their batches (a batch left empty is a step without an update, so the learning-rate schedule
+    stays aligned with the full run's)."""
     from tqdm.auto import tqdm
 
     from hub_msif.data import collate
     from hub_msif.models import pad_token_id
 
-    rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -199,15 +216,15 @@ def train_loop(model, tokenizer, sequences: list[dict], steps: int, lr: float, b
     )
     model.train()
     pad = pad_token_id(tokenizer)
-    batches = _batches(rng, list(range(len(sequences))), min(batch_size, len(sequences)))
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):  # None: shown on a terminal only
-        indices = next(batches)
-        batch = collate([sequences[i] for i in indices], indices, pad)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    batches = masked_schedule(batch_schedule(len(sequences), steps, batch_size, seed), keep)
+    for indices in tqdm(batches, desc=desc, leave=False, disable=None):  # None: shown on a terminal only
+        if indices:
+            batch = collate([sequences[i] for i in indices], indices, pad)
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
         schedule.step()
     model.eval()
 

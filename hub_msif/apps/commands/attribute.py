@@ -58,6 +58,16 @@ def add(sub) -> None:
     p.add_argument("--damping", type=positive_finite_float, default=0.1,
                    help="damping, relative to mean(Lambda) per module (default 0.1)")
     p.add_argument("--absolute-damping", action="store_true", help="treat --damping as an absolute value")
+    p.add_argument("--damping-pretrained", type=positive_finite_float, metavar="D",
+                   help="the pre-trained stage's damping (MS-IF), replacing --damping for that stage")
+    p.add_argument("--damping-finetuned", type=positive_finite_float, metavar="D",
+                   help="the fine-tuned stage's damping (MS-IF, SS-IF), replacing --damping for that stage")
+    p.add_argument("--contrast", choices=["subject"], help=(
+        "subject: score the answer's gradient minus that with the prompt's subject replaced by a neutral token "
+        "(gradient methods)"))
+    p.add_argument("--subject", type=non_empty, help=(
+        "with --contrast subject: the subject's text in the prompt (default: the span whose removal lowers the "
+        "answer's probability the most)"))
     p.add_argument("--query-rank", type=positive_int,
                    help="keep each module's preconditioned query at this rank (default: full rank)")
     p.add_argument("--normalize", action="store_true",
@@ -158,6 +168,8 @@ def run(args) -> int:
         raise MsifValueError(f"--candidates-from {args.candidates_from} needs --index (a document index)")
     if args.candidates_from in ("gradient", "both") and args.gradindex is None:
         raise MsifValueError(f"--candidates-from {args.candidates_from} needs --gradindex (a gradient index)")
+    if args.subject is not None and args.contrast is None:
+        raise MsifValueError("--subject goes with --contrast subject")
     if args.answer is not None and args.queries is not None:
         raise MsifValueError("--answer goes with --prompt; with --queries, give each query's answer in the file")
     queries = read_queries(args.queries) if args.queries is not None else None  # no heavy import before these
@@ -191,7 +203,9 @@ def run(args) -> int:
                             curvature_data=dict(args.refine_data), curvature_size=args.refine_sequences,
                             factors_pretrained=args.factors_pretrained, factors_finetuned=args.factors_finetuned,
                             model_paths=dict(args.model_path), device=args.device, model_dtype=args.model_dtype,
-                            gradindex=gradindex)
+                            gradindex=gradindex,
+                            damping_pretrained=args.damping_pretrained, damping_finetuned=args.damping_finetuned,
+                            contrast=args.contrast, subject=args.subject)
     settings = {"candidates": args.candidates, "top": args.top, "method": args.method, "damping": args.damping,
                 "relative": not args.absolute_damping, "candidates_from": args.candidates_from}
     if queries is not None:
