@@ -334,16 +334,21 @@ class Attributor:
     def gradient_query_vectors(self, queries: Sequence[tuple[str, str]], gradindex=None,
                                damping: float = DEFAULT_DAMPING, relative: bool = True):
         """``[Q, dims]`` float32 (numpy) vectors of (prompt, answer) ``queries`` for ``gradindex``
-        (default: this attributor's): each query's multi-stage vector at ``damping``, projected as
-        the index's documents were; their inner products with the index's vectors are its scores
-        (docs/design.md, "Gradient index")."""
+        (default: this attributor's): each query's multi-stage vector at ``damping`` (or this
+        attributor's per-stage dampings, and its contrastive query when it has one, as stage two
+        scores), projected as the index's documents were; their inner products with the index's
+        vectors are its scores (docs/design.md, "Gradient index")."""
         gradindex = self._gradient_index(gradindex)
         if gradindex is None:
             raise MsifValueError("no gradient index given (gradindex=, --gradindex)")
         root = self._root
+        damping = check_damping(damping)
+        neutral = ([self.query_sequence(self.contrast_prompt(p, a), a) for p, a in queries]
+                   if self.contrast is not None else None)
         return query_vectors(root._projections[id(gradindex)][1], root.models["finetuned"], root.factors["finetuned"],
                              root.factors["pretrained"], root.pad_id, [self.query_sequence(p, a) for p, a in queries],
-                             check_damping(damping), relative)
+                             damping if self.damping_finetuned is None else self.damping_finetuned, relative,
+                             damping if self.damping_pretrained is None else self.damping_pretrained, neutral)
 
     def _gradient_index(self, gradindex=None):
         """``gradindex`` (a ``GradientIndex`` or its location), else this attributor's, else None;

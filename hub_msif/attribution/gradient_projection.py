@@ -204,9 +204,11 @@ class GradientProjection:
 
     def query_vectors(self, query_grads: Mapping[str, torch.Tensor], finetuned: StageFactors,
                       pretrained: StageFactors | None = None, damping: float = DEFAULT_DAMPING,
-                      relative: bool = True) -> torch.Tensor:
+                      relative: bool = True, damping_pretrained: float | None = None) -> torch.Tensor:
         """``[Q, dims]`` (float64, on the gradients' device): each query's vector, whose inner product
-        with a candidate's is MS-IF at ``damping`` (exactly for ``kind="identity"``).
+        with a candidate's is MS-IF at ``damping`` (exactly for ``kind="identity"``); with
+        ``damping_pretrained``, the pre-trained stage's ``M`` takes that damping instead (per-stage
+        damping, docs/design.md "Per-stage damping").
 
         ``pretrained`` defaults to the stage the projection was made for (it must be that stage).
         """
@@ -222,7 +224,8 @@ class GradientProjection:
         offsets = self.offsets()
         for name in self.k:
             s, t = (x.to(device) for x in self.scales(name))
-            inverse = damped_inverse(pretrained.modules[name], damping, relative).to(device)
+            inverse = damped_inverse(pretrained.modules[name], damping if damping_pretrained is None
+                                     else damping_pretrained, relative).to(device)
             y = rotated[name] * (inverse / (s.unsqueeze(1) * t))  # [Q, d_out, d_in]
             r_s, r_a = self.random_sides(name)
             if r_s is not None:

@@ -92,14 +92,19 @@ def index_projection(gradindex, pretrained: StageFactors, where: str) -> Gradien
 
 def query_vectors(projection: GradientProjection, model: torch.nn.Module, finetuned: StageFactors,
                   pretrained: StageFactors, pad_id: int, sequences: Sequence[dict], damping: float,
-                  relative: bool) -> np.ndarray:
+                  relative: bool, damping_pretrained: float | None = None,
+                  neutral: Sequence[dict] | None = None) -> np.ndarray:
     """The gradient index's query vectors ``[Q, dims]`` (float32) of query ``sequences``: each one's
     answer-loss gradient under the fine-tuned ``model`` over the projection's modules
-    (``per_example_gradients``, one query per pass, as stage two takes them), preconditioned by both
-    stages at ``damping`` and projected as the index's candidates were
-    (``GradientProjection.query_vectors``)."""
+    (``per_example_gradients``, one query per pass, as stage two takes them), minus that of its
+    ``neutral`` sequence when given (a contrastive query), preconditioned by the fine-tuned stage at
+    ``damping`` and the pre-trained one at ``damping_pretrained`` (default ``damping``), and
+    projected as the index's candidates were (``GradientProjection.query_vectors``)."""
     grads = per_example_gradients(model, projection.specs, sequences, pad_id, 1)
-    vectors = projection.query_vectors(grads, finetuned, pretrained, damping, relative)
+    if neutral is not None:  # scores are linear in the query gradient
+        base = per_example_gradients(model, projection.specs, neutral, pad_id, 1)
+        grads = {name: g - base.pop(name) for name, g in grads.items()}
+    vectors = projection.query_vectors(grads, finetuned, pretrained, damping, relative, damping_pretrained)
     array = vectors.detach().to(device="cpu", dtype=torch.float32).numpy()
     if not np.all(np.isfinite(array)):
         raise MsifValueError("the query's gradient-index vector is not finite; try a larger damping")

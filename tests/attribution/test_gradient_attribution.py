@@ -252,3 +252,33 @@ def test_restricted_search_keeps_to_the_sample_flat_and_ivf_pq(world):
     approximate = GradientIndex.load(world["folders"]["default"], ann="ivf,pq")
     for got in restricted_search(approximate, queries, rows, 100):
         assert set(got) <= set(rows) and len(got) == len(set(got)) > 0
+
+
+@pytest.mark.parametrize("settings", [{"damping_pretrained": 1.0, "damping_finetuned": 0.02},
+                                      {"contrast": "subject"}], ids=["per-stage-damping", "contrast"])
+def test_stage_one_scores_what_stage_two_scores(world, attributor, settings):
+    """With per-stage dampings or a contrastive query, stage one's query vector is that of the same
+    MS-IF as stage two: at identity, its inner products with the documents' vectors (float32, not the
+    stored float16 rows) are the attributor's exact scores; and those differ from the plain ones, so
+    the check would see a stage one that ignored the setting."""
+    from hub_msif.attribution.attributor import Attributor
+    from hub_msif.attribution.gradient_projection import candidate_vectors
+    from hub_msif.attribution.stage_one import index_projection
+
+    gradindex = world["gradindexes"]["identity"]
+    prompt, answer = world["queries"][0]
+    if settings.get("contrast"):
+        settings = settings | {"subject": " ".join(prompt.split()[2:-2])}  # "what does {s} {v} ?"
+    att = Attributor(world["factors"], gradindex=gradindex, **settings)
+    vector = att.gradient_query_vectors([(prompt, answer)]).astype(np.float64)[0]
+    projection = index_projection(gradindex, att.factors["pretrained"], str(world["factors"]))
+    documents = gradindex.documents
+    vectors = candidate_vectors(att.models["pretrained"], projection.specs, projection,
+                                [att.document_sequence(d["text"]) for d in documents], att.pad_id)
+    stage_one = vectors.double().numpy() @ vector
+    exact = {r.id: r.score for r in _exact(att, prompt, answer, documents).rows}
+    plain = {r.id: r.score for r in _exact(attributor, prompt, answer, documents).rows}
+    want = np.array([exact[d["id"]] for d in documents])
+    scale = float(np.abs(want).max())
+    assert float(np.abs(stage_one - want).max()) <= 1e-4 * scale
+    assert max(abs(exact[i] - plain[i]) for i in exact) > 0.05 * scale
