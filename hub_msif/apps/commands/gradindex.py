@@ -43,6 +43,8 @@ def _add_build(gsub) -> None:
         DEFAULT_SHARD_SIZE,
         PROJECTION_KINDS,
     )
+    from hub_msif.data import CorpusSpec
+    from hub_msif.options import add_options
 
     b = gsub.add_parser("build", help="project a corpus's gradients into a gradient index folder", description=(
         "For every document of the corpus, its gradient under the stage's model, projected in the stage's EK-FAC "
@@ -55,14 +57,9 @@ def _add_build(gsub) -> None:
                    help="the stage whose gradients are indexed (default: pretrained, the candidates of MS-IF)")
     b.add_argument("--data", required=True, nargs="+", type=non_empty,
                    help="datasets Hub id, or local .txt/.jsonl/.parquet files or folders")
-    b.add_argument("--data-revision", type=non_empty, help="Hub revision of the dataset")
-    b.add_argument("--split", default="train", type=non_empty, help="dataset split (Hub datasets; default: train)")
-    b.add_argument("--text-column", type=non_empty, help="column holding the document text (default: text)")
+    add_options(b, CorpusSpec, only=CORPUS_OPTIONS)  # the corpus options of `fit`, defined once in CorpusSpec
     b.add_argument("--id-column", type=non_empty,
                    help="column holding document ids (default: id if present, else the row number)")
-    b.add_argument("--max-length", type=positive_int, default=512,
-                   help="tokens per document, longer ones are truncated (default 512)")
-    b.add_argument("--max-sequences", type=positive_int, help="index at most this many documents")
     b.add_argument("--out", required=True, type=non_empty, help="gradient index folder to write (or to resume)")
     b.add_argument("--projection", default="kronecker", choices=list(PROJECTION_KINDS),
                    help="kronecker (default: compressed) or identity (every module whole: exact, large)")
@@ -106,10 +103,10 @@ def _run_build(args) -> int:
     from hub_msif.attribution.checks import DEFAULT_DAMPING
     from hub_msif.attribution.gradient_index_build import build_gradindex
     from hub_msif.data import CorpusSpec
+    from hub_msif.options import from_args, option_fields
 
-    corpus = CorpusSpec(data=args.data[0] if len(args.data) == 1 else args.data, split=args.split,
-                        revision=args.data_revision, text_column=args.text_column, max_length=args.max_length,
-                        max_sequences=args.max_sequences)
+    corpus = from_args(CorpusSpec, args, skip=[f.name for f, _ in option_fields(CorpusSpec) if f.name not in CORPUS_OPTIONS],
+                       data=args.data[0] if len(args.data) == 1 else args.data)
     manifest = build_gradindex(
         args.factors, corpus, args.out, stage=args.stage, kind=args.projection, k=args.k, dims=args.dims,
         balance=args.balance, seed=args.seed, damping=args.damping if args.damping is not None else DEFAULT_DAMPING,
@@ -131,4 +128,6 @@ def _run_build(args) -> int:
     return 0
 
 
+# The corpus settings a build reads (CorpusSpec's others describe instruction data, not documents).
+CORPUS_OPTIONS = ["split", "revision", "text_column", "max_length", "max_sequences"]
 ACTIONS = {"build": _run_build, "check": run_check}
