@@ -12,7 +12,20 @@ from pathlib import Path
 import numpy as np
 
 from hub_msif.attribution.embeddings import one_line
-from hub_msif.errors import MsifValueError, RetrievalError
+from hub_msif.errors import CorpusError, MsifValueError, RetrievalError
+
+
+def corpus_columns(rows, text_column: str | None, id_column: str | None) -> tuple[str, str | None]:
+    """``(text column, id column or None)`` of a corpus's ``rows`` (a datasets table): the text column
+    defaults to ``text``, the id column to ``id`` when there is one (else row numbers are the ids);
+    a named column that is missing is one ``CorpusError`` listing the columns there are."""
+    columns = list(rows.column_names)
+    text_column = text_column or "text"
+    if text_column not in columns:
+        raise CorpusError(f"text column {text_column!r} not in the data; it has {', '.join(columns) or 'no columns'}")
+    if id_column is not None and id_column not in columns:
+        raise CorpusError(f"id column {id_column!r} not in the data; it has {', '.join(columns)}")
+    return text_column, id_column if id_column is not None else ("id" if "id" in columns else None)
 
 
 def documents_sha256(documents: Sequence[dict]) -> str:

@@ -41,7 +41,7 @@ from hub_msif.artifacts.manifest import (
 )
 from hub_msif.attribution.checks import DEFAULT_DAMPING
 from hub_msif.attribution.device import resolve_device
-from hub_msif.attribution.documents import documents_sha256, documents_to_parquet
+from hub_msif.attribution.documents import corpus_columns, documents_sha256, documents_to_parquet
 from hub_msif.attribution.gradient_defaults import (
     ANN_CHOICES,
     DEFAULT_BALANCE,
@@ -83,16 +83,6 @@ class _Processes:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
-
-
-def _corpus_columns(rows, corpus: CorpusSpec, id_column: str | None) -> tuple[str, str | None]:
-    columns = list(rows.column_names)
-    text_column = corpus.text_column or "text"
-    if text_column not in columns:
-        raise CorpusError(f"text column {text_column!r} not in the data; it has {', '.join(columns) or 'no columns'}")
-    if id_column is not None and id_column not in columns:
-        raise CorpusError(f"id column {id_column!r} not in the data; it has {', '.join(columns)}")
-    return text_column, id_column if id_column is not None else ("id" if "id" in columns else None)
 
 
 def _documents(rows, corpus: CorpusSpec, text_column: str, id_column: str | None,
@@ -220,7 +210,7 @@ def build_gradindex(
                     "location": _public_location(factors), "manifest_sha256": stage_sha256(info),
                     "modules": projection.names}
     rows = load_rows(corpus)
-    text_column, id_column = _corpus_columns(rows, corpus, id_column)
+    text_column, id_column = corpus_columns(rows, corpus.text_column, id_column)
     corpus_record = {"data": public_data(corpus.data), "split": corpus.split, "revision": corpus.revision,
                      "text_column": text_column, "id_column": id_column, "num_rows": len(rows),
                      "source_sha256": remember_source(corpus), "max_sequences": corpus.max_sequences}

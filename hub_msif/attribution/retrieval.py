@@ -38,7 +38,12 @@ from hub_msif.artifacts.manifest import (
     index_files,
     read_manifest,
 )
-from hub_msif.attribution.documents import documents_from_parquet, documents_sha256, documents_to_parquet
+from hub_msif.attribution.documents import (
+    corpus_columns,
+    documents_from_parquet,
+    documents_sha256,
+    documents_to_parquet,
+)
 from hub_msif.attribution.embeddings import (
     DEFAULT_BATCH_SIZE,
     NORM_TOLERANCE,
@@ -372,14 +377,7 @@ def build_index(spec: CorpusSpec, embedding_model: str | None = None, index_type
         raise
     except Exception as err:  # datasets' DatasetGenerationError (malformed file) is neither
         raise CorpusError(f"cannot read the corpus {spec.data!r}: {one_line(err.__cause__ or err)}") from err
-    columns = list(rows.column_names)
-    text_column = spec.text_column or "text"
-    if text_column not in columns:
-        raise CorpusError(f"text column {text_column!r} not in the data; it has {', '.join(columns) or 'no columns'}")
-    if id_column is not None and id_column not in columns:
-        raise CorpusError(f"id column {id_column!r} not in the data; it has {', '.join(columns)}")
-    if id_column is None and "id" in columns:
-        id_column = "id"
+    text_column, id_column = corpus_columns(rows, spec.text_column, id_column)
     texts_in = rows[text_column]
     ids_in = rows[id_column] if id_column else [str(n) for n in range(len(texts_in))]
     texts: list[str] = []
