@@ -78,23 +78,6 @@ def _faiss():
     return faiss
 
 
-def _resolve(location, token: str | None) -> Path:
-    """The local folder of ``location``: a folder as it is, else ``REPO[@REV]`` pulled (when this
-    hub_msif can pull gradient indexes)."""
-    from hub_msif.hub.location import parse_location
-
-    where = parse_location(location)
-    if where.folder is not None:
-        return where.folder
-    from hub_msif.hub import pull
-
-    pull_gradindex = getattr(pull, "pull_gradindex", None)  # written beside pull_index (issue 18, publishing)
-    if pull_gradindex is None:
-        raise RetrievalError(f"{location} is not a local folder, and pulling gradient indexes from the Hub is not "
-                             "available in this hub_msif: give the index folder")
-    return Path(pull_gradindex(str(location), token=token))
-
-
 @dataclass
 class GradientIndex:
     """Documents, their projected gradients (float16 unit rows and float32 norms, in document order)
@@ -212,7 +195,9 @@ class GradientIndex:
         from safetensors import SafetensorError
         from safetensors.numpy import load as st_load
 
-        folder = _resolve(location, token)
+        from hub_msif.hub.pull import pull_gradindex
+
+        folder = Path(pull_gradindex(location, token=token))
         manifest = read_manifest(folder, GRADINDEX)
         try:
             files = gradindex_files(manifest)
